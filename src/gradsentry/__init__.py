@@ -1,0 +1,32 @@
+"""gradsentry: find, explain and fix vanishing and exploding gradients in PyTorch training.
+
+Public names only; every module has one job (see README's architecture section).
+"""
+
+from gradsentry.records import (
+    ActivationStats,
+    Finding,
+    LayerInfo,
+    LayerStats,
+    Remedy,
+    Run,
+    RunHeader,
+    StepRecord,
+)
+from gradsentry.sinks import JsonlSink, read_jsonl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationStats",
+    "Finding",
+    "JsonlSink",
+    "LayerInfo",
+    "LayerStats",
+    "Remedy",
+    "Run",
+    "RunHeader",
+    "StepRecord",
+    "__version__",
+    "read_jsonl",
+]

@@ -1,0 +1,67 @@
+"""The ``gradsentry`` command: a thin shell over the library.
+
+Each subcommand lives in its own module (``cli/lab.py``, ``cli/check.py``, ...) exposing
+``register(app)``. Exit codes: 0 success, 1 a problem was found that the user asked about,
+2 bad usage or unreadable input.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from gradsentry import __version__
+
+EXIT_OK = 0
+EXIT_FOUND = 1
+EXIT_USAGE = 2
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradsentry {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+def build_app() -> typer.Typer:
+    """Create the Typer application with every subcommand registered."""
+    app = typer.Typer(
+        name="gradsentry",
+        help="Find, explain and fix vanishing and exploding gradients in PyTorch training.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback()
+    def _root(
+        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                     help="Print the version and exit."),
+    ) -> None:
+        """Find, explain and fix vanishing and exploding gradients in PyTorch training."""
+
+    from gradsentry.cli import subcommands
+
+    for register in subcommands.REGISTRY:
+        register(app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
+
+    Usage errors (unknown option, bad value) print click's usage message and return 2.
+    """
+    app = build_app()
+    try:
+        rv = app(args=argv if argv is not None else sys.argv[1:], prog_name="gradsentry", standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return EXIT_OK
+        if isinstance(code, int):
+            return code
+        sys.stderr.write(f"{code}\n")
+        return EXIT_USAGE
+    return int(rv) if isinstance(rv, int) else EXIT_OK

@@ -1,0 +1,9 @@
+"""The list of subcommand modules; each exposes ``register(app)``. Add one line per subcommand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import typer
+
+REGISTRY: list[Callable[[typer.Typer], None]] = []
