@@ -145,7 +145,7 @@ def test_model_without_parameters_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no parameters"):
         gs.Monitor(nn.Sequential(nn.ReLU(), nn.Sigmoid()))
     assert "no parameters" in NO_PARAMS_MSG
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         gs.Monitor("not a model")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="every"):
         gs.Monitor(nn.Linear(2, 2), every=0)

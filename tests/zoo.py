@@ -17,7 +17,7 @@ def mlp(
     """``depth`` Linear layers with ``act`` between them (PyTorch default init unless ``init='he'``)."""
     layers: list[nn.Module] = []
     d = in_dim
-    for i in range(depth - 1):
+    for _ in range(depth - 1):
         lin = nn.Linear(d, width)
         if init == "he":
             nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")

@@ -61,7 +61,7 @@ def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
-    for dev, idx in by_device.items():
+    for idx in by_device.values():
         norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx], ord, dtype=torch.float32))
         out[torch.tensor(idx, device=device)] = norms.to(device, non_blocking=True)
     return out
