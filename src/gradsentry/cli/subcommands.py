@@ -6,4 +6,9 @@ from collections.abc import Callable
 
 import typer
 
-REGISTRY: list[Callable[[typer.Typer], None]] = []
+from gradsentry.cli import lab, report
+
+REGISTRY: list[Callable[[typer.Typer], None]] = [
+    lab.register,
+    report.register,
+]

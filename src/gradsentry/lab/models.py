@@ -38,8 +38,9 @@ _ACT_MODULES: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "tanh": nn.Ta
 class Block(nn.Module):
     """One hidden block: ``fc -> [bn] -> act``, with an optional identity shortcut ``h + act(...)``."""
 
-    def __init__(self, width_in: int, width: int, activation: Activation, *, batchnorm: bool,
-                 residual: bool) -> None:
+    def __init__(
+        self, width_in: int, width: int, activation: Activation, *, batchnorm: bool, residual: bool
+    ) -> None:
         super().__init__()
         self.fc = nn.Linear(width_in, width)
         self.bn = nn.BatchNorm1d(width) if batchnorm else None
@@ -77,9 +78,19 @@ class DeepMLP(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, in_features: int, n_classes: int, depth: int, width: int, activation: Activation,
-                 init: Init = "default", *, init_gain: float = 1.0, residual: bool = False,
-                 batchnorm: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        n_classes: int,
+        depth: int,
+        width: int,
+        activation: Activation,
+        init: Init = "default",
+        *,
+        init_gain: float = 1.0,
+        residual: bool = False,
+        batchnorm: bool = False,
+    ) -> None:
         super().__init__()
         if depth < 1 or width < 1:
             raise ValueError(f"depth and width must be >= 1, got depth={depth}, width={width}")
@@ -102,19 +113,41 @@ class DeepMLP(nn.Module):
 
     def linears(self) -> list[nn.Linear]:
         """The Linear layers in forward order: ``blocks.0.fc`` ... ``blocks.{depth-1}.fc``, ``head``."""
-        return [b.fc for b in self.blocks] + [self.head]  # type: ignore[misc]
+        return [block.fc for block in self.hidden_blocks()] + [self.head]
+
+    def hidden_blocks(self) -> list[Block]:
+        """The hidden blocks in forward order."""
+        return [b for b in self.blocks if isinstance(b, Block)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``x`` ``[N, in_features]`` to logits ``[N, n_classes]``."""
         h = x
-        for block in self.blocks:
+        for block in self.hidden_blocks():
             h = block(h)
         return self.head(h)  # type: ignore[no-any-return]
 
 
-def build_mlp(depth: int = 20, width: int = 64, activation: Activation = "sigmoid", init: Init = "default", *,
-              init_gain: float = 1.0, residual: bool = False, batchnorm: bool = False, in_features: int = 64,
-              n_classes: int = 10) -> DeepMLP:
+def build_mlp(
+    depth: int = 20,
+    width: int = 64,
+    activation: Activation = "sigmoid",
+    init: Init = "default",
+    *,
+    init_gain: float = 1.0,
+    residual: bool = False,
+    batchnorm: bool = False,
+    in_features: int = 64,
+    n_classes: int = 10,
+) -> DeepMLP:
     """Build a :class:`DeepMLP` for the digits (64 inputs, 10 classes by default); see that class."""
-    return DeepMLP(in_features, n_classes, depth, width, activation, init, init_gain=init_gain,
-                   residual=residual, batchnorm=batchnorm)
+    return DeepMLP(
+        in_features,
+        n_classes,
+        depth,
+        width,
+        activation,
+        init,
+        init_gain=init_gain,
+        residual=residual,
+        batchnorm=batchnorm,
+    )
