@@ -18,7 +18,7 @@ def _table(result: LabResult) -> Any:
     from rich.table import Table
 
     table = Table(title="gradsentry lab", title_justify="left", header_style="bold")
-    table.add_column("variant")
+    table.add_column("variant", no_wrap=True)
     table.add_column("first/last grad RMS at init", justify="right")
     table.add_column("test accuracy", justify="right")
     table.add_column("findings")
