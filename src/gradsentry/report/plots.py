@@ -192,19 +192,19 @@ def depth_profile_figure(runs: Sequence[Any], which: str = "init", title: str | 
         which: ``"init"`` (step 0) or ``"final"`` (last finite logged step).
         title: figure title.
     """
-    with _figure(10, 4.6, right=3.3) as fig:
+    with _figure(10, 4.6, right=3.6) as fig:
         ax = fig.subplots()
         longest: list[str] = []
         skipped = []
         for i, r in enumerate(runs):
             values = r.grad_norm_init if which == "init" else r.grad_norm_final
             y = _finite_positive(values)
-            if np.all(np.isnan(y)):
+            if np.all(np.isnan(y)) or (which == "final" and r.diverged and r.final_step == 0):
                 skipped.append(r.title)
                 continue
             label = r.title
             if which == "final" and r.diverged:
-                label += " (diverged)"
+                label += f" (diverged; step {r.final_step})"
             style = "-" if r.family == "vanishing" else "--"
             ax.plot(
                 range(len(y)), y, style, marker="o", ms=3, lw=1.8, color=variant_color(r.name, i), label=label
@@ -217,10 +217,11 @@ def depth_profile_figure(runs: Sequence[Any], which: str = "init", title: str | 
         ax.set_title(title or ("At initialisation (step 0)" if which == "init" else "After training"))
         if skipped:
             ax.text(
-                0.01,
-                0.01,
-                "no finite gradients: " + ", ".join(skipped),
+                1.02,
+                0.0,
+                textwrap.fill("Not shown (no finite gradient after step 0): " + "; ".join(skipped), 50),
                 transform=ax.transAxes,
+                va="bottom",
                 fontsize=8,
                 color="#555555",
             )
@@ -228,50 +229,70 @@ def depth_profile_figure(runs: Sequence[Any], which: str = "init", title: str | 
         return to_svg(fig)
 
 
-def global_norm_figure(runs: Sequence[Any], clip_norm: float | None = None) -> str:
+def global_norm_figure(runs: Sequence[Any], clip_norm: float | None = None, zoom_steps: int = 40) -> str:
     """Global gradient norm per step (before any fix) for the exploding run and its fixes, log axis.
 
-    A run that turned NaN/inf is marked with an ``x`` at its first non-finite step.
+    Left: the first ``zoom_steps`` steps, where an explosion from the initialisation happens, with a
+    marker per step; right: the whole run. A run that turned NaN/inf gets an ``X`` at its first
+    non-finite step, drawn above the highest finite value.
     """
-    with _figure(10, 4.4, right=3.3) as fig:
-        ax = fig.subplots()
-        top = 1.0
-        for i, r in enumerate(runs):
-            y = _finite_positive(r.global_norm)
-            if np.any(np.isfinite(y)):
-                top = max(top, float(np.nanmax(y)))
-            ax.plot(np.arange(len(y)), y, lw=1.0, alpha=0.85, color=variant_color(r.name, i), label=r.title)
-        for i, r in enumerate(runs):
-            if r.first_nonfinite_step is not None:
-                s = r.first_nonfinite_step
+    finite_max = [
+        float(np.nanmax(y)) for y in (_finite_positive(r.global_norm) for r in runs) if np.isfinite(y).any()
+    ]
+    top = max(finite_max, default=1.0) * 4
+    with _figure(10, 4.6, bottom=1.25, wspace=0.12) as fig:
+        zoom, full = fig.subplots(1, 2, sharey=True)
+        for ax, last in ((zoom, zoom_steps), (full, None)):
+            for i, r in enumerate(runs):
+                y = _finite_positive(r.global_norm)[:last]
+                color = variant_color(r.name, i)
                 ax.plot(
-                    [s], [top * 3], marker="X", ms=11, color=variant_color(r.name, i), mec="white", zorder=6
+                    np.arange(len(y)),
+                    y,
+                    lw=1.2 if last else 0.9,
+                    alpha=0.9,
+                    color=color,
+                    marker="o" if last else None,
+                    ms=2.5,
+                    label=r.title if last else None,
                 )
-                ax.annotate(
-                    f"{r.title}: NaN/inf at step {s}",
-                    (s, top * 3),
-                    xytext=(14, -4 - 14 * i),
-                    textcoords="offset points",
-                    fontsize=8.5,
-                    color=variant_color(r.name, i),
-                )
+                s = r.first_nonfinite_step
+                if s is not None and (last is None or s < last):
+                    ax.plot([s], [top], marker="X", ms=10, color=color, mec="white", zorder=6)
+            if clip_norm is not None:
+                ax.axhline(clip_norm, color="#0f7f8c", lw=1, ls=":")
+            ax.set_yscale("log")
+            ax.set_xlabel("optimizer step")
+        diverged = [
+            f"{r.title}: step {r.first_nonfinite_step}" for r in runs if r.first_nonfinite_step is not None
+        ]
+        if diverged:
+            zoom.text(
+                0.98,
+                0.97,
+                "X = first NaN/inf\n" + "\n".join(diverged),
+                transform=zoom.transAxes,
+                ha="right",
+                va="top",
+                fontsize=8,
+                bbox={"fc": "white", "ec": "#cccccc", "lw": 0.6},
+            )
         if clip_norm is not None:
-            ax.axhline(clip_norm, color="#17becf", lw=1, ls=":")
-            ax.text(
-                0.995,
+            full.text(
+                0.99,
                 clip_norm,
-                f" clipping threshold {clip_norm:g}",
-                transform=ax.get_yaxis_transform(),
+                f"clipping threshold {clip_norm:g} ",
+                transform=full.get_yaxis_transform(),
                 ha="right",
                 va="bottom",
                 fontsize=8,
                 color="#0f7f8c",
             )
-        ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("global gradient L2 norm (before the fix)")
-        ax.set_title("Exploding gradients: global norm per step, with and without each fix")
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+        zoom.set_xlim(-1, zoom_steps)
+        zoom.set_title(f"First {zoom_steps} steps")
+        full.set_title("Whole run")
+        zoom.set_ylabel("global gradient L2 norm (before the fix)")
+        fig.legend(loc="lower center", ncols=3, bbox_to_anchor=(0.5, 0.0))
         return to_svg(fig)
 
 
@@ -351,9 +372,20 @@ def histogram_figure(without: Any, with_bn: Any) -> str:
                 note = f"|x|>4.6: {sat0:.0%} at step 0" if sat0 is not None else ""
                 if sat1 is not None:
                     note += f", {sat1:.0%} at the end"
-                ax.text(0.02, 0.95, note, transform=ax.transAxes, fontsize=7.5, va="top", color="#333333")
+                ax.text(
+                    0.02,
+                    0.96,
+                    note,
+                    transform=ax.transAxes,
+                    fontsize=7.5,
+                    va="top",
+                    color="#333333",
+                    bbox={"fc": "white", "ec": "none", "alpha": 0.85, "pad": 1.5},
+                )
                 ax.set_title(f"{r.title}: block {h.block}", fontsize=9.5)
                 ax.set_yscale("log")
+                lo, hi = ax.get_ylim()
+                ax.set_ylim(lo, hi * 20)  # head room for the note
                 if row == len(rows) - 1:
                     ax.set_xlabel("pre-activation x (input of the sigmoid)")
                 if col == 0:
