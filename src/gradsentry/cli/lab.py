@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--epochs",
             min=1,
-            help="Passes over the 1,437 training digits (default 40; 6 with --quick).",
+            help="Passes over the 1,437 training digits (default 40; 3 with --quick).",
         ),
         variants: str | None = typer.Option(
             None,

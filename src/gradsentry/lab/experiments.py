@@ -198,7 +198,7 @@ class LabConfig:
 
         The oversized init gain is raised to 1.5 so that the shallower exploding run still diverges.
         """
-        base: dict[str, Any] = {"depth": 12, "width": 32, "epochs": 5, "log_every": 2, "oversized_gain": 1.5}
+        base: dict[str, Any] = {"depth": 12, "width": 32, "epochs": 3, "log_every": 2, "oversized_gain": 1.5}
         base.update(overrides)
         return cls(**base)
 

@@ -155,7 +155,7 @@ def render_run_report(
                 "fig-depth",
                 "Per-layer gradient norm against depth",
                 "Gradient L2 norm of each layer (x: depth order, first = next to the input) at a few logged "
-                "steps, first (light) to last (dark). A line falling towards the left means gradients "
+                "steps, first (dark blue) to last (yellow). A line falling towards the left means gradients "
                 "vanish on their way back to the input; lines rising over time mean they grow.",
             ),
             embed_svg(

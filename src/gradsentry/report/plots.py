@@ -483,7 +483,7 @@ def _label(name: str) -> str:
 def run_depth_figure(run: Run, max_lines: int = 6) -> str:
     """Per-layer gradient norm vs depth at a few logged steps of a run (first to last, light to dark)."""
     names, steps, mat = _run_matrix(run)
-    with _figure(10, 4.6, bottom=1.7, right=1.5) as fig:
+    with _figure(10, 4.4, bottom=1.45, right=1.5) as fig:
         ax = fig.subplots()
         if steps:
             picks = sorted(
