@@ -1,0 +1,167 @@
+"""Guess a log's format and read it: :func:`load_series`.
+
+Reading never executes the file: JSON goes through ``json``, CSV through ``csv``, event files
+through tensorboard's reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from gradsentry.logs.csv import find_step_column, read_csv
+from gradsentry.logs.hf import read_hf
+from gradsentry.logs.jsonl import read_gradsentry_jsonl
+from gradsentry.logs.mmengine import read_mmengine
+from gradsentry.logs.series import EXPECTED_FORMATS, Series
+from gradsentry.logs.tensorboard import event_dirs, is_event_file, read_tensorboard
+from gradsentry.sinks.jsonl import LogFormatError
+
+LogFormat = Literal["auto", "hf", "tensorboard", "csv", "mmengine", "jsonl"]
+FORMATS: tuple[str, ...] = ("auto", "hf", "tensorboard", "csv", "mmengine", "jsonl")
+
+_SNIFF_BYTES = 1 << 16
+
+
+def _sniff_dir(p: Path) -> str:
+    if (p / "trainer_state.json").is_file():
+        return "hf"
+    if (p / "vis_data" / "scalars.json").is_file() or (p / "scalars.json").is_file():
+        return "mmengine"
+    if (p / "metrics.csv").is_file():
+        return "csv"
+    if event_dirs(p):
+        return "tensorboard"
+    ckpts = sorted(
+        (c for c in p.glob("checkpoint-*") if (c / "trainer_state.json").is_file()),
+        key=lambda c: int(c.name.split("-")[-1]) if c.name.split("-")[-1].isdigit() else -1,
+    )
+    if ckpts:
+        return "hf"
+    raise LogFormatError(
+        f"{p}: directory without a log gradsentry can read (no trainer_state.json, "
+        "vis_data/scalars.json, metrics.csv or TensorBoard event files); expected "
+        f"{EXPECTED_FORMATS}"
+    )
+
+
+def _latest_checkpoint_state(p: Path) -> Path:
+    ckpts = [
+        c
+        for c in p.glob("checkpoint-*")
+        if c.name.split("-")[-1].isdigit() and (c / "trainer_state.json").is_file()
+    ]
+    return max(ckpts, key=lambda c: int(c.name.split("-")[-1])) / "trainer_state.json"
+
+
+def sniff_format(path: str | os.PathLike[str]) -> str:
+    """Guess the format of ``path`` from its name and first bytes.
+
+    Returns:
+        One of ``"hf"``, ``"tensorboard"``, ``"csv"``, ``"mmengine"``, ``"jsonl"``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        LogFormatError: empty, binary, JSON of another shape, or otherwise unrecognised; the message
+            says what was expected.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return _sniff_dir(p)
+    if is_event_file(p):
+        return "tensorboard"
+    with p.open("rb") as fh:
+        head = fh.read(_SNIFF_BYTES)
+    if not head.strip():
+        raise LogFormatError(f"{p}: empty file; expected {EXPECTED_FORMATS}")
+    if b"\x00" in head:
+        raise LogFormatError(
+            f"{p}: binary file (not text, not named events.out.tfevents.*); expected {EXPECTED_FORMATS}"
+        )
+    try:
+        text_head = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not merely a multi-byte character cut at the sniff boundary
+            raise LogFormatError(
+                f"{p}: not a UTF-8 text file (byte {exc.start}); expected {EXPECTED_FORMATS}"
+            ) from exc
+        text_head = head[: exc.start].decode("utf-8")
+    stripped = text_head.lstrip()
+    if stripped.startswith(("{", "[")):
+        first_line = stripped.split("\n", 1)[0]
+        try:
+            first = json.loads(first_line)
+        except json.JSONDecodeError:
+            first = None
+        if isinstance(first, dict) and "gradsentry" in first:
+            return "jsonl"
+        if isinstance(first, dict) and ("step" in first or "iter" in first) and "log_history" not in first:
+            return "mmengine"
+        if stripped.startswith("{") and "log_history" in text_head:
+            return "hf"
+        if first is None and stripped.startswith("{"):
+            return "hf"  # a multi-line JSON document: let the HF reader judge its shape
+        shape = (
+            f"an object with keys {sorted(first)[:10]}"
+            if isinstance(first, dict)
+            else f"a JSON {type(first).__name__}"
+        )
+        raise LogFormatError(f"{p}: JSON of another shape ({shape}); expected {EXPECTED_FORMATS}")
+    first_line = stripped.split("\n", 1)[0]
+    if "," in first_line or "\t" in first_line:
+        cols = [c.strip() for c in first_line.split(",")]
+        if find_step_column(cols) is not None:
+            return "csv"
+        raise LogFormatError(
+            f"{p}: CSV without a step column (header: {first_line[:200]!r}); expected a column "
+            "named step, global_step, Step, iter or iteration"
+        )
+    raise LogFormatError(f"{p}: unrecognised text file; expected {EXPECTED_FORMATS}")
+
+
+def load_series(
+    path: str | os.PathLike[str], format: str = "auto", tags: dict[str, str] | None = None
+) -> Series:
+    """Read another tool's training log as a :class:`~gradsentry.logs.series.Series`.
+
+    Args:
+        path: a file or directory (see :data:`~gradsentry.logs.series.EXPECTED_FORMATS`).
+        format: ``"auto"`` (guess from name and content), ``"hf"``, ``"tensorboard"``, ``"csv"``,
+            ``"mmengine"`` or ``"jsonl"``.
+        tags: optional ``{"loss": name, "grad_norm": name, "lr": name}``: the tag, column or key to
+            read (TensorBoard, CSV, mmengine). A name given here must exist.
+
+    Returns:
+        The aligned loss, gradient norm and learning rate, with ``notes`` about the source.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``format`` is not one of :data:`FORMATS`.
+        LogFormatError: the input is unreadable or unrecognised; the message says what was expected.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    fmt = sniff_format(p) if format == "auto" else format
+    tags = {k: v for k, v in (tags or {}).items() if v}
+    if fmt == "hf":
+        if p.is_dir() and not (p / "trainer_state.json").is_file():
+            p = _latest_checkpoint_state(p) if any(p.glob("checkpoint-*")) else p / "trainer_state.json"
+        if not p.exists():
+            raise LogFormatError(f"{p}: no such file; expected a Hugging Face trainer_state.json")
+        return read_hf(p)
+    if fmt == "tensorboard":
+        return read_tensorboard(p, tags=tags)
+    if fmt == "csv":
+        return read_csv(p, tags=tags)
+    if fmt == "mmengine":
+        return read_mmengine(p, tags=tags)
+    if p.is_dir():
+        raise LogFormatError(f"{p}: is a directory, expected a gradsentry .jsonl file")
+    return read_gradsentry_jsonl(p)
