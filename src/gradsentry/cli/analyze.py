@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         from gradsentry.logs import FORMATS, LogFormatError
         from gradsentry.logs.plot import PLOT_SUFFIXES
 
-        err = Console(stderr=True)
+        err = Console(stderr=True, soft_wrap=True)
         if format not in FORMATS:
             err.print(
                 Text.assemble(
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         try:
             result = analyze_log(path, format=format, tags=tags)
         except (FileNotFoundError, LogFormatError, IsADirectoryError, PermissionError) as exc:
-            err.print(Text.assemble(("error: ", "red"), f"cannot analyse {path}: {exc}"), highlight=False)
+            err.print(Text.assemble(("error: ", "red"), str(exc)), highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
         if plot is not None:
             from gradsentry.logs.plot import plot_series
