@@ -193,6 +193,15 @@ def test_isolated_overflows_with_falling_loss_are_a_warning() -> None:
     assert res[0].steps == [400, 1300, 2600]
 
 
+def test_nonfinite_norms_without_loss_are_an_error() -> None:
+    grad, _ = healthy()
+    grad[250:] = np.nan
+    res = detect(series(grad, None))
+    assert kinds(res) == ["nonfinite"] and res[0].severity == "error"
+    assert res[0].evidence["longest_nonfinite_grad_norm_run"] == N - 250
+    assert res[0].evidence["first_nonfinite_grad_norm_step"] == 2500
+
+
 def test_nonfinite_loss_first_step() -> None:
     grad, loss = healthy()
     loss[222:] = np.nan

@@ -118,8 +118,12 @@ def test_tensorboard_errors(tmp_path: Path) -> None:
         w = SummaryWriter(str(tmp_path / "runs" / name))
         w.add_scalar("loss", 1.0, 0)
         w.close()
-    with pytest.raises(LogFormatError, match="event files in 2 runs"):
+    with pytest.raises(
+        LogFormatError, match=r"2 logs found \(a \(tensorboard\), b \(tensorboard\)\); pass one"
+    ):
         load_series(tmp_path / "runs")
+    with pytest.raises(LogFormatError, match="event files in 2 runs"):
+        load_series(tmp_path / "runs", format="tensorboard")
     other = tmp_path / "other"
     w = SummaryWriter(str(other))
     w.add_scalar("accuracy", 0.5, 0)
@@ -160,6 +164,23 @@ def test_lightning_csv_sparse(tmp_path: Path) -> None:
     assert s.grad_norm[0] == 1.5 and math.isnan(s.grad_norm[1]) and s.grad_norm[2] == 2.0
     assert s.lr == [0.001, 0.001, None]
     assert s.fields == {"loss": "train_loss", "grad_norm": "grad_2.0_norm_total", "lr": "lr-AdamW"}
+
+
+def test_nested_logs_are_found(tmp_path: Path) -> None:
+    d = tmp_path / "logs" / "lightning_logs" / "version_0"
+    d.mkdir(parents=True)
+    (d / "metrics.csv").write_text(LIGHTNING_CSV)
+    assert load_series(tmp_path / "logs").steps == [0, 10, 20]
+    out = tmp_path / "out"
+    for n in (6, 12):
+        (out / f"checkpoint-{n}").mkdir(parents=True)
+        write_hf(out / f"checkpoint-{n}" / "trainer_state.json", [{"loss": 1.0, "step": n}])
+    assert load_series(out).steps == [12]
+    assert load_series(out, format="hf").steps == [12]
+    with pytest.raises(
+        LogFormatError, match=r"2 logs found .*metrics\.csv \(csv\).*trainer_state\.json \(hf\)"
+    ):
+        load_series(tmp_path)
 
 
 def test_plain_csv_and_errors(tmp_path: Path) -> None:

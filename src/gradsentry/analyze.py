@@ -334,7 +334,15 @@ def detect_nonfinite(series: Series, th: AnalyzeThresholds) -> list[Finding]:
     for a, b in _runs(finite_loss_nf_grad):
         if b - a >= th.skipped_min_run and abs(_thirds_change(loss[a:b])) <= th.flat_loss_rel:
             skipped.append((a, b))
-    isolated_only = not loss_nf.any() and not hidden.any() and not skipped
+    longest_run = max((b - a for a, b in _runs(grad_nf)), default=0)
+    ev["longest_nonfinite_grad_norm_run"] = longest_run
+    isolated_only = (
+        not loss_nf.any()
+        and not hidden.any()
+        and not skipped
+        and bool(np.all(finite_loss_nf_grad[grad_nf]))  # the loss was logged, finite, beside each one
+        and longest_run < th.skipped_min_run
+    )
     nf_steps = [int(s) for s in steps[loss_nf | grad_nf][: th.max_listed]]
     if isolated_only:
         expl = (
@@ -747,6 +755,7 @@ def detect_vanishing(series: Series, th: AnalyzeThresholds) -> list[Finding]:
         last = float(np.median(seg[-max(1, seg.size // 3) :]))
         ev.update(
             {
+                "loss_fraction_of_start": _f(last / start_level) if start_level else None,
                 "loss_relative_change": _f(rel),
                 "loss_at_collapse": _f(float(seg[0])),
                 "loss_last": _f(last),
@@ -760,7 +769,9 @@ def detect_vanishing(series: Series, th: AnalyzeThresholds) -> list[Finding]:
         expl = (
             f"the gradient norm fell {math.exp(drop):.3g}x from {math.exp(m[p]):g} (step {int(steps[p])}) to "
             f"{math.exp(tail_level):g} while the loss stayed flat at about {last:g} "
-            f"({rel * 100:+.2g} % from step {int(steps[c])}): training has stalled (vanishing gradients)."
+            f"({rel * 100:+.2g} % from step {int(steps[c])}; {last / start_level:.3g} of its starting level "
+            f"{start_level:g}): training has stalled (vanishing gradients). If this loss is the best the task "
+            "allows, this is convergence instead."
         )
     else:
         ev["loss_relative_change"] = None

@@ -25,35 +25,62 @@ FORMATS: tuple[str, ...] = ("auto", "hf", "tensorboard", "csv", "mmengine", "jso
 _SNIFF_BYTES = 1 << 16
 
 
-def _sniff_dir(p: Path) -> str:
+def _ckpt_number(d: Path) -> int:
+    tail = d.name.rsplit("-", 1)[-1]
+    return int(tail) if d.name.startswith("checkpoint-") and tail.isdigit() else -1
+
+
+def _dir_candidates(p: Path) -> list[tuple[str, Path]]:
+    """Logs directly in ``p`` (first match wins), else every log found below it."""
     if (p / "trainer_state.json").is_file():
-        return "hf"
-    if (p / "vis_data" / "scalars.json").is_file() or (p / "scalars.json").is_file():
-        return "mmengine"
+        return [("hf", p / "trainer_state.json")]
+    for cand in (p / "vis_data" / "scalars.json", p / "scalars.json"):
+        if cand.is_file():
+            return [("mmengine", cand)]
     if (p / "metrics.csv").is_file():
-        return "csv"
-    if event_dirs(p):
-        return "tensorboard"
-    ckpts = sorted(
-        (c for c in p.glob("checkpoint-*") if (c / "trainer_state.json").is_file()),
-        key=lambda c: int(c.name.split("-")[-1]) if c.name.split("-")[-1].isdigit() else -1,
-    )
-    if ckpts:
-        return "hf"
-    raise LogFormatError(
-        f"{p}: directory without a log gradsentry can read (no trainer_state.json, "
-        "vis_data/scalars.json, metrics.csv or TensorBoard event files); expected "
-        f"{EXPECTED_FORMATS}"
-    )
+        return [("csv", p / "metrics.csv")]
+    if any(is_event_file(f) for f in p.iterdir()):
+        return [("tensorboard", p)]
+    found: list[tuple[str, Path]] = []
+    states: dict[Path, list[Path]] = {}
+    for f in p.rglob("trainer_state.json"):
+        # checkpoint-N folders of one output dir are one run: keep the latest checkpoint
+        key = f.parent.parent if _ckpt_number(f.parent) >= 0 else f.parent
+        states.setdefault(key, []).append(f)
+    for files in states.values():
+        found.append(("hf", max(files, key=lambda f: _ckpt_number(f.parent))))
+    found += [("csv", f) for f in p.rglob("metrics.csv")]
+    found += [("mmengine", f) for f in p.rglob("scalars.json") if f.parent.name == "vis_data"]
+    found += [("tensorboard", d) for d in event_dirs(p)]
+    return sorted(found, key=lambda c: str(c[1]))
 
 
-def _latest_checkpoint_state(p: Path) -> Path:
-    ckpts = [
-        c
-        for c in p.glob("checkpoint-*")
-        if c.name.split("-")[-1].isdigit() and (c / "trainer_state.json").is_file()
-    ]
-    return max(ckpts, key=lambda c: int(c.name.split("-")[-1])) / "trainer_state.json"
+def resolve(path: str | os.PathLike[str]) -> tuple[str, Path]:
+    """The format and the file (or TensorBoard run directory) to read for ``path``.
+
+    A directory is searched for one log: ``trainer_state.json`` (the latest ``checkpoint-N`` of an
+    output dir), ``vis_data/scalars.json``, ``metrics.csv`` or a folder of event files.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        LogFormatError: unrecognised input, or a directory holding no log or several.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        return sniff_format(p), p
+    cands = _dir_candidates(p)
+    if not cands:
+        raise LogFormatError(
+            f"{p}: directory without a log gradsentry can read (no trainer_state.json, "
+            "vis_data/scalars.json, metrics.csv or TensorBoard event files); expected "
+            f"{EXPECTED_FORMATS}"
+        )
+    if len(cands) > 1:
+        shown = ", ".join(f"{c[1].relative_to(p)} ({c[0]})" for c in cands[:10])
+        raise LogFormatError(f"{p}: {len(cands)} logs found ({shown}); pass one of them")
+    return cands[0]
 
 
 def sniff_format(path: str | os.PathLike[str]) -> str:
@@ -71,7 +98,7 @@ def sniff_format(path: str | os.PathLike[str]) -> str:
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
     if p.is_dir():
-        return _sniff_dir(p)
+        return resolve(p)[0]
     if is_event_file(p):
         return "tensorboard"
     with p.open("rb") as fh:
@@ -148,13 +175,17 @@ def load_series(
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
-    fmt = sniff_format(p) if format == "auto" else format
+    if format == "auto":
+        fmt, p = resolve(p)
+    else:
+        fmt = format
     tags = {k: v for k, v in (tags or {}).items() if v}
     if fmt == "hf":
-        if p.is_dir() and not (p / "trainer_state.json").is_file():
-            p = _latest_checkpoint_state(p) if any(p.glob("checkpoint-*")) else p / "trainer_state.json"
-        if not p.exists():
-            raise LogFormatError(f"{p}: no such file; expected a Hugging Face trainer_state.json")
+        if p.is_dir():
+            cands = [c for c in _dir_candidates(p) if c[0] == "hf"]
+            if len(cands) != 1:
+                raise LogFormatError(f"{p}: expected one Hugging Face trainer_state.json, found {len(cands)}")
+            p = cands[0][1]
         return read_hf(p)
     if fmt == "tensorboard":
         return read_tensorboard(p, tags=tags)
