@@ -755,7 +755,7 @@ def detect_vanishing(series: Series, th: AnalyzeThresholds) -> list[Finding]:
         last = float(np.median(seg[-max(1, seg.size // 3) :]))
         ev.update(
             {
-                "loss_fraction_of_start": _f(last / start_level) if start_level else None,
+                "loss_fraction_of_start": _f(last / start_level) if start_level > 0 else None,
                 "loss_relative_change": _f(rel),
                 "loss_at_collapse": _f(float(seg[0])),
                 "loss_last": _f(last),
@@ -769,9 +769,9 @@ def detect_vanishing(series: Series, th: AnalyzeThresholds) -> list[Finding]:
         expl = (
             f"the gradient norm fell {math.exp(drop):.3g}x from {math.exp(m[p]):g} (step {int(steps[p])}) to "
             f"{math.exp(tail_level):g} while the loss stayed flat at about {last:g} "
-            f"({rel * 100:+.2g} % from step {int(steps[c])}; {last / start_level:.3g} of its starting level "
-            f"{start_level:g}): training has stalled (vanishing gradients). If this loss is the best the task "
-            "allows, this is convergence instead."
+            f"({rel * 100:+.2g} % from step {int(steps[c])}; its level at the start was {start_level:g}): "
+            "training has stalled (vanishing gradients). If this loss is the best the task allows, this is "
+            "convergence instead."
         )
     else:
         ev["loss_relative_change"] = None
