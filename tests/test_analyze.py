@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradsentry.analyze import AnalyzeThresholds, analyze_log, detect, loglinear_fit
 from gradsentry.logs import Series
@@ -291,3 +293,28 @@ def test_analyze_log_end_to_end(tmp_path: Path) -> None:
     assert d["summary"]["loss"]["nonfinite"] == 50  # the hidden 0.0 losses count as non-finite
     assert d["summary"]["loss"]["min"] == pytest.approx(float(loss[:250].min()))
     assert d["findings"][0]["kind"] in {"nonfinite", "hidden_nonfinite"}
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(1e-6, 1e6), sigma=st.floats(0.01, 0.5))
+def test_stationary_norm_never_flagged_and_scale_invariant(seed: int, scale: float, sigma: float) -> None:
+    """A stationary log-normal norm is healthy at any scale; findings never depend on the norm's unit."""
+    rng = np.random.default_rng(seed)
+    grad = np.exp(rng.normal(0.0, sigma, N))
+    loss = 2.0 * np.exp(-np.arange(N) / 80) + 0.5 + rng.normal(0, 0.01, N)
+    assert detect(series(grad * scale, loss)) == []
+    grad[200] *= 200.0  # and a 200x spike is found wherever the run sits
+    spiky = detect(series(grad * scale, loss))
+    assert kinds(spiky) == ["exploding:spike"] and spiky[0].steps == [2000]
+
+
+def test_plot_edge_cases(tmp_path: Path) -> None:
+    from gradsentry.logs.plot import plot_series
+
+    _, loss = healthy()
+    s = series(None, loss)
+    assert plot_series(s, detect(s), tmp_path / "loss_only.svg").read_text().lstrip().startswith("<?xml")
+    s = series(np.full(N, np.nan), None)
+    assert plot_series(s, detect(s), tmp_path / "all_nan.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"plot file must end in \.png, \.svg, \.html"):
+        plot_series(s, [], tmp_path / "x.jpg")
