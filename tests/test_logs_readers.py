@@ -144,6 +144,35 @@ def test_tensorboard_errors(tmp_path: Path) -> None:
         load_series(empty, format="tensorboard")
 
 
+def test_tensorboard_v2_tensor_scalars(tmp_path: Path) -> None:
+    """tf.summary v2 / Keras store scalars as rank-0 tensors of the scalars plugin."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.util import tensor_util
+
+    def write(tag: str, values: list, dtype: str = "float32") -> None:
+        w = EventFileWriter(str(tmp_path / tag))
+        meta = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        )
+        for step, v in enumerate(values):
+            val = summary_pb2.Summary.Value(
+                tag=tag, tensor=tensor_util.make_tensor_proto(v, dtype=dtype), metadata=meta
+            )
+            w.add_event(event_pb2.Event(step=step, wall_time=1.0, summary=summary_pb2.Summary(value=[val])))
+        w.close()
+
+    write("epoch_loss", [2.0, 1.5, float("nan")])
+    s = load_series(tmp_path / "epoch_loss")
+    assert s.steps == [0, 1, 2] and s.loss[:2] == [2.0, 1.5] and math.isnan(s.loss[2])
+    assert s.fields == {"loss": "epoch_loss"} and not s.has("grad_norm")
+    write("loss", [[1.0, 2.0]])
+    with pytest.raises(
+        LogFormatError, match=r"tag 'loss' holds float32 tensors of shape \(2,\), not scalars"
+    ):
+        load_series(tmp_path / "loss")
+
+
 LIGHTNING_CSV = """epoch,grad_2.0_norm_total,lr-AdamW,step,train_loss,val_loss
 0,1.5,0.001,0,2.5,
 0,,,9,,2.2

@@ -69,15 +69,20 @@ def read_tensorboard(path: str | os.PathLike[str], *, tags: dict[str, str] | Non
             missing, or neither a loss nor a gradient-norm tag is present (the message lists the tags).
     """
     from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.util import tensor_util
 
     p = Path(path)
     run = resolve_run(p)
-    acc = ea.EventAccumulator(str(run), size_guidance={ea.SCALARS: 0})
+    acc = ea.EventAccumulator(str(run), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
     try:
         acc.Reload()
     except Exception as exc:  # tensorboard raises its own error types for unreadable files
         raise LogFormatError(f"{run}: could not read TensorBoard events ({exc})") from exc
-    available = list(acc.Tags().get("scalars", []))
+    tag_lists = acc.Tags()
+    scalar_tags = list(tag_lists.get("scalars", []))
+    # tf.summary v2 (Keras) stores scalars as rank-0 tensors of the "scalars" plugin
+    tensor_tags = [t for t in tag_lists.get("tensors", []) if t not in scalar_tags]
+    available = scalar_tags + tensor_tags
     if not available:
         raise LogFormatError(
             f"{run}: no scalar summaries found; expected a TensorBoard event file with scalars "
@@ -87,7 +92,7 @@ def read_tensorboard(path: str | os.PathLike[str], *, tags: dict[str, str] | Non
     # exact defaults, ordered so that "train/..." wins over bare names only where listed first
     defaults: dict[FieldName, tuple[str, ...]] = {
         "grad_norm": ("train/grad_norm", *DEFAULT_KEYS["grad_norm"]),
-        "loss": ("train/loss", *DEFAULT_KEYS["loss"]),
+        "loss": ("train/loss", *DEFAULT_KEYS["loss"], "batch_loss", "epoch_loss"),
         "lr": ("train/learning_rate", *DEFAULT_KEYS["lr"]),
     }
     chosen: dict[FieldName, str | None] = {
@@ -102,9 +107,19 @@ def read_tensorboard(path: str | os.PathLike[str], *, tags: dict[str, str] | Non
         )
     points: dict[FieldName, dict[int, float]] = {"loss": {}, "grad_norm": {}, "lr": {}}
     for name, tag in chosen.items():
-        if tag is not None:
+        if tag is None:
+            continue
+        if tag in scalar_tags:
             for ev in acc.Scalars(tag):
                 points[name][int(ev.step)] = float(ev.value)
+            continue
+        for tev in acc.Tensors(tag):
+            arr = tensor_util.make_ndarray(tev.tensor_proto)
+            if arr.size != 1 or arr.dtype.kind not in "fiu":
+                raise LogFormatError(
+                    f"{run}: tag {tag!r} holds {arr.dtype} tensors of shape {arr.shape}, not scalars"
+                )
+            points[name][int(tev.step)] = float(arr.reshape(()))
     found = {name: tag for name, tag in chosen.items() if tag is not None}
     return build_series(
         points,
