@@ -106,7 +106,7 @@ def _print_summary(result: LogAnalysis, console: Console, plot: Path | None) -> 
     for name, log in (("grad_norm", True), ("loss", False)):
         if s.has(name):  # type: ignore[arg-type]
             _, v = s.values(name)  # type: ignore[arg-type]
-            line = sparkline(list(getattr(s, name)), 60, log=log)
+            line = sparkline(list(getattr(s, name)), max(10, min(60, console.width - 32)), log=log)
             fin = [x for x in v.tolist() if x == x and abs(x) != float("inf")]
             rng = f"{_fmt(min(fin) if fin else None)}..{_fmt(max(fin) if fin else None)}"
             console.print(Text.assemble((f"{name:>9} ", "bold"), (line, "cyan"), (f"  {rng}", "dim")))
