@@ -1,9 +1,10 @@
 """The Monitor: per-layer gradient, weight, update and activation statistics during training.
 
 Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`Monitor.step` only
-increments a counter (no hooks are armed, no device→host copy). On a logged step it makes two fused
-``torch._foreach_norm`` passes over the gradients (L2 and max-abs), one over the weights, reduces them
-into layers on the device, and moves one small tensor to the host.
+increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one fused
+``torch._foreach_norm`` pass over the gradients for the L2 norms, one for max |g| (``aminmax`` on CPU),
+one L2 pass over the weights, reduces them into layers on the device, and moves one small tensor to
+the host.
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ class Monitor:
             index = cached[1]
             g = [t for t in grads if t is not None]  # (never None here; narrows the type)
             norms = stats.foreach_norms(g)
-            maxabs = stats.foreach_norms(g, math.inf)
+            maxabs = stats.foreach_max_abs(g)
             self.last_norms = (params_with_grad, norms)
             parts += [
                 stats.layer_sum_of_squares(norms, index.to(norms.device), L).to(device),
