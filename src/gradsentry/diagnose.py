@@ -21,8 +21,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from gradsentry.records import (
     SEVERITY_ORDER,
     ActivationStats,
@@ -195,6 +193,18 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def _first(pair: tuple[int, LayerStats]) -> int:
+    return pair[0]
+
+
+def _ls_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of y over x (same as ``numpy.polyfit(x, y, 1)[0]``); x must not be constant."""
+    mx = math.fsum(x) / len(x)
+    my = math.fsum(y) / len(y)
+    sxx = math.fsum((a - mx) ** 2 for a in x)
+    return math.fsum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx
+
+
 def _robust_z(x: float, history: Sequence[float], floor: float) -> tuple[float, float, float]:
     """Robust z-score of ``x`` against ``history``: returns ``(z, median, sigma)``, sigma = 1.4826 * MAD."""
     med = statistics.median(history)
@@ -259,14 +269,16 @@ def _vanishing(ctx: _Context) -> Finding | None:
     rel_log: dict[str, list[float]] = {}
     first_pair: tuple[str, str] | None = None
     for rec in ctx.records:
-        usable = sorted((layer for layer in rec.layers if _usable_grad(layer)), key=ctx.layer_depth)
-        depths = [ctx.layer_depth(layer) for layer in usable]
-        if len(set(depths)) < 2:
+        pairs = sorted(
+            ((ctx.layer_depth(layer), layer) for layer in rec.layers if _usable_grad(layer)), key=_first
+        )
+        if len(pairs) < 2 or pairs[0][0] == pairs[-1][0]:
             continue
+        usable = [layer for _, layer in pairs]
         logs = [math.log10(layer.grad_rms) for layer in usable]
         ratio = usable[0].grad_rms / usable[-1].grad_rms
         ratios.append(ratio)
-        slopes.append(float(np.polyfit(np.asarray(depths, dtype=np.float64), np.asarray(logs), 1)[0]))
+        slopes.append(_ls_slope([float(d) for d, _ in pairs], logs))
         if first_pair is None:
             first_pair = (usable[0].name, usable[-1].name)
         if ratio < t.vanishing_ratio:
@@ -415,7 +427,7 @@ def _growth(ctx: _Context) -> Finding | None:
         return None
     start, end, growth = max(hits, key=lambda h: h[2])
     steps_w = [ctx.records[idx[j]].step for j in range(start, end + 1)]
-    slope = float(np.polyfit(np.asarray(steps_w, dtype=np.float64), np.asarray(logs[start : end + 1]), 1)[0])
+    slope = _ls_slope([float(x) for x in steps_w], logs[start : end + 1])
     k = max(3, (end - start + 1) // 5)
     layer_windows = [_layer_logs(ctx.records[idx[j]]) for j in range(start, end + 1)]
     layer_growth: dict[str, float] = {}
