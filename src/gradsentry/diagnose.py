@@ -86,6 +86,8 @@ class Thresholds:
             window"). Medians make one isolated spike unable to trigger it.
         update_ratio_max: update-to-weight ratio ``||Δw|| / ||w||`` above which a step changes a layer far too
             much. Source: the CS231n rule of thumb (Karpathy) that about 1e-3 is healthy; 0.1 is 100x that.
+            Caveat: a layer whose weights start at zero (LoRA B matrices, zero-initialised heads) has large
+            ratios for its first steps by construction.
         nonfinite_link_window: an exploding finding followed by a non-finite gradient within this many logged
             steps is an error (it led to the NaN/inf). Reasoning.
         saturated_frac: fraction in [0, 1] of a bounded activation's outputs in its flat region above which
