@@ -103,6 +103,7 @@ def test_sustained_growth_rate_matches_polyfit() -> None:
     assert ev["rate_per_step"] == pytest.approx(true_rate, rel=0.05)
     assert 1000 <= ev["start_step"] <= 1300 and ev["end_step"] == STEPS[-1]
     assert ev["factor_per_100_steps"] == pytest.approx(math.exp(100 * slope), rel=1e-5)
+    assert "gradsentry.ClipGlobalNorm(max_norm=1.0)" in [r.api for r in f[0].remedies]  # the shared catalogue
     assert ev["doubling_steps"] == pytest.approx(math.log(2) / slope, rel=1e-5)
 
 

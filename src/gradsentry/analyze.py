@@ -42,29 +42,14 @@ import numpy as np
 from gradsentry.logs import Series, load_series
 from gradsentry.logs.series import json_safe
 from gradsentry.records import SEVERITY_ORDER, Finding, Remedy
+from gradsentry.remedies_catalog import CATALOG, remedies_for
 
 log = logging.getLogger("gradsentry")
 
-_CLIP = Remedy(
-    "clip the global gradient norm (the logged norm is pre-clip: keep logging it)",
-    "gradsentry.ClipGlobalNorm(1.0)",
-    "Pascanu et al. 2013, arXiv:1211.5063",
-)
-_ZCLIP = Remedy(
-    "clip adaptively against the norm's own running statistics",
-    "gradsentry.ZClip()",
-    "Kumar et al. 2025, arXiv:2504.02507",
-)
-_LR = Remedy("lower the learning rate or lengthen the warm-up")
-_GUARD = Remedy(
-    "skip non-finite steps instead of applying them, and find the first non-finite layer",
-    "gradsentry.NonFiniteGuard()",
-)
-_INIT = Remedy(
-    "use He/Xavier initialisation, normalisation layers or residual connections",
-    None,
-    "He et al. 2015, arXiv:1502.01852; Glorot & Bengio 2010",
-)
+
+def _r(key: str) -> Remedy:
+    """A fresh copy of one entry of the shared remedies catalogue."""
+    return CATALOG[key].make()
 
 
 @dataclass
@@ -374,7 +359,12 @@ def detect_nonfinite(series: Series, th: AnalyzeThresholds) -> list[Finding]:
         sev = "error"
     out.append(
         Finding(
-            "nonfinite", sev, steps=nf_steps, evidence=ev, explanation=expl, remedies=[_GUARD, _LR, _CLIP]
+            "nonfinite",
+            sev,
+            steps=nf_steps,
+            evidence=ev,
+            explanation=expl,
+            remedies=remedies_for("nonfinite"),
         )
     )
     if hidden.any():
@@ -396,9 +386,11 @@ def detect_nonfinite(series: Series, th: AnalyzeThresholds) -> list[Finding]:
                     "logging_nan_inf_filter) hid it. This is not convergence."
                 ),
                 remedies=[
-                    _GUARD,
-                    Remedy("set logging_nan_inf_filter=False so the log shows the real loss"),
-                    _LR,
+                    Remedy(
+                        "set logging_nan_inf_filter=False in TrainingArguments so the log shows the real loss"
+                    ),
+                    _r("guard"),
+                    _r("check_numerics"),
                 ],
             )
         )
@@ -425,9 +417,12 @@ def detect_nonfinite(series: Series, th: AnalyzeThresholds) -> list[Finding]:
                     "scaler is skipping every step, the model is not training."
                 ),
                 remedies=[
-                    _GUARD,
-                    Remedy("find the layer that overflows; use bf16 or a lower initial loss scale"),
-                    _LR,
+                    _r("check_numerics"),
+                    Remedy(
+                        "find the layer that overflows in fp16 (gradsentry.Monitor(model, locate_nonfinite=True)); "
+                        "train in bf16 or lower the initial loss scale"
+                    ),
+                    _r("guard"),
                 ],
             )
         )
@@ -590,7 +585,7 @@ def detect_exploding(series: Series, th: AnalyzeThresholds) -> tuple[list[Findin
                     f"doubling every {growth['doubling_steps']:g} steps, R^2 {growth['r2']:.2f}). The logged "
                     "norm is pre-clip; growth like this means the updates feed back into larger gradients."
                 ),
-                remedies=[_LR, _CLIP, _ZCLIP],
+                remedies=[_r("lower_lr_warmup"), _r("clip_global"), _r("zclip")],
             )
         )
     if spikes:
@@ -621,7 +616,7 @@ def detect_exploding(series: Series, th: AnalyzeThresholds) -> tuple[list[Findin
                     f"(robust z {top['z']:.3g} > {th.spike_z:g}). Judged against the run's own history; "
                     "the logged norm is pre-clip, so a value above max_grad_norm is not a clipping failure."
                 ),
-                remedies=[_ZCLIP, _CLIP, _LR],
+                remedies=[_r("zclip"), _r("clip_global"), _r("lower_lr_warmup")],
             )
         )
     return out, [e["step"] for e in spikes]
@@ -656,8 +651,8 @@ def detect_loss_spikes(series: Series, th: AnalyzeThresholds) -> tuple[list[Find
         ),
         remedies=[
             Remedy("log the global gradient norm (pre-clip) to see whether spikes start in the gradients"),
-            _ZCLIP,
-            _LR,
+            _r("zclip"),
+            _r("lower_lr_warmup"),
         ],
     )
     return [f], [e["step"] for e in spikes]
@@ -683,8 +678,8 @@ def detect_loss_divergence(series: Series, anchors: list[int], th: AnalyzeThresh
                         Remedy(
                             "restart from the last checkpoint before the spike with a lower learning rate"
                         ),
-                        _ZCLIP,
-                        _CLIP,
+                        _r("zclip"),
+                        _r("clip_global"),
                     ],
                 )
             ]
@@ -721,7 +716,7 @@ def detect_loss_divergence(series: Series, anchors: list[int], th: AnalyzeThresh
                 f"the loss rose from its best level {best:g} (step {int(s[b])}) and stays at {tail_med:g} "
                 f"over the last {k} points ({tail_med / best:.3g} times), from step {onset} on."
             ),
-            remedies=[_LR, _ZCLIP, Remedy("restart from the best checkpoint")],
+            remedies=[_r("lower_lr_warmup"), _r("zclip"), Remedy("restart from the best checkpoint")],
         )
     ]
 
@@ -791,9 +786,12 @@ def detect_vanishing(series: Series, th: AnalyzeThresholds) -> list[Finding]:
             evidence=ev,
             explanation=expl,
             remedies=[
-                _INIT,
-                Remedy("check the learning-rate schedule did not decay to ~0"),
-                Remedy("run gradsentry's Monitor to see which layers' gradients vanish"),
+                Remedy(
+                    "run gradsentry's Monitor to see which layers' gradients vanish",
+                    "gradsentry.Monitor(model)",
+                ),
+                *remedies_for("vanishing"),
+                Remedy("check that the learning-rate schedule did not decay to ~0"),
             ],
         )
     ]
