@@ -212,6 +212,27 @@ def test_nested_logs_are_found(tmp_path: Path) -> None:
         load_series(tmp_path)
 
 
+@pytest.mark.parametrize(("tb_last", "expect"), [(90, "tensorboard"), (30, "hf")])
+def test_hf_output_dir_with_tensorboard_reads_the_longer_log(
+    tmp_path: Path, tb_last: int, expect: str
+) -> None:
+    """HF with report_to=tensorboard: checkpoint-N/trainer_state.json and runs/<date>/events side by side."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    (tmp_path / "checkpoint-60").mkdir()
+    entries = [{"loss": 1.0, "grad_norm": 1.0, "step": s} for s in range(10, 70, 10)]
+    write_hf(tmp_path / "checkpoint-60" / "trainer_state.json", entries)
+    w = SummaryWriter(str(tmp_path / "runs" / "Nov30_12-00-00_host"))
+    for s in range(10, tb_last + 10, 10):
+        w.add_scalar("train/loss", 1.0, s)
+        w.add_scalar("train/grad_norm", 1.0, s)
+    w.close()
+    series = load_series(tmp_path)
+    assert series.source == expect
+    assert series.steps[-1] == max(60, tb_last)
+    assert any(n.startswith("also found") for n in series.notes)
+
+
 def test_plain_csv_and_errors(tmp_path: Path) -> None:
     p = tmp_path / "log.csv"
     p.write_text("global_step,loss,grad_norm\n1,2.0,0.5\n2.0,1.5,0.25\n")

@@ -156,7 +156,9 @@ def load_series(
     """Read another tool's training log as a :class:`~gradsentry.logs.series.Series`.
 
     Args:
-        path: a file or directory (see :data:`~gradsentry.logs.series.EXPECTED_FORMATS`).
+        path: a file or directory (see :data:`~gradsentry.logs.series.EXPECTED_FORMATS`). A directory
+            must hold one log (searched recursively); an HF output dir with both a checkpoint's
+            ``trainer_state.json`` and TensorBoard events gives the one reaching the later step.
         format: ``"auto"`` (guess from name and content), ``"hf"``, ``"tensorboard"``, ``"csv"``,
             ``"mmengine"`` or ``"jsonl"``.
         tags: optional ``{"loss": name, "grad_norm": name, "lr": name}``: the tag, column or key to
@@ -175,11 +177,44 @@ def load_series(
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
+    tags = {k: v for k, v in (tags or {}).items() if v}
     if format == "auto":
+        if p.is_dir():
+            cands = _dir_candidates(p)
+            if len(cands) == 2 and {c[0] for c in cands} == {"hf", "tensorboard"}:
+                return _most_complete(p, cands, tags)
         fmt, p = resolve(p)
     else:
         fmt = format
-    tags = {k: v for k, v in (tags or {}).items() if v}
+    return _read(fmt, p, tags)
+
+
+def _most_complete(root: Path, cands: list[tuple[str, Path]], tags: dict[str, str]) -> Series:
+    """An HF output dir with both a checkpoint's trainer_state.json and TensorBoard events (report_to):
+    read the one that reaches the later step (the events, written continuously, outlive the last
+    checkpoint of a crashed run); ties go to trainer_state.json."""
+    read: list[tuple[str, Path, Series]] = []
+    errors: list[str] = []
+    for fmt, path in sorted(cands, key=lambda c: c[0] != "hf"):
+        try:
+            read.append((fmt, path, _read(fmt, path, tags)))
+        except LogFormatError as exc:
+            errors.append(str(exc))
+    if not read:
+        raise LogFormatError(f"{root}: none of its logs could be read: " + "; ".join(errors))
+    best = max(read, key=lambda r: r[2].steps[-1])  # max keeps the first (hf) on ties
+    for fmt, path, series in read:
+        if series is not best[2]:
+            best[2].notes.append(
+                f"also found {path.relative_to(root)} ({fmt}, last step {series.steps[-1]}); read "
+                f"{best[1].relative_to(root)}, which reaches step {best[2].steps[-1]}"
+            )
+    for err in errors:
+        best[2].notes.append(f"could not read another log: {err}")
+    return best[2]
+
+
+def _read(fmt: str, p: Path, tags: dict[str, str]) -> Series:
     if fmt == "hf":
         if p.is_dir():
             cands = [c for c in _dir_candidates(p) if c[0] == "hf"]
