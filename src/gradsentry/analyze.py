@@ -44,6 +44,19 @@ from gradsentry.logs.series import json_safe
 from gradsentry.records import SEVERITY_ORDER, Finding, Remedy
 from gradsentry.remedies_catalog import CATALOG, remedies_for
 
+__all__ = [
+    "AnalyzeThresholds",
+    "LogAnalysis",
+    "analyze_log",
+    "detect",
+    "find_growth",
+    "find_spikes",
+    "hidden_nonfinite_steps",
+    "loglinear_fit",
+    "robust_z",
+    "unhide_nonfinite_loss",
+]
+
 log = logging.getLogger("gradsentry")
 
 
