@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gradsentry.remedies import AGC, ClipGlobalNorm, ClipLayerNorm, ClipValue, NonFiniteGradientError, RemedyResult
+from gradsentry.remedies import (
+    AGC,
+    ClipGlobalNorm,
+    ClipLayerNorm,
+    ClipValue,
+    NonFiniteGradientError,
+    RemedyResult,
+)
 
 
 def _params(shapes, seed=0, scale=1.0, dtype=torch.float32):
@@ -59,7 +66,9 @@ def test_clip_global_norm_uses_given_norms_and_float64_oracle():
     assert after == pytest.approx(1.0 * expected / (expected + 1e-6), rel=1e-6)
     assert float(res.norm_after) == pytest.approx(after, rel=1e-6)
     # norms_after lets the next remedy in a chain skip its norm pass.
-    torch.testing.assert_close(res.norms_after, torch.stack([p.grad.norm() for p in ps]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        res.norms_after, torch.stack([p.grad.norm() for p in ps]), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_clip_global_norm_edge_cases():
@@ -75,7 +84,9 @@ def test_clip_global_norm_edge_cases():
     ref = _clone(ps)
     ClipGlobalNorm(1.0)(ps)
     torch.nn.utils.clip_grad_norm_(ref, 1.0)
-    assert ps[1].grad is None and torch.equal(ps[0].grad, ref[0].grad) and torch.equal(ps[2].grad, ref[2].grad)
+    assert (
+        ps[1].grad is None and torch.equal(ps[0].grad, ref[0].grad) and torch.equal(ps[2].grad, ref[2].grad)
+    )
     # No gradient at all.
     empty = ClipGlobalNorm(1.0)([nn.Parameter(torch.ones(2))])
     assert empty.to_dict()["norm_before"] == 0.0 and not empty.skip

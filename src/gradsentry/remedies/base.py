@@ -78,6 +78,7 @@ class RemedyResult:
             :class:`~gradsentry.remedies.Ladder`.
         norms_after: per-tensor gradient norms after the remedy (aligned as the input ``norms``) when
             known for free, so that the next remedy of a chain can reuse them; not part of the record.
+        composite: True for Chain/Ladder results, whose records are their children's.
     """
 
     name: str
@@ -91,6 +92,7 @@ class RemedyResult:
     extra: dict[str, Any] = field(default_factory=dict)
     children: list[RemedyResult] = field(default_factory=list)
     norms_after: Tensor | None = field(default=None, repr=False)
+    composite: bool = field(default=False, repr=False)
 
     @property
     def skip(self) -> bool:
@@ -165,7 +167,7 @@ class RemedyResult:
 
         This is what a Monitor appends to ``StepRecord.actions``.
         """
-        if self.children:
+        if self.children or self.composite:
             return [d for c in self.children for d in c.to_dicts()]
         return [self.to_dict()]
 

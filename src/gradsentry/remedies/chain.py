@@ -69,5 +69,6 @@ class Chain:
             norm_after=last.norm_after,
             skipped=skipped,
             children=children,
+            composite=True,
             norms_after=norms,
         )

@@ -146,12 +146,19 @@ class Ladder:
                     children.append(res)
                 return self._result(norms, children)
             self.consecutive += 1
+            roll = self.rollback is not None and self.consecutive >= self.rollback_after
+            if self.skip and not roll:
+                for p in ps:
+                    p.grad = None
+                children.append(self._record("skip", layers=hit, consecutive=self.consecutive))
+                if self.rollback is not None:
+                    self.rollback.step += 1
             if self.reset is not None and self.consecutive >= self.reset_after:
                 n = self.reset.reset(p for p, f in zip(ps, mask, strict=True) if f)
                 children.append(
                     self._record("reset_moments", layers=hit, reset=n, consecutive=self.consecutive)
                 )
-            if self.rollback is not None and self.consecutive >= self.rollback_after:
+            if roll and self.rollback is not None:
                 reason = "nonfinite_grad" if any(mask) else "nonfinite_loss"
                 action = self.rollback.rescue(ps, reason)
                 children.append(
@@ -164,12 +171,6 @@ class Ladder:
                     )
                 )
                 self.consecutive = 0
-            elif self.skip:
-                for p in ps:
-                    p.grad = None
-                children.insert(0, self._record("skip", layers=hit, consecutive=self.consecutive))
-                if self.rollback is not None:
-                    self.rollback.step += 1
             return self._result(norms, children)
         finally:
             self.step += 1
@@ -181,4 +182,5 @@ class Ladder:
             norm_before=total_norm(norms) if norms is not None else None,
             skipped=skipped,
             children=children,
+            composite=True,
         )

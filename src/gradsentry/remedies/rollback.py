@@ -11,7 +11,6 @@ import copy
 import logging
 import math
 import os
-import pickle
 import statistics
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -60,7 +59,7 @@ def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
         magic = fh.read(4)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, IndexError) as exc:
+    except Exception as exc:  # torch.load raises many types on bad input (RuntimeError, KeyError, ...)
         if magic == b"PK\x03\x04":
             raise SnapshotError(
                 f"snapshot file {str(p)!r} is cut short or corrupt (not a complete torch.save archive): {exc}"
