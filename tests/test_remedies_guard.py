@@ -224,3 +224,20 @@ def test_reset_moments_spike_threshold():
     model[0].weight.grad.mul_(1e6)
     res = ResetMoments(opt, max_norm=1e3, model=model)(model.parameters())
     assert res.to_dict()["layers"] == ["0"] and model[0].weight not in opt.state
+
+
+def test_guard_protects_bf16_training():
+    model = _model().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = NonFiniteGuard()
+    x = torch.randn(4, 4, dtype=torch.bfloat16)
+    model(x).float().pow(2).mean().backward()
+    guard(model.parameters())
+    opt.step()
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    model(x).float().pow(2).mean().backward()
+    model[0].bias.grad[2] = float("-inf")
+    assert guard(model.parameters()).skip
+    opt.step()
+    assert _same_state(weights, model.state_dict()) and _same_state(state, opt.state_dict())

@@ -101,7 +101,7 @@ def test_rollback_loss_spike_and_retry_limit_and_keep():
     assert (
         d["reason"] == "nonfinite_loss" and d["restored_step"] == 2 and d["retries"] == 2
     )  # goes further back
-    with pytest.raises(RollbackError, match="diverged .* 3 times in a row"):
+    with pytest.raises(RollbackError, match=r"diverged .* 3 times in a row"):
         rb(model.parameters(), loss=float("nan"))
 
 
@@ -128,11 +128,11 @@ def test_snapshot_files_cut_short_or_foreign_give_clear_errors(tmp_path):
         load_snapshot(cut)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.ones(2)}, other)
-    with pytest.raises(SnapshotError, match="is not a gradsentry snapshot .*expected a dict with key"):
+    with pytest.raises(SnapshotError, match=r"is not a gradsentry snapshot .*expected a dict with key"):
         load_snapshot(other)
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    with pytest.raises(SnapshotError, match="not a torch.save file"):
+    with pytest.raises(SnapshotError, match=r"not a torch\.save file"):
         load_snapshot(text)
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps(Rollback, protocol=2))  # unpickling would import code: refused

@@ -86,10 +86,9 @@ class AutoClip:
         return RemedyResult(
             "AutoClip",
             norm_before=total,
-            norm_after=total * coef,
-            clipped=coef < 1.0,
+            clipped=None,
             threshold=threshold,
-            norms_after=norms * coef if norms is not None else None,
+            scale=coef,
         )
 
     @property
@@ -249,11 +248,10 @@ class ZClip:
         return RemedyResult(
             "ZClip",
             norm_before=total,
-            norm_after=total * coef,
             clipped=active,
             threshold=threshold,
             extra={"spike": spike},
-            norms_after=norms * coef if norms is not None else None,
+            scale=coef,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -64,9 +64,10 @@ class RemedyResult:
         name: the remedy's class name, e.g. ``"ClipGlobalNorm"``.
         norm_before: global gradient norm before the remedy (0-d tensor or float; same units as the
             gradient), or None when the remedy did not need it.
-        norm_after: global gradient norm after the remedy, or None. For scaling clippers it is
-            ``norm_before × scale``, not re-measured.
-        clipped: whether any gradient was scaled down or clamped (bool or 0-d bool tensor).
+        norm_after: global gradient norm after the remedy, or None. Left None by scaling clippers:
+            :meth:`to_dict` derives it as ``norm_before × scale`` (not re-measured).
+        clipped: whether any gradient was scaled down or clamped (bool or 0-d bool tensor); None means
+            "derive it from ``scale < 1``" in :meth:`to_dict`.
         skipped: True when the caller must not call ``optimizer.step()`` on this step (bool or 0-d
             bool tensor; see :attr:`skip`).
         threshold: the clipping threshold used at this step (adaptive clippers), or None.
@@ -79,6 +80,9 @@ class RemedyResult:
         norms_after: per-tensor gradient norms after the remedy (aligned as the input ``norms``) when
             known for free, so that the next remedy of a chain can reuse them; not part of the record.
         composite: True for Chain/Ladder results, whose records are their children's.
+        scale: the factor every gradient was multiplied by (0-d tensor), for uniform scaling clippers.
+            Derived figures (``norm_after``, ``clipped``, the next remedy's norms) are computed from it
+            only when asked for, so the clipper itself launches no extra kernels.
     """
 
     name: str
@@ -93,6 +97,7 @@ class RemedyResult:
     children: list[RemedyResult] = field(default_factory=list)
     norms_after: Tensor | None = field(default=None, repr=False)
     composite: bool = field(default=False, repr=False)
+    scale: Tensor | None = field(default=None, repr=False)
 
     @property
     def skip(self) -> bool:
@@ -120,10 +125,16 @@ class RemedyResult:
             slots.append((key, sum(t.numel() for t in tensors), flat.numel()))
             tensors.append(flat)
 
+        norm_after, clipped = self.norm_after, self.clipped
+        if self.scale is not None:
+            if norm_after is None and isinstance(self.norm_before, Tensor):
+                norm_after = self.norm_before * self.scale
+            if clipped is None:
+                clipped = self.scale < 1.0
         scalars = {
             "norm_before": self.norm_before,
-            "norm_after": self.norm_after,
-            "clipped": self.clipped,
+            "norm_after": norm_after,
+            "clipped": clipped,
             "skipped": self.skipped,
             "threshold": self.threshold,
         }
@@ -161,6 +172,14 @@ class RemedyResult:
         if self.children:
             out["children"] = [c.to_dict() for c in self.children]
         return out
+
+    def next_norms(self, norms: Tensor | None) -> Tensor | None:
+        """Per-tensor L2 norms after this remedy, given those before it (None when unknown)."""
+        if self.norms_after is not None:
+            return self.norms_after
+        if self.scale is not None and norms is not None:
+            return norms * self.scale.to(norms.device)
+        return None
 
     def to_dicts(self) -> list[dict[str, Any]]:
         """Flat list of action records: the children's records for a composite, else ``[to_dict()]``.

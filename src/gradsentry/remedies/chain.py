@@ -51,7 +51,7 @@ class Chain:
             children.append(res)
             if res.skipped is True:
                 break
-            norms = res.norms_after
+            norms = res.next_norms(norms)
         skipped: Tensor | bool = False
         for c in children:
             if isinstance(c.skipped, Tensor):

@@ -121,10 +121,9 @@ class ClipGlobalNorm:
         return RemedyResult(
             "ClipGlobalNorm",
             norm_before=total,
-            norm_after=total * coef,
-            clipped=coef < 1.0,
+            clipped=None,
             threshold=self.max_norm,
-            norms_after=norms * coef if self.norm_type == 2.0 else None,
+            scale=coef,
         )
 
 
