@@ -10,7 +10,9 @@ against ``clip_grad_norm_``. Floors (issue 4): ClipGlobalNorm <= 1.1x, ZClip and
 
 Syncs: on CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` reports every synchronizing call; on CPU
 there is no device to wait for, so the script counts calls of ``Tensor.item/tolist/__bool__/__float__/
-__int__/numpy`` (the ways Python code forces a device->host copy) during each method.
+__int__/numpy`` (the ways Python code forces a device->host copy) during each method. The "aten ops"
+column counts operator calls per call (a foreach op counts once), a proxy for GPU kernel launches,
+which dominate on a GPU when the gradients are small.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradsentry.remedies import AGC, AutoClip, ClipGlobalNorm, ZClip, per_tensor_norms
 
@@ -76,6 +79,24 @@ class HostCallCounter:
             setattr(torch.Tensor, name, orig)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts ATen operator calls: a device-independent proxy for kernel launches on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    with OpCounter() as counter:
+        fn()
+    return counter.count
+
+
 def count_syncs(fn: Callable[[], object], device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,6 +124,7 @@ def bench(name: str, params: list[nn.Parameter], reps: int, device: torch.device
     syncs = {k: count_syncs(fn, device) for k, fn in fns.items()}  # also warms up (and ZClip's warm-up)
     for fn in fns.values():
         fn()
+    ops = {k: count_ops(fn) for k, fn in fns.items()}
     order = list(fns)
     for _ in range(reps):
         random.shuffle(order)
@@ -118,7 +140,9 @@ def bench(name: str, params: list[nn.Parameter], reps: int, device: torch.device
     base = times["clip_grad_norm_"]
     n = sum(p.numel() for p in params)
     rows = [f"\n{name}: {len(params)} tensors, {n / 1e6:.1f}M parameters, {reps} reps, device {device}"]
-    rows.append(f"{'method':30s} {'median ms':>10s} {'ratio':>7s} {'floor':>6s} {'syncs/call':>10s}")
+    rows.append(
+        f"{'method':30s} {'median ms':>10s} {'ratio':>7s} {'floor':>6s} {'syncs/call':>10s} {'aten ops':>8s}"
+    )
     for k in fns:
         med = statistics.median(times[k])
         # median of per-repetition ratios: each pair ran back to back, so machine load mostly cancels
@@ -126,7 +150,7 @@ def bench(name: str, params: list[nn.Parameter], reps: int, device: torch.device
         floor = FLOORS.get(k)
         ok = "" if floor is None else ("ok" if ratio <= floor else "MISS")
         floor_s = "" if floor is None else f"{floor:.1f}x"
-        rows.append(f"{k:30s} {med * 1e3:10.3f} {ratio:6.2f}x {floor_s:>6s} {syncs[k]:10d} {ok}")
+        rows.append(f"{k:30s} {med * 1e3:10.3f} {ratio:6.2f}x {floor_s:>6s} {syncs[k]:10d} {ops[k]:8d} {ok}")
     return rows
 
 
