@@ -3,6 +3,8 @@
 Public names only; every module has one job (see README's architecture section).
 """
 
+from gradsentry.diagnose import Thresholds, diagnose
+from gradsentry.monitor import Monitor
 from gradsentry.records import (
     ActivationStats,
     Finding,
@@ -23,10 +25,13 @@ __all__ = [
     "JsonlSink",
     "LayerInfo",
     "LayerStats",
+    "Monitor",
     "Remedy",
     "Run",
     "RunHeader",
     "StepRecord",
+    "Thresholds",
     "__version__",
+    "diagnose",
     "read_jsonl",
 ]
