@@ -202,8 +202,7 @@ class ZClip:
         x = total.to(torch.float64)
         finite = torch.isfinite(x)
         self.count += 1
-        inf = torch.full_like(x, float("inf"))
-        spike = torch.zeros((), dtype=torch.bool, device=x.device)
+        spike: Tensor | bool = False
         if self._mean is None or self._var is None:
             if self._warm is None or self._warm.device != x.device:
                 warm = torch.full((self.warmup_steps,), float("nan"), dtype=torch.float64, device=x.device)
@@ -211,7 +210,7 @@ class ZClip:
                     warm.copy_(self._warm)
                 self._warm = warm
             self._warm[min(self.count, self.warmup_steps) - 1] = torch.where(finite, x, float("nan"))
-            threshold = inf
+            threshold = torch.full_like(x, float("inf"))
             if self.count >= self.warmup_steps:
                 self._mean = torch.nanmean(self._warm)
                 self._var = torch.nanmean((self._warm - self._mean) ** 2)
@@ -227,23 +226,25 @@ class ZClip:
                 spike = finite & (z > self.z_thresh)
                 if self.clip_option == "mean":
                     adaptive = mean
-                else:
-                    adaptive = (mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
-            threshold = torch.where(spike, adaptive, inf)
+                else:  # mean + z_thresh·std / (z / z_thresh), written with fewer kernel launches
+                    adaptive = (self.z_thresh**2) * std / z + mean
+                    if self.clip_factor != 1.0:
+                        adaptive = adaptive * self.clip_factor
+            threshold = torch.where(spike, adaptive, float("inf"))
             effective = torch.where(spike, adaptive, x)
             update = finite & ~spike if self.skip_update_on_spike else finite
-            new_mean = self.alpha * mean + (1 - self.alpha) * effective
-            new_var = self.alpha * var + (1 - self.alpha) * (effective - new_mean) ** 2
+            new_mean = torch.lerp(mean, effective, 1 - self.alpha)  # alpha·mean + (1-alpha)·effective
+            new_var = torch.lerp(var, (effective - new_mean).square(), 1 - self.alpha)
             # A NaN mean (the warm-up saw no finite norm) restarts from the first finite value.
             known = torch.isfinite(mean)
             new_mean = torch.where(known, new_mean, effective)
-            new_var = torch.where(known, new_var, torch.zeros_like(var))
+            new_var = torch.where(known, new_var, 0.0)
             self._mean = torch.where(update, new_mean, mean)
             self._var = torch.where(update, new_var, var)
         if self.max_grad_norm is not None:
             threshold = torch.clamp(threshold, max=self.max_grad_norm)
         active = finite & (x > threshold)
-        coef = torch.where(active, threshold / (x + _EPS), torch.ones_like(x)).to(total.dtype)
+        coef = torch.where(active, threshold / (x + _EPS), 1.0).to(total.dtype)
         scale_grads_(grads, coef)
         return RemedyResult(
             "ZClip",

@@ -307,6 +307,7 @@ class AGC:
         eps: ε, floor of the weight norm so that zero-initialised units can still move (units of the
             weights, > 0).
         exclude: a module or an iterable of modules/parameters left untouched.
+        model: used only to name the clipped layers in the record (else ``param[i]``).
 
     Raises:
         ValueError: ``clip_factor`` or ``eps`` not positive.
@@ -322,10 +323,12 @@ class AGC:
         clip_factor: float = 0.01,
         eps: float = 1e-3,
         exclude: nn.Module | Iterable[Tensor | nn.Module] = (),
+        model: nn.Module | None = None,
     ) -> None:
         self.clip_factor = check_positive("clip_factor", clip_factor)
         self.eps = check_positive("eps", eps)
         self._exclude = _excluded_ids(exclude)
+        self._names = param_names(model) if model is not None else None
 
     def __repr__(self) -> str:
         return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"
@@ -354,5 +357,5 @@ class AGC:
             clipped=affected.any(),
             threshold=self.clip_factor,
             affected=affected,
-            names=names_for(ps, None, layer=False),
+            names=names_for(ps, self._names, layer=True),
         )
