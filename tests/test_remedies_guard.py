@@ -241,3 +241,27 @@ def test_guard_protects_bf16_training():
     assert guard(model.parameters()).skip
     opt.step()
     assert _same_state(weights, model.state_dict()) and _same_state(state, opt.state_dict())
+
+
+def test_remedies_satisfy_protocol_and_guard_names_without_model():
+    from gradsentry.remedies import AGC, AutoClip, ClipLayerNorm, ClipValue, Ladder, Remedy, Rollback, ZClip
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    remedies = [
+        ClipGlobalNorm(1.0),
+        ClipValue(1.0),
+        ClipLayerNorm(1.0),
+        AGC(),
+        AutoClip(),
+        ZClip(),
+        Chain(),
+        NonFiniteGuard(),
+        ResetMoments(opt),
+        Rollback(model, opt),
+        Ladder(),
+    ]
+    assert all(isinstance(r, Remedy) for r in remedies)
+    _backward(model, 0, nan=True)
+    res = NonFiniteGuard()(model.parameters())
+    assert res.to_dict()["layers"] == ["param[2]"]  # index among the parameters that have a gradient

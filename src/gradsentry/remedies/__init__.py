@@ -4,6 +4,14 @@ Each is called as ``remedy(params, *, norms=None, loss=None) -> RemedyResult`` a
 ``loss.backward()`` (and ``GradScaler.unscale_``) and before ``optimizer.step()``; if
 ``result.skip`` is True the step must be skipped (guards already set the gradients to None, so an
 ``optimizer.step()`` call is then a no-op).
+
+Coupling with :class:`gradsentry.Monitor` (kept minimal): the Monitor calls
+``remedy(params_with_grad, norms=per_tensor_l2_norms)`` after taking its statistics, so norm-based
+clippers reuse the norms instead of a second pass, and it stores ``result.to_dict()`` in
+``StepRecord.actions``. Remedies that watch the loss (:class:`Rollback`, :class:`Ladder`) also accept
+``loss=``; :meth:`RemedyResult.to_dicts` flattens a :class:`Chain`/:class:`Ladder` into one record per
+action. Nothing here imports the Monitor. To replay a failing batch with the Monitor's non-finite
+origin location on, give :class:`Rollback` a ``replay`` callable that does it.
 """
 
 from gradsentry.remedies.adaptive import AutoClip, ZClip

@@ -67,7 +67,8 @@ class NonFiniteGuard:
     Beside an enabled ``torch.amp.GradScaler`` (pass it as ``scaler``), non-finite gradients are the
     scaler's normal overflow signal: the scaler skips the step and lowers its scale itself, so the guard
     leaves the gradients alone (setting them to None would hide the overflow from ``scaler.unscale_``
-    and the scale would never drop) and counts the step in ``scaler_skips``, not in ``skips``.
+    and the scale would never drop) and counts the step in ``scaler_skips``, not in ``skips`` (with
+    ``sync=False`` it counts neither: read the scaler's own record).
 
     Args:
         optimizer: needed for ``sync=False`` and for the learning-rate back-off.
@@ -201,11 +202,19 @@ class NonFiniteGuard:
         if self._found_inf is None or self._found_inf.device != flag.device:
             self._found_inf = torch.zeros((), dtype=torch.float32, device=flag.device)
             self._skips_dev = torch.zeros((), dtype=torch.int64, device=flag.device)
+        if self._scaler_active():  # GradScaler hands its own found_inf to the fused kernel and counts it
+            return RemedyResult(
+                "NonFiniteGuard",
+                norm_before=before,
+                skipped=bad_any,
+                affected=bad,
+                names=names,
+                extra={"by": "GradScaler"},
+            )
         self._found_inf.copy_(flag)
         assert self._skips_dev is not None
         self._skips_dev.add_(bad_any.to(torch.int64))
-        if not self._scaler_active():
-            self.optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
+        self.optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
         return RemedyResult(
             "NonFiniteGuard",
             norm_before=before,
