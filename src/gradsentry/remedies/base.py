@@ -116,13 +116,13 @@ class RemedyResult:
             of such dicts) for composite remedies. Non-finite norms are kept as floats.
         """
         tensors: list[Tensor] = []
-        slots: list[tuple[str, int, int]] = []
+        slots: list[tuple[str, int, int, bool]] = []
 
         def put(key: str, value: Tensor) -> None:
             flat = value.detach().reshape(-1).to(torch.float64)
             if tensors and flat.device != tensors[0].device:
                 flat = flat.to(tensors[0].device)
-            slots.append((key, sum(t.numel() for t in tensors), flat.numel()))
+            slots.append((key, sum(t.numel() for t in tensors), flat.numel(), value.dtype == torch.bool))
             tensors.append(flat)
 
         norm_after, clipped = self.norm_after, self.clipped
@@ -152,8 +152,10 @@ class RemedyResult:
         if self.affected is not None:
             put("affected", self.affected)
         host: list[float] = torch.cat(tensors).tolist() if tensors else []
-        for key, start, n in slots:
-            vals = host[start : start + n]
+        for key, start, n, is_bool in slots:
+            vals: list[Any] = host[start : start + n]
+            if is_bool:
+                vals = [bool(v) for v in vals]
             if key == "affected":
                 seen: dict[str, None] = {}
                 for flag, name in zip(vals, self.names, strict=False):
