@@ -96,6 +96,8 @@ class Rollback:
     ``every`` (the weights before this step's update, which just gave a finite loss and gradients).
 
     One host sync per call (the loss value and the finite flag of the gradients, copied together).
+    Memory: each kept in-memory snapshot is one more copy of the model and optimizer state on their
+    device; use ``directory`` to keep snapshots on disk instead.
     Learning-rate schedulers overwrite ``group["lr"]``; with one, lower its base rates yourself.
 
     Args:
