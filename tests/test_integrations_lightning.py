@@ -19,7 +19,8 @@ from zoo import mlp
 L = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
 
-from gradsentry.integrations.lightning import GradSentryCallback, record_metrics  # noqa: E402
+from gradsentry.integrations._common import record_metrics  # noqa: E402
+from gradsentry.integrations.lightning import GradSentryCallback  # noqa: E402
 from gradsentry.sinks import JsonlSink, read_jsonl  # noqa: E402
 
 

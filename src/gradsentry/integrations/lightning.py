@@ -30,36 +30,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from gradsentry.integrations._common import check_log_stats, record_metrics, summarize
 from gradsentry.monitor import Monitor
-from gradsentry.records import Finding, StepRecord
+from gradsentry.records import Finding
 from gradsentry.sinks.base import Sink
 
 log = logging.getLogger("gradsentry")
-
-PREFIX = "gradsentry"
-"""First component of every metric key this callback logs."""
-
-
-def record_metrics(record: StepRecord, log_stats: Sequence[str] = ("grad_norm",)) -> dict[str, float]:
-    """Flatten a record into logger metrics: ``gradsentry/global_norm`` and ``gradsentry/<stat>/<layer>``.
-
-    Layers without a gradient (``has_grad=False``) get no gradient figures; unknown values (None) are
-    left out. The root module is named ``(root)``.
-    """
-    out = {f"{PREFIX}/global_norm": record.global_norm}
-    for layer in record.layers:
-        for stat in log_stats:
-            value = getattr(layer, stat)
-            if value is None or (stat.startswith("grad") and not layer.has_grad):
-                continue
-            out[f"{PREFIX}/{stat}/{layer.name or '(root)'}"] = float(value)
-    return out
-
-
-def summarize(findings: list[Finding], n_records: int) -> str:
-    """One line per finding, led by a count: the end-of-fit summary text."""
-    head = f"gradsentry: {len(findings)} finding(s) over {n_records} logged step(s)"
-    return "\n".join([head, *(f"  {f}" for f in findings)])
 
 
 class _ClosureOptimizer:
@@ -145,14 +121,10 @@ class GradSentryCallback(Callback):
     ) -> None:
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        allowed = ("grad_norm", "grad_rms", "grad_max_abs", "nonfinite", "weight_norm", "update_ratio")
-        bad = [s for s in log_stats if s not in allowed]
-        if bad:
-            raise ValueError(f"unknown log_stats {bad}; choose from {list(allowed)}")
         self.every = int(every)
         self.remedy = remedy
         self.sinks = list(sinks)
-        self.log_stats = tuple(log_stats)
+        self.log_stats = check_log_stats(log_stats)
         self.optimizer_index = int(optimizer_index)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
