@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+
 from zoo import mlp
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
