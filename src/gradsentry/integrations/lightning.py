@@ -24,8 +24,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ModuleNotFoundError(
+        "gradsentry.integrations.lightning needs Lightning: pip install 'gradsentry[lightning]'"
+    ) from exc
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle

@@ -50,7 +50,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from transformers import TrainerCallback
+
+try:
+    from transformers import TrainerCallback
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ModuleNotFoundError(
+        "gradsentry.integrations.transformers needs transformers and accelerate: pip install 'gradsentry[hf]'"
+    ) from exc
 
 from gradsentry.integrations._common import check_log_stats, record_metrics, summarize
 from gradsentry.monitor import Monitor
@@ -228,6 +234,10 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self._queued = False
         if _sync_gradients(self._optimizer):
             self._record()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Start of an optimizer step: clear a capture left armed by a backward pass that raised."""
+        self._queued = False
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """In ``pre_optimizer_step`` mode (fp16 GradScaler), record here on unscaled gradients."""
