@@ -144,10 +144,28 @@ def test_pre_optimizer_step_capture_sees_clipped_gradients_and_warns(tmp_path, c
 
 
 def test_deep_sigmoid_is_diagnosed_vanishing(tmp_path):
-    pytest.importorskip("gradsentry.diagnose", reason="gradsentry.diagnose has not landed in this branch")
+    model = Regressor(mlp(10, width=32, act=nn.Sigmoid))
+    net = copy.deepcopy(model.net).double()
+    data = _data()
+    x, y = torch.stack([d["x"] for d in data]).double(), torch.stack([d["labels"] for d in data]).double()
+    nn.functional.mse_loss(net(x), y).backward()
+    rms = [
+        float(torch.cat([m.weight.grad.flatten(), m.bias.grad]).pow(2).mean().sqrt())
+        for m in (net[0], net[18])
+    ]
     cb = GradSentryCallback()
-    _train(tmp_path, Regressor(mlp(10, width=32, act=nn.Sigmoid)), cb, steps=4)
-    assert "vanishing" in {f.kind for f in cb.findings}, cb.findings
+    _train(tmp_path, model, cb, steps=4, max_grad_norm=0.0)
+    vanishing = [f for f in cb.findings if f.kind == "vanishing"]
+    assert vanishing, cb.findings
+    ev = vanishing[0].evidence
+    assert (ev["first_layer"], ev["last_layer"]) == ("net.0", "net.18")
+    assert (
+        ev["first_last_rms_ratio_first_step"] == pytest.approx(rms[0] / rms[1], rel=1e-4)
+        and rms[0] / rms[1] < 1e-3
+    )
+    healthy = GradSentryCallback()
+    _train(tmp_path, Regressor(mlp(3, width=16, act=nn.Tanh)), healthy, steps=4)
+    assert healthy.monitor.records and "vanishing" not in {f.kind for f in healthy.findings}
 
 
 def test_bad_arguments():

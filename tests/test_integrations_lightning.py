@@ -219,14 +219,37 @@ def test_remedy_runs_after_statistics_and_before_the_optimizer(caplog):
     assert fresh._steps_seen == 4
 
 
+def _rms_ratio_first_last(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> float:
+    """float64 gradient RMS of the first Linear over the last Linear, for one batch."""
+    net = copy.deepcopy(net).double()
+    nn.functional.mse_loss(net(x.double()), y.double()).backward()
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+
+    def rms(m: nn.Linear) -> float:
+        g = torch.cat([m.weight.grad.flatten(), m.bias.grad])
+        return float(g.norm() / math.sqrt(g.numel()))
+
+    return rms(linears[0]) / rms(linears[-1])
+
+
 def test_deep_sigmoid_is_diagnosed_vanishing():
-    pytest.importorskip("gradsentry.diagnose", reason="gradsentry.diagnose has not landed in this branch")
+    net = mlp(10, width=32, act=nn.Sigmoid)
+    x, y = _data(5 * 8)[:8]
+    want_ratio = _rms_ratio_first_last(net, x, y)
     cb = GradSentryCallback()
-    _fit(Regressor(mlp(10, width=32, act=nn.Sigmoid), lr=0.01), [cb], steps=5)
-    kinds = {f.kind for f in cb.findings}
-    assert "vanishing" in kinds, cb.findings
-    vanishing = next(f for f in cb.findings if f.kind == "vanishing")
-    assert vanishing.layers and vanishing.layers[0].startswith("net.")
+    _fit(Regressor(net, lr=0.01), [cb], steps=5)
+    vanishing = [f for f in cb.findings if f.kind == "vanishing"]
+    assert vanishing, cb.findings
+    ev = vanishing[0].evidence
+    assert ev["first_layer"] == "net.0" and ev["last_layer"] == "net.18"
+    assert ev["first_last_rms_ratio_first_step"] == pytest.approx(want_ratio, rel=1e-4)
+    assert want_ratio < 1e-3
+
+
+def test_healthy_tanh_is_not_diagnosed_vanishing():
+    cb = GradSentryCallback()
+    _fit(Regressor(mlp(3, width=16, act=nn.Tanh)), [cb], steps=5)
+    assert cb.monitor.records and "vanishing" not in {f.kind for f in cb.findings}
 
 
 def test_bad_arguments():
@@ -234,3 +257,21 @@ def test_bad_arguments():
         GradSentryCallback(every=0)
     with pytest.raises(ValueError, match=r"unknown log_stats \['grad'\]"):
         GradSentryCallback(log_stats=("grad",))
+
+
+class Crashing(Regressor):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 2:
+            raise RuntimeError("boom at batch 2")
+        return super().training_step(batch, batch_idx)
+
+
+def test_exception_closes_the_monitor_and_removes_every_hook():
+    module = Crashing(mlp(3, width=8, act=nn.Sigmoid))
+    cb = GradSentryCallback()
+    with pytest.raises(RuntimeError, match="boom at batch 2"):
+        _fit(module, [cb], steps=4)
+    assert [r.step for r in cb.monitor.records] == [0, 1]
+    assert cb.monitor._closed
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+    assert isinstance(cb.findings, list)
