@@ -149,7 +149,8 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self._queued = False
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
-        self._unlogged: list[StepRecord] = []
+        self._last: StepRecord | None = None  # latest record not yet in a log entry
+        self._nonfinite_since_log = 0
         self._failed = False
 
     # ------------------------------------------------------------------ set-up
@@ -260,18 +261,19 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             log.error("gradsentry: recording failed at step %s (%s); the callback is disabled", step, exc)
             return
         if record is not None:
-            self._unlogged.append(record)
+            self._last = record
+            self._nonfinite_since_log += not record.finite
 
     # ------------------------------------------------------------------ logging and the end
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         """Add gradsentry figures to the log entry the Trainer just appended to ``state.log_history``."""
-        if not self._unlogged:
+        if self._last is None:
             return
-        recs, self._unlogged = self._unlogged, []
-        metrics: dict[str, float] = dict(record_metrics(recs[-1], self.log_stats))
-        metrics["gradsentry/nonfinite_steps"] = float(sum(not r.finite for r in recs))
+        metrics: dict[str, float] = dict(record_metrics(self._last, self.log_stats))
+        metrics["gradsentry/nonfinite_steps"] = float(self._nonfinite_since_log)
+        self._last, self._nonfinite_since_log = None, 0
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
         else:

@@ -139,7 +139,7 @@ class TensorBoardSink:
         p = re.escape(self.prefix)
         layers = {stat: ["Multiline", [f"{p}/{stat}/.*"]] for stat in LAYER_STATS}
         acts = {stat: ["Multiline", [f"{p}/{stat}/.*"]] for stat in ACTIVATION_STATS}
-        glob = {"global_norm": ["Multiline", [f"{p}/global_norm$"]], "loss": ["Multiline", [f"{p}/loss$"]]}
+        glob = {name: ["Multiline", [f"{p}/{name}$"]] for name in ("global_norm", "loss", "lr")}
         return {
             f"{self.prefix} per layer": layers,
             f"{self.prefix} activations": acts,
