@@ -167,3 +167,51 @@ def test_failing_writer_is_reported_once_and_disabled(tmp_path, caplog):
     errors = [r for r in caplog.records if "TensorBoardSink failed in write" in r.getMessage()]
     assert len(errors) == 1 and "No space left on device" in errors[0].getMessage()
     assert isinstance(safe.error, OSError)
+
+
+def test_tensorboard_custom_scalars_plugin_draws_a_line_per_layer(tmp_path):
+    """Ask TensorBoard's own custom-scalars plugin which series each chart of the layout draws."""
+    import json
+
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.custom_scalar import custom_scalars_plugin
+    from tensorboard.plugins.scalar import scalars_plugin
+
+    sink = TensorBoardSink(tmp_path / "run1", prefix="gs")
+    sink.open(header())
+    for rec in records():
+        sink.write(rec)
+    sink.close()
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    plugins: dict[str, object] = {}
+    tb = base_plugin.TBContext(
+        logdir=str(tmp_path),
+        multiplexer=mux,
+        plugin_name_to_instance=plugins,
+        data_provider=data_provider.MultiplexerDataProvider(mux, str(tmp_path)),
+    )
+    plugins["scalars"] = scalars_plugin.ScalarsPlugin(tb)
+    plugin = custom_scalars_plugin.CustomScalarsPlugin(tb)
+    ctx = context.RequestContext()
+    layout = plugin.layout_impl(ctx, "")
+    layout = json.loads(layout) if isinstance(layout, (str, bytes)) else layout
+    lines = {}
+    for category in layout["category"]:
+        for chart in category["chart"]:
+            (regex,) = chart["multiline"]["tag"]
+            answer = plugin.scalars_impl(ctx, "run1", regex, "")
+            assert answer["regex_valid"]
+            lines[chart["title"]] = sorted(answer["tag_to_events"])
+    assert lines["grad_norm"] == ["gs/grad_norm/blocks.1.fc", "gs/grad_norm/fc0"]
+    assert lines["weight_norm"] == [
+        "gs/weight_norm/(root)",
+        "gs/weight_norm/blocks.1.fc",
+        "gs/weight_norm/fc0",
+    ]
+    assert lines["saturated_frac"] == ["gs/saturated_frac/act0"]
+    assert lines["global_norm"] == ["gs/global_norm"]
+    assert set(LAYER_STATS) | set(ACTIVATION_STATS) | {"global_norm", "loss", "lr"} == set(lines)
