@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -115,3 +116,32 @@ def test_hf_capture_runs_after_final_callbacks_queued_during_backward():
     assert len(cb.monitor.records) == 1
     cb.close()
     assert not cb._handles
+
+
+@pytest.mark.parametrize(
+    ("capture", "scaler", "mode"),
+    [
+        ("auto", None, "backward"),
+        ("auto", object(), "pre_optimizer_step"),
+        ("backward", object(), "backward"),
+        ("pre_optimizer_step", None, "pre_optimizer_step"),
+    ],
+    ids=["auto-fp32", "auto-fp16-scaler", "forced-backward", "forced-pre-step"],
+)
+def test_hf_capture_mode_and_double_clipping_warnings(capture, scaler, mode, caplog):
+    pytest.importorskip("transformers")
+    from gradsentry.integrations.transformers import GradSentryCallback
+
+    model = mlp(2, width=4, act=nn.Tanh)
+    optimizer = SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=scaler)
+    args = SimpleNamespace(max_grad_norm=1.0, gradient_accumulation_steps=1)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True, log_history=[])
+    cb = GradSentryCallback(capture=capture, remedy=lambda params, norms=None: None)
+    with caplog.at_level(logging.WARNING, logger="gradsentry"):
+        cb.on_train_begin(args, state, None, model=model, optimizer=optimizer)
+    assert cb.mode == mode
+    grad_hooks = len(cb._handles) - 1  # one forward hook for the loss, then one per parameter
+    assert grad_hooks == (len(list(model.parameters())) if mode == "backward" else 0)
+    assert any("both act" in m for m in caplog.messages)  # remedy + max_grad_norm > 0
+    assert any("after the Trainer clipped" in m for m in caplog.messages) == (mode == "pre_optimizer_step")
+    cb.close()

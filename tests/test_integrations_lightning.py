@@ -181,6 +181,27 @@ def test_bf16_mixed_precision():
     assert cb.monitor.header.meta["precision"] == "bf16-mixed"
 
 
+def test_fp16_grad_scaler_records_unscaled_gradients():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    net = mlp(3, width=16, act=nn.Tanh)
+    start = copy.deepcopy(net).double()
+    cb = GradSentryCallback()
+    oracle = Oracle()
+    _fit(Regressor(net), [cb, oracle], steps=3, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    recs = cb.monitor.records
+    assert len(recs) == 3
+    for r in recs:
+        assert r.global_norm == pytest.approx(oracle.pre[r.step], rel=1e-6)
+    # Unscaled: the float64 gradient of the first batch, not 1024 times it (fp16 autocast: loose tolerance)
+    x, y = _data(3 * 8)[:8]
+    nn.functional.mse_loss(start(x.double()), y.double()).backward()
+    want = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in start.parameters()))
+    assert recs[0].global_norm == pytest.approx(want, rel=2e-2)
+    assert scaler.get_scale() >= 1024.0  # the scaler was really in use (no step skipped)
+
+
 @dataclass
 class _Halve:
     """A remedy following the gradsentry interface: halves every gradient in place."""
