@@ -96,7 +96,7 @@ class GradSentryCallback(Callback):
         remedy: optional gradsentry remedy ``remedy(params, norms=...)`` applied in place to the
             gradients in ``on_before_optimizer_step``, after the statistics and before Lightning's
             own clipping (set ``gradient_clip_val`` to None when the remedy clips).
-        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`, ``TensorBoardSink``).
+        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`, ``TensorBoardSink``); written on global rank 0 only.
         log_stats: per-layer statistics sent to the trainer's loggers (names of
             :class:`~gradsentry.records.LayerStats` fields); empty for the global norm only.
         optimizer_index: which of ``trainer.optimizers`` to watch (one record per step of it).
@@ -156,7 +156,7 @@ class GradSentryCallback(Callback):
             pl_module,
             every=self.every,
             optimizer=cast(Optimizer | None, self._opt),
-            sinks=self.sinks,
+            sinks=self.sinks if trainer.is_global_zero else (),  # one writer per file under DDP
             remedy=self.remedy,
             meta=meta,
             **kwargs,

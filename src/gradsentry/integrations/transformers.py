@@ -100,7 +100,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         every: record every ``every``-th optimizer step (the first is always recorded).
         remedy: optional gradsentry remedy ``remedy(params, norms=...)`` applied in place right
             after the statistics, before the Trainer's own clipping and optimizer step.
-        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`, ``TensorBoardSink``).
+        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`, ``TensorBoardSink``); written on the main process only.
         capture: ``"backward"`` (end of the last micro-batch's backward: pre-clip),
             ``"pre_optimizer_step"`` (after the Trainer's clipping), or ``"auto"`` (backward, except
             under an fp16 GradScaler). See the module docstring.
@@ -199,7 +199,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             model,
             every=self.every,
             optimizer=_unwrap_optimizer(optimizer),
-            sinks=self.sinks,
+            sinks=self.sinks if getattr(state, "is_world_process_zero", True) else (),  # rank 0 writes
             remedy=self.remedy,
             meta=meta,
             **kwargs_m,
