@@ -15,6 +15,17 @@ What it logs. On every logged step it sends ``gradsentry/global_norm`` and, per 
 ``every`` rather than Lightning's ``log_every_n_steps`` (which would drop values logged on the other
 steps). At the end of fit it diagnoses the run, keeps the findings in :attr:`GradSentryCallback.findings`
 and logs a summary through the ``gradsentry`` logger.
+
+Loss and update ratio. The record's loss is the sum of the losses Lightning passes to
+``on_before_backward`` since the last optimizer step; under automatic optimization with
+``accumulate_grad_batches=k`` each is already divided by k, so the sum is the mean micro-batch loss.
+Lightning calls the hook from inside ``optimizer.step(closure)``, after the optimizer's own step
+pre-hooks have fired; the Monitor is therefore given a thin view of the optimizer whose pre-hooks
+fire right after the statistics, so that update-to-weight ratios are measured on the right step.
+
+Limits. Under DDP every rank records (the gradients are already averaged) and only rank 0 writes
+sinks and logs; sharded strategies (FSDP, DeepSpeed) are not covered: each rank would see only its
+shard. ``state_dict`` keeps counters and the last findings, not the records (those live in sinks).
 """
 
 from __future__ import annotations
