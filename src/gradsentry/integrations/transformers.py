@@ -39,6 +39,12 @@ integrations that run before this callback do not see these keys; give gradsentr
 
 Record steps are labelled with the Trainer's ``state.global_step`` before the optimizer step, so
 the log entry with ``"step": s`` holds the ``grad_norm`` of record ``s - 1``.
+
+Limits. Tested with single-process CPU training, with and without gradient accumulation. Under
+DDP the capture runs after DDP's own end-of-backward reduction (see above) and only the main
+process writes sinks. DeepSpeed and FSDP keep sharded or flattened gradients that the per-parameter
+hooks do not see as the Trainer does: not covered. If training raises, call :meth:`close` (the
+Trainer has no exception callback).
 """
 
 from __future__ import annotations
