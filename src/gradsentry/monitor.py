@@ -4,7 +4,8 @@ Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`M
 increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one fused
 ``torch._foreach_norm`` pass over the gradients for the L2 norms, one for max |g| (``aminmax`` on CPU),
 one L2 pass over the weights, reduces them into layers on the device, and moves one small tensor to
-the host.
+the host. ``max_abs=False, weight_norms=False`` leaves a single read of the gradients, whose
+per-tensor norms a norm-based remedy (e.g. ``ClipGlobalNorm``) given as ``remedy=`` then reuses.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class Monitor:
             :mod:`gradsentry.remedies`) applied inside :meth:`step` after the statistics are taken,
             reusing the per-tensor norms on logged steps; what it did goes into ``record.actions``.
         activations: record pre-activation statistics of activation modules on logged steps.
+        max_abs: record each layer's max |g| (one more read of the gradients per logged step).
+        weight_norms: record each layer's weight norm and, with ``optimizer``, the update-to-weight
+            ratio (one read of the weights per logged step, a weight copy before logged steps).
+            With ``max_abs=False, weight_norms=False`` a logged step reads the gradients once.
         histogram_bins: if > 0, also record a histogram of each activation's input over
             ``[-histogram_range, histogram_range]``.
         locate_nonfinite: on logged steps, flag the first module (forward order) whose output is
@@ -115,6 +120,8 @@ class Monitor:
         sinks: Sequence[Sink] = (),
         remedy: Callable[..., Any] | None = None,
         activations: bool = True,
+        max_abs: bool = True,
+        weight_norms: bool = True,
         histogram_bins: int = 0,
         histogram_range: float = 8.0,
         locate_nonfinite: bool = False,
@@ -133,6 +140,8 @@ class Monitor:
         self.optimizer = optimizer
         self.remedy = remedy
         self.activations = activations
+        self.max_abs = max_abs
+        self.weight_norms = weight_norms
         self.histogram_bins = int(histogram_bins)
         self.histogram_range = float(histogram_range)
         self.locate_nonfinite = locate_nonfinite
@@ -288,7 +297,7 @@ class Monitor:
         ``optimizer.step(closure)``, after the pre-hooks have fired; the weights do not change
         between :meth:`step` and the update.
         """
-        if self.optimizer is None:
+        if self.optimizer is None or not self.weight_norms:
             return
         t0 = time.perf_counter()
         params, _ = self._all_params()
@@ -414,17 +423,17 @@ class Monitor:
             index = cached[1]
             g = [t for t in grads if t is not None]  # (never None here; narrows the type)
             norms = stats.foreach_norms(g)
-            maxabs = stats.foreach_max_abs(g)
             self.last_norms = (params_with_grad, norms)
-            parts += [
-                stats.layer_sum_of_squares(norms, index.to(norms.device), L).to(device),
-                stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt),
-            ]
+            parts.append(stats.layer_sum_of_squares(norms, index.to(norms.device), L).to(device))
+            if self.max_abs:
+                maxabs = stats.foreach_max_abs(g)
+                parts.append(stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt))
         else:
             self.last_norms = None
-            parts += [torch.zeros(L, dtype=dt, device=device), torch.zeros(L, dtype=dt, device=device)]
-        w_norms = stats.foreach_norms([p.detach() for p in all_params])
-        parts.append(stats.layer_sum_of_squares(w_norms, all_index.to(w_norms.device), L).to(device))
+            parts += [torch.zeros(L, dtype=dt, device=device)] * (2 if self.max_abs else 1)
+        if self.weight_norms:
+            w_norms = stats.foreach_norms([p.detach() for p in all_params])
+            parts.append(stats.layer_sum_of_squares(w_norms, all_index.to(w_norms.device), L).to(device))
         has_update = self._pending.update_sq is not None
         if has_update:
             parts.append(self._pending.update_sq.to(device, dt))  # type: ignore[union-attr]
@@ -451,7 +460,9 @@ class Monitor:
             pos += n
             return out
 
-        g_sq, g_max, w_sq = take(L), take(L), take(L)
+        g_sq = take(L)
+        g_max: list[float | None] = list(take(L)) if self.max_abs else [None] * L
+        w_sq: list[float | None] = list(take(L)) if self.weight_norms else [None] * L
         u_sq = take(L) if has_update else None
         loss_value: float | None
         if has_loss_tensor:
@@ -469,12 +480,13 @@ class Monitor:
         for i, layer in enumerate(self._layers):
             n = numel[i]
             gnorm = math.sqrt(g_sq[i])
-            wnorm = math.sqrt(w_sq[i])
+            w_i, m_i = w_sq[i], g_max[i]
+            wnorm = math.sqrt(w_i) if w_i is not None else None
             nonfinite = 0
-            if n and not (math.isfinite(g_sq[i]) and math.isfinite(g_max[i])):
+            if n and not (math.isfinite(g_sq[i]) and (m_i is None or math.isfinite(m_i))):
                 nonfinite = self._count_nonfinite(layer)
             ratio = None
-            if u_sq is not None:
+            if u_sq is not None and wnorm is not None:
                 ratio = math.sqrt(u_sq[i]) / wnorm if wnorm > 0 else (math.inf if u_sq[i] > 0 else 0.0)
             layer_stats.append(
                 LayerStats(
@@ -483,7 +495,7 @@ class Monitor:
                     numel=n,
                     grad_norm=gnorm,
                     grad_rms=gnorm / math.sqrt(n) if n else 0.0,
-                    grad_max_abs=g_max[i] if n else 0.0,
+                    grad_max_abs=(m_i if n else 0.0) if self.max_abs else None,
                     nonfinite=nonfinite,
                     weight_norm=wnorm,
                     update_ratio=ratio if n else None,
