@@ -284,7 +284,7 @@ class Prediction:
 
 
 def _fans(module: nn.Module) -> tuple[int, int]:
-    shape = tuple(module.weight.shape)  # type: ignore[union-attr]
+    shape = tuple(module.weight.shape)  # type: ignore[arg-type]
     if isinstance(module, nn.Linear):
         return int(shape[1]), int(shape[0])
     receptive = int(np.prod(shape[2:]))
@@ -334,7 +334,8 @@ def _chain_leaves(model: nn.Module, example_input: Any | None) -> list[tuple[str
         ):
             raise TheoryNotApplicable(
                 f"module {name!r} ({type(mod).__name__}) does not take the previous module's output: "
-                "the model is not a plain chain (residual connection, functional op or normalization in forward)"
+                "the model is not a plain chain (residual connection, functional op or normalization "
+                "in forward)"
             )
         prev = outp
         out.append((name, mod))
@@ -351,8 +352,9 @@ def predict(
     """Predict the per-layer forward second moments and backward gradient profile of a chain model at init.
 
     Reads every Linear/Conv layer's actual init, ``sigma_w^2 = var(W) * fan_in`` and
-    ``sigma_b^2 = mean(b^2)``, and the activation module that follows it; iterates the layer-by-layer (not fixed-point) variance map
-    from the input's second moment; then multiplies the per-layer gains backwards from the last layer.
+    ``sigma_b^2 = mean(b^2)``, and the activation module that follows it; iterates the layer-by-layer
+    (not fixed-point) variance map from the input's second moment; then multiplies the per-layer gains
+    backwards from the last layer.
 
     Args:
         model: an ``nn.Sequential`` of Linear/Conv layers, elementwise activation modules and Flatten, or any
