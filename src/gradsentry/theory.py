@@ -12,9 +12,15 @@ Gaussian with second moment ``q_l`` and
   ``chi = sigma_w^2 E[phi'(sqrt(q) z)^2]``, so the gradient decays (``chi < 1``) or grows (``chi > 1``)
   geometrically with depth, over the depth scale ``-1/ln(chi)`` layers.
 
-Expectations over ``z`` use Gauss-Hermite quadrature (probabilists' Hermite weights,
-:func:`numpy.polynomial.hermite_e.hermegauss`) for any elementwise activation given as a torch or numpy
-callable (derivatives by autograd, or by central differences for numpy callables); ReLU, leaky ReLU and
+Expectations ``E[f(h)]``, ``h ~ N(0, q)``, are Gaussian quadratures for any elementwise activation given as
+a torch or numpy callable (derivatives by autograd, or by central differences for numpy callables). The
+default rule is composite Gauss-Legendre: panels of width ``<= min(0.25, sqrt(q)/4)`` in ``h`` over
+``|h| <= 8.5 sqrt(q)``, 8 nodes each, with panel edges at every multiple of 0.25 (kinks of ReLU-like and
+hard activations). Gauss-Hermite (probabilists' weights,
+:func:`numpy.polynomial.hermite_e.hermegauss`, ``hermite_nodes=n``) is available and exact to ~1e-14 for
+tanh/sigmoid at ``q <= 1`` with 200 nodes, but its nodes spread as ``sqrt(q)`` while an activation's features
+stay at width ~1 in ``h``: for tanh at ``q = 25`` it is off by 1e-2 (96 nodes), and kinks (hardtanh at
+``h = +-1``) cost it 3-7 % at ``q ~ 1``. ReLU, leaky ReLU and
 the identity use their closed forms (``E[relu(sqrt(q) z)^2] = q/2``, ``E[relu'^2] = 1/2``).
 
 Assumptions (what :func:`predict` relies on): large width (fluctuations of order 1/width per layer are
@@ -40,9 +46,11 @@ import numpy as np
 import torch
 from torch import nn
 
-DEFAULT_NODES = 96
-"""Gauss-Hermite nodes (even, so no node sits on an activation's kink at 0); exact for polynomials of
-degree < 192, relative error < 1e-12 for tanh/sigmoid/GELU at q <= 100."""
+PANEL_WIDTH = 0.25
+"""Width (in units of the pre-activation ``h``) of the composite Gauss-Legendre panels used by default."""
+
+_PANEL_NODES = 8
+_MAX_PANELS = 20_000
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Layer types whose init variance :func:`predict` reads (Conv by fan-in)."""
@@ -85,6 +93,27 @@ def _nodes(n: int) -> tuple[np.ndarray, np.ndarray]:
     return x, w / math.sqrt(2.0 * math.pi)
 
 
+def _gauss_rule(q: float, hermite_nodes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Points ``h`` and weights ``w`` with ``sum(w f(h)) ~ E[f(h)]`` for ``h ~ N(0, q)``."""
+    sd = math.sqrt(q)
+    if hermite_nodes is not None:
+        x, w = _nodes(hermite_nodes)
+        return sd * x, w
+    # panel width PANEL_WIDTH / m (m integer) so that every multiple of PANEL_WIDTH is an edge: kinks at
+    # 0, +-1 (hardtanh), +-3 (hardsigmoid), 6 (ReLU6) fall on edges
+    width = PANEL_WIDTH / math.ceil(PANEL_WIDTH / (sd / 4))
+    per_side = math.ceil(8.5 * sd / width)
+    if per_side > _MAX_PANELS // 2:
+        per_side = _MAX_PANELS // 2
+        width = 8.5 * sd / per_side
+    edges = width * np.arange(-per_side, per_side + 1, dtype=np.float64)
+    gx, gw = np.polynomial.legendre.leggauss(_PANEL_NODES)
+    mid, half = (edges[1:] + edges[:-1]) / 2, (edges[1:] - edges[:-1]) / 2
+    h = (mid[:, None] + half[:, None] * gx[None, :]).ravel()
+    w = (half[:, None] * gw[None, :]).ravel() * np.exp(-h * h / (2 * q)) / (sd * math.sqrt(2 * math.pi))
+    return h, w
+
+
 def _phi_and_derivative(phi: Phi, xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Evaluate ``phi`` and ``phi'`` at ``xs`` (float64): autograd for torch callables, else differences."""
     try:
@@ -116,14 +145,15 @@ def _closed_form(phi: Phi) -> tuple[float, float] | None:
     return None
 
 
-def moments(phi: Phi, q: float, *, n_nodes: int = DEFAULT_NODES) -> tuple[float, float, float]:
+def moments(phi: Phi, q: float, *, hermite_nodes: int | None = None) -> tuple[float, float, float]:
     """Gaussian moments of an activation at pre-activation second moment ``q``.
 
     Args:
         phi: elementwise activation: an ``nn.Module`` (``nn.Tanh()``), a torch function (``torch.tanh``)
             or a numpy function (``np.tanh``).
         q: second moment (variance, zero mean) of the pre-activation, ``q >= 0``.
-        n_nodes: Gauss-Hermite nodes.
+        hermite_nodes: use Gauss-Hermite quadrature with this many nodes (accurate for smooth activations
+            at ``q <~ 1``); default None: composite Gauss-Legendre (see the module docstring).
 
     Returns:
         ``(E[phi(h)], E[phi(h)^2], E[phi'(h)^2])`` for ``h ~ N(0, q)``.
@@ -139,16 +169,19 @@ def moments(phi: Phi, q: float, *, n_nodes: int = DEFAULT_NODES) -> tuple[float,
         return (1 - slope) * math.sqrt(q / (2 * math.pi)), closed[0] * q, closed[1]
     if closed is not None:
         return 0.0, q, 1.0
-    x, w = _nodes(n_nodes)
-    y, dy = _phi_and_derivative(phi, math.sqrt(q) * x)
+    if q == 0:
+        y, dy = _phi_and_derivative(phi, np.zeros(1))
+        return float(y[0]), float(y[0] ** 2), float(dy[0] ** 2)
+    h, w = _gauss_rule(q, hermite_nodes)
+    y, dy = _phi_and_derivative(phi, h)
     return float(w @ y), float(w @ (y * y)), float(w @ (dy * dy))
 
 
 def variance_map(
-    phi: Phi, q: float, sigma_w2: float, sigma_b2: float = 0.0, *, n_nodes: int = DEFAULT_NODES
+    phi: Phi, q: float, sigma_w2: float, sigma_b2: float = 0.0, *, hermite_nodes: int | None = None
 ) -> float:
     """One layer of the forward map ``q -> sigma_w^2 E[phi(sqrt(q) z)^2] + sigma_b^2`` (dimensionless)."""
-    return sigma_w2 * moments(phi, q, n_nodes=n_nodes)[1] + sigma_b2
+    return sigma_w2 * moments(phi, q, hermite_nodes=hermite_nodes)[1] + sigma_b2
 
 
 def fixed_point(
@@ -159,7 +192,7 @@ def fixed_point(
     q0: float = 1.0,
     tol: float = 1e-12,
     max_iter: int = 2000,
-    n_nodes: int = DEFAULT_NODES,
+    hermite_nodes: int | None = None,
 ) -> float:
     """Fixed point ``q*`` of :func:`variance_map`, reached by iterating from ``q0``.
 
@@ -169,16 +202,16 @@ def fixed_point(
     """
     q = float(q0)
     for _ in range(max_iter):
-        nxt = variance_map(phi, q, sigma_w2, sigma_b2, n_nodes=n_nodes)
+        nxt = variance_map(phi, q, sigma_w2, sigma_b2, hermite_nodes=hermite_nodes)
         if not math.isfinite(nxt) or nxt > 1e12:
             return math.inf
         if abs(nxt - q) <= tol * max(1.0, q):
             return nxt
         q = nxt
-        if q < 1e-3:  # slow algebraic collapse: is there a positive fixed point below q?
+        if q < 0.05:  # possibly a slow algebraic collapse: is there a positive fixed point below q?
 
             def g(v: float) -> float:
-                return variance_map(phi, v, sigma_w2, sigma_b2, n_nodes=n_nodes) - v
+                return variance_map(phi, v, sigma_w2, sigma_b2, hermite_nodes=hermite_nodes) - v
 
             lo = 1e-14
             if g(lo) <= 0:
@@ -190,7 +223,12 @@ def fixed_point(
 
 
 def chi(
-    phi: Phi, sigma_w2: float, sigma_b2: float = 0.0, *, q: float | None = None, n_nodes: int = DEFAULT_NODES
+    phi: Phi,
+    sigma_w2: float,
+    sigma_b2: float = 0.0,
+    *,
+    q: float | None = None,
+    hermite_nodes: int | None = None,
 ) -> float:
     """Backward mean-field gain ``chi = sigma_w^2 E[phi'(sqrt(q) z)^2]`` (Schoenholz et al. 2017's chi_1).
 
@@ -202,7 +240,7 @@ def chi(
         sigma_w2: weight variance times fan-in (1/3 for PyTorch's default Linear init, 2 for He/ReLU).
         sigma_b2: bias variance.
         q: pre-activation second moment; default: the fixed point :func:`fixed_point`.
-        n_nodes: Gauss-Hermite nodes.
+        hermite_nodes: Gauss-Hermite nodes, or None for composite Gauss-Legendre (see :func:`moments`).
 
     Returns:
         chi (dimensionless, >= 0).
@@ -212,10 +250,10 @@ def chi(
         1.0
     """
     if q is None:
-        q = fixed_point(phi, sigma_w2, sigma_b2, n_nodes=n_nodes)
+        q = fixed_point(phi, sigma_w2, sigma_b2, hermite_nodes=hermite_nodes)
         if not math.isfinite(q):
             q = 1e6
-    return sigma_w2 * moments(phi, q, n_nodes=n_nodes)[2]
+    return sigma_w2 * moments(phi, q, hermite_nodes=hermite_nodes)[2]
 
 
 def depth_scale(chi_value: float) -> float:
@@ -292,9 +330,9 @@ def _fans(module: nn.Module) -> tuple[int, int]:
     return int(shape[1]) * receptive, int(shape[0]) * receptive // groups
 
 
-def trace_forward(model: nn.Module, example_input: Any) -> list[tuple[str, nn.Module, Any, Any]]:
+def trace_forward(model: nn.Module, example_input: Any) -> tuple[list[tuple[str, nn.Module, Any, Any]], Any]:
     """Run one forward pass (no grad) and return the leaf modules as ``(name, module, input, output)``
-    in the order they ran. Hooks are removed and the train/eval mode is untouched."""
+    in the order they ran, and the model's output. Hooks are removed and the train/eval mode is untouched."""
     calls: list[tuple[str, nn.Module, Any, Any]] = []
     handles = []
     for name, mod in model.named_modules():
@@ -306,11 +344,11 @@ def trace_forward(model: nn.Module, example_input: Any) -> list[tuple[str, nn.Mo
             handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+            result = model(*example_input) if isinstance(example_input, tuple) else model(example_input)
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return calls, result
 
 
 def _chain_leaves(model: nn.Module, example_input: Any | None) -> list[tuple[str, nn.Module]]:
@@ -321,7 +359,7 @@ def _chain_leaves(model: nn.Module, example_input: Any | None) -> list[tuple[str
                 "order and the chain structure can be traced"
             )
         return [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
-    calls = trace_forward(model, example_input)
+    calls, result = trace_forward(model, example_input)
     first = example_input[0] if isinstance(example_input, tuple) else example_input
     prev: Any = first
     out: list[tuple[str, nn.Module]] = []
@@ -339,6 +377,11 @@ def _chain_leaves(model: nn.Module, example_input: Any | None) -> list[tuple[str
             )
         prev = outp
         out.append((name, mod))
+    if result is not prev:
+        raise TheoryNotApplicable(
+            "the model's output is not its last module's output: the model is not a plain chain "
+            "(residual connection or functional op after the last module)"
+        )
     return out
 
 
@@ -347,7 +390,7 @@ def predict(
     *,
     input_second_moment: float | None = None,
     example_input: Any | None = None,
-    n_nodes: int = DEFAULT_NODES,
+    hermite_nodes: int | None = None,
 ) -> Prediction:
     """Predict the per-layer forward second moments and backward gradient profile of a chain model at init.
 
@@ -361,7 +404,7 @@ def predict(
             module whose forward is such a chain (then ``example_input`` is required to trace it).
         input_second_moment: mean of ``x^2`` over the input entries; default: from ``example_input``, else 1.
         example_input: a batch ``[N, ...]`` (or a tuple of positional inputs) used to trace the forward order.
-        n_nodes: Gauss-Hermite nodes.
+        hermite_nodes: Gauss-Hermite nodes, or None for composite Gauss-Legendre (see :func:`moments`).
 
     Returns:
         A :class:`Prediction` with one :class:`LayerPrediction` per Linear/Conv layer in forward order.
@@ -406,7 +449,7 @@ def predict(
         sigma_b2 = float(b.detach().double().pow(2).mean()) if isinstance(b, torch.Tensor) else 0.0
         q = sigma_w2 * m2 + sigma_b2
         phi: Phi = act if act is not None else nn.Identity()
-        _, act_m2, dphi2 = moments(phi, q, n_nodes=n_nodes)
+        _, act_m2, dphi2 = moments(phi, q, hermite_nodes=hermite_nodes)
         pred.layers.append(
             LayerPrediction(
                 name=name,
