@@ -3,6 +3,7 @@
 Public names only; every module has one job (see README's architecture section).
 """
 
+from gradsentry.monitor import Monitor
 from gradsentry.records import (
     ActivationStats,
     Finding,
@@ -23,6 +24,7 @@ __all__ = [
     "JsonlSink",
     "LayerInfo",
     "LayerStats",
+    "Monitor",
     "Remedy",
     "Run",
     "RunHeader",

@@ -71,8 +71,12 @@ class LayerInfo:
     def from_dict(cls, data: Mapping[str, Any]) -> LayerInfo:
         d = _from_fields(cls, data)
         try:
-            return cls(name=str(d["name"]), type=str(d.get("type", "")), depth=int(d.get("depth", 0)),
-                       params=int(d.get("params", 0)))
+            return cls(
+                name=str(d["name"]),
+                type=str(d.get("type", "")),
+                depth=int(d.get("depth", 0)),
+                params=int(d.get("params", 0)),
+            )
         except KeyError as exc:
             raise RecordError(f"layer entry is missing {exc}") from exc
 
@@ -115,10 +119,15 @@ class LayerStats:
         d = _from_fields(cls, data)
         try:
             return cls(
-                name=str(d["name"]), depth=int(d.get("depth", 0)), numel=int(d.get("numel", 0)),
-                grad_norm=_num(d["grad_norm"]) or 0.0, grad_rms=_num(d.get("grad_rms", 0.0)) or 0.0,
-                grad_max_abs=_num(d.get("grad_max_abs", 0.0)) or 0.0, nonfinite=int(d.get("nonfinite", 0)),
-                weight_norm=_num(d.get("weight_norm", 0.0)) or 0.0, update_ratio=_num(d.get("update_ratio")),
+                name=str(d["name"]),
+                depth=int(d.get("depth", 0)),
+                numel=int(d.get("numel", 0)),
+                grad_norm=_num(d["grad_norm"]) or 0.0,
+                grad_rms=_num(d.get("grad_rms", 0.0)) or 0.0,
+                grad_max_abs=_num(d.get("grad_max_abs", 0.0)) or 0.0,
+                nonfinite=int(d.get("nonfinite", 0)),
+                weight_norm=_num(d.get("weight_norm", 0.0)) or 0.0,
+                update_ratio=_num(d.get("update_ratio")),
                 has_grad=bool(d.get("has_grad", True)),
             )
         except KeyError as exc:
@@ -160,9 +169,13 @@ class ActivationStats:
         d = _from_fields(cls, data)
         try:
             return cls(
-                name=str(d["name"]), type=str(d.get("type", "")), depth=int(d.get("depth", 0)),
-                pre_mean=_num(d.get("pre_mean", 0.0)) or 0.0, pre_std=_num(d.get("pre_std", 0.0)) or 0.0,
-                saturated_frac=_num(d.get("saturated_frac")), dead_frac=_num(d.get("dead_frac")),
+                name=str(d["name"]),
+                type=str(d.get("type", "")),
+                depth=int(d.get("depth", 0)),
+                pre_mean=_num(d.get("pre_mean", 0.0)) or 0.0,
+                pre_std=_num(d.get("pre_std", 0.0)) or 0.0,
+                saturated_frac=_num(d.get("saturated_frac")),
+                dead_frac=_num(d.get("dead_frac")),
                 histogram=d.get("histogram"),
             )
         except KeyError as exc:
@@ -222,10 +235,14 @@ class StepRecord:
                 raise RecordError("'layers' and 'activations' must be lists")
             actions = d.get("actions", [])
             return cls(
-                step=int(d["step"]), global_norm=_num(d["global_norm"]) or 0.0,
-                layers=[LayerStats.from_dict(x) for x in layers], loss=_num(d.get("loss")),
-                lr=_num(d.get("lr")), activations=[ActivationStats.from_dict(x) for x in acts],
-                overhead=_num(d.get("overhead")), nonfinite_origin=d.get("nonfinite_origin"),
+                step=int(d["step"]),
+                global_norm=_num(d["global_norm"]) or 0.0,
+                layers=[LayerStats.from_dict(x) for x in layers],
+                loss=_num(d.get("loss")),
+                lr=_num(d.get("lr")),
+                activations=[ActivationStats.from_dict(x) for x in acts],
+                overhead=_num(d.get("overhead")),
+                nonfinite_origin=d.get("nonfinite_origin"),
                 actions=list(actions) if isinstance(actions, list) else [],
             )
         except KeyError as exc:
@@ -287,9 +304,12 @@ class Finding:
     def from_dict(cls, data: Mapping[str, Any]) -> Finding:
         d = _from_fields(cls, data)
         return cls(
-            kind=str(d.get("kind", "")), severity=str(d.get("severity", "warning")),
-            steps=[int(s) for s in d.get("steps", [])], layers=[str(x) for x in d.get("layers", [])],
-            evidence=dict(d.get("evidence", {})), explanation=str(d.get("explanation", "")),
+            kind=str(d.get("kind", "")),
+            severity=str(d.get("severity", "warning")),
+            steps=[int(s) for s in d.get("steps", [])],
+            layers=[str(x) for x in d.get("layers", [])],
+            evidence=dict(d.get("evidence", {})),
+            explanation=str(d.get("explanation", "")),
             remedies=[Remedy.from_dict(r) for r in d.get("remedies", [])],
         )
 
@@ -308,8 +328,12 @@ class RunHeader:
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gradsentry": self.schema_version, "kind": "header",
-                "layers": [x.to_dict() for x in self.layers], "meta": self.meta}
+        return {
+            "gradsentry": self.schema_version,
+            "kind": "header",
+            "layers": [x.to_dict() for x in self.layers],
+            "meta": self.meta,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunHeader:
@@ -317,7 +341,9 @@ class RunHeader:
             raise RecordError("not a gradsentry header (no 'gradsentry' schema key)")
         version = data["gradsentry"]
         if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
-            raise RecordError(f"unsupported gradsentry schema version {version!r} (this reader: {SCHEMA_VERSION})")
+            raise RecordError(
+                f"unsupported gradsentry schema version {version!r} (this reader: {SCHEMA_VERSION})"
+            )
         layers = data.get("layers", [])
         meta = data.get("meta", {})
         if not isinstance(layers, list) or not isinstance(meta, Mapping):

@@ -36,8 +36,9 @@ def build_app() -> typer.Typer:
 
     @app.callback()
     def _root(
-        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                     help="Print the version and exit."),
+        version: bool = typer.Option(
+            False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
     ) -> None:
         """Find, explain and fix vanishing and exploding gradients in PyTorch training."""
 
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     app = build_app()
     try:
-        rv = app(args=argv if argv is not None else sys.argv[1:], prog_name="gradsentry", standalone_mode=True)
+        rv = app(
+            args=argv if argv is not None else sys.argv[1:], prog_name="gradsentry", standalone_mode=True
+        )
     except SystemExit as exc:
         code = exc.code
         if code is None:

@@ -41,8 +41,12 @@ class SafeSink:
             getattr(self.sink, method)(*args)
         except Exception as exc:
             self.error = exc
-            log.error("gradsentry: sink %s failed in %s (%s); it is disabled, training continues",
-                      type(self.sink).__name__, method, exc)
+            log.error(
+                "gradsentry: sink %s failed in %s (%s); it is disabled, training continues",
+                type(self.sink).__name__,
+                method,
+                exc,
+            )
 
     def open(self, header: RunHeader) -> None:
         self._call("open", header)

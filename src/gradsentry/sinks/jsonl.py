@@ -102,7 +102,9 @@ def read_jsonl(path: str | os.PathLike[str]) -> Run:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise LogFormatError(f"{p}: not a text file (byte {exc.start} is not UTF-8); expected gradsentry JSONL") from exc
+        raise LogFormatError(
+            f"{p}: not a text file (byte {exc.start} is not UTF-8); expected gradsentry JSONL"
+        ) from exc
     lines = text.split("\n")
     complete_end = text.endswith("\n")
     header: RunHeader | None = None

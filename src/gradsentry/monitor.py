@@ -1,0 +1,614 @@
+"""The Monitor: per-layer gradient, weight, update and activation statistics during training.
+
+Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`Monitor.step` only
+increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one fused
+``torch._foreach_norm`` pass over the gradients for the L2 norms, one for max |g| (``aminmax`` on CPU),
+one L2 pass over the weights, reduces them into layers on the device, and moves one small tensor to
+the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradsentry import stats
+from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, RunHeader, StepRecord
+from gradsentry.sinks.base import SafeSink, Sink
+
+log = logging.getLogger("gradsentry")
+
+NO_PARAMS_MSG = (
+    "gradsentry.Monitor: the model has no parameters, so there is no gradient to watch. "
+    "Pass the module that owns the trainable parameters."
+)
+
+
+@dataclass
+class _Layer:
+    info: LayerInfo
+    module: nn.Module
+    params: list[nn.Parameter]
+
+
+@dataclass
+class _ActSite:
+    name: str
+    kind: str
+    module: nn.Module
+    depth: int = 0
+
+
+@dataclass
+class _Pending:
+    """Device tensors gathered between two logged steps, read with the next transfer."""
+
+    update_sq: Tensor | None = None
+    acts: dict[str, Tensor] = field(default_factory=dict)
+    hists: dict[str, Tensor] = field(default_factory=dict)
+    finite_flags: list[tuple[str, Tensor]] = field(default_factory=list)
+
+
+class Monitor:
+    """Watch a model's gradients and diagnose vanishing and exploding gradients.
+
+    Call :meth:`step` once per optimizer step, after ``loss.backward()`` (after
+    ``GradScaler.unscale_(optimizer)`` under AMP) and before clipping and ``optimizer.step()``. Under
+    gradient accumulation, call it once per optimizer step, not per micro-batch.
+
+    A *layer* is a module that owns parameters directly (Linear, Conv, norms, Embedding); layers are
+    ordered by *depth*, the order in which their forward hooks first fire on the first forward pass.
+
+    Args:
+        model: any ``nn.Module`` with at least one parameter. Frozen parameters are allowed: their
+            layers are reported with ``has_grad=False``; a model whose parameters are all frozen
+            gives records whose layers all have ``has_grad=False`` and a global norm of 0.
+        every: log every ``every``-th step (step 0 is always logged).
+        optimizer: when given, the update-to-weight ratio ``||Δw|| / ||w||`` of the optimizer step
+            before each logged step is recorded (weights are copied only before those steps) and
+            the learning rate of its first parameter group is recorded.
+        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`). A failing sink is
+            reported once and disabled; training continues.
+        remedy: optional callable ``remedy(params, norms=...)`` (a clipper from
+            :mod:`gradsentry.remedies`) applied inside :meth:`step` after the statistics are taken,
+            reusing the per-tensor norms on logged steps; what it did goes into ``record.actions``.
+        activations: record pre-activation statistics of activation modules on logged steps.
+        histogram_bins: if > 0, also record a histogram of each activation's input over
+            ``[-histogram_range, histogram_range]``.
+        locate_nonfinite: on logged steps, flag the first module (forward order) whose output is
+            non-finite, to name where a NaN/inf came from (costs one ``isfinite`` per module call).
+        overhead_budget: if set (e.g. 0.01), raise ``every`` so that the Monitor's amortized time
+            stays under this fraction of the training step time.
+        max_records: how many records to keep in memory (oldest dropped first).
+        meta: free-form metadata written into the JSONL header.
+
+    Raises:
+        ValueError: if the model has no parameters, or ``every < 1``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> with Monitor(model) as mon:
+        ...     model(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     rec = mon.step()
+        >>> [layer.name for layer in rec.layers]
+        ['0', '2']
+        >>> rec.global_norm > 0
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        sinks: Sequence[Sink] = (),
+        remedy: Callable[..., Any] | None = None,
+        activations: bool = True,
+        histogram_bins: int = 0,
+        histogram_range: float = 8.0,
+        locate_nonfinite: bool = False,
+        overhead_budget: float | None = None,
+        max_records: int = 100_000,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"gradsentry.Monitor expects an nn.Module, got {type(model).__name__}")
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if overhead_budget is not None and not 0 < overhead_budget < 1:
+            raise ValueError(f"overhead_budget must be a fraction in (0, 1), got {overhead_budget}")
+        self.model = model
+        self.every = int(every)
+        self.optimizer = optimizer
+        self.remedy = remedy
+        self.activations = activations
+        self.histogram_bins = int(histogram_bins)
+        self.histogram_range = float(histogram_range)
+        self.locate_nonfinite = locate_nonfinite
+        self.overhead_budget = overhead_budget
+        self._records: deque[StepRecord] = deque(maxlen=max_records)
+        self._sinks = [SafeSink(s) for s in sinks]
+        self._meta = dict(meta or {})
+        self.step_count = 0
+        self._next_log = 0
+        self._closed = False
+        self._pending = _Pending()
+        self._hook_time = 0.0
+        self._last_step_end: float | None = None
+        self._step_time_ema: float | None = None
+        self.last_norms: tuple[list[Tensor], Tensor] | None = None
+        self._sinks_opened = False
+
+        self._layers = self._find_layers(model)
+        self._sites = [
+            _ActSite(name, type(m).__name__, m)
+            for name, m in model.named_modules()
+            if type(m).__name__ in stats.ACTIVATIONS
+        ]
+        self._order_handles: list[RemovableHandle] = []
+        self._act_handles: list[RemovableHandle] = []
+        self._opt_handles: list[RemovableHandle] = []
+        self._seen: list[nn.Module] = []
+        self._depth_fixed = False
+        for layer in self._layers:
+            self._order_handles.append(layer.module.register_forward_pre_hook(self._order_hook))
+        for site in self._sites:
+            self._order_handles.append(site.module.register_forward_pre_hook(self._order_hook))
+        self._index_cache: dict[tuple[int, ...], tuple[list[int], Tensor]] = {}
+        self._params_cache: tuple[list[Tensor], Tensor] | None = None
+        self._snapshot: list[Tensor] | None = None
+        self._arm_for(self._next_log)
+
+    # ------------------------------------------------------------------ layers and order
+    @staticmethod
+    def _find_layers(model: nn.Module) -> list[_Layer]:
+        seen: set[int] = set()
+        layers: list[_Layer] = []
+        for name, module in model.named_modules():
+            params = []
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:  # tied weights belong to their first owner
+                    seen.add(id(p))
+                    params.append(p)
+            if params:
+                trainable = sum(p.numel() for p in params if p.requires_grad)
+                info = LayerInfo(name=name, type=type(module).__name__, depth=len(layers), params=trainable)
+                layers.append(_Layer(info, module, params))
+        if not layers:
+            raise ValueError(NO_PARAMS_MSG)
+        if not any(p.requires_grad for layer in layers for p in layer.params):
+            log.warning(
+                "gradsentry.Monitor: every parameter is frozen (requires_grad=False); records will "
+                "show no gradient (has_grad=False) for every layer"
+            )
+        return layers
+
+    def _order_hook(self, module: nn.Module, args: Any) -> None:
+        if not self._depth_fixed and all(module is not m for m in self._seen):
+            self._seen.append(module)
+
+    def _fix_depth(self) -> None:
+        """Sort layers by first forward call; layers never called keep their module order, last."""
+        if self._depth_fixed:
+            return
+        for h in self._order_handles:
+            h.remove()
+        self._order_handles.clear()
+        rank = {id(m): i for i, m in enumerate(self._seen)}
+        big = len(self._seen)
+        self._layers.sort(key=lambda L: (rank.get(id(L.module), big), L.info.depth))
+        for depth, layer in enumerate(self._layers):
+            layer.info.depth = depth
+        self._sites.sort(key=lambda s: rank.get(id(s.module), big))
+        for depth, site in enumerate(self._sites):
+            site.depth = depth
+        self._index_cache.clear()
+        self._params_cache = None
+        self._depth_fixed = True
+        self._seen = []
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """Layers in depth order (forward order once the first forward pass has run)."""
+        return [layer.info for layer in self._layers]
+
+    @property
+    def header(self) -> RunHeader:
+        """The JSONL header: schema version, layers, metadata."""
+        meta = {"every": self.every, "model": type(self.model).__name__, **self._meta}
+        meta.setdefault("activations", [{"name": s.name, "type": s.kind} for s in self._sites])
+        return RunHeader(layers=self.layers, meta=meta)
+
+    @property
+    def records(self) -> list[StepRecord]:
+        """Records of the logged steps kept so far, oldest first."""
+        return list(self._records)
+
+    # ------------------------------------------------------------------ hooks armed per logged step
+    def _arm_for(self, step: int) -> None:
+        """Arm activation hooks for the forward of ``step`` when it will be logged; disarm otherwise."""
+        logged = step == self._next_log
+        want_acts = logged and (self.activations or self.locate_nonfinite)
+        if want_acts and not self._act_handles:
+            if self.activations:
+                for site in self._sites:
+                    self._act_handles.append(site.module.register_forward_hook(self._make_act_hook(site)))
+            if self.locate_nonfinite:
+                for name, module in self.model.named_modules():
+                    self._act_handles.append(module.register_forward_hook(self._make_finite_hook(name)))
+        elif not want_acts and self._act_handles:
+            for h in self._act_handles:
+                h.remove()
+            self._act_handles.clear()
+
+    def _make_act_hook(self, site: _ActSite) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor):
+                return
+            t0 = time.perf_counter()
+            x = args[0]
+            y = output if isinstance(output, Tensor) else None
+            self._pending.acts[site.name] = stats.activation_stats(site.kind, x, y, module)
+            if self.histogram_bins > 0:
+                self._pending.hists[site.name] = stats.histogram(x, self.histogram_bins, self.histogram_range)
+            self._hook_time += time.perf_counter() - t0
+
+        return hook
+
+    def _make_finite_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not torch.is_grad_enabled():
+                return
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if isinstance(out, Tensor) and out.is_floating_point():
+                t0 = time.perf_counter()
+                self._pending.finite_flags.append((name, torch.isfinite(out).all()))
+                self._hook_time += time.perf_counter() - t0
+
+        return hook
+
+    def _arm_optimizer(self) -> None:
+        if self.optimizer is None or self._opt_handles:
+            return
+        self._opt_handles.append(self.optimizer.register_step_pre_hook(self._opt_pre))
+        self._opt_handles.append(self.optimizer.register_step_post_hook(self._opt_post))
+
+    def _disarm_optimizer(self) -> None:
+        for h in self._opt_handles:
+            h.remove()
+        self._opt_handles.clear()
+
+    def _all_params(self) -> tuple[list[Tensor], Tensor]:
+        """Every parameter in depth order and its layer index (cached once the depth is fixed)."""
+        if self._params_cache is None or not self._depth_fixed:
+            params: list[Tensor] = []
+            idx: list[int] = []
+            for i, layer in enumerate(self._layers):
+                for p in layer.params:
+                    params.append(p)
+                    idx.append(i)
+            self._params_cache = (params, torch.tensor(idx, device=params[0].device))
+        return self._params_cache
+
+    def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        params, _ = self._all_params()
+        self._snapshot = [p.detach().clone() for p in params]
+        self._hook_time += time.perf_counter() - t0
+
+    def _opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        snap = self._snapshot
+        if snap is not None:
+            params, index = self._all_params()
+            torch._foreach_sub_(snap, [p.detach() for p in params])
+            norms = stats.foreach_norms(snap)
+            self._pending.update_sq = stats.layer_sum_of_squares(norms, index, len(self._layers))
+            self._snapshot = None
+        self._disarm_optimizer()
+        self._hook_time += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self, loss: Tensor | float | None = None, *, lr: float | None = None, step: int | None = None
+    ) -> StepRecord | None:
+        """Record statistics for this optimizer step if it is a logged step, and apply the remedy.
+
+        Args:
+            loss: the training loss of the step (a scalar tensor or float), recorded as is
+                (NaN/inf kept). A tensor is read only on logged steps, in the same transfer.
+            lr: learning rate to record; defaults to the optimizer's first group's ``lr``.
+            step: label for the record (e.g. a trainer's global step); defaults to the number of
+                earlier ``step`` calls.
+
+        Returns:
+            The :class:`StepRecord` on logged steps, else None.
+
+        Raises:
+            RuntimeError: if called after :meth:`close`.
+        """
+        if self._closed:
+            raise RuntimeError("gradsentry.Monitor.step() called after close()")
+        current = self.step_count
+        self.step_count += 1
+        record: StepRecord | None = None
+        if current == self._next_log:
+            record = self._log_step(current if step is None else int(step), loss, lr)
+            self._next_log = current + self.every
+        elif self.remedy is not None:
+            self.remedy(self._all_params()[0])
+        if self.step_count == self._next_log:  # the coming optimizer step precedes a logged step
+            self._arm_optimizer()
+        else:
+            self._disarm_optimizer()
+        self._arm_for(self.step_count)
+        return record
+
+    def _grad_params(self) -> tuple[list[Tensor], list[int]]:
+        grads: list[Tensor] = []
+        owners: list[int] = []
+        for i, layer in enumerate(self._layers):
+            for p in layer.params:
+                if p.grad is not None:
+                    grads.append(p)
+                    owners.append(i)
+        return grads, owners
+
+    def _log_step(self, label: int, loss: Tensor | float | None, lr: float | None) -> StepRecord:
+        t_start = time.perf_counter()
+        self._fix_depth()
+        L = len(self._layers)
+        params_with_grad, owners = self._grad_params()
+        grads = [p.grad for p in params_with_grad]
+        all_params, all_index = self._all_params()
+        device = all_params[0].device
+        dt = stats.reduce_dtype(device)
+        parts: list[Tensor] = []
+        if grads:
+            key = tuple(owners)
+            cached = self._index_cache.get(key)
+            if cached is None:
+                cached = (owners, torch.tensor(owners, device=device))
+                self._index_cache = {key: cached}
+            index = cached[1]
+            g = [t for t in grads if t is not None]  # (never None here; narrows the type)
+            norms = stats.foreach_norms(g)
+            maxabs = stats.foreach_max_abs(g)
+            self.last_norms = (params_with_grad, norms)
+            parts += [
+                stats.layer_sum_of_squares(norms, index.to(norms.device), L).to(device),
+                stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt),
+            ]
+        else:
+            self.last_norms = None
+            parts += [torch.zeros(L, dtype=dt, device=device), torch.zeros(L, dtype=dt, device=device)]
+        w_norms = stats.foreach_norms([p.detach() for p in all_params])
+        parts.append(stats.layer_sum_of_squares(w_norms, all_index.to(w_norms.device), L).to(device))
+        has_update = self._pending.update_sq is not None
+        if has_update:
+            parts.append(self._pending.update_sq.to(device, dt))  # type: ignore[union-attr]
+        has_loss_tensor = isinstance(loss, Tensor)
+        if has_loss_tensor:
+            parts.append(loss.detach().reshape(-1)[:1].to(device, dt))  # type: ignore[union-attr]
+        act_names = [s.name for s in self._sites if s.name in self._pending.acts]
+        for name in act_names:
+            parts.append(self._pending.acts[name].to(device, dt))
+        hist_names = [n for n in act_names if n in self._pending.hists]
+        for name in hist_names:
+            parts.append(self._pending.hists[name].to(device, dt))
+        flag_names = [n for n, _ in self._pending.finite_flags]
+        if flag_names:
+            parts.append(torch.stack([f for _, f in self._pending.finite_flags]).to(device, dt))
+
+        host = torch.cat(parts).cpu().tolist()  # the one device→host transfer of this step
+
+        pos = 0
+
+        def take(n: int) -> list[float]:
+            nonlocal pos
+            out = host[pos : pos + n]
+            pos += n
+            return out
+
+        g_sq, g_max, w_sq = take(L), take(L), take(L)
+        u_sq = take(L) if has_update else None
+        loss_value: float | None
+        if has_loss_tensor:
+            loss_value = take(1)[0]
+        else:
+            loss_value = float(loss) if loss is not None else None  # type: ignore[arg-type]
+        act_values = {name: take(4) for name in act_names}
+        hist_values = {name: take(self.histogram_bins) for name in hist_names}
+        flags = take(len(flag_names))
+
+        numel = [0] * L
+        for p, i in zip(params_with_grad, owners, strict=True):
+            numel[i] += p.numel()
+        layer_stats: list[LayerStats] = []
+        for i, layer in enumerate(self._layers):
+            n = numel[i]
+            gnorm = math.sqrt(g_sq[i])
+            wnorm = math.sqrt(w_sq[i])
+            nonfinite = 0
+            if n and not (math.isfinite(g_sq[i]) and math.isfinite(g_max[i])):
+                nonfinite = self._count_nonfinite(layer)
+            ratio = None
+            if u_sq is not None:
+                ratio = math.sqrt(u_sq[i]) / wnorm if wnorm > 0 else (math.inf if u_sq[i] > 0 else 0.0)
+            layer_stats.append(
+                LayerStats(
+                    name=layer.info.name,
+                    depth=i,
+                    numel=n,
+                    grad_norm=gnorm,
+                    grad_rms=gnorm / math.sqrt(n) if n else 0.0,
+                    grad_max_abs=g_max[i] if n else 0.0,
+                    nonfinite=nonfinite,
+                    weight_norm=wnorm,
+                    update_ratio=ratio if n else None,
+                    has_grad=n > 0,
+                )
+            )
+        total_sq = math.fsum(g_sq)
+        global_norm = math.sqrt(total_sq) if not math.isnan(total_sq) else math.nan
+        acts = []
+        for site in self._sites:
+            if site.name not in act_values:
+                continue
+            mean, std, sat, dead = act_values[site.name]
+            hist = None
+            if site.name in hist_values:
+                edges = torch.linspace(-self.histogram_range, self.histogram_range, self.histogram_bins + 1)
+                hist = {"edges": edges.tolist(), "counts": hist_values[site.name]}
+            acts.append(
+                ActivationStats(
+                    name=site.name,
+                    type=site.kind,
+                    depth=site.depth,
+                    pre_mean=mean,
+                    pre_std=std,
+                    saturated_frac=None if math.isnan(sat) else sat,
+                    dead_frac=None if math.isnan(dead) else dead,
+                    histogram=hist,
+                )
+            )
+        origin = None
+        if flag_names and not math.isfinite(global_norm):
+            origin = next((n for n, f in zip(flag_names, flags, strict=True) if f < 0.5), None)
+            if origin is None:  # forward was finite: the deepest layer whose gradient is not
+                origin = next((s.name for s in reversed(layer_stats) if not math.isfinite(s.grad_norm)), None)
+        if lr is None and self.optimizer is not None and self.optimizer.param_groups:
+            lr_raw = self.optimizer.param_groups[0].get("lr")
+            lr = float(lr_raw) if lr_raw is not None else None
+        self._pending = _Pending()
+
+        record = StepRecord(
+            step=label,
+            global_norm=global_norm,
+            layers=layer_stats,
+            loss=loss_value,
+            lr=lr,
+            activations=acts,
+            nonfinite_origin=origin,
+        )
+        if self.remedy is not None:
+            grads_for_remedy = self.last_norms[0] if self.last_norms else []
+            result = self.remedy(grads_for_remedy, norms=self.last_norms[1] if self.last_norms else None)
+            to_dict = getattr(result, "to_dict", None)
+            if callable(to_dict):
+                record.actions.append(to_dict())
+        cost = time.perf_counter() - t_start + self._hook_time
+        self._hook_time = 0.0
+        record.overhead = self._overhead(cost)
+        self._records.append(record)
+        self._emit(record)
+        return record
+
+    def _count_nonfinite(self, layer: _Layer) -> int:
+        """Count NaN/inf gradient entries of one layer (only called when its norm is not finite)."""
+        return int(sum(int((~torch.isfinite(p.grad)).sum()) for p in layer.params if p.grad is not None))
+
+    def _overhead(self, cost: float) -> float | None:
+        now = time.perf_counter()
+        prev = self._last_step_end
+        self._last_step_end = now
+        if prev is None:
+            return None
+        interval = now - prev
+        if interval <= 0:
+            return None
+        steps = max(1, self.every)
+        step_time = max(interval - cost, 1e-9) / steps  # the training step without the Monitor
+        ema = self._step_time_ema
+        self._step_time_ema = step_time if ema is None else 0.8 * ema + 0.2 * step_time
+        if self.overhead_budget is not None and self._step_time_ema:
+            needed = math.ceil(cost / (self.overhead_budget * self._step_time_ema))
+            if needed > self.every:
+                log.info(
+                    "gradsentry.Monitor: logging every %d steps (was %d) to stay under %.1f%% overhead",
+                    needed,
+                    self.every,
+                    100 * self.overhead_budget,
+                )
+                self.every = needed
+        return cost / interval
+
+    # ------------------------------------------------------------------ sinks, findings, close
+    def _emit(self, record: StepRecord) -> None:
+        if not self._sinks:
+            return
+        if not self._sinks_opened:
+            header = self.header
+            for s in self._sinks:
+                s.open(header)
+            self._sinks_opened = True
+        for s in self._sinks:
+            s.write(record)
+
+    def record_action(self, action: dict[str, Any]) -> None:
+        """Attach a remedy's action (a JSON-serialisable dict) to the latest record."""
+        if self._records:
+            self._records[-1].actions.append(dict(action))
+
+    def diagnose(self, **overrides: Any) -> list[Finding]:
+        """Diagnose the records kept so far; see :func:`gradsentry.diagnose` for the rules.
+
+        Args:
+            **overrides: threshold overrides, e.g. ``vanishing_ratio=1e-4``.
+        """
+        from gradsentry.diagnose import diagnose
+
+        return diagnose(self.records, layers=self.layers, **overrides)
+
+    def close(self, *, write_findings: bool = True) -> None:
+        """Remove every hook this Monitor added and close its sinks (idempotent).
+
+        Args:
+            write_findings: diagnose the run and write the findings to the sinks before closing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for h in [*self._order_handles, *self._act_handles, *self._opt_handles]:
+            h.remove()
+        self._order_handles.clear()
+        self._act_handles.clear()
+        self._opt_handles.clear()
+        if self._sinks and self._sinks_opened:
+            if write_findings and self._records:
+                try:
+                    findings = self.diagnose()
+                except Exception as exc:  # diagnosis must never lose the log
+                    log.error("gradsentry: diagnosis failed at close (%s); the records are kept", exc)
+                    findings = []
+                for s in self._sinks:
+                    s.write_findings(findings)
+            for s in self._sinks:
+                s.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Monitor(layers={len(self._layers)}, every={self.every}, steps={self.step_count}, "
+            f"records={len(self._records)})"
+        )
+
+
+def layer_names(model: nn.Module) -> Iterable[str]:
+    """Names of the modules that own parameters directly, in module order (not forward order)."""
+    return (layer.info.name for layer in Monitor._find_layers(model))

@@ -1,0 +1,171 @@
+"""Tensor math for the Monitor: fused per-tensor norms, per-layer reduction, activation statistics.
+
+Everything here runs on the tensors' device without a host sync; callers decide when to move the
+(small) results to the host. Statistics are computed in float32 whatever the input dtype (fp16 and
+bf16 gradients are upcast inside the fused kernel), and reduced across tensors in float64 where the
+device supports it, so that squared norms of exploding gradients (up to ~1e150) do not overflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: Sigmoid saturation: output < 0.01 or > 0.99, i.e. ``|x| > ln(99) ≈ 4.595`` (LeCun et al. 1998,
+#: "Efficient BackProp": the derivative there is < 0.0099, 4% of its maximum 0.25).
+SIGMOID_SATURATION_X = math.log(99.0)
+#: Tanh saturation: ``|tanh(x)| > 0.99``, i.e. ``|x| > atanh(0.99) ≈ 2.647`` (derivative < 0.02).
+TANH_SATURATION_Y = 0.99
+
+#: Activations whose saturated fraction is measured, by class name.
+BOUNDED_ACTIVATIONS = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "ReLU6"})
+#: Activations whose dead-unit fraction is measured (zero or negative-slope region for x <= 0).
+RELU_FAMILY = frozenset({"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU"})
+#: Every activation module the Monitor watches.
+ACTIVATIONS = BOUNDED_ACTIVATIONS | RELU_FAMILY | frozenset({"GELU", "SiLU", "Mish", "Softplus", "Hardswish"})
+
+
+def reduce_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device supports it (CPU, CUDA), float32 elsewhere (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
+    """Norm of every tensor in one fused call per device.
+
+    Args:
+        tensors: N tensors of any shapes and floating dtypes, possibly on several devices.
+        ord: the vector norm order (2.0 for L2, ``math.inf`` for max-abs).
+
+    Returns:
+        Tensor of shape ``[N]``, float32, on the first tensor's device: entry i is the ``ord``-norm
+        of ``tensors[i]`` flattened (same units as the tensor). NaN/inf entries propagate: the norm
+        of a tensor holding NaN is NaN, holding inf is inf (or NaN), so one pass finds them.
+
+    Raises:
+        ValueError: if ``tensors`` is empty.
+
+    Example:
+        >>> foreach_norms([torch.tensor([3.0, 4.0]), torch.tensor([1.0], dtype=torch.float16)])
+        tensor([5., 1.])
+    """
+    if len(tensors) == 0:
+        raise ValueError("foreach_norms needs at least one tensor")
+    device = tensors[0].device
+    if all(t.device == device for t in tensors):
+        return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+    out = torch.empty(len(tensors), dtype=torch.float32, device=device)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx], ord, dtype=torch.float32))
+        out[torch.tensor(idx, device=device)] = norms.to(device, non_blocking=True)
+    return out
+
+
+def foreach_max_abs(tensors: Sequence[Tensor]) -> Tensor:
+    """Largest absolute entry (``max |t|``) of every tensor.
+
+    On accelerators this is one fused ``torch._foreach_norm(tensors, inf)``; on CPU, where that
+    falls back to a per-tensor ``abs().max()`` several times slower than an L2 norm, each tensor's
+    ``torch.aminmax`` is used instead (one vectorised pass, no temporary). NaN propagates.
+
+    Returns:
+        float32 ``[N]`` on the first tensor's device, same units as the tensors.
+
+    Example:
+        >>> foreach_max_abs([torch.tensor([1.0, -3.0]), torch.tensor([2.0])])
+        tensor([3., 2.])
+    """
+    if len(tensors) == 0:
+        raise ValueError("foreach_max_abs needs at least one tensor")
+    if any(t.device.type != "cpu" for t in tensors):
+        return foreach_norms(tensors, math.inf)
+    out = []
+    for t in tensors:
+        lo, hi = torch.aminmax(t.detach().reshape(-1)) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
+        out.append(torch.maximum(hi.float(), -lo.float()))
+    return torch.stack(out)
+
+
+def layer_sum_of_squares(norms: Tensor, index: Tensor, num_layers: int) -> Tensor:
+    """Per-layer sum of squared per-tensor norms.
+
+    Args:
+        norms: ``[N]`` per-tensor L2 norms (float32).
+        index: ``[N]`` int64 layer index of each tensor, in ``[0, num_layers)``, same device.
+        num_layers: L.
+
+    Returns:
+        ``[L]`` sum of squares in :func:`reduce_dtype` precision (units: gradient squared); the
+        square root is the layer's L2 norm. Layers without tensors get 0.
+    """
+    dt = reduce_dtype(norms.device)
+    sq = norms.to(dt).square()
+    return torch.zeros(num_layers, dtype=dt, device=norms.device).index_add_(0, index, sq)
+
+
+def layer_max(values: Tensor, index: Tensor, num_layers: int) -> Tensor:
+    """Per-layer maximum of ``values`` (``[N]`` → ``[L]``); NaN propagates, empty layers get 0."""
+    out = torch.zeros(num_layers, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
+
+
+def activation_stats(kind: str, x: Tensor, y: Tensor | None, module: torch.nn.Module | None = None) -> Tensor:
+    """On-device statistics of one activation call.
+
+    Args:
+        kind: the activation's class name (see :data:`ACTIVATIONS`).
+        x: its input (the pre-activation), shape ``[B, F]``, ``[B, C, *spatial]`` or ``[B, T, F]``.
+        y: its output, same shape (used for tanh/softsign saturation), or None.
+        module: the module (for Hardtanh's bounds), optional.
+
+    Returns:
+        float32 ``[4]``: pre-activation mean, pre-activation std, saturated fraction in [0, 1]
+        (NaN when the activation is unbounded), dead-unit fraction in [0, 1] (NaN outside the ReLU
+        family). A unit is one feature (dim 1 of 2-D and conv inputs, the last dim of 3-D sequence
+        inputs); it is dead when ``x <= 0`` for every sample (and position) of the batch.
+    """
+    xf = x.detach().float()
+    nan = torch.full((), math.nan, device=xf.device)
+    mean = xf.mean()
+    std = xf.std() if xf.numel() > 1 else torch.zeros((), device=xf.device)
+    sat = nan
+    if kind == "Sigmoid":
+        sat = (xf.abs() > SIGMOID_SATURATION_X).float().mean()
+    elif kind in ("Tanh", "Softsign"):
+        yf = (
+            y.detach().float()
+            if y is not None
+            else (torch.tanh(xf) if kind == "Tanh" else xf / (1 + xf.abs()))
+        )
+        sat = (yf.abs() > TANH_SATURATION_Y).float().mean()
+    elif kind == "Hardtanh":
+        lo = float(getattr(module, "min_val", -1.0))
+        hi = float(getattr(module, "max_val", 1.0))
+        sat = ((xf <= lo) | (xf >= hi)).float().mean()
+    elif kind == "Hardsigmoid":
+        sat = (xf.abs() >= 3.0).float().mean()
+    elif kind == "ReLU6":
+        sat = (xf >= 6.0).float().mean()
+    dead = nan
+    if kind in RELU_FAMILY and xf.dim() >= 1:
+        if xf.dim() == 3:  # [B, T, F]: features are the last dim
+            units = xf.reshape(-1, xf.shape[-1])
+        elif xf.dim() >= 2:  # [B, F] or [B, C, *spatial]: dim 1
+            units = xf.transpose(0, 1).reshape(xf.shape[1], -1).T
+        else:
+            units = xf.reshape(1, -1)
+        dead = (units <= 0).all(dim=0).float().mean()
+    return torch.stack([mean, std, sat.to(mean.dtype), dead.to(mean.dtype)])
+
+
+def histogram(x: Tensor, bins: int, limit: float) -> Tensor:
+    """Histogram of ``x`` on ``bins`` equal bins over ``[-limit, limit]``; values outside are
+    counted in the end bins. Returns float32 ``[bins]`` counts on ``x``'s device."""
+    xf = x.detach().float().clamp(-limit, limit)
+    return torch.histc(xf, bins=bins, min=-limit, max=limit)

@@ -1,0 +1,280 @@
+"""Monitor statistics against independent float64 recomputations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradsentry as gs
+from gradsentry.monitor import NO_PARAMS_MSG
+from zoo import FrozenAndUnused, Reversed, Tied, mlp
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def _ref_layer(module: nn.Module) -> tuple[float, float, float, int]:
+    grads = [
+        p.grad.detach().double().flatten() for p in module.parameters(recurse=False) if p.grad is not None
+    ]
+    g = torch.cat(grads)
+    w = torch.cat([p.detach().double().flatten() for p in module.parameters(recurse=False)])
+    return g.norm().item(), g.abs().max().item(), w.norm().item(), g.numel()
+
+
+def test_per_layer_norms_match_float64_recomputation() -> None:
+    model = mlp(6, 24, nn.Tanh)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    with gs.Monitor(model) as mon:
+        _train_step(model, x, y)
+        rec = mon.step()
+    assert rec is not None
+    modules = dict(model.named_modules())
+    assert [layer.name for layer in rec.layers] == ["0", "2", "4", "6", "8", "10"]
+    for layer in rec.layers:
+        norm, maxabs, wnorm, n = _ref_layer(modules[layer.name])
+        assert layer.numel == n
+        assert layer.grad_norm == pytest.approx(norm, rel=1e-6)
+        assert layer.grad_rms == pytest.approx(norm / math.sqrt(n), rel=1e-6)
+        assert layer.grad_max_abs == pytest.approx(maxabs, rel=1e-6)
+        assert layer.weight_norm == pytest.approx(wnorm, rel=1e-6)
+        assert layer.nonfinite == 0 and layer.has_grad
+
+
+def test_global_norm_equals_torch_get_total_norm() -> None:
+    model = mlp(5, 32, nn.ReLU)
+    with gs.Monitor(model) as mon:
+        _train_step(model, torch.randn(16, 16), torch.randint(0, 4, (16,)))
+        rec = mon.step()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    assert rec is not None
+    assert rec.global_norm == pytest.approx(expected, rel=1e-6)
+
+
+def test_update_to_weight_ratio_of_the_last_optimizer_step() -> None:
+    model = mlp(3, 16, nn.ReLU)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+    with gs.Monitor(model, optimizer=opt, every=2) as mon:
+        records = []
+        before = None
+        for step in range(5):  # record 2 holds the ratio of the optimizer step taken at step 1
+            _train_step(model, x, y)
+            if step == 1:
+                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            rec = mon.step(loss=1.0)
+            if rec is not None:
+                records.append(rec)
+            opt.step()
+            opt.zero_grad()
+            if step == 1:
+                after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert [r.step for r in records] == [0, 2, 4]
+    assert all(layer.update_ratio is None for layer in records[0].layers)
+    assert before is not None
+    rec2 = records[1]
+    for layer in rec2.layers:
+        names = [n for n in before if n.rsplit(".", 1)[0] == layer.name]
+        du = math.sqrt(sum((after[n].double() - before[n].double()).pow(2).sum().item() for n in names))
+        w = math.sqrt(sum(after[n].double().pow(2).sum().item() for n in names))
+        assert layer.update_ratio == pytest.approx(du / w, rel=1e-5)
+    assert records[1].lr == pytest.approx(1e-2)
+
+
+def test_only_logged_steps_are_recorded_and_unlogged_steps_do_no_host_transfer(monkeypatch) -> None:
+    model = mlp(4, 16, nn.Sigmoid)
+    mon = gs.Monitor(model, every=3)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    calls = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist", "item", "__bool__")}
+
+    def counting(name):
+        def f(self, *a, **k):
+            calls["n"] += 1
+            return originals[name](self, *a, **k)
+
+        return f
+
+    logged = []
+    for step in range(7):
+        loss = _train_step(model, x, y)
+        armed = sum(len(m._forward_hooks) for m in model.modules())
+        for name in originals:
+            monkeypatch.setattr(torch.Tensor, name, counting(name))
+        calls["n"] = 0
+        rec = mon.step(loss=loss)
+        for name, fn in originals.items():
+            monkeypatch.setattr(torch.Tensor, name, fn)
+        if rec is None:
+            assert calls["n"] == 0, f"step {step} touched the host"
+            assert armed == 0, "activation hooks armed on an unlogged step"
+        else:
+            logged.append(rec.step)
+            assert armed > 0
+        model.zero_grad()
+    mon.close()
+    assert logged == [0, 3, 6]
+    assert len(mon.records) == 3
+
+
+def test_close_removes_every_hook_and_leaves_the_model_unchanged() -> None:
+    model = mlp(4, 16, nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mon = gs.Monitor(model, optimizer=opt, locate_nonfinite=True, histogram_bins=8)
+    model(torch.randn(4, 16)).sum().backward()
+    mon.step()
+    mon.close()
+    mon.close()  # idempotent
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(RuntimeError, match="after close"):
+        mon.step()
+
+
+def test_model_without_parameters_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no parameters"):
+        gs.Monitor(nn.Sequential(nn.ReLU(), nn.Sigmoid()))
+    assert "no parameters" in NO_PARAMS_MSG
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        gs.Monitor("not a model")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="every"):
+        gs.Monitor(nn.Linear(2, 2), every=0)
+
+
+def test_frozen_and_unused_layers_have_no_gradient_not_zero_gradient() -> None:
+    model = FrozenAndUnused()
+    with gs.Monitor(model) as mon:
+        model(torch.randn(5, 6)).sum().backward()
+        rec = mon.step()
+    assert rec is not None
+    by_name = {layer.name: layer for layer in rec.layers}
+    assert [layer.name for layer in rec.layers] == ["frozen", "used", "unused"]  # unused: last
+    assert not by_name["frozen"].has_grad and not by_name["unused"].has_grad
+    assert by_name["used"].has_grad and by_name["used"].grad_norm > 0
+    frozen_w = torch.cat([model.frozen.weight.flatten(), model.frozen.bias]).double().norm().item()
+    assert by_name["frozen"].weight_norm == pytest.approx(frozen_w, rel=1e-6)
+
+
+def test_all_frozen_model_gives_records_without_gradients() -> None:
+    model = nn.Linear(3, 2)
+    model.requires_grad_(False)
+    with gs.Monitor(model) as mon:
+        rec = mon.step()
+    assert rec is not None and rec.global_norm == 0.0 and not rec.layers[0].has_grad
+
+
+def test_depth_is_forward_order_and_tied_weights_count_once() -> None:
+    model = Reversed()
+    with gs.Monitor(model) as mon:
+        model(torch.randn(2, 4)).sum().backward()
+        rec = mon.step()
+    assert rec is not None and [layer.name for layer in rec.layers] == ["first", "last"]
+    tied = Tied()
+    with gs.Monitor(tied) as mon:
+        tied(torch.randint(0, 10, (4, 3))).sum().backward()
+        rec = mon.step()
+    assert rec is not None and [layer.name for layer in rec.layers] == ["emb", "mid"]
+    expected = torch.nn.utils.get_total_norm([p.grad for p in tied.parameters()]).item()
+    assert rec.global_norm == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_gradients_give_float32_accurate_norms(dtype: torch.dtype) -> None:
+    model = nn.Sequential(nn.Linear(200, 100), nn.Linear(100, 2)).to(dtype)
+    with gs.Monitor(model, activations=False) as mon:
+        for p in model.parameters():  # values whose fp16 sum of squares would overflow
+            p.grad = torch.full_like(p, 300.0)
+        rec = mon.step()
+    assert rec is not None
+    for layer, module in zip(rec.layers, model, strict=True):
+        ref = torch.cat([p.grad.double().flatten() for p in module.parameters()]).norm().item()
+        assert math.isfinite(layer.grad_norm)
+        assert layer.grad_norm == pytest.approx(ref, rel=1e-6)
+
+
+def test_nonfinite_gradient_is_counted_in_its_layer() -> None:
+    model = mlp(4, 8, nn.Tanh)
+    with gs.Monitor(model) as mon:
+        model(torch.randn(3, 16)).sum().backward()
+        model[2].weight.grad[0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+        rec = mon.step()
+    assert rec is not None
+    assert math.isnan(rec.global_norm)
+    by_name = {layer.name: layer for layer in rec.layers}
+    assert by_name["2"].nonfinite == 3
+    assert all(layer.nonfinite == 0 for name, layer in by_name.items() if name != "2")
+
+
+def test_locate_nonfinite_names_the_first_module_with_a_nonfinite_output() -> None:
+    class Bad(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x / 0.0 * 0.0  # NaN
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Bad(), nn.Linear(4, 2))
+    with gs.Monitor(model, locate_nonfinite=True) as mon:
+        model(torch.randn(3, 4)).sum().backward()
+        rec = mon.step()
+    assert rec is not None and rec.nonfinite_origin == "2"
+
+
+def test_activation_saturation_and_dead_units_match_manual_counts() -> None:
+    lin = nn.Linear(4, 6)
+    model = nn.Sequential(lin, nn.Sigmoid(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 1))
+    x = torch.randn(50, 4) * 5
+    with gs.Monitor(model) as mon:
+        model(x).sum().backward()
+        rec = mon.step()
+    assert rec is not None
+    acts = {a.type: a for a in rec.activations}
+    pre1 = lin(x).detach()
+    assert acts["Sigmoid"].saturated_frac == pytest.approx((pre1.abs() > math.log(99)).double().mean().item())
+    assert acts["Sigmoid"].pre_mean == pytest.approx(pre1.mean().item(), rel=1e-5, abs=1e-6)
+    assert acts["Sigmoid"].pre_std == pytest.approx(pre1.std().item(), rel=1e-5)
+    assert acts["Sigmoid"].dead_frac is None
+    pre2 = model[2](torch.sigmoid(pre1)).detach()
+    assert acts["ReLU"].dead_frac == pytest.approx((pre2 <= 0).all(dim=0).double().mean().item())
+    assert acts["ReLU"].saturated_frac is None
+
+
+def test_dead_units_on_a_constructed_relu_layer() -> None:
+    lin = nn.Linear(3, 4)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.copy_(torch.tensor([-1.0, -2.0, 0.5, 1.0]))  # units 0 and 1 never fire
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(4, 1))
+    with gs.Monitor(model) as mon:
+        model(torch.randn(10, 3)).sum().backward()
+        rec = mon.step()
+    assert rec is not None and rec.activations[0].dead_frac == pytest.approx(0.5)
+
+
+def test_loss_tensor_nan_is_kept() -> None:
+    model = nn.Linear(2, 1)
+    with gs.Monitor(model) as mon:
+        model(torch.randn(2, 2)).sum().backward()
+        rec = mon.step(loss=torch.tensor(math.nan))
+    assert rec is not None and rec.loss is not None and math.isnan(rec.loss)
+
+
+def test_overhead_is_measured_and_budget_lowers_the_logging_frequency() -> None:
+    model = mlp(8, 64, nn.ReLU)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    mon = gs.Monitor(model, overhead_budget=1e-6)
+    for _ in range(4):
+        _train_step(model, x, y)
+        mon.step()
+        model.zero_grad()
+    mon.close()
+    assert mon.every > 1  # a budget of one millionth cannot be met at every=1
+    overheads = [r.overhead for r in mon.records if r.overhead is not None]
+    assert overheads and all(0 < o < 1 for o in overheads)
