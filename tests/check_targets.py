@@ -83,3 +83,21 @@ def not_a_module() -> int:
 
 def broken_factory() -> nn.Module:
     raise RuntimeError("factory exploded on purpose")
+
+
+def relu20_oversized() -> nn.Module:
+    """He init times 2: each layer doubles the backward signal (exploding towards the input)."""
+    model = mlp("relu", "he")
+    with torch.no_grad():
+        for m in model[:-1]:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(2.0)
+    return model
+
+
+def gpt2_tiny() -> nn.Module:
+    """A randomly initialised GPT-2 from a small config (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=4, n_head=4)
+    return GPT2LMHeadModel(config)

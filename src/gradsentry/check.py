@@ -40,6 +40,11 @@ EXPLODING_RATIO = 1e3
 (dimensionless): the mirror image of the vanishing rule's 1e-3 (issue 2). A ReLU MLP whose He-init weights
 are scaled by ``g`` has a ratio of about ``g ** (depth - 1)`` (He et al. 2015, arXiv:1502.01852)."""
 
+LSUV_THEORY_NOTE = (
+    "not applied after LSUV: its data-dependent, orthonormal weights and centring biases break the "
+    "mean-field assumption of i.i.d. weights and biases independent of the signal"
+)
+
 PROBLEM_KINDS = frozenset({"vanishing", "exploding"})
 """Finding kinds that make ``gradsentry check`` exit with 1."""
 
@@ -108,7 +113,9 @@ def load_factory(spec: str) -> Callable[..., Any]:
     factory = getattr(module, attr, None)
     if factory is None:
         public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise TargetError(f"{where} has no attribute {attr!r}; callables there: {', '.join(public) or 'none'}")
+        raise TargetError(
+            f"{where} has no attribute {attr!r}; callables there: {', '.join(public) or 'none'}"
+        )
     if not callable(factory):
         raise TargetError(f"{where}:{attr} is a {type(factory).__name__}, not a callable factory")
     return factory  # type: ignore[no-any-return]
@@ -296,7 +303,9 @@ def _loss(out: torch.Tensor, loss: str, targets: torch.Tensor | None, gen: torch
     try:
         if loss == "ce":
             if out.dim() < 2:
-                raise InputFitError(f"--loss ce needs logits [N, ..., C], the model output is {list(out.shape)}")
+                raise InputFitError(
+                    f"--loss ce needs logits [N, ..., C], the model output is {list(out.shape)}"
+                )
             logits = out.reshape(-1, out.shape[-1]).float()
             if targets is None:
                 targets = torch.randint(0, out.shape[-1], (logits.shape[0],), generator=gen)
@@ -330,7 +339,9 @@ def _fit_slope(rows: Sequence[CheckRow]) -> tuple[float | None, float | None]:
     return usable[0].grad_rms / usable[-1].grad_rms, slope
 
 
-def _exploding_at_init(ratio: float | None, slope: float | None, rows: Sequence[CheckRow], step: int) -> Finding:
+def _exploding_at_init(
+    ratio: float | None, slope: float | None, rows: Sequence[CheckRow], step: int
+) -> Finding:
     from gradsentry.remedies_catalog import remedies_for
 
     assert ratio is not None
@@ -340,7 +351,11 @@ def _exploding_at_init(ratio: float | None, slope: float | None, rows: Sequence[
         severity="error" if ratio > EXPLODING_RATIO**2 else "warning",
         steps=[step],
         layers=[r.name for r in biggest],
-        evidence={"first_last_rms_ratio": ratio, "log10_rms_slope_per_layer": slope, "threshold": EXPLODING_RATIO},
+        evidence={
+            "first_last_rms_ratio": ratio,
+            "log10_rms_slope_per_layer": slope,
+            "threshold": EXPLODING_RATIO,
+        },
         explanation=(
             f"At initialization the gradient reaching the first layer is {ratio:.3g} times the gradient at the "
             f"last layer (more than {EXPLODING_RATIO:g}): going back towards the input it grows by about "
@@ -351,14 +366,17 @@ def _exploding_at_init(ratio: float | None, slope: float | None, rows: Sequence[
     )
 
 
-def _make_inputs(model: nn.Module, batch: Any, input_shape: Sequence[int] | None, batch_size: int,
-                 gen: torch.Generator) -> tuple[Any, ...]:
+def _make_inputs(
+    model: nn.Module, batch: Any, input_shape: Sequence[int] | None, batch_size: int, gen: torch.Generator
+) -> tuple[Any, ...]:
     if batch is not None:
         return batch if isinstance(batch, tuple) else (batch,)
     if input_shape is None:
         raise ValueError("check_model needs a batch or an input_shape")
     if any(int(s) < 1 for s in input_shape) or batch_size < 1:
-        raise ValueError(f"input shape and batch size must be positive, got {list(input_shape)} and {batch_size}")
+        raise ValueError(
+            f"input shape and batch size must be positive, got {list(input_shape)} and {batch_size}"
+        )
     shape = (batch_size, *(int(s) for s in input_shape))
     first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
     if isinstance(first, nn.Embedding):  # a token model: integer ids
@@ -366,20 +384,27 @@ def _make_inputs(model: nn.Module, batch: Any, input_shape: Sequence[int] | None
     return (torch.randn(shape, generator=gen),)
 
 
-def _run_once(model: nn.Module, inputs: tuple[Any, ...], loss: str, targets: torch.Tensor | None,
-              seed: int) -> CheckReport:
+def _run_once(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    loss: str,
+    targets: torch.Tensor | None,
+    seed: int,
+    theory_note: str | None = None,
+) -> CheckReport:
     from gradsentry import theory
     from gradsentry.diagnose import diagnose
     from gradsentry.monitor import Monitor
 
     pred = None
-    try:
-        pred = theory.predict(model, example_input=inputs if len(inputs) > 1 else inputs[0])
-        note = None
-    except theory.TheoryNotApplicable as exc:
-        note = str(exc)
-    except Exception as exc:  # never let the prediction hide the measurement; the forward below reports it
-        note = f"not computed ({type(exc).__name__})"
+    note = theory_note
+    if note is None:
+        try:
+            pred = theory.predict(model, example_input=inputs if len(inputs) > 1 else inputs[0])
+        except theory.TheoryNotApplicable as exc:
+            note = str(exc)
+        except Exception as exc:  # never let the prediction hide the measurement; the forward reports it
+            note = f"not computed ({type(exc).__name__})"
     gen = torch.Generator().manual_seed(seed + 1)
     model.zero_grad(set_to_none=True)
     mon = Monitor(model, every=1)
@@ -403,14 +428,21 @@ def _run_once(model: nn.Module, inputs: tuple[Any, ...], loss: str, targets: tor
     rows = []
     for st in rec.layers:
         info = info_by_name.get(st.name)
-        act = follows.get(st.name)
-        rows.append(CheckRow(
-            depth=st.depth, name=st.name, type=info.type if info else "", params=info.params if info else st.numel,
-            grad_norm=st.grad_norm, grad_rms=st.grad_rms,
-            rel_grad=st.grad_norm / st.weight_norm if st.weight_norm > 0 else None,
-            activation=act.type if act else None, saturated_frac=act.saturated_frac if act else None,
-            dead_frac=act.dead_frac if act else None,
-        ))
+        follow = follows.get(st.name)
+        rows.append(
+            CheckRow(
+                depth=st.depth,
+                name=st.name,
+                type=info.type if info else "",
+                params=info.params if info else st.numel,
+                grad_norm=st.grad_norm,
+                grad_rms=st.grad_rms,
+                rel_grad=st.grad_norm / st.weight_norm if st.weight_norm > 0 else None,
+                activation=follow.type if follow else None,
+                saturated_frac=follow.saturated_frac if follow else None,
+                dead_frac=follow.dead_frac if follow else None,
+            )
+        )
     if pred is not None:
         by_name = {r.name: r for r in rows}
         anchor = by_name.get(pred.layers[-1].name)
@@ -424,13 +456,30 @@ def _run_once(model: nn.Module, inputs: tuple[Any, ...], loss: str, targets: tor
     if ratio is not None and ratio > EXPLODING_RATIO and not any(f.kind == "exploding" for f in findings):
         findings.insert(0, _exploding_at_init(ratio, slope, rows, rec.step))
     shape = list(inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else []
-    return CheckReport(rows=rows, loss=float(value.detach()), loss_kind=loss, input_shape=shape,
-                       first_last_ratio=ratio, log_slope=slope, findings=findings, theory=note, record=rec)
+    return CheckReport(
+        rows=rows,
+        loss=float(value.detach()),
+        loss_kind=loss,
+        input_shape=shape,
+        first_last_ratio=ratio,
+        log_slope=slope,
+        findings=findings,
+        theory=note,
+        record=rec,
+    )
 
 
-def check_model(model: nn.Module, batch: Any = None, *, input_shape: Sequence[int] | None = None,
-                targets: torch.Tensor | None = None, batch_size: int = 16, loss: LossName = "ce", seed: int = 0,
-                fix: FixName | None = None) -> CheckReport:
+def check_model(
+    model: nn.Module,
+    batch: Any = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    targets: torch.Tensor | None = None,
+    batch_size: int = 16,
+    loss: LossName = "ce",
+    seed: int = 0,
+    fix: FixName | None = None,
+) -> CheckReport:
     """Run one forward and backward pass at init and report the per-layer gradient profile and findings.
 
     Args:
@@ -470,5 +519,6 @@ def check_model(model: nn.Module, batch: Any = None, *, input_shape: Sequence[in
         else:
             report.fix_report = [asdict(x) for x in reinit(model, fix, example_input=example)]
         report.fix = fix
-        report.fixed = _run_once(model, inputs, loss, targets, seed)
+        note = LSUV_THEORY_NOTE if fix == "lsuv" else None
+        report.fixed = _run_once(model, inputs, loss, targets, seed, theory_note=note)
     return report

@@ -413,6 +413,14 @@ def predict(
         TheoryNotApplicable: the model is not such a chain (residual, normalization, attention, pooling,
             or an activation applied functionally in ``forward``), or has no Linear/Conv layer.
     """
+    for name, mod in model.named_modules():  # cheap structural check before any forward pass
+        if next(mod.children(), None) is None and not isinstance(
+            mod, (*LINEAR_TYPES, *ACTIVATION_TYPES, *NEUTRAL_TYPES, nn.Dropout)
+        ):
+            raise TheoryNotApplicable(
+                f"module {name!r} ({type(mod).__name__}) is outside the mean-field chain "
+                "(Linear/Conv + elementwise activation)"
+            )
     leaves = _chain_leaves(model, example_input)
     if input_second_moment is None:
         if example_input is not None:

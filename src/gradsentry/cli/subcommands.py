@@ -6,4 +6,6 @@ from collections.abc import Callable
 
 import typer
 
-REGISTRY: list[Callable[[typer.Typer], None]] = []
+from gradsentry.cli import check
+
+REGISTRY: list[Callable[[typer.Typer], None]] = [check.register]
