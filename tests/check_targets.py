@@ -101,3 +101,13 @@ def gpt2_tiny() -> nn.Module:
 
     config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=4, n_head=4)
     return GPT2LMHeadModel(config)
+
+
+def tanh20_chaotic() -> nn.Module:
+    """tanh with weight std 5/sqrt(fan_in): the chaotic phase, chi ~ 2.8 per layer (bounded forward signal)."""
+    model = mlp("tanh")
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=5.0 / m.in_features**0.5)
+    return model
