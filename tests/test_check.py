@@ -216,12 +216,16 @@ def test_import_errors_are_shown(tmp_path: Path, capsys: pytest.CaptureFixture[s
     sibling = tmp_path / "helper_mod_for_check.py"
     sibling.write_text("from torch import nn\n\ndef make():\n    return nn.Linear(4, 2)\n")
     uses_sibling = tmp_path / "uses_sibling.py"
-    uses_sibling.write_text("from helper_mod_for_check import make\n\ndef build():\n    return make()\n")
+    uses_sibling.write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n"
+        "from helper_mod_for_check import make\n\n@dataclass\nclass Config:\n    width: int = 4\n\n"
+        "def build():\n    return make()\n"
+    )
     assert main(["check", f"{bad_import}:build", "--input-shape", "4"]) == 2
     assert "ModuleNotFoundError: No module named 'not_a_real_module_xyz'" in capsys.readouterr().err
     assert main(["check", f"{syntax}:build", "--input-shape", "4"]) == 2
     assert "SyntaxError" in capsys.readouterr().err
-    # a file may import its siblings
+    # a file may import its siblings and define dataclasses (it is registered in sys.modules)
     assert main(["check", f"{uses_sibling}:build", "--input-shape", "4", "--loss", "sum"]) == 0
 
 

@@ -98,10 +98,12 @@ def load_factory(spec: str) -> Callable[..., Any]:
         if loader_spec is None or loader_spec.loader is None:
             raise TargetError(f"cannot import {path} as a Python module")
         module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module  # dataclasses and pickling in the user's file look themselves up here
         sys.path.insert(0, str(path.resolve().parent))  # let the file import its siblings
         try:
             loader_spec.loader.exec_module(module)
         except BaseException as exc:  # SystemExit/KeyboardInterrupt from user code included
+            sys.modules.pop(mod_name, None)
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise TargetError(f"importing {path} failed: {_describe(exc)}") from exc
@@ -398,8 +400,10 @@ def _exploding_at_init(
 def _make_inputs(
     model: nn.Module, batch: Any, input_shape: Sequence[int] | None, batch_size: int, gen: torch.Generator
 ) -> tuple[Any, ...]:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if batch is not None:
-        return batch if isinstance(batch, tuple) else (batch,)
+        items = batch if isinstance(batch, tuple) else (batch,)
+        return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in items)
     if input_shape is None:
         raise ValueError("check_model needs a batch or an input_shape")
     if any(int(s) < 1 for s in input_shape) or batch_size < 1:
@@ -409,8 +413,8 @@ def _make_inputs(
     shape = (batch_size, *(int(s) for s in input_shape))
     first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
     if isinstance(first, nn.Embedding):  # a token model: integer ids
-        return (torch.randint(0, first.num_embeddings, shape, generator=gen),)
-    return (torch.randn(shape, generator=gen),)
+        return (torch.randint(0, first.num_embeddings, shape, generator=gen).to(device),)
+    return (torch.randn(shape, generator=gen).to(device),)
 
 
 def _run_once(
