@@ -50,7 +50,7 @@ def test_reinit_gain_follows_activation(activation: str, scheme: str, gain: floa
     # 65536 normal draws: the sample std is within 2 % of the target
     assert float(hidden.std()) == pytest.approx(expected, rel=0.02)
     assert float(hidden.mean()) == pytest.approx(0.0, abs=0.01 * expected)
-    assert all(float(m.bias.abs().max()) == 0.0 for m in model if isinstance(m, nn.Linear))
+    assert all(float(m.bias.detach().abs().max()) == 0.0 for m in model if isinstance(m, nn.Linear))
 
 
 def test_reinit_leaky_relu_and_norm_in_between() -> None:
