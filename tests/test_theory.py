@@ -108,6 +108,18 @@ def test_sigmoid_fixed_point_and_chi() -> None:
     assert expected_chi < 0.025
 
 
+@pytest.mark.parametrize(
+    ("sigma_w2", "sigma_b2", "q0"), [(0.04, 0.0, 1.0), (0.04, 0.0, 1e-4), (1.5, 0.0, 1.0), (1.0, 1e-3, 1.0)]
+)
+def test_fixed_point_solves_the_map(sigma_w2: float, sigma_b2: float, q0: float) -> None:
+    for phi, f in ((nn.Sigmoid(), lambda x: _sig(x) ** 2), (nn.Tanh(), lambda x: math.tanh(x) ** 2)):
+        q = theory.fixed_point(phi, sigma_w2, sigma_b2, q0=q0)
+        if q == 0.0:  # collapse: only for tanh without bias and sigma_w^2 <= 1
+            assert isinstance(phi, nn.Tanh) and sigma_b2 == 0 and sigma_w2 <= 1
+            continue
+        assert q == pytest.approx(sigma_w2 * _gauss_quad(f, q) + sigma_b2, rel=1e-7, abs=1e-12)
+
+
 def test_depth_scale() -> None:
     assert theory.depth_scale(math.exp(-0.5)) == pytest.approx(2.0)
     assert theory.depth_scale(math.e) == pytest.approx(-1.0)

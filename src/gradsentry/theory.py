@@ -207,18 +207,19 @@ def fixed_point(
             return math.inf
         if abs(nxt - q) <= tol * max(1.0, q):
             return nxt
-        q = nxt
-        if q < 0.05:  # possibly a slow algebraic collapse: is there a positive fixed point below q?
+        prev, q = q, nxt
+        if q < 0.05 and q < prev:  # falling towards 0, possibly algebraically slowly: bracket a root below q
 
             def g(v: float) -> float:
                 return variance_map(phi, v, sigma_w2, sigma_b2, hermite_nodes=hermite_nodes) - v
 
             lo = 1e-14
-            if g(lo) <= 0:
-                return 0.0
-            from scipy.optimize import brentq
+            if g(q) < 0:
+                if g(lo) <= 0:
+                    return 0.0
+                from scipy.optimize import brentq
 
-            return float(brentq(g, lo, q, xtol=1e-16, rtol=1e-12))
+                return float(brentq(g, lo, q, xtol=1e-16, rtol=1e-12))
     return q
 
 
