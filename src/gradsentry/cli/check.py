@@ -67,8 +67,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """One forward and backward pass at init: per-layer gradient table, mean-field prediction, findings.
 
-        Exit code 0: healthy; 1: vanishing or exploding gradients (after --fix when given); 2: bad usage,
-        a TARGET that does not import or return a Module, or an input that does not fit the model.
+        Exit codes: 0 healthy; 1 vanishing or exploding gradients (after --fix when given);
+        2 bad usage, a TARGET that does not import or return a Module, or an input that does not fit.
 
         Examples: gradsentry check model.py:build --input-shape 3,32,32 ;
         gradsentry check mypkg.models:make_mlp --data digits --fix lsuv
