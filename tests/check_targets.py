@@ -111,3 +111,11 @@ def tanh20_chaotic() -> nn.Module:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=5.0 / m.in_features**0.5)
     return model
+
+
+def overflowing() -> nn.Module:
+    """Weights so large that the float32 forward pass overflows to inf: NaN gradients at init."""
+    model = mlp("relu", depth=3, width=16)
+    with torch.no_grad():
+        model[2].weight.fill_(1e30)
+    return model

@@ -82,6 +82,12 @@ def test_chaotic_tanh_is_exploding_towards_the_input() -> None:
     assert abs(math.log10(first.predicted_rms / first.grad_rms)) < 0.5  # type: ignore[operator]
 
 
+def test_nan_gradients_at_init_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    code, report = _run_json(capsys, f"{TARGETS}:overflowing", "--input-shape", "64")
+    assert code == 1
+    assert "nonfinite" in [f["kind"] for f in report["findings"]]
+
+
 def test_table_numbers_against_an_independent_computation() -> None:
     model = small_mlp()
     x, y = digits_batch(48, seed=3)

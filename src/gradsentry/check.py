@@ -55,8 +55,9 @@ LSUV_THEORY_NOTE = (
     "mean-field assumption of i.i.d. weights and biases independent of the signal"
 )
 
-PROBLEM_KINDS = frozenset({"vanishing", "exploding"})
-"""Finding kinds that make ``gradsentry check`` exit with 1."""
+PROBLEM_KINDS = frozenset({"vanishing", "exploding", "nonfinite"})
+"""Finding kinds that make ``gradsentry check`` exit with 1 (a NaN/inf gradient at init counts: it is the
+limit of an exploding one and no training can start from it)."""
 
 
 class TargetError(Exception):
@@ -243,7 +244,7 @@ class CheckReport:
 
     @property
     def problems(self) -> list[Finding]:
-        """The vanishing / exploding findings."""
+        """The vanishing / exploding / non-finite findings (see :data:`PROBLEM_KINDS`)."""
         return [f for f in self.findings if f.kind in PROBLEM_KINDS]
 
     @property

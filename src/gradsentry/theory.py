@@ -410,6 +410,14 @@ def predict(
     Returns:
         A :class:`Prediction` with one :class:`LayerPrediction` per Linear/Conv layer in forward order.
 
+    Example:
+        >>> m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> p = predict(m, input_second_moment=1.0)
+        >>> round(p.layers[0].chi / (p.layers[1].sigma_w2 / 2), 6)  # ReLU, equal widths: chi = sigma_w^2 / 2
+        1.0
+        >>> p.layers[-1].backward_rms
+        1.0
+
     Raises:
         TheoryNotApplicable: the model is not such a chain (residual, normalization, attention, pooling,
             or an activation applied functionally in ``forward``), or has no Linear/Conv layer.

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """One forward and backward pass at init: per-layer gradient table, mean-field prediction, findings.
 
-        Exit codes: 0 healthy; 1 vanishing or exploding gradients (after --fix when given);
+        Exit codes: 0 healthy; 1 vanishing, exploding or NaN/inf gradients (after --fix when given);
         2 bad usage, a TARGET that does not import or return a Module, or an input that does not fit.
 
         Examples: gradsentry check model.py:build --input-shape 3,32,32 ;
