@@ -142,3 +142,12 @@ def test_lsuv_reports_non_convergence_and_bad_arguments() -> None:
         lsuv(model, x, tol=0.0)
     with pytest.raises(ValueError, match="no Linear/Conv layer"):
         lsuv(nn.Sequential(nn.ReLU()), x)
+
+
+def test_reinit_conv_uses_receptive_field_fan_in() -> None:
+    model = nn.Sequential(nn.Conv2d(8, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
+    report = reinit(model, "he", example_input=torch.randn(2, 8, 6, 6))
+    assert [(r.type, r.nonlinearity) for r in report] == [("Conv2d", "relu"), ("Linear", "linear")]
+    expected = math.sqrt(2) / math.sqrt(8 * 3 * 3)  # fan_in = in_channels x kernel area
+    assert report[0].std == pytest.approx(expected)
+    assert float(model[0].weight.detach().std()) == pytest.approx(expected, rel=0.03)  # 4608 draws
