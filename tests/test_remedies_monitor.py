@@ -48,4 +48,6 @@ def test_monitor_with_guard_skips_and_names_layer():
         opt.step()
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
-    assert rec is not None and rec.actions[0]["children"][0]["layers"] == ["0"]
+    assert (
+        rec is not None and rec.actions[0]["remedy"] == "NonFiniteGuard" and rec.actions[0]["layers"] == ["0"]
+    )

@@ -19,9 +19,9 @@ and logs a summary through the ``gradsentry`` logger.
 Loss and update ratio. The record's loss is the sum of the losses Lightning passes to
 ``on_before_backward`` since the last optimizer step; under automatic optimization with
 ``accumulate_grad_batches=k`` each is already divided by k, so the sum is the mean micro-batch loss.
-Lightning calls the hook from inside ``optimizer.step(closure)``, after the optimizer's own step
-pre-hooks have fired; the Monitor is therefore given a thin view of the optimizer whose pre-hooks
-fire right after the statistics, so that update-to-weight ratios are measured on the right step.
+Lightning calls the hook from inside ``optimizer.step(closure)``; the Monitor snapshots the weights
+in its own ``step`` and measures ``||Δw||`` in the optimizer's step post-hook, so update-to-weight
+ratios are measured on the right step.
 
 Limits. Under DDP every rank records (the gradients are already averaged) and only rank 0 writes
 sinks and logs; sharded strategies (FSDP, DeepSpeed) are not covered: each rank would see only its
@@ -31,9 +31,8 @@ shard. ``state_dict`` keeps counters and the last findings, not the records (tho
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 try:
     import lightning.pytorch as pl
@@ -44,7 +43,6 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subproce
     ) from exc
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from gradsentry.integrations._common import check_log_stats, record_metrics, summarize
 from gradsentry.monitor import Monitor
@@ -52,51 +50,6 @@ from gradsentry.records import Finding
 from gradsentry.sinks.base import Sink
 
 log = logging.getLogger("gradsentry")
-
-
-class _ClosureOptimizer:
-    """The watched optimizer as the Monitor sees it, with step pre-hooks fired at the right time.
-
-    Lightning runs the closure (backward, then ``on_before_optimizer_step``) *inside*
-    ``optimizer.step(closure)``, so the optimizer's own step pre-hooks have already fired when the
-    Monitor records, and a pre-hook armed there would only see the next step. The Monitor snapshots
-    the weights in a step pre-hook to measure the update ``||Δw||``; this wrapper fires those
-    pre-hooks right after the statistics (the weights do not change between there and the update:
-    Lightning only clips gradients), and the real optimizer's post-hook fires the post-hooks.
-    """
-
-    def __init__(self, optimizer: Optimizer) -> None:
-        self.optimizer = optimizer
-        self._pre: OrderedDict[int, Callable[..., Any]] = OrderedDict()  # weak-referenceable, as in torch
-        self._post: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._handle = optimizer.register_step_post_hook(self._fire_post)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        handle = RemovableHandle(self._pre)
-        self._pre[handle.id] = hook
-        return handle
-
-    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
-        handle = RemovableHandle(self._post)
-        self._post[handle.id] = hook
-        return handle
-
-    def fire_pre(self) -> None:
-        for hook in list(self._pre.values()):
-            hook(self.optimizer, (), {})
-
-    def _fire_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        for hook in list(self._post.values()):
-            hook(self.optimizer, args, kwargs)
-
-    def remove(self) -> None:
-        self._handle.remove()
-        self._pre.clear()
-        self._post.clear()
 
 
 class GradSentryCallback(Callback):
@@ -148,7 +101,6 @@ class GradSentryCallback(Callback):
         self._loss: Tensor | None = None
         self._steps_seen = 0
         self._finished = False
-        self._opt: _ClosureOptimizer | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the Monitor on the module (now on its device, optimizers configured)."""
@@ -162,11 +114,10 @@ class GradSentryCallback(Callback):
             **(kwargs.pop("meta", None) or {}),
         }
         opt = self._watched(trainer)
-        self._opt = _ClosureOptimizer(opt) if opt is not None else None
         self.monitor = Monitor(
             pl_module,
             every=self.every,
-            optimizer=cast(Optimizer | None, self._opt),
+            optimizer=opt,
             sinks=self.sinks if trainer.is_global_zero else (),  # one writer per file under DDP
             remedy=self.remedy,
             meta=meta,
@@ -195,8 +146,6 @@ class GradSentryCallback(Callback):
         loss, self._loss = self._loss, None
         self._steps_seen += 1
         record = mon.step(loss=loss, step=trainer.global_step)
-        if self._opt is not None:
-            self._opt.fire_pre()
         if record is not None and trainer.is_global_zero and trainer.loggers:
             metrics = record_metrics(record, self.log_stats)
             for logger in trainer.loggers:
@@ -207,8 +156,6 @@ class GradSentryCallback(Callback):
         if mon is None or self._finished:
             return
         self._finished = True
-        if self._opt is not None:
-            self._opt.remove()
         try:
             self.findings = mon.diagnose() if mon.records else []
         except Exception as exc:  # diagnosis must never take the run down
