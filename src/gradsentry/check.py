@@ -386,7 +386,7 @@ def _run_once(
                 params=info.params if info else st.numel,
                 grad_norm=st.grad_norm,
                 grad_rms=st.grad_rms,
-                rel_grad=st.grad_norm / st.weight_norm if st.weight_norm > 0 else None,
+                rel_grad=st.grad_norm / st.weight_norm if st.weight_norm else None,
                 activation=follow.type if follow else None,
                 saturated_frac=follow.saturated_frac if follow else None,
                 dead_frac=follow.dead_frac if follow else None,
