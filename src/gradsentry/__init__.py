@@ -3,6 +3,11 @@
 Public names only; every module has one job (see README's architecture section).
 """
 
+from gradsentry import theory
+from gradsentry.analyze import AnalyzeThresholds, LogAnalysis, analyze_log
+from gradsentry.check import CheckReport, check_model
+from gradsentry.diagnose import Thresholds, diagnose
+from gradsentry.logs import Series, load_series
 from gradsentry.monitor import Monitor
 from gradsentry.records import (
     ActivationStats,
@@ -14,21 +19,66 @@ from gradsentry.records import (
     RunHeader,
     StepRecord,
 )
-from gradsentry.sinks import JsonlSink, read_jsonl
+from gradsentry.remedies import (
+    AGC,
+    AutoClip,
+    Chain,
+    ClipGlobalNorm,
+    ClipLayerNorm,
+    ClipValue,
+    Ladder,
+    NonFiniteGuard,
+    RemedyResult,
+    ResetMoments,
+    Rollback,
+    ZClip,
+)
+from gradsentry.remedies.init import lsuv, reinit
+from gradsentry.sinks import CsvSink, JsonlSink, TensorBoardSink, read_jsonl
+from gradsentry.theory import TheoryNotApplicable, chi, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
     "ActivationStats",
+    "AnalyzeThresholds",
+    "AutoClip",
+    "Chain",
+    "CheckReport",
+    "ClipGlobalNorm",
+    "ClipLayerNorm",
+    "ClipValue",
+    "CsvSink",
     "Finding",
     "JsonlSink",
+    "Ladder",
     "LayerInfo",
     "LayerStats",
+    "LogAnalysis",
     "Monitor",
+    "NonFiniteGuard",
     "Remedy",
+    "RemedyResult",
+    "ResetMoments",
+    "Rollback",
     "Run",
     "RunHeader",
+    "Series",
     "StepRecord",
+    "TensorBoardSink",
+    "TheoryNotApplicable",
+    "Thresholds",
+    "ZClip",
     "__version__",
+    "analyze_log",
+    "check_model",
+    "chi",
+    "diagnose",
+    "load_series",
+    "lsuv",
+    "predict",
     "read_jsonl",
+    "reinit",
+    "theory",
 ]

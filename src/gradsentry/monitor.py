@@ -1,13 +1,16 @@
 """The Monitor: per-layer gradient, weight, update and activation statistics during training.
 
 Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`Monitor.step` only
-increments a counter (no hooks are armed, no device→host copy). On a logged step it makes two fused
-``torch._foreach_norm`` passes over the gradients (L2 and max-abs), one over the weights, reduces them
-into layers on the device, and moves one small tensor to the host.
+increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one fused
+``torch._foreach_norm`` pass over the gradients for the L2 norms, one for max |g| (``aminmax`` on CPU),
+one L2 pass over the weights, reduces them into layers on the device, and moves one small tensor to
+the host. ``max_abs=False, weight_norms=False`` leaves a single read of the gradients, whose
+per-tensor norms a norm-based remedy (e.g. ``ClipGlobalNorm``) given as ``remedy=`` then reuses.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -81,6 +84,10 @@ class Monitor:
             :mod:`gradsentry.remedies`) applied inside :meth:`step` after the statistics are taken,
             reusing the per-tensor norms on logged steps; what it did goes into ``record.actions``.
         activations: record pre-activation statistics of activation modules on logged steps.
+        max_abs: record each layer's max |g| (one more read of the gradients per logged step).
+        weight_norms: record each layer's weight norm and, with ``optimizer``, the update-to-weight
+            ratio (one read of the weights per logged step, a weight copy before logged steps).
+            With ``max_abs=False, weight_norms=False`` a logged step reads the gradients once.
         histogram_bins: if > 0, also record a histogram of each activation's input over
             ``[-histogram_range, histogram_range]``.
         locate_nonfinite: on logged steps, flag the first module (forward order) whose output is
@@ -113,6 +120,8 @@ class Monitor:
         sinks: Sequence[Sink] = (),
         remedy: Callable[..., Any] | None = None,
         activations: bool = True,
+        max_abs: bool = True,
+        weight_norms: bool = True,
         histogram_bins: int = 0,
         histogram_range: float = 8.0,
         locate_nonfinite: bool = False,
@@ -131,6 +140,8 @@ class Monitor:
         self.optimizer = optimizer
         self.remedy = remedy
         self.activations = activations
+        self.max_abs = max_abs
+        self.weight_norms = weight_norms
         self.histogram_bins = int(histogram_bins)
         self.histogram_range = float(histogram_range)
         self.locate_nonfinite = locate_nonfinite
@@ -144,6 +155,7 @@ class Monitor:
         self._pending = _Pending()
         self._hook_time = 0.0
         self._last_step_end: float | None = None
+        self._last_logged_count = 0
         self._step_time_ema: float | None = None
         self.last_norms: tuple[list[Tensor], Tensor] | None = None
         self._sinks_opened = False
@@ -166,6 +178,7 @@ class Monitor:
         self._index_cache: dict[tuple[int, ...], tuple[list[int], Tensor]] = {}
         self._params_cache: tuple[list[Tensor], Tensor] | None = None
         self._snapshot: list[Tensor] | None = None
+        self._remedy_params: set[str] | None = None
         self._arm_for(self._next_log)
 
     # ------------------------------------------------------------------ layers and order
@@ -277,15 +290,27 @@ class Monitor:
         return hook
 
     def _arm_optimizer(self) -> None:
-        if self.optimizer is None or self._opt_handles:
+        """Snapshot the weights now and measure ``||Δw||`` when the coming optimizer step ends.
+
+        The snapshot is taken in :meth:`step` rather than in an optimizer step pre-hook, because
+        trainers such as Lightning run backward (and so :meth:`step`) inside
+        ``optimizer.step(closure)``, after the pre-hooks have fired; the weights do not change
+        between :meth:`step` and the update.
+        """
+        if self.optimizer is None or not self.weight_norms:
             return
-        self._opt_handles.append(self.optimizer.register_step_pre_hook(self._opt_pre))
-        self._opt_handles.append(self.optimizer.register_step_post_hook(self._opt_post))
+        t0 = time.perf_counter()
+        params, _ = self._all_params()
+        self._snapshot = [p.detach().clone() for p in params]
+        if not self._opt_handles:
+            self._opt_handles.append(self.optimizer.register_step_post_hook(self._opt_post))
+        self._hook_time += time.perf_counter() - t0
 
     def _disarm_optimizer(self) -> None:
         for h in self._opt_handles:
             h.remove()
         self._opt_handles.clear()
+        self._snapshot = None
 
     def _all_params(self) -> tuple[list[Tensor], Tensor]:
         """Every parameter in depth order and its layer index (cached once the depth is fixed)."""
@@ -298,12 +323,6 @@ class Monitor:
                     idx.append(i)
             self._params_cache = (params, torch.tensor(idx, device=params[0].device))
         return self._params_cache
-
-    def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        t0 = time.perf_counter()
-        params, _ = self._all_params()
-        self._snapshot = [p.detach().clone() for p in params]
-        self._hook_time += time.perf_counter() - t0
 
     def _opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
@@ -345,13 +364,35 @@ class Monitor:
             record = self._log_step(current if step is None else int(step), loss, lr)
             self._next_log = current + self.every
         elif self.remedy is not None:
-            self.remedy(self._all_params()[0])
+            self._call_remedy(self._all_params()[0], loss=loss)
         if self.step_count == self._next_log:  # the coming optimizer step precedes a logged step
             self._arm_optimizer()
         else:
             self._disarm_optimizer()
         self._arm_for(self.step_count)
         return record
+
+    def _call_remedy(self, params: list[Tensor], *, loss: Any, norms: Tensor | None = None) -> Any:
+        """Call the remedy, passing ``norms``/``loss`` only where its signature accepts them."""
+        assert self.remedy is not None
+        kwargs: dict[str, Any] = {}
+        if norms is not None and self._remedy_takes("norms"):
+            kwargs["norms"] = norms
+        if self._remedy_takes("loss"):
+            kwargs["loss"] = loss
+        return self.remedy(params, **kwargs)
+
+    def _remedy_takes(self, name: str) -> bool:
+        if self._remedy_params is None:
+            try:
+                sig = inspect.signature(self.remedy)  # type: ignore[arg-type]
+                kinds = {p.kind for p in sig.parameters.values()}
+                self._remedy_params = (
+                    {"norms", "loss"} if inspect.Parameter.VAR_KEYWORD in kinds else set(sig.parameters)
+                )
+            except (TypeError, ValueError):
+                self._remedy_params = set()
+        return name in self._remedy_params
 
     def _grad_params(self) -> tuple[list[Tensor], list[int]]:
         grads: list[Tensor] = []
@@ -382,17 +423,17 @@ class Monitor:
             index = cached[1]
             g = [t for t in grads if t is not None]  # (never None here; narrows the type)
             norms = stats.foreach_norms(g)
-            maxabs = stats.foreach_norms(g, math.inf)
             self.last_norms = (params_with_grad, norms)
-            parts += [
-                stats.layer_sum_of_squares(norms, index.to(norms.device), L).to(device),
-                stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt),
-            ]
+            parts.append(stats.layer_sum_of_squares(norms, index.to(norms.device), L).to(device))
+            if self.max_abs:
+                maxabs = stats.foreach_max_abs(g)
+                parts.append(stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt))
         else:
             self.last_norms = None
-            parts += [torch.zeros(L, dtype=dt, device=device), torch.zeros(L, dtype=dt, device=device)]
-        w_norms = stats.foreach_norms([p.detach() for p in all_params])
-        parts.append(stats.layer_sum_of_squares(w_norms, all_index.to(w_norms.device), L).to(device))
+            parts += [torch.zeros(L, dtype=dt, device=device)] * (2 if self.max_abs else 1)
+        if self.weight_norms:
+            w_norms = stats.foreach_norms([p.detach() for p in all_params])
+            parts.append(stats.layer_sum_of_squares(w_norms, all_index.to(w_norms.device), L).to(device))
         has_update = self._pending.update_sq is not None
         if has_update:
             parts.append(self._pending.update_sq.to(device, dt))  # type: ignore[union-attr]
@@ -419,7 +460,9 @@ class Monitor:
             pos += n
             return out
 
-        g_sq, g_max, w_sq = take(L), take(L), take(L)
+        g_sq = take(L)
+        g_max: list[float | None] = list(take(L)) if self.max_abs else [None] * L
+        w_sq: list[float | None] = list(take(L)) if self.weight_norms else [None] * L
         u_sq = take(L) if has_update else None
         loss_value: float | None
         if has_loss_tensor:
@@ -437,12 +480,13 @@ class Monitor:
         for i, layer in enumerate(self._layers):
             n = numel[i]
             gnorm = math.sqrt(g_sq[i])
-            wnorm = math.sqrt(w_sq[i])
+            w_i, m_i = w_sq[i], g_max[i]
+            wnorm = math.sqrt(w_i) if w_i is not None else None
             nonfinite = 0
-            if n and not (math.isfinite(g_sq[i]) and math.isfinite(g_max[i])):
+            if n and not (math.isfinite(g_sq[i]) and (m_i is None or math.isfinite(m_i))):
                 nonfinite = self._count_nonfinite(layer)
             ratio = None
-            if u_sq is not None:
+            if u_sq is not None and wnorm is not None:
                 ratio = math.sqrt(u_sq[i]) / wnorm if wnorm > 0 else (math.inf if u_sq[i] > 0 else 0.0)
             layer_stats.append(
                 LayerStats(
@@ -451,7 +495,7 @@ class Monitor:
                     numel=n,
                     grad_norm=gnorm,
                     grad_rms=gnorm / math.sqrt(n) if n else 0.0,
-                    grad_max_abs=g_max[i] if n else 0.0,
+                    grad_max_abs=(m_i if n else 0.0) if self.max_abs else None,
                     nonfinite=nonfinite,
                     weight_norm=wnorm,
                     update_ratio=ratio if n else None,
@@ -502,9 +546,13 @@ class Monitor:
         )
         if self.remedy is not None:
             grads_for_remedy = self.last_norms[0] if self.last_norms else []
-            result = self.remedy(grads_for_remedy, norms=self.last_norms[1] if self.last_norms else None)
+            shared = self.last_norms[1] if self.last_norms else None
+            result = self._call_remedy(grads_for_remedy, norms=shared, loss=loss)
+            to_dicts = getattr(result, "to_dicts", None)
             to_dict = getattr(result, "to_dict", None)
-            if callable(to_dict):
+            if callable(to_dicts):
+                record.actions.extend(to_dicts())
+            elif callable(to_dict):
                 record.actions.append(to_dict())
         cost = time.perf_counter() - t_start + self._hook_time
         self._hook_time = 0.0
@@ -518,19 +566,20 @@ class Monitor:
         return int(sum(int((~torch.isfinite(p.grad)).sum()) for p in layer.params if p.grad is not None))
 
     def _overhead(self, cost: float) -> float | None:
+        """Fraction of this logged step's wall time spent in the Monitor (hooks + statistics).
+
+        The training step's own time is estimated from the wall time since the previous logged
+        step, less the Monitor's cost, divided by the steps in between. Also applies the budget.
+        """
         now = time.perf_counter()
-        prev = self._last_step_end
-        self._last_step_end = now
-        if prev is None:
+        prev, steps = self._last_step_end, self.step_count - self._last_logged_count
+        self._last_step_end, self._last_logged_count = now, self.step_count
+        if prev is None or now <= prev or steps <= 0:
             return None
-        interval = now - prev
-        if interval <= 0:
-            return None
-        steps = max(1, self.every)
-        step_time = max(interval - cost, 1e-9) / steps  # the training step without the Monitor
+        step_time = max(now - prev - cost, 1e-9) / steps  # the training step without the Monitor
         ema = self._step_time_ema
         self._step_time_ema = step_time if ema is None else 0.8 * ema + 0.2 * step_time
-        if self.overhead_budget is not None and self._step_time_ema:
+        if self.overhead_budget is not None:
             needed = math.ceil(cost / (self.overhead_budget * self._step_time_ema))
             if needed > self.every:
                 log.info(
@@ -540,7 +589,21 @@ class Monitor:
                     100 * self.overhead_budget,
                 )
                 self.every = needed
-        return cost / interval
+        return cost / (cost + step_time)
+
+    @property
+    def amortized_overhead(self) -> float | None:
+        """The Monitor's time as a fraction of training time at the current ``every``.
+
+        The median per-logged-step overhead fraction divided by ``every``; None before two logged
+        steps.
+        """
+        values = sorted(r.overhead for r in self._records if r.overhead is not None)
+        if not values:
+            return None
+        f = values[len(values) // 2]
+        per_step = f / (1 - f) if f < 1 else math.inf  # cost / step_time
+        return per_step / self.every / (1 + per_step / self.every)
 
     # ------------------------------------------------------------------ sinks, findings, close
     def _emit(self, record: StepRecord) -> None:
