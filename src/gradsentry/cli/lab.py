@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         from rich.text import Text
 
         from gradsentry.lab import LabConfig, ProgressEvent, check_writable, run_lab, write_outputs
-        from gradsentry.lab.experiments import DEFAULT_VARIANTS, VARIANTS
+        from gradsentry.lab.experiments import DEFAULT_VARIANTS
 
         err = Console(stderr=True, soft_wrap=True)
         console = Console()
@@ -135,7 +135,8 @@ def register(app: typer.Typer) -> None:
         paths = write_outputs(result, out)
         console.print(_table(result))
         console.print(
-            f"{len(result.runs)} runs in {result.wall_time_s:.1f} s. Variants: {len(VARIANTS)} available."
+            f"{len(result.runs)} runs in {result.wall_time_s:.1f} s; re-render with: gradsentry report "
+            f"{paths['results']}"
         )
         console.print(
             Text.assemble("Report: ", (str(paths["report"]), "bold"), f"  (data: {paths['results']})")

@@ -26,8 +26,10 @@ def register(app: typer.Typer) -> None:
             help="HTML file to write (default: next to the input, with the suffix .html).",
         ),
     ) -> None:
-        """Render a self-contained HTML report: gradient flow over depth and over time, a heat map of
-        layer x step log gradient norm, and the findings with evidence and remedies.
+        """Render a logged run (or a lab's results.json) as a self-contained HTML report.
+
+        The report shows gradient flow over depth and over time, a heat map of layer x step log
+        gradient norm, and the findings with their evidence and remedies.
 
         Exit code 0: written; 2: unreadable or malformed input, or the output cannot be written.
 
