@@ -118,3 +118,36 @@ def test_embed_svg_reads_the_size_and_round_trips() -> None:
 )  # fmt: skip
 def test_fmt(value: object, text: str) -> None:
     assert fmt(value) == text
+
+
+def test_cli_report_renders_a_lightning_callback_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gradsentry.cli import main
+    from gradsentry.integrations.lightning import GradSentryCallback
+
+    class Module(pl.LightningModule):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 1))
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DataLoader(TensorDataset(torch.randn(32, 8), torch.randn(32, 1)), batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[GradSentryCallback(sinks=[gs.JsonlSink(tmp_path / "pl.jsonl")])],
+    )  # fmt: skip
+    trainer.fit(Module(), data)
+    assert main(["report", str(tmp_path / "pl.jsonl")]) == 0
+    html = (tmp_path / "pl.html").read_text()
+    assert "net.0" in html and html.count("data:image/svg+xml;base64,") == 3
+    assert "lightning" in html  # the header's source

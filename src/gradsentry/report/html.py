@@ -17,7 +17,7 @@ from typing import Any
 
 import jinja2
 
-from gradsentry.records import Finding, Run
+from gradsentry.records import Finding, LayerInfo, Run
 from gradsentry.report import plots
 
 _SIZE = re.compile(r'<svg[^>]*?\swidth="([\d.]+)pt"[^>]*?\sheight="([\d.]+)pt"', re.S)
@@ -176,6 +176,27 @@ def render_run_report(
     steps = [r.step for r in run.records]
     bad = [r.step for r in run.records if not r.finite or (r.loss is not None and not math.isfinite(r.loss))]
     meta_rows = [(str(k), _fmt_evidence(v)) for k, v in meta.items() if k not in ("activations", "config")]
+    layer_rows = []
+    if run.records:
+        first, last = run.records[0], run.records[-1]
+        firsts = {ls.name: ls for ls in first.layers}
+        lasts = {ls.name: ls for ls in last.layers}
+        infos = sorted(run.header.layers, key=lambda i: i.depth) or [
+            LayerInfo(ls.name, "", ls.depth, ls.numel) for ls in sorted(first.layers, key=lambda x: x.depth)
+        ]
+        for info in infos:
+            a, b = firsts.get(info.name), lasts.get(info.name)
+            layer_rows.append(
+                {
+                    "depth": info.depth,
+                    "name": info.name or "<root>",
+                    "type": info.type,
+                    "params": info.params,
+                    "first": fmt(a.grad_norm) if a is not None and a.has_grad else "no gradient",
+                    "last": fmt(b.grad_norm) if b is not None and b.has_grad else "no gradient",
+                    "update": fmt(b.update_ratio) if b is not None else "–",
+                }
+            )
     ctx = {
         "version": _version(),
         "title": page_title,
@@ -186,6 +207,9 @@ def render_run_report(
         "n_nonfinite": len(bad),
         "first_nonfinite": bad[0] if bad else None,
         "meta": meta_rows,
+        "layers": layer_rows,
+        "first_step": steps[0] if steps else None,
+        "last_step": steps[-1] if steps else None,
         "figures": figures,
         "findings": [finding_view(f) for f in findings],
     }
