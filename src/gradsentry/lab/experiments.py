@@ -230,12 +230,14 @@ class LabConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-serialisable data (``variants`` as a list)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["variants"] = list(self.variants)
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LabConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (call :meth:`validate` to check values)."""
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in names}
         if "variants" in kw:
@@ -435,10 +437,13 @@ def run_variant(
                         break
             if stopped_at is not None:
                 break
-    finally:
+    except BaseException:
         capture.close()
-        findings = mon.diagnose()
-        mon.close()
+        mon.close(write_findings=False)
+        raise
+    capture.close()
+    mon.close()  # diagnoses the run and writes the findings to the JSONL file
+    findings = mon.diagnose()  # the same records, so the same findings as in the file
     records = mon.records
     layers = mon.layers
     linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -144,10 +144,12 @@ class VariantResult:
         return list(dict.fromkeys(str(f.get("kind", "")) for f in self.findings))
 
     def finding_objects(self) -> list[Finding]:
+        """The findings as :class:`~gradsentry.records.Finding` objects."""
         return [Finding.from_dict(f) for f in self.findings]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariantResult:
+        """Rebuild from a ``runs[i]`` object of ``results.json`` (non-finite values already decoded)."""
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in names}
         kw["histograms"] = [HistogramResult(**h) for h in kw.get("histograms", [])]
@@ -172,10 +174,17 @@ class LabResult:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data with the schema version (see the module docstring); floats may be non-finite."""
         return {"gradsentry_lab": RESULTS_SCHEMA_VERSION, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LabResult:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: the schema version is missing or not :data:`RESULTS_SCHEMA_VERSION`.
+            KeyError: a required key is missing.
+        """
         version = data.get("gradsentry_lab")
         if version != RESULTS_SCHEMA_VERSION:
             raise ValueError(
