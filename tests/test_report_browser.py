@@ -118,12 +118,12 @@ def test_no_console_messages_and_screenshot_is_not_blank(report: Path, tmp_path:
 
     shot = tmp_path / "report.png"
     res = _chromium(
-        tmp_path, report.as_uri(), f"--screenshot={shot}", "--window-size=1200,6000", "--hide-scrollbars"
+        tmp_path, report.as_uri(), f"--screenshot={shot}", "--window-size=1100,3500", "--hide-scrollbars"
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert _console(res.stderr) == []
     img = imread(shot)[..., :3]
-    assert img.shape[:2] == (6000, 1200)
+    assert img.shape[:2] == (3500, 1100)
     ink = (img < 0.9).any(axis=2).mean()
     colours = len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3)[::7], axis=0))
     assert ink > 0.05 and colours > 200, (ink, colours)
