@@ -42,6 +42,12 @@ def _table(result: LabResult) -> Any:
     return table
 
 
+def _variant_names() -> tuple[str, ...]:
+    from gradsentry.lab.experiments import DEFAULT_VARIANTS
+
+    return DEFAULT_VARIANTS
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``lab`` subcommand to ``app``."""
 
@@ -62,7 +68,9 @@ def register(app: typer.Typer) -> None:
         variants: str | None = typer.Option(
             None,
             "--variants",
-            help="Comma-separated subset of variants to run, e.g. sigmoid_default,relu_he (default: all).",
+            help="Comma-separated subset of variants to run (default: all): "
+            + ", ".join(_variant_names())
+            + ".",
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the initial weights and the batch order."),
         out: Path = typer.Option(
