@@ -399,18 +399,59 @@ def test_growth_factor_override() -> None:
     assert f.evidence["growth_factor"] == pytest.approx(1.02**40, rel=1e-9)
 
 
-def test_update_ratio_above_limit_is_exploding() -> None:
+def test_update_ratio_above_limit_on_most_steps_is_exploding() -> None:
     recs = []
     for s in range(10):
         layers = [layer(i, 1.0, update_ratio=1e-3) for i in range(3)]
-        if s in (4, 6):
+        if s >= 4:  # 6 of 10 logged steps: sustained
             layers[1].update_ratio = 0.5 if s == 4 else 0.2
         recs.append(StepRecord(step=s, global_norm=math.sqrt(3), layers=layers))
     (f,) = diagnose(recs)
-    assert (f.kind, f.severity, f.steps, f.layers) == ("exploding", "warning", [4, 6], ["l1"])
+    assert (f.kind, f.severity, f.steps, f.layers) == ("exploding", "warning", [4, 5, 6, 7, 8, 9], ["l1"])
     ev = f.evidence
     assert (ev["trigger"], ev["max_update_ratio"], ev["max_update_ratio_step"]) == ("update_ratio", 0.5, 4)
     assert diagnose(recs, update_ratio_max=0.6) == []
+
+
+def test_transient_update_ratio_is_silent_unless_the_update_outgrew_the_weights() -> None:
+    recs = []
+    for s in range(10):
+        layers = [layer(i, 1.0, update_ratio=1e-3) for i in range(3)]
+        if s in (1, 2):  # an early head catching up: 2 of 10 steps at 0.2-0.3
+            layers[2].update_ratio = 0.3
+        recs.append(StepRecord(step=s, global_norm=math.sqrt(3), layers=layers))
+    assert diagnose(recs) == []
+    recs[6].layers[0].update_ratio = 2.5  # one update 2.5x the weights' norm: enough on its own
+    (f,) = diagnose(recs)
+    assert (f.steps, f.layers, f.evidence["max_update_ratio"]) == ([6], ["l0"], 2.5)
+
+
+def _with_loss(recs: list[StepRecord], losses: Sequence[float]) -> list[StepRecord]:
+    for r, loss in zip(recs, losses, strict=True):
+        r.loss = loss
+    return recs
+
+
+def test_spike_while_the_loss_keeps_falling_is_not_exploding() -> None:
+    norms = [1.0] * 40
+    norms[25] = 8.0  # 8x: above spike_min_factor, below spike_error_factor
+    falling = [2.0 * 0.97**s for s in range(40)]
+    assert diagnose(_with_loss([record(s, [n]) for s, n in enumerate(norms)], falling)) == []
+    hurt = falling[:]
+    hurt[26] = 5.0  # the loss jumps right after the spike: harm done
+    (f,) = diagnose(_with_loss([record(s, [n]) for s, n in enumerate(norms)], hurt))
+    assert (f.kind, f.steps) == ("exploding", [25])
+    (f,) = diagnose([record(s, [n]) for s, n in enumerate(norms)])  # no loss recorded: the norm decides
+    assert f.steps == [25]
+
+
+def test_norm_growth_while_the_loss_falls_is_not_exploding() -> None:
+    norms = [0.5 * 1.06**s for s in range(60)]  # 0.5 -> 15: 30-fold
+    falling = [2.0 * 0.98**s for s in range(60)]
+    assert diagnose(_with_loss([record(s, [n]) for s, n in enumerate(norms)], falling)) == []
+    flat = [2.0] * 60
+    (f,) = diagnose(_with_loss([record(s, [n]) for s, n in enumerate(norms)], flat))
+    assert (f.kind, f.evidence["trigger"]) == ("exploding", "growth")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from gradsentry import theory
 from gradsentry.analyze import AnalyzeThresholds, LogAnalysis, analyze_log
 from gradsentry.check import CheckReport, check_model
 from gradsentry.diagnose import Thresholds, diagnose
+from gradsentry.lab import LabConfig, LabResult, run_lab
 from gradsentry.logs import Series, load_series
 from gradsentry.monitor import Monitor
 from gradsentry.records import (
@@ -34,6 +35,7 @@ from gradsentry.remedies import (
     ZClip,
 )
 from gradsentry.remedies.init import lsuv, reinit
+from gradsentry.report import render_lab_report, render_run_report
 from gradsentry.sinks import CsvSink, JsonlSink, TensorBoardSink, read_jsonl
 from gradsentry.theory import TheoryNotApplicable, chi, predict
 
@@ -52,6 +54,8 @@ __all__ = [
     "CsvSink",
     "Finding",
     "JsonlSink",
+    "LabConfig",
+    "LabResult",
     "Ladder",
     "LayerInfo",
     "LayerStats",
@@ -80,5 +84,8 @@ __all__ = [
     "predict",
     "read_jsonl",
     "reinit",
+    "render_lab_report",
+    "render_run_report",
+    "run_lab",
     "theory",
 ]
