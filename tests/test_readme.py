@@ -12,7 +12,9 @@ import gradsentry as gs
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_quick_start_runs_and_diagnoses_the_deep_sigmoid_net(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quick_start_runs_and_diagnoses_the_deep_sigmoid_net(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
     assert code is not None
     monkeypatch.chdir(tmp_path)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gradsentry import stats
+from gradsentry import _dist, stats
 from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, RunHeader, StepRecord
 from gradsentry.sinks.base import SafeSink, Sink
 
@@ -90,9 +90,32 @@ class Monitor:
             stays under this fraction of the training step time.
         max_records: how many records to keep in memory (oldest dropped first).
         meta: free-form metadata written into the JSONL header.
+        process_group: under ``torch.distributed``, the group to reduce statistics over; None uses
+            the default group when one is initialised. Create the Monitor after wrapping the model
+            (``DistributedDataParallel(...)`` or ``fully_shard(...)``), and call :meth:`step` on
+            every rank.
+        sharded: None detects: gradients are sharded when parameters are DTensors with a ``Shard``
+            placement (FSDP2 ``fully_shard``), replicated otherwise (DDP). Replicated gradient
+            statistics need no collective; sharded ones take one ``all_reduce(SUM)`` and one
+            ``all_reduce(MAX)`` per logged step. True: each rank's plain parameters are different
+            parts of the model.
+        sync_local: under ``torch.distributed``, average the rank-local statistics (loss,
+            activation statistics; histogram counts are summed, forward non-finite flags OR-ed) over
+            ranks, so that every rank gets the same records and findings. Under sharded gradients
+            they ride on the same two collectives; under DDP this costs one small
+            ``all_reduce(SUM)`` (and one ``all_reduce(MAX)`` with ``locate_nonfinite``) per logged
+            step. False: no collective at all under DDP; records then hold each rank's own loss.
+        rank_zero_only_sinks: write the sinks on rank 0 only (the other ranks keep the records in
+            memory). False: every rank writes its sinks.
+        dist_timeout: seconds to wait for a collective before raising
+            :class:`gradsentry.DistributedError`; None uses the process group's own timeout
+            (``init_process_group(timeout=...)``).
 
     Raises:
-        ValueError: if the model has no parameters, or ``every < 1``.
+        ValueError: if the model has no parameters, or ``every < 1``, or a distributed option is
+            inconsistent (see :func:`gradsentry._dist.resolve`).
+        gradsentry.DistributedError: from :meth:`step`, when a rank died or hung during the
+            reduction of a logged step.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -120,6 +143,11 @@ class Monitor:
         overhead_budget: float | None = None,
         max_records: int = 100_000,
         meta: dict[str, Any] | None = None,
+        process_group: Any = None,
+        sharded: bool | None = None,
+        sync_local: bool = True,
+        rank_zero_only_sinks: bool = True,
+        dist_timeout: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradsentry.Monitor expects an nn.Module, got {type(model).__name__}")
@@ -150,6 +178,18 @@ class Monitor:
         self._sinks_opened = False
 
         self._layers = self._find_layers(model)
+        self._dist = _dist.resolve(
+            model,
+            [p for layer in self._layers for p in layer.params],
+            process_group=process_group,
+            sharded=sharded,
+            timeout=dist_timeout,
+        )
+        self.sync_local = sync_local
+        self.rank = self._dist.rank if self._dist is not None else 0
+        if self.rank != 0 and rank_zero_only_sinks:
+            self._sinks = []
+        self._proposed_every = self.every
         self._sites = [
             _ActSite(name, type(m).__name__, m)
             for name, m in model.named_modules()
@@ -303,7 +343,7 @@ class Monitor:
     def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         params, _ = self._all_params()
-        self._snapshot = [p.detach().clone() for p in params]
+        self._snapshot = [_dist.local(p).detach().clone() for p in params]
         self._hook_time += time.perf_counter() - t0
 
     def _opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -311,9 +351,9 @@ class Monitor:
         snap = self._snapshot
         if snap is not None:
             params, index = self._all_params()
-            torch._foreach_sub_(snap, [p.detach() for p in params])
-            norms = stats.foreach_norms(snap)
-            self._pending.update_sq = stats.layer_sum_of_squares(norms, index, len(self._layers))
+            torch._foreach_sub_(snap, [_dist.local(p).detach() for p in params])
+            sq = _dist.sq_norms(self._dist, snap, like=params)
+            self._pending.update_sq = _layer_sum(sq, index.to(sq.device), len(self._layers))
             self._snapshot = None
         self._disarm_optimizer()
         self._hook_time += time.perf_counter() - t0
@@ -373,7 +413,17 @@ class Monitor:
         all_params, all_index = self._all_params()
         device = all_params[0].device
         dt = stats.reduce_dtype(device)
-        parts: list[Tensor] = []
+        ctx = self._dist
+        shard_op = "sum" if ctx is not None and ctx.sharded else None  # replicated: already global
+        shard_max = "max" if shard_op else None
+        sync = ctx is not None and (ctx.sharded or self.sync_local)
+
+        def local_op(op: str) -> str | None:  # rank-local statistics: reduced only when syncing
+            return op if sync else None
+
+        # Device tensors in transfer order, each with its reduction over ranks (see _dist.reduce_parts).
+        parts: list[tuple[Tensor, str | None]] = []
+        norms: Tensor | None = None
         if grads:
             key = tuple(owners)
             cached = self._index_cache.get(key)
@@ -382,35 +432,51 @@ class Monitor:
                 self._index_cache = {key: cached}
             index = cached[1]
             g = [t for t in grads if t is not None]  # (never None here; narrows the type)
-            norms = stats.foreach_norms(g)
-            maxabs = stats.foreach_max_abs(g)
-            self.last_norms = (params_with_grad, norms)
-            parts += [
-                stats.layer_sum_of_squares(norms, index.to(norms.device), L).to(device),
-                stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt),
-            ]
+            if shard_op is None:
+                norms = stats.foreach_norms(g)
+                g_sq = norms.to(dt).square().to(device)
+            else:  # per-tensor squared norms of the local shards, summed over ranks below
+                g_sq = _dist.sq_norms(ctx, g).to(device)
+            maxabs = stats.foreach_max_abs([_dist.local(t) for t in g])
+            g_max = stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt)
+            parts += [(g_sq, shard_op), (g_max, shard_max), (torch.isnan(g_max).to(dt), shard_max)]
         else:
-            self.last_norms = None
-            parts += [torch.zeros(L, dtype=dt, device=device), torch.zeros(L, dtype=dt, device=device)]
-        w_norms = stats.foreach_norms([p.detach() for p in all_params])
-        parts.append(stats.layer_sum_of_squares(w_norms, all_index.to(w_norms.device), L).to(device))
+            zeros = torch.zeros(L, dtype=dt, device=device)
+            parts += [(zeros, None), (zeros, None), (zeros, None)]
+        w_sq = _dist.sq_norms(ctx if shard_op else None, [p.detach() for p in all_params], like=all_params)
+        parts.append((_layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
         has_update = self._pending.update_sq is not None
         if has_update:
-            parts.append(self._pending.update_sq.to(device, dt))  # type: ignore[union-attr]
-        has_loss_tensor = isinstance(loss, Tensor)
+            parts.append((self._pending.update_sq.to(device, dt), shard_op))  # type: ignore[union-attr]
+        has_loss_tensor = isinstance(loss, Tensor) or (sync and loss is not None)
         if has_loss_tensor:
-            parts.append(loss.detach().reshape(-1)[:1].to(device, dt))  # type: ignore[union-attr]
+            loss_t = torch.as_tensor(loss).detach().reshape(-1)[:1].to(device, dt)
+            parts.append((loss_t, local_op("mean")))
         act_names = [s.name for s in self._sites if s.name in self._pending.acts]
         for name in act_names:
-            parts.append(self._pending.acts[name].to(device, dt))
+            parts.append((self._pending.acts[name].to(device, dt), local_op("mean")))
         hist_names = [n for n in act_names if n in self._pending.hists]
         for name in hist_names:
-            parts.append(self._pending.hists[name].to(device, dt))
+            parts.append((self._pending.hists[name].to(device, dt), local_op("sum")))
         flag_names = [n for n, _ in self._pending.finite_flags]
-        if flag_names:
-            parts.append(torch.stack([f for _, f in self._pending.finite_flags]).to(device, dt))
+        if flag_names:  # 1 where the module's output was NaN/inf (OR-ed over ranks)
+            bad = (~torch.stack([f for _, f in self._pending.finite_flags])).to(device, dt)
+            parts.append((bad, local_op("max")))
+        agree_every = ctx is not None and self.overhead_budget is not None
+        if agree_every:  # every rank must log the same steps: take the largest proposed `every`
+            parts.append((torch.tensor([float(self._proposed_every)], dtype=dt, device=device), "max"))
 
-        host = torch.cat(parts).cpu().tolist()  # the one device→host transfer of this step
+        reduced = _dist.reduce_parts(ctx, parts)
+        if grads:
+            if norms is None:
+                norms = reduced[0].sqrt().float()
+            reduced[0] = _layer_sum(reduced[0], index, L)
+            reduced[1] = torch.where(reduced[2] > 0, torch.nan, reduced[1])
+            self.last_norms = (params_with_grad, norms)
+        else:
+            self.last_norms = None
+        del reduced[2]
+        host = torch.cat(reduced).cpu().tolist()  # the one device→host transfer of this step
 
         pos = 0
 
@@ -420,7 +486,7 @@ class Monitor:
             pos += n
             return out
 
-        g_sq, g_max, w_sq = take(L), take(L), take(L)
+        g_sq_l, g_max_l, w_sq_l = take(L), take(L), take(L)
         u_sq = take(L) if has_update else None
         loss_value: float | None
         if has_loss_tensor:
@@ -429,19 +495,23 @@ class Monitor:
             loss_value = float(loss) if loss is not None else None  # type: ignore[arg-type]
         act_values = {name: take(4) for name in act_names}
         hist_values = {name: take(self.histogram_bins) for name in hist_names}
-        flags = take(len(flag_names))
+        flags = [1.0 - b for b in take(len(flag_names))]
+        if agree_every:
+            self._agree_every(int(take(1)[0]))
 
         numel = [0] * L
         for p, i in zip(params_with_grad, owners, strict=True):
             numel[i] += p.numel()
         layer_stats: list[LayerStats] = []
+        bad_layers = [
+            i for i in range(L) if numel[i] and not (math.isfinite(g_sq_l[i]) and math.isfinite(g_max_l[i]))
+        ]
+        nonfinite_counts = self._count_nonfinite(bad_layers) if bad_layers else {}
         for i, layer in enumerate(self._layers):
             n = numel[i]
-            gnorm = math.sqrt(g_sq[i])
-            wnorm = math.sqrt(w_sq[i])
-            nonfinite = 0
-            if n and not (math.isfinite(g_sq[i]) and math.isfinite(g_max[i])):
-                nonfinite = self._count_nonfinite(layer)
+            gnorm = math.sqrt(g_sq_l[i])
+            wnorm = math.sqrt(w_sq_l[i])
+            nonfinite = nonfinite_counts.get(i, 0)
             ratio = None
             if u_sq is not None:
                 ratio = math.sqrt(u_sq[i]) / wnorm if wnorm > 0 else (math.inf if u_sq[i] > 0 else 0.0)
@@ -452,14 +522,14 @@ class Monitor:
                     numel=n,
                     grad_norm=gnorm,
                     grad_rms=gnorm / math.sqrt(n) if n else 0.0,
-                    grad_max_abs=g_max[i] if n else 0.0,
+                    grad_max_abs=g_max_l[i] if n else 0.0,
                     nonfinite=nonfinite,
                     weight_norm=wnorm,
                     update_ratio=ratio if n else None,
                     has_grad=n > 0,
                 )
             )
-        total_sq = math.fsum(g_sq)
+        total_sq = math.fsum(g_sq_l)
         global_norm = math.sqrt(total_sq) if not math.isnan(total_sq) else math.nan
         acts = []
         for site in self._sites:
@@ -514,9 +584,33 @@ class Monitor:
         self._emit(record)
         return record
 
-    def _count_nonfinite(self, layer: _Layer) -> int:
-        """Count NaN/inf gradient entries of one layer (only called when its norm is not finite)."""
-        return int(sum(int((~torch.isfinite(p.grad)).sum()) for p in layer.params if p.grad is not None))
+    def _count_nonfinite(self, layers: list[int]) -> dict[int, int]:
+        """Count NaN/inf gradient entries of these layers (only called for layers whose norm is not
+        finite; the same layers on every rank, so a sharded count is one more all-reduce)."""
+        device = self._all_params()[0][0].device
+        counts = []
+        for i in layers:
+            ps = [p for p in self._layers[i].params if p.grad is not None]
+            keep = self._dist.counted(ps) if self._dist is not None else [True] * len(ps)
+            grads = [_dist.local(p.grad) for p, k in zip(ps, keep, strict=True) if k]  # type: ignore[arg-type]
+            zero = torch.zeros((), dtype=torch.int64, device=device)
+            counts.append(sum(((~torch.isfinite(g)).sum().to(device) for g in grads), zero))
+        total = torch.stack(counts).to(torch.float64)
+        if self._dist is not None and self._dist.sharded:
+            total = self._dist.all_reduce_(total, "sum")
+        return dict(zip(layers, (int(c) for c in total.cpu().tolist()), strict=True))
+
+    def _agree_every(self, agreed: int) -> None:
+        """Apply the largest ``every`` that any rank proposed (overhead_budget under distributed)."""
+        if agreed > self.every:
+            log.info(
+                "gradsentry.Monitor: logging every %d steps (was %d) to stay under %.1f%% overhead",
+                agreed,
+                self.every,
+                100 * (self.overhead_budget or 0.0),
+            )
+            self.every = agreed
+        self._proposed_every = self.every
 
     def _overhead(self, cost: float) -> float | None:
         now = time.perf_counter()
@@ -533,7 +627,9 @@ class Monitor:
         self._step_time_ema = step_time if ema is None else 0.8 * ema + 0.2 * step_time
         if self.overhead_budget is not None and self._step_time_ema:
             needed = math.ceil(cost / (self.overhead_budget * self._step_time_ema))
-            if needed > self.every:
+            if self._dist is not None:  # agreed over ranks at the next logged step
+                self._proposed_every = max(self._proposed_every, needed)
+            elif needed > self.every:
                 log.info(
                     "gradsentry.Monitor: logging every %d steps (was %d) to stay under %.1f%% overhead",
                     needed,
@@ -607,6 +703,11 @@ class Monitor:
             f"Monitor(layers={len(self._layers)}, every={self.every}, steps={self.step_count}, "
             f"records={len(self._records)})"
         )
+
+
+def _layer_sum(sq: Tensor, index: Tensor, num_layers: int) -> Tensor:
+    """Per-layer sums (``[L]``) of per-tensor values ``sq`` (``[N]``) owned by layer ``index[i]``."""
+    return torch.zeros(num_layers, dtype=sq.dtype, device=sq.device).index_add_(0, index.to(sq.device), sq)
 
 
 def layer_names(model: nn.Module) -> Iterable[str]:
