@@ -120,7 +120,9 @@ class DistContext:
         except Exception as exc:
             when = f" (timeout {self.timeout:g} s)" if self.timeout is not None else ""
             raise DistributedError(
-                COLLECTIVE_FAILED_MSG.format(op=op.upper(), world=self.world_size, timeout=when, exc=exc)
+                COLLECTIVE_FAILED_MSG.format(
+                    op=op.upper(), world=self.world_size, timeout=when, exc=str(exc).strip().rstrip(".!")
+                )
             ) from exc
         return t
 

@@ -1,0 +1,200 @@
+"""Per-rank scenarios for tests/test_distributed.py (2 gloo processes on CPU, spawned by the test).
+
+Each rank runs every scenario in order and writes ``rank{r}.json`` into the output folder: for each
+scenario either its measurements or ``{"error": traceback}``. The parent process computes the
+single-process references and asserts. One spawn serves all scenarios (starting Python + torch in
+two fresh processes is most of the cost); the scenario that kills a rank runs last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+WORLD = 2
+BATCH = 16  # the full batch; each rank trains on BATCH // WORLD rows
+LR = 0.1
+
+
+def make_model() -> nn.Sequential:
+    """Odd widths, so FSDP2 shards unevenly (7 rows → 4 + 3, 3 rows → 2 + 1)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = 3 * torch.randn(BATCH, 6, generator=g)  # large inputs: some tanh units saturate
+    return x, torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def local_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = make_data()
+    n = BATCH // WORLD
+    return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+
+
+@contextlib.contextmanager
+def count_all_reduce() -> Iterator[list[str]]:
+    """Record every ``torch.distributed.all_reduce`` call (its op) made inside the block."""
+    calls: list[str] = []
+    original = dist.all_reduce
+
+    def wrapped(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM, *args: Any, **kwargs: Any) -> Any:
+        calls.append({dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max"}.get(op, str(op)))
+        return original(tensor, op, *args, **kwargs)
+
+    dist.all_reduce = wrapped  # type: ignore[assignment]
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = original
+
+
+def _step(model: nn.Module, rank: int) -> torch.Tensor:
+    x, y = local_batch(rank)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def ddp(rank: int, out: Path) -> dict[str, Any]:
+    import gradsentry as gs
+    from gradsentry.sinks import JsonlSink
+
+    model = nn.parallel.DistributedDataParallel(make_model())
+    res: dict[str, Any] = {}
+    with gs.Monitor(model, sync_local=False) as mon:
+        loss = _step(model, rank)
+        with count_all_reduce() as calls:
+            rec = mon.step(loss=loss)
+        res["no_sync"] = {"record": rec.to_dict(), "calls": calls, "local_loss": float(loss)}
+    model.zero_grad()
+    with gs.Monitor(model, sinks=[JsonlSink(out / f"ddp_sink{rank}.jsonl")]) as mon:
+        loss = _step(model, rank)
+        with count_all_reduce() as calls:
+            rec = mon.step(loss=loss)
+        res["sync"] = {"record": rec.to_dict(), "calls": calls, "rank": mon.rank}
+    return res
+
+
+def _fsdp_model() -> nn.Sequential:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def fsdp(rank: int, out: Path) -> dict[str, Any]:
+    import gradsentry as gs
+    from gradsentry import _dist
+
+    model = _fsdp_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    res: dict[str, Any] = {"records": [], "calls": []}
+    with gs.Monitor(model, optimizer=opt) as mon:
+        res["sharded"] = mon._dist is not None and mon._dist.sharded
+        for _ in range(2):
+            loss = _step(model, rank)
+            with count_all_reduce() as calls:
+                rec = mon.step(loss=loss)
+            res["records"].append(rec.to_dict())
+            res["calls"].append(calls)
+            assert mon.last_norms is not None
+            res["last_norms"] = mon.last_norms[1].tolist()
+            opt.step()
+            opt.zero_grad()
+        loss = _step(model, rank)
+        grads = [p.grad for p in model.parameters()]
+        res["global_per_tensor"] = _dist.global_per_tensor_norms(grads).tolist()
+        res["global_sq"] = float(_dist.global_sq_norm(grads))
+        res["local_numel"] = [p.to_local().numel() for p in model.parameters()]
+    return res
+
+
+def fsdp_nan(rank: int, out: Path) -> dict[str, Any]:
+    import gradsentry as gs
+    from gradsentry import _dist
+
+    model = _fsdp_model()
+    res: dict[str, Any] = {}
+    with gs.Monitor(model, activations=False) as mon:
+        _step(model, rank)
+        if rank == 1:  # a NaN in rank 1's shard of layer "2" only
+            model[2].weight.grad.to_local()[0, 0] = float("nan")
+        res["any_rank"] = bool(_dist.any_rank(torch.tensor(rank == 1)))
+        res["record"] = mon.step().to_dict()
+    return res
+
+
+def dead_peer(rank: int, out: Path) -> dict[str, Any]:
+    """Rank 1 stops calling step() (first on a side group, then it exits); rank 0 must raise."""
+    import gradsentry as gs
+
+    res: dict[str, Any] = {}
+    side = dist.new_group([0, 1])
+    model = make_model()
+    mon = gs.Monitor(model, process_group=side, sharded=True, dist_timeout=1.0, activations=False)
+    _step(model, rank)
+    dist.barrier()
+    if rank == 1:
+        time.sleep(2.0)  # alive, but skipping the logged step: rank 0 times out
+        return res
+    t0 = time.perf_counter()
+    try:
+        mon.step()
+    except Exception as exc:
+        res["hung"] = {"type": type(exc).__name__, "msg": str(exc), "seconds": time.perf_counter() - t0}
+    model2 = make_model()
+    mon2 = gs.Monitor(model2, sharded=True, dist_timeout=5.0, activations=False)
+    _step(model2, rank)
+    time.sleep(1.5)  # rank 1 has exited by now (else this times out: the same error)
+    t0 = time.perf_counter()
+    try:
+        mon2.step()
+    except Exception as exc:
+        res["died"] = {"type": type(exc).__name__, "msg": str(exc), "seconds": time.perf_counter() - t0}
+    return res
+
+
+SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
+    "ddp": ddp,
+    "fsdp": fsdp,
+    "fsdp_nan": fsdp_nan,
+    "dead_peer": dead_peer,  # last: it leaves the process group broken
+}
+
+
+def main(rank: int, port: int, out_dir: str, names: list[str]) -> None:
+    """Entry point of one spawned rank."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=10))
+    results: dict[str, Any] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            results[name] = SCENARIOS[name](rank, out)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+        results[name]["_seconds"] = time.perf_counter() - t0
+        (out / f"rank{rank}.json").write_text(json.dumps(results))
+    if "dead_peer" not in names:
+        dist.destroy_process_group()

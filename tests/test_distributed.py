@@ -1,0 +1,202 @@
+"""Monitor statistics under torch.distributed (DDP and FSDP2) on 2 CPU gloo processes.
+
+The ranks run the scenarios of ``dist_worker.py`` (one spawn for all of them) and write JSON; the
+references are single-process runs on the full batch, recomputed here in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import dist_worker as W
+
+pytestmark = pytest.mark.slow
+
+RTOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Results of every scenario on rank 0 and rank 1."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path_factory.mktemp("dist")
+    names = list(W.SCENARIOS)
+    ctx = mp.start_processes(
+        W.main, args=(_free_port(), str(out), names), nprocs=W.WORLD, join=False, start_method="spawn"
+    )
+    try:
+        while not ctx.join(timeout=90):
+            pass
+    except mp.ProcessRaisedException as exc:  # the scenario errors are in the JSON; this is setup
+        pytest.fail(f"a rank crashed: {exc}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(W.WORLD)]
+    res[0]["_out"] = str(out)
+    return res
+
+
+def _scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    got = [r[name] for r in ranks]
+    for r, g in enumerate(got):
+        assert "error" not in g, f"rank {r} failed in {name}:\n{g['error']}"
+    return got
+
+
+def _reference(steps: int = 1) -> list[dict[str, Any]]:
+    """Single-process full-batch SGD run: per-layer float64 norms of each step's gradient."""
+    model = W.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=W.LR)
+    x, y = W.make_data()
+    out = []
+    before: dict[str, torch.Tensor] | None = None
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        layers = {}
+        for name, m in model.named_modules():
+            ps = list(m.parameters(recurse=False))
+            if not ps:
+                continue
+            g = torch.cat([p.grad.double().flatten() for p in ps])
+            w = torch.cat([p.detach().double().flatten() for p in ps])
+            ratio = None
+            if before is not None:
+                ratio = ((w - before[name]).norm() / w.norm()).item()
+            layers[name] = {
+                "grad_norm": g.norm().item(),
+                "max": g.abs().max().item(),
+                "w": w.norm().item(),
+                "ratio": ratio,
+            }
+        per_tensor = [p.grad.double().norm().item() for p in model.parameters()]
+        acts = {}
+        with torch.no_grad():
+            pre = model[0](x).double()
+        acts["1"] = {
+            "pre_mean": pre.mean().item(),
+            "sat": (torch.tanh(pre).abs() > 0.99).double().mean().item(),
+        }
+        out.append({"loss": loss.item(), "layers": layers, "per_tensor": per_tensor, "acts": acts})
+        before = {
+            name: torch.cat([p.detach().double().flatten() for p in m.parameters(recurse=False)])
+            for name, m in model.named_modules()
+            if list(m.parameters(recurse=False))
+        }
+        opt.step()
+        opt.zero_grad()
+    return out
+
+
+def _check_layers(rec: dict[str, Any], ref: dict[str, Any], prefix: str = "") -> None:
+    names = [layer["name"] for layer in rec["layers"]]
+    assert names == [prefix + n for n in ref["layers"]]
+    total = 0.0
+    for layer in rec["layers"]:
+        want = ref["layers"][layer["name"][len(prefix) :]]
+        assert layer["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
+        assert layer["grad_max_abs"] == pytest.approx(want["max"], rel=RTOL)
+        assert layer["weight_norm"] == pytest.approx(want["w"], rel=RTOL)
+        total += want["grad_norm"] ** 2
+    assert rec["global_norm"] == pytest.approx(math.sqrt(total), rel=RTOL)
+
+
+def test_ddp_norms_equal_single_process_full_batch_without_collectives(ranks: list[dict[str, Any]]) -> None:
+    ref = _reference()[0]
+    got = _scenario(ranks, "ddp")
+    for r in range(W.WORLD):
+        no_sync = got[r]["no_sync"]
+        _check_layers(no_sync["record"], ref, prefix="module.")
+        assert no_sync["calls"] == []  # replicated gradients: no collective at all
+        assert no_sync["record"]["loss"] == no_sync["local_loss"]  # rank-local loss, as asked
+        sync = got[r]["sync"]
+        _check_layers(sync["record"], ref, prefix="module.")
+        assert sync["calls"] == ["sum"]  # one SUM for the loss and the activation statistics
+        assert sync["record"]["loss"] == pytest.approx(ref["loss"], rel=RTOL)
+    assert got[0]["sync"]["record"] == got[1]["sync"]["record"] | {
+        "overhead": got[0]["sync"]["record"]["overhead"]
+    }
+
+
+def test_ddp_sinks_written_on_rank_zero_only(ranks: list[dict[str, Any]]) -> None:
+    from gradsentry.sinks import read_jsonl
+
+    _scenario(ranks, "ddp")
+    out = Path(ranks[0]["_out"])
+    run = read_jsonl(out / "ddp_sink0.jsonl")
+    assert [rec.step for rec in run.records] == [0]
+    assert not (out / "ddp_sink1.jsonl").exists()
+
+
+def test_fsdp2_norms_equal_unsharded_computation(ranks: list[dict[str, Any]]) -> None:
+    refs = _reference(steps=2)
+    got = _scenario(ranks, "fsdp")
+    assert got[0]["local_numel"] != got[1]["local_numel"]  # uneven shards really happened
+    for r in range(W.WORLD):
+        g = got[r]
+        assert g["sharded"] is True
+        for step, (rec, ref) in enumerate(zip(g["records"], refs, strict=True)):
+            _check_layers(rec, ref)
+            assert rec["loss"] == pytest.approx(ref["loss"], rel=RTOL)
+            act = rec["activations"][0]
+            assert act["pre_mean"] == pytest.approx(ref["acts"]["1"]["pre_mean"], rel=RTOL, abs=1e-7)
+            assert act["saturated_frac"] == pytest.approx(ref["acts"]["1"]["sat"], rel=RTOL)  # float32
+            if step == 1:  # the SGD step between the two logged steps, measured on the shards
+                for layer in rec["layers"]:
+                    want = ref["layers"][layer["name"]]["ratio"]
+                    assert layer["update_ratio"] == pytest.approx(want, rel=RTOL)
+        # one all_reduce(SUM) and one all_reduce(MAX) per logged step, nothing else
+        assert g["calls"] == [["sum", "max"]] * 2
+        torch.testing.assert_close(
+            torch.tensor(g["last_norms"], dtype=torch.float64),
+            torch.tensor(refs[1]["per_tensor"], dtype=torch.float64),
+            rtol=RTOL,
+            atol=0,
+        )
+    # the helpers the remedies use: global norms of the third step's gradient, the same on each rank
+    assert got[0]["global_per_tensor"] == got[1]["global_per_tensor"]
+    assert got[0]["global_sq"] == pytest.approx(sum(n * n for n in got[0]["global_per_tensor"]), rel=1e-6)
+    assert got[0]["records"] == [
+        rec | {"overhead": a["overhead"]} for rec, a in zip(got[1]["records"], got[0]["records"], strict=True)
+    ]
+
+
+def test_nan_on_one_rank_shard_is_seen_by_every_rank(ranks: list[dict[str, Any]]) -> None:
+    got = _scenario(ranks, "fsdp_nan")
+    for r in range(W.WORLD):
+        rec = got[r]["record"]
+        assert got[r]["any_rank"] is True
+        assert math.isnan(rec["global_norm"])
+        by_name = {layer["name"]: layer for layer in rec["layers"]}
+        assert by_name["2"]["nonfinite"] == 1
+        assert math.isnan(by_name["2"]["grad_norm"]) and math.isnan(by_name["2"]["grad_max_abs"])
+        assert by_name["0"]["nonfinite"] == 0 and math.isfinite(by_name["0"]["grad_norm"])
+
+
+def test_dead_or_hung_peer_raises_a_clear_error_instead_of_hanging(ranks: list[dict[str, Any]]) -> None:
+    got = ranks[0]["dead_peer"]
+    assert "error" not in got, got.get("error")
+    for case, limit in (("hung", 1.0), ("died", 5.0)):
+        err = got[case]
+        assert err["type"] == "DistributedError"
+        assert "A rank has probably died, hung, or skipped a logged Monitor.step()" in err["msg"]
+        assert err["seconds"] < limit + 2.0
+    assert "timeout 1 s" in got["hung"]["msg"]
