@@ -59,12 +59,24 @@ def _ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 CASES = {
-    "mlp24": Case("24-layer MLP, width 512 (6.3M params), batch 64", lambda: _mlp(24, 512, 512, 10),
-                  lambda: (torch.randn(64, 512), torch.randint(0, 10, (64,))), _ce),
-    "transformer": Case("4-layer transformer encoder, d_model 256, seq 128, batch 8", _Encoder,
-                        lambda: (torch.randn(8, 128, 256), torch.randint(0, 10, (8,))), _ce),
-    "mlp50m": Case("MLP of 50M params (3 x 4096), batch 32", lambda: _mlp(4, 4096, 1024, 10),
-                   lambda: (torch.randn(32, 1024), torch.randint(0, 10, (32,))), _ce),
+    "mlp24": Case(
+        "24-layer MLP, width 512 (6.3M params), batch 64",
+        lambda: _mlp(24, 512, 512, 10),
+        lambda: (torch.randn(64, 512), torch.randint(0, 10, (64,))),
+        _ce,
+    ),
+    "transformer": Case(
+        "4-layer transformer encoder, d_model 256, seq 128, batch 8",
+        _Encoder,
+        lambda: (torch.randn(8, 128, 256), torch.randint(0, 10, (8,))),
+        _ce,
+    ),
+    "mlp50m": Case(
+        "MLP of 50M params (3 x 4096), batch 32",
+        lambda: _mlp(4, 4096, 1024, 10),
+        lambda: (torch.randn(32, 1024), torch.randint(0, 10, (32,))),
+        _ce,
+    ),
 }
 
 
@@ -157,8 +169,10 @@ def main(
         case = CASES[key]
         res = measure(case, rounds)
         clip_over = res["clip_grad_norm_"] - 1
-        table = Table(title=f"{case.name}  ({rounds} rounds, torch {torch.__version__}, "
-                            f"{torch.get_num_threads()} threads)")
+        table = Table(
+            title=f"{case.name}  ({rounds} rounds, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads)"
+        )
         table.add_column("variant")
         table.add_column("step time / bare (median)", justify="right")
         table.add_column("overhead / clip_grad_norm_'s", justify="right")

@@ -278,3 +278,5 @@ def test_overhead_is_measured_and_budget_lowers_the_logging_frequency() -> None:
     assert mon.every > 1  # a budget of one millionth cannot be met at every=1
     overheads = [r.overhead for r in mon.records if r.overhead is not None]
     assert overheads and all(0 < o < 1 for o in overheads)
+    amortized = mon.amortized_overhead
+    assert amortized is not None and 0 < amortized < max(overheads)

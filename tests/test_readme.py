@@ -24,3 +24,4 @@ def test_quick_start_runs_and_diagnoses_the_deep_sigmoid_net(
     assert isinstance(mon, gs.Monitor) and len(mon.records) == 10
     run = gs.read_jsonl(tmp_path / "run.jsonl")
     assert [r.step for r in run.records] == list(range(0, 100, 10))
+    assert "vanishing" in {f.kind for f in mon.diagnose()}

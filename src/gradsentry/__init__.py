@@ -3,6 +3,7 @@
 Public names only; every module has one job (see README's architecture section).
 """
 
+from gradsentry.diagnose import Thresholds, diagnose
 from gradsentry.monitor import Monitor
 from gradsentry.records import (
     ActivationStats,
@@ -29,6 +30,8 @@ __all__ = [
     "Run",
     "RunHeader",
     "StepRecord",
+    "Thresholds",
     "__version__",
+    "diagnose",
     "read_jsonl",
 ]

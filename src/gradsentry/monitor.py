@@ -173,6 +173,7 @@ class Monitor:
         self._pending = _Pending()
         self._hook_time = 0.0
         self._last_step_end: float | None = None
+        self._last_logged_count = 0
         self._step_time_ema: float | None = None
         self.last_norms: tuple[list[Tensor], Tensor] | None = None
         self._sinks_opened = False
@@ -613,19 +614,20 @@ class Monitor:
         self._proposed_every = self.every
 
     def _overhead(self, cost: float) -> float | None:
+        """Fraction of this logged step's wall time spent in the Monitor (hooks + statistics).
+
+        The training step's own time is estimated from the wall time since the previous logged
+        step, less the Monitor's cost, divided by the steps in between. Also applies the budget.
+        """
         now = time.perf_counter()
-        prev = self._last_step_end
-        self._last_step_end = now
-        if prev is None:
+        prev, steps = self._last_step_end, self.step_count - self._last_logged_count
+        self._last_step_end, self._last_logged_count = now, self.step_count
+        if prev is None or now <= prev or steps <= 0:
             return None
-        interval = now - prev
-        if interval <= 0:
-            return None
-        steps = max(1, self.every)
-        step_time = max(interval - cost, 1e-9) / steps  # the training step without the Monitor
+        step_time = max(now - prev - cost, 1e-9) / steps  # the training step without the Monitor
         ema = self._step_time_ema
         self._step_time_ema = step_time if ema is None else 0.8 * ema + 0.2 * step_time
-        if self.overhead_budget is not None and self._step_time_ema:
+        if self.overhead_budget is not None:
             needed = math.ceil(cost / (self.overhead_budget * self._step_time_ema))
             if self._dist is not None:  # agreed over ranks at the next logged step
                 self._proposed_every = max(self._proposed_every, needed)
@@ -637,7 +639,21 @@ class Monitor:
                     100 * self.overhead_budget,
                 )
                 self.every = needed
-        return cost / interval
+        return cost / (cost + step_time)
+
+    @property
+    def amortized_overhead(self) -> float | None:
+        """The Monitor's time as a fraction of training time at the current ``every``.
+
+        The median per-logged-step overhead fraction divided by ``every``; None before two logged
+        steps.
+        """
+        values = sorted(r.overhead for r in self._records if r.overhead is not None)
+        if not values:
+            return None
+        f = values[len(values) // 2]
+        per_step = f / (1 - f) if f < 1 else math.inf  # cost / step_time
+        return per_step / self.every / (1 + per_step / self.every)
 
     # ------------------------------------------------------------------ sinks, findings, close
     def _emit(self, record: StepRecord) -> None:

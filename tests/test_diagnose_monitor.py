@@ -1,0 +1,134 @@
+"""End-to-end diagnosis: real models watched by the Monitor, then ``Monitor.diagnose()``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from gradsentry.monitor import Monitor
+from gradsentry.records import Finding
+
+
+def run(
+    model: nn.Module,
+    steps: int,
+    *,
+    opt: torch.optim.Optimizer | None = None,
+    loss_scale: Callable[[int], float] = lambda s: 1.0,
+    before_step: Callable[[int, nn.Module], None] | None = None,
+    in_dim: int = 16,
+    out_dim: int = 4,
+    with_optimizer_stats: bool = False,
+    locate_nonfinite: bool = False,
+) -> tuple[Monitor, list[Finding]]:
+    """Train ``model`` on random regression data for ``steps`` steps under a Monitor; diagnose."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, in_dim, generator=gen), torch.randn(256, out_dim, generator=gen)
+    opt = opt or torch.optim.SGD(model.parameters(), lr=1e-2)
+    mon = Monitor(model, optimizer=opt if with_optimizer_stats else None, locate_nonfinite=locate_nonfinite)
+    with mon:
+        for s in range(steps):
+            idx = torch.randint(0, 256, (32,), generator=gen)
+            loss = nn.functional.mse_loss(model(x[idx]), y[idx]) * loss_scale(s)
+            opt.zero_grad()
+            loss.backward()
+            if before_step is not None:
+                before_step(s, model)
+            mon.step(loss=loss)
+            if all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters()):
+                opt.step()
+        findings = mon.diagnose()
+    return mon, findings
+
+
+def test_20_layer_sigmoid_mlp_at_default_init_is_vanishing() -> None:
+    mon, findings = run(zoo.mlp(20, act=nn.Sigmoid), 3)
+    (f,) = findings
+    assert (f.kind, f.severity) == ("vanishing", "error")
+    first, last = mon.records[0].layers[0], mon.records[0].layers[-1]
+    assert first.grad_rms / last.grad_rms < 1e-6
+    assert f.evidence["first_last_rms_ratio_first_step"] == pytest.approx(first.grad_rms / last.grad_rms)
+    assert f.evidence["first_layer"] == "0" and f.evidence["last_layer"] == "38"
+    assert f.layers[0] in {"0", "2", "4"}
+    # Sigmoid activations seen by the Monitor put ReLU + He init first.
+    assert f.remedies[0].api == "gradsentry.reinit(model, 'he')"
+
+
+def test_20_layer_relu_he_init_and_3_layer_mlp_are_healthy() -> None:
+    _, findings = run(zoo.mlp(20, act=nn.ReLU, init="he"), 10)
+    assert findings == []
+    model = zoo.mlp(3, act=nn.ReLU)
+    _, findings = run(model, 40, opt=torch.optim.SGD(model.parameters(), lr=1e-2), with_optimizer_stats=True)
+    assert findings == []
+
+
+def test_loss_scaled_1e4_at_one_step_is_exploding_at_that_step_only() -> None:
+    model = zoo.mlp(3, act=nn.ReLU)
+    # Adam: the scaled step does not wreck the weights, so only that one step is abnormal.
+    _, findings = run(
+        model,
+        40,
+        opt=torch.optim.Adam(model.parameters(), lr=1e-3),
+        loss_scale=lambda s: 1e4 if s == 30 else 1.0,
+    )
+    (f,) = findings
+    assert (f.kind, f.steps, f.severity) == ("exploding", [30], "error")
+    assert f.evidence["first_spike_factor"] == pytest.approx(1e4, rel=0.5)
+
+
+def test_nan_injected_in_one_layer_is_nonfinite_naming_that_layer_and_step() -> None:
+    def inject(s: int, model: nn.Module) -> None:
+        if s == 12:
+            model[2].weight.grad[0, 0] = math.nan  # type: ignore[index]
+
+    mon, findings = run(zoo.mlp(3, act=nn.ReLU), 20, before_step=inject, locate_nonfinite=True)
+    (f,) = findings
+    assert (f.kind, f.severity, f.steps, f.layers) == ("nonfinite", "error", [12], ["2"])
+    assert f.evidence["layer_nonfinite_counts"] == {"2": 1}
+    # Forward was finite, so the located origin is the deepest layer with a non-finite gradient.
+    assert mon.records[12].nonfinite_origin == "2" and f.evidence["origin"] == "2"
+
+
+def test_layer_with_zero_learning_rate_is_stalled() -> None:
+    model = zoo.mlp(4, act=nn.ReLU)
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.startswith("2.")]},
+        {"params": list(model[2].parameters()), "lr": 1e-9},  # type: ignore[index]
+    ]
+    opt = torch.optim.SGD(groups, lr=5e-2)
+    _, findings = run(model, 12, opt=opt, with_optimizer_stats=True)
+    assert [f.kind for f in findings] == ["stalled_layer"]
+    assert findings[0].layers == ["2"]
+    assert findings[0].evidence["median_update_ratio"]["2"] < 1e-6
+
+
+def test_dead_relu_units_and_saturated_sigmoid() -> None:
+    dead = zoo.mlp(3, act=nn.ReLU)
+    with torch.no_grad():
+        dead[0].bias.fill_(-50.0)  # type: ignore[index]  # every unit of the first ReLU is off
+    _, findings = run(dead, 5)
+    assert "dead_units" in [f.kind for f in findings]
+    f = next(f for f in findings if f.kind == "dead_units")
+    assert f.layers[0] == "1" and f.evidence["worst_median_fraction"] == 1.0
+
+    sat = zoo.mlp(3, act=nn.Sigmoid)
+    with torch.no_grad():
+        sat[0].weight.mul_(100.0)  # type: ignore[index]  # pre-activations ~ +-20: sigmoid saturated
+    _, findings = run(sat, 5)
+    f = next(f for f in findings if f.kind == "saturation")
+    assert f.layers[0] == "1" and f.evidence["worst_median_fraction"] > 0.8
+
+
+def test_frozen_first_layer_is_not_vanishing() -> None:
+    model = zoo.mlp(4, act=nn.ReLU)
+    model[0].requires_grad_(False)  # type: ignore[index]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    mon, findings = run(model, 10, opt=opt, with_optimizer_stats=True)
+    # Its gradient figures are 0 (a vanished gradient if it were counted); has_grad=False keeps it out.
+    assert mon.records[0].layers[0].has_grad is False and mon.records[0].layers[0].grad_rms == 0.0
+    assert findings == []
