@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import time
 import traceback
@@ -122,9 +123,24 @@ def fsdp(rank: int, out: Path) -> dict[str, Any]:
         loss = _step(model, rank)
         grads = [p.grad for p in model.parameters()]
         res["global_per_tensor"] = _dist.global_per_tensor_norms(grads).tolist()
+        res["global_max_abs"] = _dist.global_per_tensor_norms(grads, math.inf).tolist()
+        res["global_l1"] = _dist.global_per_tensor_norms(grads, 1.0).tolist()
         res["global_sq"] = float(_dist.global_sq_norm(grads))
         res["local_numel"] = [p.to_local().numel() for p in model.parameters()]
     return res
+
+
+def ddp_every(rank: int, out: Path) -> dict[str, Any]:
+    """overhead_budget under DDP: the ranks propose different `every`; all must adopt the largest."""
+    import gradsentry as gs
+
+    model = nn.parallel.DistributedDataParallel(make_model())
+    with gs.Monitor(model, sync_local=False, overhead_budget=0.5, activations=False) as mon:
+        mon._proposed_every = 3 + 2 * rank  # as if rank 1 had measured a larger overhead
+        _step(model, rank)
+        with count_all_reduce() as calls:
+            mon.step()
+        return {"every": mon.every, "calls": calls}
 
 
 def fsdp_nan(rank: int, out: Path) -> dict[str, Any]:
@@ -175,6 +191,7 @@ def dead_peer(rank: int, out: Path) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "ddp": ddp,
     "fsdp": fsdp,
+    "ddp_every": ddp_every,
     "fsdp_nan": fsdp_nan,
     "dead_peer": dead_peer,  # last: it leaves the process group broken
 }

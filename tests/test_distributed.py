@@ -88,6 +88,8 @@ def _reference(steps: int = 1) -> list[dict[str, Any]]:
                 "ratio": ratio,
             }
         per_tensor = [p.grad.double().norm().item() for p in model.parameters()]
+        per_tensor_max = [p.grad.double().abs().max().item() for p in model.parameters()]
+        per_tensor_l1 = [p.grad.double().abs().sum().item() for p in model.parameters()]
         acts = {}
         with torch.no_grad():
             pre = model[0](x).double()
@@ -95,7 +97,16 @@ def _reference(steps: int = 1) -> list[dict[str, Any]]:
             "pre_mean": pre.mean().item(),
             "sat": (torch.tanh(pre).abs() > 0.99).double().mean().item(),
         }
-        out.append({"loss": loss.item(), "layers": layers, "per_tensor": per_tensor, "acts": acts})
+        out.append(
+            {
+                "loss": loss.item(),
+                "layers": layers,
+                "per_tensor": per_tensor,
+                "per_tensor_max": per_tensor_max,
+                "per_tensor_l1": per_tensor_l1,
+                "acts": acts,
+            }
+        )
         before = {
             name: torch.cat([p.detach().double().flatten() for p in m.parameters(recurse=False)])
             for name, m in model.named_modules()
@@ -147,13 +158,13 @@ def test_ddp_sinks_written_on_rank_zero_only(ranks: list[dict[str, Any]]) -> Non
 
 
 def test_fsdp2_norms_equal_unsharded_computation(ranks: list[dict[str, Any]]) -> None:
-    refs = _reference(steps=2)
+    refs = _reference(steps=3)
     got = _scenario(ranks, "fsdp")
     assert got[0]["local_numel"] != got[1]["local_numel"]  # uneven shards really happened
     for r in range(W.WORLD):
         g = got[r]
         assert g["sharded"] is True
-        for step, (rec, ref) in enumerate(zip(g["records"], refs, strict=True)):
+        for step, (rec, ref) in enumerate(zip(g["records"], refs[:2], strict=True)):
             _check_layers(rec, ref)
             assert rec["loss"] == pytest.approx(ref["loss"], rel=RTOL)
             act = rec["activations"][0]
@@ -171,12 +182,30 @@ def test_fsdp2_norms_equal_unsharded_computation(ranks: list[dict[str, Any]]) ->
             rtol=RTOL,
             atol=0,
         )
-    # the helpers the remedies use: global norms of the third step's gradient, the same on each rank
+    # the helpers the remedies use, on the third step's gradient: the same on each rank, and right
+    for r in range(W.WORLD):
+        for key, ref_key in (
+            ("global_per_tensor", "per_tensor"),
+            ("global_max_abs", "per_tensor_max"),
+            ("global_l1", "per_tensor_l1"),
+        ):
+            torch.testing.assert_close(
+                torch.tensor(got[r][key], dtype=torch.float64),
+                torch.tensor(refs[2][ref_key], dtype=torch.float64),
+                rtol=RTOL,
+                atol=0,
+            )
+        assert got[r]["global_sq"] == pytest.approx(sum(n * n for n in refs[2]["per_tensor"]), rel=RTOL)
     assert got[0]["global_per_tensor"] == got[1]["global_per_tensor"]
-    assert got[0]["global_sq"] == pytest.approx(sum(n * n for n in got[0]["global_per_tensor"]), rel=1e-6)
     assert got[0]["records"] == [
         rec | {"overhead": a["overhead"]} for rec, a in zip(got[1]["records"], got[0]["records"], strict=True)
     ]
+
+
+def test_overhead_budget_every_is_agreed_over_ranks(ranks: list[dict[str, Any]]) -> None:
+    got = _scenario(ranks, "ddp_every")
+    assert got[0]["calls"] == got[1]["calls"] == ["max"]  # DDP, sync_local=False: only the agreement
+    assert got[0]["every"] == got[1]["every"] >= 5
 
 
 def test_nan_on_one_rank_shard_is_seen_by_every_rank(ranks: list[dict[str, Any]]) -> None:

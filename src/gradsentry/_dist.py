@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -240,14 +241,15 @@ def _initialized(group: Any) -> bool:
     return group is not None or (dist.is_available() and dist.is_initialized())
 
 
-def global_per_tensor_norms(grads: Sequence[Tensor], group: Any = None) -> Tensor:
-    """L2 norm of every whole gradient tensor, whatever part of it this rank holds.
+def global_per_tensor_norms(grads: Sequence[Tensor], norm_type: float = 2.0, group: Any = None) -> Tensor:
+    """p-norm of every whole gradient tensor, whatever part of it this rank holds.
 
-    Sharded DTensors (FSDP2): one ``all_reduce(SUM)`` of the stacked squared local norms. Replicated
-    or non-distributed gradients: no collective.
+    Sharded DTensors (FSDP2): one ``all_reduce`` of the stacked local values (SUM of ``norm**p``, or
+    MAX for ``p = inf``). Replicated or non-distributed gradients: no collective.
 
     Args:
         grads: N gradient tensors (plain tensors or DTensors).
+        norm_type: p (> 0), or ``math.inf`` for max |g|.
         group: process group (None: the default group).
 
     Returns:
@@ -258,9 +260,14 @@ def global_per_tensor_norms(grads: Sequence[Tensor], group: Any = None) -> Tenso
         DistributedError: the collective failed or timed out.
     """
     ctx = context_for(grads, group)
+    local_norms = stats.foreach_norms([local(g) for g in grads], norm_type)
     if ctx is None or not ctx.sharded:
-        return stats.foreach_norms([local(g) for g in grads])
-    return ctx.all_reduce_(sq_norms(ctx, grads), "sum").sqrt().float()
+        return local_norms
+    x = local_norms.to(stats.reduce_dtype(local_norms.device))
+    if math.isinf(norm_type):
+        return ctx.all_reduce_(x.nan_to_num(nan=math.inf), "max").float()  # MAX may drop NaN: keep inf
+    keep = torch.tensor(ctx.counted(grads), dtype=x.dtype, device=x.device)
+    return ctx.all_reduce_(x.pow(norm_type) * keep, "sum").pow(1.0 / norm_type).float()
 
 
 def global_sq_norm(grads: Sequence[Tensor], group: Any = None) -> Tensor:
