@@ -16,6 +16,7 @@ once: only the ranks at coordinate 0 of its replicated mesh dimensions contribut
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ class DistributedError(RuntimeError):
     """A collective of gradsentry failed or timed out (a rank died, hung or left the training loop)."""
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
