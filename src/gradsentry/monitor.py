@@ -440,10 +440,10 @@ class Monitor:
                 g_sq = _dist.sq_norms(ctx, g).to(device)
             maxabs = stats.foreach_max_abs([_dist.local(t) for t in g])
             g_max = stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt)
-            parts += [(g_sq, shard_op), (g_max, shard_max), (torch.isnan(g_max).to(dt), shard_max)]
+            parts += [(g_sq, shard_op), (g_max, shard_max)]
         else:
             zeros = torch.zeros(L, dtype=dt, device=device)
-            parts += [(zeros, None), (zeros, None), (zeros, None)]
+            parts += [(zeros, None), (zeros, None)]
         w_sq = _dist.sq_norms(ctx if shard_op else None, [p.detach() for p in all_params], like=all_params)
         parts.append((_layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
         has_update = self._pending.update_sq is not None
@@ -463,6 +463,9 @@ class Monitor:
         if flag_names:  # 1 where the module's output was NaN/inf (OR-ed over ranks)
             bad = (~torch.stack([f for _, f in self._pending.finite_flags])).to(device, dt)
             parts.append((bad, local_op("max")))
+        nan_pos = len(parts) if grads and shard_max is not None else None  # a MAX may drop NaN: flag it
+        if nan_pos is not None:
+            parts.append((torch.isnan(parts[1][0]).to(dt), shard_max))
         agree_every = ctx is not None and self.overhead_budget is not None
         if agree_every:  # every rank must log the same steps: take the largest proposed `every`
             parts.append((torch.tensor([float(self._proposed_every)], dtype=dt, device=device), "max"))
@@ -472,11 +475,11 @@ class Monitor:
             if norms is None:
                 norms = reduced[0].sqrt().float()
             reduced[0] = _layer_sum(reduced[0], index, L)
-            reduced[1] = torch.where(reduced[2] > 0, torch.nan, reduced[1])
             self.last_norms = (params_with_grad, norms)
         else:
             self.last_norms = None
-        del reduced[2]
+        if nan_pos is not None:
+            reduced[1] = torch.where(reduced.pop(nan_pos) > 0, torch.nan, reduced[1])
         host = torch.cat(reduced).cpu().tolist()  # the one device→host transfer of this step
 
         pos = 0
