@@ -179,8 +179,8 @@ def resolve(
     Args:
         model: the module being watched (a ``DistributedDataParallel`` wrapper means replicated).
         tensors: its parameters.
-        process_group: the group to reduce over; None uses the default group when
-            ``torch.distributed`` is initialised.
+        process_group: the group to reduce over; None uses the group of the DTensors' device mesh
+            when there are DTensors, else the default group.
         sharded: None detects (DTensor parameters with a ``Shard`` placement: sharded; otherwise
             replicated), True says each rank's plain tensors are different parts of the model,
             False says the gradients are replicated (DDP) so no collective is needed.
@@ -203,6 +203,8 @@ def resolve(
                 "call torch.distributed.init_process_group(...) first"
             )
         return None
+    if process_group is None:
+        process_group = _mesh_group(tensors)
     world = dist.get_world_size(process_group)
     if world <= 1:
         return None
@@ -228,6 +230,23 @@ def resolve(
         world_size=world,
         sharded=bool(sharded),
         timeout=timeout,
+    )
+
+
+def _mesh_group(tensors: Sequence[Tensor]) -> Any:
+    """The process group spanning the device mesh of the first DTensor (None: the default group).
+
+    Raises:
+        ValueError: a multi-dimensional mesh that covers only part of the world (pass the group).
+    """
+    mesh = next((t.device_mesh for t in tensors if is_dtensor(t)), None)  # type: ignore[attr-defined]
+    if mesh is None or mesh.size() == dist.get_world_size():
+        return None
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    raise ValueError(
+        f"the DTensors live on a {mesh.ndim}-D device mesh of {mesh.size()} of the "
+        f"{dist.get_world_size()} ranks; pass process_group= (a group spanning exactly those ranks)"
     )
 
 

@@ -91,7 +91,7 @@ class Monitor:
         max_records: how many records to keep in memory (oldest dropped first).
         meta: free-form metadata written into the JSONL header.
         process_group: under ``torch.distributed``, the group to reduce statistics over; None uses
-            the default group when one is initialised. Create the Monitor after wrapping the model
+            the group of the parameters' device mesh (FSDP2), else the default group. Create the Monitor after wrapping the model
             (``DistributedDataParallel(...)`` or ``fully_shard(...)``), and call :meth:`step` on
             every rank.
         sharded: None detects: gradients are sharded when parameters are DTensors with a ``Shard``
