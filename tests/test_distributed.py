@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,12 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     ctx = mp.start_processes(
         W.main, args=(_free_port(), str(out), names), nprocs=W.WORLD, join=False, start_method="spawn"
     )
+    deadline = time.monotonic() + 240  # generous for a loaded 2-core machine; typical: 10-30 s
     try:
-        while not ctx.join(timeout=90):
-            pass
-    except mp.ProcessRaisedException as exc:  # the scenario errors are in the JSON; this is setup
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                pytest.fail("the ranks did not finish within 240 s (a hang in a collective?)")
+    except mp.ProcessException as exc:  # the scenario errors are in the JSON; this is setup
         pytest.fail(f"a rank crashed: {exc}")
     finally:
         for p in ctx.processes:
