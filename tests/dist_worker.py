@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -158,6 +159,98 @@ def fsdp_nan(rank: int, out: Path) -> dict[str, Any]:
     return res
 
 
+STEPS = 4  # optimizer steps of the remedy scenarios
+
+
+REMEDIES = ("ClipGlobalNorm", "ZClip", "AutoClip")
+
+
+def remedies_available() -> bool:
+    return importlib.util.find_spec("gradsentry.remedies") is not None
+
+
+def remedy_cases() -> dict[str, Callable[[], Any]]:
+    """Remedies whose distributed result must equal the single-process one (fresh state each call)."""
+    from gradsentry.remedies import AutoClip, ClipGlobalNorm, ZClip
+
+    return {
+        "ClipGlobalNorm": lambda: ClipGlobalNorm(0.05),  # below every step's norm: always clips
+        "ZClip": lambda: ZClip(warmup_steps=2, z_thresh=0.5, max_grad_norm=0.05),
+        "AutoClip": lambda: AutoClip(percentile=50.0, history=8),
+    }
+
+
+def fsdp_remedies(rank: int, out: Path) -> dict[str, Any]:
+    """Each remedy inside a Monitor with every=2: logged steps hand it the Monitor's global norms,
+    the others make it compute its own (from the DTensor shards)."""
+    import gradsentry as gs
+
+    if not remedies_available():
+        return {"skipped": True}
+    res: dict[str, Any] = {}
+    for name, make in remedy_cases().items():
+        model = _fsdp_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        remedy = make()
+        actions = []
+        with gs.Monitor(model, every=2, remedy=remedy, activations=False) as mon:
+            for _ in range(STEPS):
+                _step(model, rank)
+                rec = mon.step()
+                if rec is not None:
+                    actions.append(rec.actions)
+                opt.step()
+                opt.zero_grad()
+        state = remedy.state_dict() if hasattr(remedy, "state_dict") else None
+        params = [p.full_tensor().tolist() for p in model.parameters()]  # type: ignore[attr-defined]
+        res[name] = {"params": params, "state": state, "actions": actions}
+    return res
+
+
+def nan_guard(rank: int, out: Path) -> dict[str, Any]:
+    """A NaN in rank 1's gradient only: NonFiniteGuard must skip the step on both ranks."""
+    import gradsentry as gs
+
+    if not remedies_available():
+        return {"skipped": True}
+    from gradsentry.remedies import NonFiniteGuard
+
+    res: dict[str, Any] = {}
+    model = _fsdp_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with gs.Monitor(model, remedy=NonFiniteGuard(), activations=False) as mon:
+        _step(model, rank)
+        if rank == 1:
+            model[2].weight.grad.to_local()[0, 0] = float("nan")
+        before = [p.full_tensor() for p in model.parameters()]  # type: ignore[attr-defined]
+        rec = mon.step()
+        grads_none = all(p.grad is None for p in model.parameters())
+        opt.step()
+        after = [p.full_tensor() for p in model.parameters()]  # type: ignore[attr-defined]
+    res["fsdp"] = {
+        "actions": rec.actions,
+        "grads_none": grads_none,
+        "unchanged": all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
+    }
+    # DDP, NaN written into rank 1's copy after DDP's all-reduce: replicated gradients now differ,
+    # only the guard's all_reduce(MAX) keeps the ranks together; step 1 is not logged (every=2).
+    ddp_model = nn.parallel.DistributedDataParallel(make_model())
+    opt = torch.optim.SGD(ddp_model.parameters(), lr=LR)
+    guard = NonFiniteGuard()
+    grads_none = []
+    with gs.Monitor(ddp_model, every=2, remedy=guard, sync_local=False, activations=False) as mon:
+        for _ in range(2):
+            _step(ddp_model, rank)
+            if rank == 1:
+                ddp_model.module[2].weight.grad[0, 0] = float("nan")
+            mon.step()
+            grads_none.append(all(p.grad is None for p in ddp_model.parameters()))
+            opt.step()
+            opt.zero_grad()
+    res["ddp"] = {"grads_none": grads_none, "skips": guard.skips}
+    return res
+
+
 def dead_peer(rank: int, out: Path) -> dict[str, Any]:
     """Rank 1 stops calling step() (first on a side group, then it exits); rank 0 must raise."""
     import gradsentry as gs
@@ -193,6 +286,8 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "fsdp": fsdp,
     "ddp_every": ddp_every,
     "fsdp_nan": fsdp_nan,
+    "fsdp_remedies": fsdp_remedies,
+    "nan_guard": nan_guard,
     "dead_peer": dead_peer,  # last: it leaves the process group broken
 }
 

@@ -223,6 +223,68 @@ def test_nan_on_one_rank_shard_is_seen_by_every_rank(ranks: list[dict[str, Any]]
         assert by_name["0"]["nonfinite"] == 0 and math.isfinite(by_name["0"]["grad_norm"])
 
 
+def _reference_remedy(make: Any) -> dict[str, Any]:
+    """The remedy applied in one process on the full batch's gradient, STEPS SGD steps."""
+    model = W.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=W.LR)
+    remedy = make()
+    x, y = W.make_data()
+    for _ in range(W.STEPS):
+        nn.functional.cross_entropy(model(x), y).backward()
+        remedy(list(model.parameters()))
+        opt.step()
+        opt.zero_grad()
+    state = remedy.state_dict() if hasattr(remedy, "state_dict") else None
+    return {"params": [p.detach().tolist() for p in model.parameters()], "state": state}
+
+
+def _assert_close_tree(got: Any, want: Any) -> None:
+    if isinstance(want, dict):
+        assert set(got) == set(want)
+        for k in want:
+            _assert_close_tree(got[k], want[k])
+    elif isinstance(want, list) and want and isinstance(want[0], list) and len(want[0]) != len(want[-1]):
+        assert len(got) == len(want)  # ragged (one entry per parameter)
+        for g, w in zip(got, want, strict=True):
+            _assert_close_tree(g, w)
+    elif isinstance(want, list):
+        torch.testing.assert_close(
+            torch.tensor(got, dtype=torch.float64),
+            torch.tensor(want, dtype=torch.float64),
+            rtol=RTOL,
+            atol=1e-7,
+        )
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=RTOL)
+    else:
+        assert got == want
+
+
+@pytest.mark.parametrize("name", W.REMEDIES)
+def test_fsdp2_clipping_leaves_the_parameters_of_single_process_clipping(
+    ranks: list[dict[str, Any]], name: str
+) -> None:
+    pytest.importorskip("gradsentry.remedies")
+    want = _reference_remedy(W.remedy_cases()[name])
+    got = _scenario(ranks, "fsdp_remedies")
+    for r in range(W.WORLD):
+        _assert_close_tree(got[r][name]["params"], want["params"])
+        _assert_close_tree(got[r][name]["state"], want["state"])  # ZClip/AutoClip statistics
+    assert got[0][name]["state"] == got[1][name]["state"]  # identical across ranks, not only close
+    clipped = [a["clipped"] for acts in got[0][name]["actions"] for a in acts]
+    assert any(clipped)  # the scenario really clips
+
+
+def test_nan_on_one_rank_makes_every_rank_skip_under_nonfinite_guard(ranks: list[dict[str, Any]]) -> None:
+    pytest.importorskip("gradsentry.remedies")
+    got = _scenario(ranks, "nan_guard")
+    for r in range(W.WORLD):
+        fsdp = got[r]["fsdp"]
+        assert [a["skipped"] for a in fsdp["actions"]] == [True]
+        assert fsdp["grads_none"] and fsdp["unchanged"]
+        assert got[r]["ddp"] == {"grads_none": [True, True], "skips": 2}
+
+
 def test_dead_or_hung_peer_raises_a_clear_error_instead_of_hanging(ranks: list[dict[str, Any]]) -> None:
     got = ranks[0]["dead_peer"]
     assert "error" not in got, got.get("error")
