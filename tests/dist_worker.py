@@ -91,15 +91,32 @@ def ddp(rank: int, out: Path) -> dict[str, Any]:
     return res
 
 
-def _fsdp_model() -> nn.Sequential:
+def _fsdp_model(mesh: Any = None) -> nn.Sequential:
     from torch.distributed.fsdp import fully_shard
 
     model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
+
+
+def hsdp(rank: int, out: Path) -> dict[str, Any]:
+    """HSDP on a (replicate=2, shard=1) mesh: each rank holds a full replica as a DTensor with
+    placements (Replicate(), Shard(0)); each element must be counted once, not twice."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import gradsentry as gs
+
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    model = _fsdp_model(mesh)
+    with gs.Monitor(model, activations=False) as mon:
+        loss = _step(model, rank)
+        with count_all_reduce() as calls:
+            rec = mon.step(loss=loss)
+        placements = [str(p) for p in next(model.parameters()).placements]  # type: ignore[attr-defined]
+        return {"record": rec.to_dict(), "calls": calls, "placements": placements}
 
 
 def fsdp(rank: int, out: Path) -> dict[str, Any]:
@@ -285,6 +302,7 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "ddp": ddp,
     "fsdp": fsdp,
     "ddp_every": ddp_every,
+    "hsdp": hsdp,
     "fsdp_nan": fsdp_nan,
     "fsdp_remedies": fsdp_remedies,
     "nan_guard": nan_guard,

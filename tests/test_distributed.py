@@ -205,6 +205,16 @@ def test_fsdp2_norms_equal_unsharded_computation(ranks: list[dict[str, Any]]) ->
     ]
 
 
+def test_hsdp_replicated_mesh_dimension_is_counted_once(ranks: list[dict[str, Any]]) -> None:
+    ref = _reference()[0]
+    got = _scenario(ranks, "hsdp")
+    for r in range(W.WORLD):
+        assert got[r]["placements"] == ["R", "S(0)"]  # (Replicate(), Shard(0))
+        _check_layers(got[r]["record"], ref)  # a double count would give sqrt(2) times the norms
+        assert got[r]["record"]["loss"] == pytest.approx(ref["loss"], rel=RTOL)
+        assert got[r]["calls"] == ["sum", "max"]
+
+
 def test_overhead_budget_every_is_agreed_over_ranks(ranks: list[dict[str, Any]]) -> None:
     got = _scenario(ranks, "ddp_every")
     assert got[0]["calls"] == got[1]["calls"] == ["max"]  # DDP, sync_local=False: only the agreement
