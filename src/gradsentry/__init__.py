@@ -3,7 +3,9 @@
 Public names only; every module has one job (see README's architecture section).
 """
 
+from gradsentry.analyze import AnalyzeThresholds, LogAnalysis, analyze_log
 from gradsentry.diagnose import Thresholds, diagnose
+from gradsentry.logs import Series, load_series
 from gradsentry.monitor import Monitor
 from gradsentry.records import (
     ActivationStats,
@@ -15,23 +17,56 @@ from gradsentry.records import (
     RunHeader,
     StepRecord,
 )
-from gradsentry.sinks import JsonlSink, read_jsonl
+from gradsentry.remedies import (
+    AGC,
+    AutoClip,
+    Chain,
+    ClipGlobalNorm,
+    ClipLayerNorm,
+    ClipValue,
+    Ladder,
+    NonFiniteGuard,
+    RemedyResult,
+    ResetMoments,
+    Rollback,
+    ZClip,
+)
+from gradsentry.sinks import CsvSink, JsonlSink, TensorBoardSink, read_jsonl
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
     "ActivationStats",
+    "AnalyzeThresholds",
+    "AutoClip",
+    "Chain",
+    "ClipGlobalNorm",
+    "ClipLayerNorm",
+    "ClipValue",
+    "CsvSink",
     "Finding",
     "JsonlSink",
+    "Ladder",
     "LayerInfo",
     "LayerStats",
+    "LogAnalysis",
     "Monitor",
+    "NonFiniteGuard",
     "Remedy",
+    "RemedyResult",
+    "ResetMoments",
+    "Rollback",
     "Run",
     "RunHeader",
+    "Series",
     "StepRecord",
+    "TensorBoardSink",
     "Thresholds",
+    "ZClip",
     "__version__",
+    "analyze_log",
     "diagnose",
+    "load_series",
     "read_jsonl",
 ]

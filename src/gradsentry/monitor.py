@@ -9,6 +9,7 @@ the host.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -208,6 +209,7 @@ class Monitor:
         self._index_cache: dict[tuple[int, ...], tuple[list[int], Tensor]] = {}
         self._params_cache: tuple[list[Tensor], Tensor] | None = None
         self._snapshot: list[Tensor] | None = None
+        self._remedy_params: set[str] | None = None
         self._arm_for(self._next_log)
 
     # ------------------------------------------------------------------ layers and order
@@ -319,15 +321,27 @@ class Monitor:
         return hook
 
     def _arm_optimizer(self) -> None:
-        if self.optimizer is None or self._opt_handles:
+        """Snapshot the weights now and measure ``||Δw||`` when the coming optimizer step ends.
+
+        The snapshot is taken in :meth:`step` rather than in an optimizer step pre-hook, because
+        trainers such as Lightning run backward (and so :meth:`step`) inside
+        ``optimizer.step(closure)``, after the pre-hooks have fired; the weights do not change
+        between :meth:`step` and the update.
+        """
+        if self.optimizer is None:
             return
-        self._opt_handles.append(self.optimizer.register_step_pre_hook(self._opt_pre))
-        self._opt_handles.append(self.optimizer.register_step_post_hook(self._opt_post))
+        t0 = time.perf_counter()
+        params, _ = self._all_params()
+        self._snapshot = [_dist.local(p).detach().clone() for p in params]
+        if not self._opt_handles:
+            self._opt_handles.append(self.optimizer.register_step_post_hook(self._opt_post))
+        self._hook_time += time.perf_counter() - t0
 
     def _disarm_optimizer(self) -> None:
         for h in self._opt_handles:
             h.remove()
         self._opt_handles.clear()
+        self._snapshot = None
 
     def _all_params(self) -> tuple[list[Tensor], Tensor]:
         """Every parameter in depth order and its layer index (cached once the depth is fixed)."""
@@ -340,12 +354,6 @@ class Monitor:
                     idx.append(i)
             self._params_cache = (params, torch.tensor(idx, device=params[0].device))
         return self._params_cache
-
-    def _opt_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        t0 = time.perf_counter()
-        params, _ = self._all_params()
-        self._snapshot = [_dist.local(p).detach().clone() for p in params]
-        self._hook_time += time.perf_counter() - t0
 
     def _opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
@@ -387,13 +395,35 @@ class Monitor:
             record = self._log_step(current if step is None else int(step), loss, lr)
             self._next_log = current + self.every
         elif self.remedy is not None:
-            self.remedy(self._all_params()[0])
+            self._call_remedy(self._all_params()[0], loss=loss)
         if self.step_count == self._next_log:  # the coming optimizer step precedes a logged step
             self._arm_optimizer()
         else:
             self._disarm_optimizer()
         self._arm_for(self.step_count)
         return record
+
+    def _call_remedy(self, params: list[Tensor], *, loss: Any, norms: Tensor | None = None) -> Any:
+        """Call the remedy, passing ``norms``/``loss`` only where its signature accepts them."""
+        assert self.remedy is not None
+        kwargs: dict[str, Any] = {}
+        if norms is not None and self._remedy_takes("norms"):
+            kwargs["norms"] = norms
+        if self._remedy_takes("loss"):
+            kwargs["loss"] = loss
+        return self.remedy(params, **kwargs)
+
+    def _remedy_takes(self, name: str) -> bool:
+        if self._remedy_params is None:
+            try:
+                sig = inspect.signature(self.remedy)  # type: ignore[arg-type]
+                kinds = {p.kind for p in sig.parameters.values()}
+                self._remedy_params = (
+                    {"norms", "loss"} if inspect.Parameter.VAR_KEYWORD in kinds else set(sig.parameters)
+                )
+            except (TypeError, ValueError):
+                self._remedy_params = set()
+        return name in self._remedy_params
 
     def _grad_params(self) -> tuple[list[Tensor], list[int]]:
         grads: list[Tensor] = []
@@ -577,9 +607,13 @@ class Monitor:
         )
         if self.remedy is not None:
             grads_for_remedy = self.last_norms[0] if self.last_norms else []
-            result = self.remedy(grads_for_remedy, norms=self.last_norms[1] if self.last_norms else None)
+            shared = self.last_norms[1] if self.last_norms else None
+            result = self._call_remedy(grads_for_remedy, norms=shared, loss=loss)
+            to_dicts = getattr(result, "to_dicts", None)
             to_dict = getattr(result, "to_dict", None)
-            if callable(to_dict):
+            if callable(to_dicts):
+                record.actions.extend(to_dicts())
+            elif callable(to_dict):
                 record.actions.append(to_dict())
         cost = time.perf_counter() - t_start + self._hook_time
         self._hook_time = 0.0

@@ -6,4 +6,8 @@ from collections.abc import Callable
 
 import typer
 
-REGISTRY: list[Callable[[typer.Typer], None]] = []
+from gradsentry.cli import analyze
+
+REGISTRY: list[Callable[[typer.Typer], None]] = [
+    analyze.register,
+]

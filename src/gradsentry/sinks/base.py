@@ -58,4 +58,11 @@ class SafeSink:
         self._call("write_findings", findings)
 
     def close(self) -> None:
-        self._call("close")
+        """Close the sink; after an earlier failure still try, so files and threads are released."""
+        if self.error is None:
+            self._call("close")
+            return
+        try:
+            self.sink.close()
+        except Exception as exc:
+            log.debug("gradsentry: closing failed sink %s: %s", type(self.sink).__name__, exc)

@@ -1,0 +1,137 @@
+"""``gradsentry analyze PATH``: find exploding/vanishing gradients in another tool's training log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from gradsentry.cli import EXIT_FOUND, EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from gradsentry.analyze import LogAnalysis
+
+FORMAT_HELP = "auto | hf | tensorboard | csv | mmengine | jsonl"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``analyze`` subcommand to ``app``."""
+
+    @app.command("analyze")
+    def analyze(
+        path: Path = typer.Argument(
+            ...,
+            help="trainer_state.json, TensorBoard run dir/event file, metrics.csv, "
+            "vis_data/scalars.json or a gradsentry .jsonl",
+        ),
+        format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
+        grad_tag: str | None = typer.Option(None, "--grad-tag", help="tag/column/key of the gradient norm"),
+        loss_tag: str | None = typer.Option(None, "--loss-tag", help="tag/column/key of the training loss"),
+        lr_tag: str | None = typer.Option(None, "--lr-tag", help="tag/column/key of the learning rate"),
+        as_json: bool = typer.Option(False, "--json", help="print the analysis as JSON (for machines)"),
+        plot: Path | None = typer.Option(
+            None, "--plot", help="write a plot: FILE.png, FILE.svg or FILE.html"
+        ),
+    ) -> None:
+        """Read a finished (or crashed) run's log and report exploding, vanishing and non-finite gradients.
+
+        Exit code 0: healthy; 1: a problem was found; 2: unreadable or unrecognised input.
+
+        Examples: gradsentry analyze out/checkpoint-500/trainer_state.json;
+        gradsentry analyze lightning_logs/version_0 --grad-tag grad_2.0_norm_total --plot run.png
+        """
+        from rich.console import Console
+        from rich.text import Text
+
+        from gradsentry.analyze import analyze_log
+        from gradsentry.logs import FORMATS, LogFormatError
+        from gradsentry.logs.plot import PLOT_SUFFIXES
+
+        err = Console(stderr=True, soft_wrap=True)
+        if format not in FORMATS:
+            err.print(
+                Text.assemble(
+                    ("error: ", "red"), f"--format must be one of {', '.join(FORMATS)}, got {format!r}"
+                )
+            )
+            raise typer.Exit(EXIT_USAGE)
+        if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+            err.print(
+                Text.assemble(
+                    ("error: ", "red"),
+                    f"--plot file must end in {', '.join(PLOT_SUFFIXES)}, got {plot.name!r}",
+                )
+            )
+            raise typer.Exit(EXIT_USAGE)
+        tags = {k: v for k, v in (("grad_norm", grad_tag), ("loss", loss_tag), ("lr", lr_tag)) if v}
+        try:
+            result = analyze_log(path, format=format, tags=tags)
+        except (FileNotFoundError, LogFormatError, IsADirectoryError, PermissionError) as exc:
+            err.print(Text.assemble(("error: ", "red"), str(exc)), highlight=False)
+            raise typer.Exit(EXIT_USAGE) from None
+        if plot is not None:
+            from gradsentry.logs.plot import plot_series
+
+            plot_series(result.series, result.findings, plot)
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), allow_nan=False, indent=1))
+        else:
+            _print_summary(result, Console(), plot)
+        raise typer.Exit(EXIT_OK if result.healthy else EXIT_FOUND)
+
+
+def _print_summary(result: LogAnalysis, console: Console, plot: Path | None) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from gradsentry.analyze import unhide_nonfinite_loss
+    from gradsentry.logs.sparkline import sparkline
+
+    s = unhide_nonfinite_loss(result.series)  # hidden NaN losses shown as '!', not as 0.0
+    console.print(Text.assemble(("gradsentry analyze ", "bold"), (s.path, ""), (f"  [{s.source}]", "dim")))
+    console.print(
+        f"{len(s)} logged steps ({s.steps[0]}..{s.steps[-1]}); fields: "
+        + ", ".join(f"{k}={v}" for k, v in s.fields.items()),
+        highlight=False,
+        markup=False,
+    )
+    for name, log in (("grad_norm", True), ("loss", False)):
+        if s.has(name):  # type: ignore[arg-type]
+            _, v = s.values(name)  # type: ignore[arg-type]
+            line = sparkline(list(getattr(s, name)), max(10, min(60, console.width - 32)), log=log)
+            fin = [x for x in v.tolist() if x == x and abs(x) != float("inf")]
+            rng = f"{_fmt(min(fin) if fin else None)}..{_fmt(max(fin) if fin else None)}"
+            console.print(Text.assemble((f"{name:>9} ", "bold"), (line, "cyan"), (f"  {rng}", "dim")))
+        else:
+            console.print(Text.assemble((f"{name:>9} ", "bold"), ("not logged", "yellow")))
+    for note in s.notes:
+        console.print(Text(f"note: {note}", style="dim"))
+    if not result.findings:
+        console.print(Text("healthy: no finding", style="bold green"))
+    else:
+        table = Table(show_lines=False, expand=False)
+        for col in ("severity", "kind", "step", "what was found"):
+            table.add_column(col, overflow="fold")
+        colours = {"error": "red", "warning": "yellow", "info": "dim"}
+        for f in result.findings:
+            kind = f.kind + (f" ({f.evidence['pattern']})" if "pattern" in f.evidence else "")
+            table.add_row(
+                Text(f.severity, style=colours.get(f.severity, "")),
+                kind,
+                str(f.steps[0]) if f.steps else "-",
+                Text(f.explanation),
+            )
+        console.print(table)
+        for f in result.findings:
+            if f.remedies and f.severity != "info":
+                console.print(Text(f"fix ({f.kind}): {f.remedies[0].action}", style="dim"))
+    if plot is not None:
+        console.print(f"plot written to {plot}", highlight=False, markup=False)

@@ -1,0 +1,190 @@
+"""Lightning callback: gradsentry statistics at the one point where gradients are final and raw.
+
+Where it records. Lightning's precision plugins call ``on_before_optimizer_step`` after the closure
+(forward and backward of every micro-batch of the optimizer step), after AMP's
+``GradScaler.unscale_`` and *before* Lightning's own ``gradient_clip_val`` clipping
+(``lightning/pytorch/plugins/precision/precision.py::_after_closure`` and ``amp.py::optimizer_step``).
+So the statistics are unscaled and pre-clip, and under ``accumulate_grad_batches=k`` the hook fires
+once per optimizer step, on the gradient summed over the k micro-batches. A gradsentry ``remedy``
+(e.g. a clipper from :mod:`gradsentry.remedies`) runs in the same hook, right after the statistics
+and before Lightning's clipping.
+
+What it logs. On every logged step it sends ``gradsentry/global_norm`` and, per layer,
+``gradsentry/<stat>/<layer>`` for each ``stat`` in ``log_stats`` to every logger of the trainer
+(``logger.log_metrics(..., step=trainer.global_step)``, rank 0 only), on gradsentry's own cadence
+``every`` rather than Lightning's ``log_every_n_steps`` (which would drop values logged on the other
+steps). At the end of fit it diagnoses the run, keeps the findings in :attr:`GradSentryCallback.findings`
+and logs a summary through the ``gradsentry`` logger.
+
+Loss and update ratio. The record's loss is the sum of the losses Lightning passes to
+``on_before_backward`` since the last optimizer step; under automatic optimization with
+``accumulate_grad_batches=k`` each is already divided by k, so the sum is the mean micro-batch loss.
+Lightning calls the hook from inside ``optimizer.step(closure)``; the Monitor snapshots the weights
+in its own ``step`` and measures ``||Δw||`` in the optimizer's step post-hook, so update-to-weight
+ratios are measured on the right step.
+
+Limits. Under DDP every rank records (the gradients are already averaged) and only rank 0 writes
+sinks and logs; sharded strategies (FSDP, DeepSpeed) are not covered: each rank would see only its
+shard. ``state_dict`` keeps counters and the last findings, not the records (those live in sinks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ModuleNotFoundError(
+        "gradsentry.integrations.lightning needs Lightning: pip install 'gradsentry[lightning]'"
+    ) from exc
+from torch import Tensor
+from torch.optim import Optimizer
+
+from gradsentry.integrations._common import check_log_stats, record_metrics, summarize
+from gradsentry.monitor import Monitor
+from gradsentry.records import Finding
+from gradsentry.sinks.base import Sink
+
+log = logging.getLogger("gradsentry")
+
+
+class GradSentryCallback(Callback):
+    """Watch gradients in a ``lightning.pytorch.Trainer``: record, log, remedy and diagnose.
+
+    Args:
+        every: record every ``every``-th optimizer step (the first is always recorded).
+        remedy: optional gradsentry remedy ``remedy(params, norms=...)`` applied in place to the
+            gradients in ``on_before_optimizer_step``, after the statistics and before Lightning's
+            own clipping (set ``gradient_clip_val`` to None when the remedy clips).
+        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`, ``TensorBoardSink``); written on global rank 0 only.
+        log_stats: per-layer statistics sent to the trainer's loggers (names of
+            :class:`~gradsentry.records.LayerStats` fields); empty for the global norm only.
+        optimizer_index: which of ``trainer.optimizers`` to watch (one record per step of it).
+        **monitor_kwargs: passed to :class:`gradsentry.Monitor` (``activations``, ``histogram_bins``,
+            ``locate_nonfinite``, ``overhead_budget``, ``max_records``, ``meta``).
+
+    Attributes:
+        monitor: the :class:`gradsentry.Monitor` of the current fit (None before ``on_fit_start``).
+        findings: the findings of the last fit (filled at its end or on an exception).
+
+    Raises:
+        ValueError: ``every`` < 1, or a ``log_stats`` name that is not a LayerStats field.
+
+    Example:
+        >>> trainer = lightning.Trainer(callbacks=[GradSentryCallback(every=10)])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        every: int = 1,
+        remedy: Callable[..., Any] | None = None,
+        sinks: Sequence[Sink] = (),
+        *,
+        log_stats: Sequence[str] = ("grad_norm",),
+        optimizer_index: int = 0,
+        **monitor_kwargs: Any,
+    ) -> None:
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = int(every)
+        self.remedy = remedy
+        self.sinks = list(sinks)
+        self.log_stats = check_log_stats(log_stats)
+        self.optimizer_index = int(optimizer_index)
+        self.monitor_kwargs = monitor_kwargs
+        self.monitor: Monitor | None = None
+        self.findings: list[Finding] = []
+        self._loss: Tensor | None = None
+        self._steps_seen = 0
+        self._finished = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the Monitor on the module (now on its device, optimizers configured)."""
+        if self.monitor is not None:
+            self.monitor.close()
+        kwargs = dict(self.monitor_kwargs)
+        meta = {
+            "source": "lightning",
+            "precision": str(trainer.precision),
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            **(kwargs.pop("meta", None) or {}),
+        }
+        opt = self._watched(trainer)
+        self.monitor = Monitor(
+            pl_module,
+            every=self.every,
+            optimizer=opt,
+            sinks=self.sinks if trainer.is_global_zero else (),  # one writer per file under DDP
+            remedy=self.remedy,
+            meta=meta,
+            **kwargs,
+        )
+        self.findings = []
+        self._loss = None
+        self._finished = False
+
+    def _watched(self, trainer: pl.Trainer) -> Optimizer | None:
+        opts = trainer.optimizers
+        return opts[self.optimizer_index] if len(opts) > self.optimizer_index else None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """Add up the micro-batch losses of the optimizer step (no host sync)."""
+        d = loss.detach()
+        self._loss = d if self._loss is None else self._loss + d
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        """Record statistics (unscaled, pre-clip) and apply the remedy, once per optimizer step."""
+        mon = self.monitor
+        if mon is None or optimizer is not self._watched(trainer):
+            return
+        loss, self._loss = self._loss, None
+        self._steps_seen += 1
+        record = mon.step(loss=loss, step=trainer.global_step)
+        if record is not None and trainer.is_global_zero and trainer.loggers:
+            metrics = record_metrics(record, self.log_stats)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        mon = self.monitor
+        if mon is None or self._finished:
+            return
+        self._finished = True
+        try:
+            self.findings = mon.diagnose() if mon.records else []
+        except Exception as exc:  # diagnosis must never take the run down
+            log.error("gradsentry: diagnosis failed (%s); records are kept in callback.monitor", exc)
+            self.findings = []
+        mon.close()
+        if trainer.is_global_zero:
+            level = logging.WARNING if any(f.severity != "info" for f in self.findings) else logging.INFO
+            log.log(level, summarize(self.findings, len(mon.records)))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Diagnose the run, log the summary, close the Monitor and its sinks."""
+        self._finish(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Diagnose what was recorded before the exception and close (hooks removed, sinks closed)."""
+        self._finish(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings and counters saved in checkpoints (records live in the sinks, not here)."""
+        return {
+            "every": self.every,
+            "steps_seen": self._steps_seen,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the counters and last findings saved by :meth:`state_dict`."""
+        self._steps_seen = int(state_dict.get("steps_seen", 0))
+        self.findings = [Finding.from_dict(f) for f in state_dict.get("findings", [])]

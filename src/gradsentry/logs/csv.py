@@ -1,0 +1,96 @@
+"""Reader for CSV metric logs: Lightning's ``CSVLogger`` ``metrics.csv`` and plain CSV with a step column.
+
+Lightning writes one row per ``log`` flush with the union of all keys as columns, so columns are
+sparse (empty cells where a metric was not logged at that row) and the same step can appear on a
+training row and a validation row; rows are merged per step. Cells such as ``nan`` and ``inf`` are
+kept as non-finite floats. Lightning's ``grad_norm`` utility logs the global norm as
+``grad_2.0_norm_total``, computed before clipping (in ``on_before_optimizer_step``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from gradsentry.logs.series import (
+    DEFAULT_KEYS,
+    EXPECTED_FORMATS,
+    FieldName,
+    Series,
+    build_series,
+    pick_key,
+    to_float,
+    to_step,
+)
+from gradsentry.sinks.jsonl import LogFormatError
+
+STEP_COLUMNS: tuple[str, ...] = ("step", "global_step", "Step", "iter", "iteration", "trainer/global_step")
+"""Columns accepted as the step counter, best first."""
+
+
+def find_step_column(columns: list[str]) -> str | None:
+    """The step column among ``columns``, or None."""
+    for c in STEP_COLUMNS:
+        if c in columns:
+            return c
+    return None
+
+
+def read_csv(path: str | os.PathLike[str], *, tags: dict[str, str] | None = None) -> Series:
+    """Read a CSV metrics file.
+
+    Args:
+        path: the file, or a Lightning version folder holding ``metrics.csv``.
+        tags: optional ``{"loss": column, "grad_norm": column, "lr": column}`` overriding the defaults.
+
+    Returns:
+        A :class:`~gradsentry.logs.series.Series` with ``source="csv"``.
+
+    Raises:
+        LogFormatError: no header, no step column, a non-numeric cell in a used column, or neither a
+            loss nor a gradient-norm column.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.csv"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LogFormatError(f"{p}: not a text file; expected {EXPECTED_FORMATS}") from exc
+    if not text.strip():
+        raise LogFormatError(f"{p}: empty file; expected a CSV header with a step column")
+    reader = csv.DictReader(text.splitlines())
+    columns = [c for c in (reader.fieldnames or []) if c is not None]
+    step_col = find_step_column(columns)
+    if step_col is None:
+        raise LogFormatError(
+            f"{p}: no step column (expected one of {', '.join(STEP_COLUMNS)}); "
+            f"columns: {', '.join(columns[:30])}"
+        )
+    tags = tags or {}
+    chosen: dict[FieldName, str | None] = {
+        name: pick_key(columns, tags.get(name), DEFAULT_KEYS[name], f"{name} column", str(p))
+        for name in ("loss", "grad_norm", "lr")
+    }
+    if chosen["loss"] is None and chosen["grad_norm"] is None:
+        raise LogFormatError(
+            f"{p}: no loss or gradient-norm column (expected e.g. train_loss, loss, grad_norm, "
+            f"grad_2.0_norm_total); columns: {', '.join(columns[:30])}"
+        )
+    points: dict[FieldName, dict[int, float]] = {"loss": {}, "grad_norm": {}, "lr": {}}
+    for lineno, row in enumerate(reader, start=2):
+        where = f"{p}:{lineno}"
+        cells = {name: row.get(col) if col is not None else None for name, col in chosen.items()}
+        if all(c is None or c.strip() == "" for c in cells.values()):
+            continue  # a validation-only row
+        step = to_step(row.get(step_col), f"{where} column {step_col!r}")
+        for name, cell in cells.items():
+            value = to_float(cell, f"{where} column {chosen[name]!r}")
+            if value is not None:
+                points[name][step] = value
+    found = {name: col for name, col in chosen.items() if col is not None and points[name]}
+    notes = []
+    if "grad_2.0_norm_total" in found.values():
+        notes.append("grad_2.0_norm_total is Lightning's pre-clip global norm (grad_norm utility)")
+    return build_series(points, source="csv", path=str(p), fields=found, notes=notes)

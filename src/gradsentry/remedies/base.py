@@ -1,0 +1,325 @@
+"""The remedy protocol, its result record and the shared gradient-norm helpers.
+
+A remedy is a callable object run after ``loss.backward()`` (and after ``GradScaler.unscale_``) and
+before ``optimizer.step()``. It acts in place on ``p.grad`` and returns a :class:`RemedyResult` that
+holds what it did as *device tensors*, so that calling a remedy never forces a device→host copy;
+:meth:`RemedyResult.to_dict` (or reading :attr:`RemedyResult.skip`) is where the copy happens, once.
+
+Alignment convention (shared with the Monitor): ``norms``, when given, is a 1-D float tensor of
+per-tensor gradient L2 norms aligned with ``[p for p in params if p.grad is not None]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Remedy",
+    "RemedyResult",
+    "grads_of",
+    "param_names",
+    "per_tensor_norms",
+    "scale_grads_",
+]
+
+Scalar = Tensor | float | bool | None
+
+
+@runtime_checkable
+class Remedy(Protocol):
+    """What every remedy looks like: ``remedy(params, *, norms=None, loss=None) -> RemedyResult``.
+
+    ``params`` is an iterable of parameters (their ``.grad`` is changed in place); ``norms`` is an
+    optional 1-D tensor of per-tensor L2 gradient norms aligned with the parameters that have a
+    gradient (a Monitor computes them anyway, so a clipper reuses them instead of a second pass);
+    ``loss`` is the step's loss (a tensor or float) for remedies that watch it (Rollback, Ladder);
+    the others ignore it.
+    """
+
+    def __call__(
+        self, params: Iterable[Tensor], *, norms: Tensor | None = None, loss: Tensor | float | None = None
+    ) -> RemedyResult: ...
+
+
+def _is_true(x: Scalar) -> bool | None:
+    """Host value of a flag when it is known without a device copy, else None."""
+    if x is None or isinstance(x, bool):
+        return bool(x)
+    if isinstance(x, float | int):
+        return bool(x)
+    return None
+
+
+@dataclass
+class RemedyResult:
+    """What one remedy did at one step; tensor fields stay on the device until :meth:`to_dict`.
+
+    Attributes:
+        name: the remedy's class name, e.g. ``"ClipGlobalNorm"``.
+        norm_before: global gradient norm before the remedy (0-d tensor or float; same units as the
+            gradient), or None when the remedy did not need it.
+        norm_after: global gradient norm after the remedy, or None. Left None by scaling clippers:
+            :meth:`to_dict` derives it as ``norm_before × scale`` (not re-measured).
+        clipped: whether any gradient was scaled down or clamped (bool or 0-d bool tensor); None means
+            "derive it from ``scale < 1``" in :meth:`to_dict`.
+        skipped: True when the caller must not call ``optimizer.step()`` on this step (bool or 0-d
+            bool tensor; see :attr:`skip`).
+        threshold: the clipping threshold used at this step (adaptive clippers), or None.
+        affected: optional 1-D bool tensor marking the affected entries of ``names``.
+        names: one name per entry of ``affected`` (layer or parameter names); duplicates are merged
+            in :meth:`to_dict`.
+        extra: further fields for the record (floats, ints, strings or 0-d tensors).
+        children: the results of the inner remedies of a :class:`~gradsentry.remedies.Chain` or
+            :class:`~gradsentry.remedies.Ladder`.
+        norms_after: per-tensor gradient norms after the remedy (aligned as the input ``norms``) when
+            known for free, so that the next remedy of a chain can reuse them; not part of the record.
+        composite: True for Chain/Ladder results, whose records are their children's.
+        scale: the factor every gradient was multiplied by (0-d tensor), for uniform scaling clippers.
+            Derived figures (``norm_after``, ``clipped``, the next remedy's norms) are computed from it
+            only when asked for, so the clipper itself launches no extra kernels.
+    """
+
+    name: str
+    norm_before: Scalar = None
+    norm_after: Scalar = None
+    clipped: Scalar = False
+    skipped: Scalar = False
+    threshold: Scalar = None
+    affected: Tensor | None = None
+    names: Sequence[str] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+    children: list[RemedyResult] = field(default_factory=list)
+    norms_after: Tensor | None = field(default=None, repr=False)
+    composite: bool = field(default=False, repr=False)
+    scale: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def skip(self) -> bool:
+        """True when the caller must not call ``optimizer.step()`` (copies one flag to the host)."""
+        own = _is_true(self.skipped)
+        if own is None:
+            own = bool(torch.as_tensor(self.skipped).item())
+        return own or any(c.skip for c in self.children)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data record of this result (one device→host copy for all its tensors).
+
+        Returns:
+            ``{"remedy": name, "norm_before": float|None, "norm_after": ..., "clipped": bool,
+            "skipped": bool, "threshold": ..., "layers": [...], **extra}`` plus ``"children"`` (a list
+            of such dicts) for composite remedies. Non-finite norms are kept as floats.
+        """
+        tensors: list[Tensor] = []
+        slots: list[tuple[str, int, int, bool]] = []
+
+        def put(key: str, value: Tensor) -> None:
+            flat = value.detach().reshape(-1).to(torch.float64)
+            if tensors and flat.device != tensors[0].device:
+                flat = flat.to(tensors[0].device)
+            slots.append((key, sum(t.numel() for t in tensors), flat.numel(), value.dtype == torch.bool))
+            tensors.append(flat)
+
+        norm_after, clipped = self.norm_after, self.clipped
+        if self.scale is not None:
+            if norm_after is None and isinstance(self.norm_before, Tensor):
+                norm_after = self.norm_before * self.scale
+            if clipped is None:
+                clipped = self.scale < 1.0
+        scalars = {
+            "norm_before": self.norm_before,
+            "norm_after": norm_after,
+            "clipped": clipped,
+            "skipped": self.skipped,
+            "threshold": self.threshold,
+        }
+        out: dict[str, Any] = {"remedy": self.name}
+        for key, value in scalars.items():
+            if isinstance(value, Tensor):
+                put(key, value)
+            else:
+                out[key] = value
+        for key, value in self.extra.items():
+            if isinstance(value, Tensor):
+                put("extra:" + key, value)
+            else:
+                out[key] = value
+        if self.affected is not None:
+            put("affected", self.affected)
+        host: list[float] = torch.cat(tensors).tolist() if tensors else []
+        for key, start, n, is_bool in slots:
+            vals: list[Any] = host[start : start + n]
+            if is_bool:
+                vals = [bool(v) for v in vals]
+            if key == "affected":
+                seen: dict[str, None] = {}
+                for flag, name in zip(vals, self.names, strict=False):
+                    if flag:
+                        seen.setdefault(name, None)
+                out["layers"] = list(seen)
+            elif key in ("clipped", "skipped"):
+                out[key] = bool(vals[0])
+            elif key.startswith("extra:"):
+                out[key[6:]] = vals[0] if n == 1 else vals
+            else:
+                out[key] = vals[0]
+        for key in ("clipped", "skipped"):
+            out[key] = bool(out[key])
+        out.setdefault("layers", [])
+        if self.children:
+            out["children"] = [c.to_dict() for c in self.children]
+        return out
+
+    def next_norms(self, norms: Tensor | None) -> Tensor | None:
+        """Per-tensor L2 norms after this remedy, given those before it (None when unknown)."""
+        if self.norms_after is not None:
+            return self.norms_after
+        if self.scale is not None and norms is not None:
+            return norms * self.scale.to(norms.device)
+        return None
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """Flat list of action records: the children's records for a composite, else ``[to_dict()]``.
+
+        This is what a Monitor appends to ``StepRecord.actions``.
+        """
+        if self.children or self.composite:
+            return [d for c in self.children for d in c.to_dicts()]
+        return [self.to_dict()]
+
+
+def grads_of(params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Split ``params`` into the parameters that have a gradient and their gradients (same order).
+
+    Args:
+        params: parameters (a generator is consumed once).
+
+    Returns:
+        ``(params_with_grad, grads)``, two lists of equal length.
+
+    Raises:
+        TypeError: if an element is not a tensor (e.g. a module was passed instead of its parameters).
+    """
+    with_grad: list[Tensor] = []
+    grads: list[Tensor] = []
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                f"expected parameters (tensors), got {type(p).__name__}; "
+                "pass model.parameters(), not the model"
+            )
+        if p.grad is not None:
+            with_grad.append(p)
+            grads.append(p.grad)
+    return with_grad, grads
+
+
+def group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), in first-seen order."""
+    first = tensors[0]
+    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+        return {(first.device, first.dtype): list(range(len(tensors)))}
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@torch.no_grad()
+def per_tensor_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """Per-tensor p-norms of ``grads`` as one 1-D tensor, without a host sync.
+
+    Uses ``torch._foreach_norm`` per (device, dtype) group, like ``torch.nn.utils.get_total_norm``.
+    fp16/bf16 gradients are reduced in float32 (so a norm above 65504 does not overflow in fp16);
+    float32 and float64 gradients are reduced in their own dtype, which makes the result bit-identical
+    to what ``torch.nn.utils.clip_grad_norm_`` computes for them.
+
+    Args:
+        grads: N gradient tensors (any shapes; may live on several devices).
+        norm_type: the p of the p-norm; ``math.inf`` for the max-abs norm.
+
+    Returns:
+        Tensor of shape [N] on the first gradient's device (float32, or float64 if any gradient is
+        float64), same units as the gradient. Empty float32 tensor when N == 0.
+    """
+    if not grads:
+        return torch.zeros(0)
+    groups = group_by_device_dtype(grads)
+    device = grads[0].device
+    if len(groups) == 1:
+        ((_, dtype),) = groups.keys()
+        kwargs = {"dtype": torch.float32} if dtype in _LOW_PRECISION else {}
+        return torch.stack(torch._foreach_norm(list(grads), norm_type, **kwargs))
+    out: list[Tensor | None] = [None] * len(grads)
+    for (_, dtype), idx in groups.items():
+        kwargs = {"dtype": torch.float32} if dtype in _LOW_PRECISION else {}
+        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], norm_type, **kwargs), strict=True):
+            out[i] = n.to(device)
+    return torch.stack([n for n in out if n is not None])
+
+
+def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Global norm from per-tensor norms (a 0-d tensor; 0 for an empty list)."""
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=norms.dtype, device=norms.device)
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+@torch.no_grad()
+def scale_grads_(grads: Sequence[Tensor], scale: Tensor | Sequence[Tensor]) -> None:
+    """Multiply every gradient in place by ``scale`` (one 0-d tensor, or one 0-d tensor per gradient).
+
+    Uses ``torch._foreach_mul_`` per (device, dtype) group; no host sync.
+    """
+    if not grads:
+        return
+    for (dev, _), idx in group_by_device_dtype(grads).items():
+        group = [grads[i] for i in idx]
+        if isinstance(scale, Tensor):
+            torch._foreach_mul_(group, scale.to(dev))
+        else:
+            torch._foreach_mul_(group, [scale[i].to(dev) for i in idx])
+
+
+def param_names(model: nn.Module) -> dict[int, tuple[str, str]]:
+    """Map ``id(parameter)`` to ``(layer name, qualified parameter name)`` for ``model``.
+
+    The layer is the module that owns the parameter directly (``""`` for the root); a parameter
+    shared by several modules keeps its first owner (``named_modules`` order).
+    """
+    names: dict[int, tuple[str, str]] = {}
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            names.setdefault(id(p), (mod_name, f"{mod_name}.{p_name}" if mod_name else p_name))
+    return names
+
+
+def names_for(
+    params: Sequence[Tensor], names: Mapping[int, tuple[str, str]] | None, *, layer: bool
+) -> list[str]:
+    """Layer (``layer=True``) or parameter names of ``params``; ``"param[i]"`` when no model is known."""
+    out = []
+    for i, p in enumerate(params):
+        entry = names.get(id(p)) if names else None
+        out.append((entry[0] or "<root>") if entry and layer else entry[1] if entry else f"param[{i}]")
+    return out
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Return ``float(value)`` or raise ValueError naming the argument."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a number, got {value!r}") from exc
+    if math.isnan(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return v

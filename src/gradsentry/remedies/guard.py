@@ -1,0 +1,314 @@
+"""Skip steps with non-finite gradients, and reset the optimizer moments of hit parameters.
+
+Why gradients are set to None rather than zeroed: PyTorch optimizers skip every parameter whose
+``.grad`` is None, so ``optimizer.step()`` then leaves weights *and* optimizer state (Adam moments and
+step count, SGD momentum buffers) bit-identical (checked on torch 2.13 for SGD-momentum, Adam and
+AdamW, foreach and fused). Zeroed gradients would still let momentum and weight decay move the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradsentry.remedies.base import (
+    RemedyResult,
+    check_positive,
+    grads_of,
+    names_for,
+    param_names,
+    per_tensor_norms,
+    total_norm,
+)
+
+__all__ = ["NonFiniteGuard", "ResetMoments", "scale_lr_"]
+
+log = logging.getLogger("gradsentry")
+
+
+def scale_lr_(optimizer: torch.optim.Optimizer, factor: float, min_lr: float = 0.0) -> list[float]:
+    """Multiply every parameter group's learning rate by ``factor`` (floored at ``min_lr``).
+
+    Works for float and tensor learning rates (the latter in place). Returns the new rates.
+    """
+    out = []
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr.mul_(factor).clamp_(min=min_lr)
+            out.append(float(lr))
+        else:
+            group["lr"] = max(float(lr) * factor, min_lr)
+            out.append(group["lr"])
+    return out
+
+
+def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.defaults.get("fused")) and all(g.get("fused", True) for g in optimizer.param_groups)
+
+
+class NonFiniteGuard:
+    """Skip the optimizer step when any gradient (or the loss) is NaN or infinite.
+
+    Two ways to skip:
+
+    * ``sync=True`` (default, any optimizer): one device→host copy per step reads which gradients are
+      non-finite; on a bad step every ``p.grad`` is set to None, so a following ``optimizer.step()``
+      changes nothing (see the module docstring), and ``result.skip`` is True.
+    * ``sync=False`` (fused optimizers only, e.g. ``AdamW(fused=True)``): no host copy. The guard sets
+      ``optimizer.found_inf`` to a device flag, the same tensor ``GradScaler`` hands to fused kernels,
+      which then leave weights, moments and step counts untouched on a bad step. Call
+      ``optimizer.step()`` as usual; the skip count is kept on the device (``skips`` copies it).
+
+    Beside an enabled ``torch.amp.GradScaler`` (pass it as ``scaler``), non-finite gradients are the
+    scaler's normal overflow signal: the scaler skips the step and lowers its scale itself, so the guard
+    leaves the gradients alone (setting them to None would hide the overflow from ``scaler.unscale_``
+    and the scale would never drop) and counts the step in ``scaler_skips``, not in ``skips`` (with
+    ``sync=False`` it counts neither: read the scaler's own record).
+
+    Args:
+        optimizer: needed for ``sync=False`` and for the learning-rate back-off.
+        model: used only to name the layers with non-finite gradients in the record.
+        scaler: an AMP ``GradScaler`` that already skips overflowing steps.
+        sync: see above.
+        backoff_after: after this many consecutive skipped steps, multiply the learning rate by
+            ``lr_factor`` (and again every ``backoff_after`` further skips); None disables it.
+        lr_factor: learning-rate multiplier in (0, 1].
+        min_lr: floor of the learning rate.
+        check_loss: also skip when a given loss is non-finite.
+
+    Raises:
+        ValueError: ``sync=False`` without a fused optimizer, ``backoff_after`` without an optimizer or
+            with ``sync=False``, or a bad number.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        model: nn.Module | None = None,
+        scaler: Any | None = None,
+        sync: bool = True,
+        backoff_after: int | None = None,
+        lr_factor: float = 0.5,
+        min_lr: float = 0.0,
+        check_loss: bool = True,
+    ) -> None:
+        if not sync and (optimizer is None or not _is_fused(optimizer)):
+            raise ValueError(
+                "sync=False needs a fused optimizer (e.g. torch.optim.AdamW(params, fused=True)) passed as "
+                "optimizer=; other optimizers cannot skip on a device flag, use sync=True"
+            )
+        if backoff_after is not None:
+            if optimizer is None or not sync:
+                raise ValueError("backoff_after needs optimizer= and sync=True")
+            if int(backoff_after) < 1:
+                raise ValueError(f"backoff_after must be >= 1, got {backoff_after!r}")
+        if not 0.0 < float(lr_factor) <= 1.0:
+            raise ValueError(f"lr_factor must be in (0, 1], got {lr_factor!r}")
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.sync = sync
+        self.backoff_after = None if backoff_after is None else int(backoff_after)
+        self.lr_factor = float(lr_factor)
+        self.min_lr = check_positive("min_lr", min_lr, allow_zero=True)
+        self.check_loss = check_loss
+        self._names = param_names(model) if model is not None else None
+        self.scaler_skips = 0
+        self.consecutive = 0
+        self.backoffs = 0
+        self._skips = 0
+        self._skips_dev: Tensor | None = None
+        self._found_inf: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"NonFiniteGuard(sync={self.sync}, backoff_after={self.backoff_after})"
+
+    @property
+    def skips(self) -> int:
+        """Steps this guard skipped (excluding GradScaler's own skips); copies to the host if sync=False."""
+        return self._skips + (int(self._skips_dev.item()) if self._skips_dev is not None else 0)
+
+    def _scaler_active(self) -> bool:
+        return self.scaler is not None and bool(self.scaler.is_enabled())
+
+    @torch.no_grad()
+    def __call__(
+        self, params: Iterable[Tensor], *, norms: Tensor | None = None, loss: Tensor | float | None = None
+    ) -> RemedyResult:
+        ps, grads = grads_of(params)
+        if not grads:
+            return RemedyResult("NonFiniteGuard")
+        if norms is None:
+            norms = per_tensor_norms(grads)
+        bad = ~torch.isfinite(norms)
+        bad_any = bad.any()
+        if self.check_loss and loss is not None:
+            bad_any = bad_any | ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32)).to(bad_any.device)
+        names = names_for(ps, self._names, layer=True)
+        before = total_norm(norms)
+        if not self.sync:
+            return self._device_skip(bad, bad_any, before, names)
+        flags = torch.cat([bad_any.view(1), bad]).tolist()  # the one host sync
+        mask = torch.tensor(flags[1:], dtype=torch.bool)
+        if not flags[0]:
+            self.consecutive = 0
+            return RemedyResult(
+                "NonFiniteGuard",
+                norm_before=before,
+                norm_after=before,
+                affected=mask,
+                names=names,
+                norms_after=norms,
+            )
+        if self._scaler_active():
+            self.scaler_skips += 1
+            return RemedyResult(
+                "NonFiniteGuard",
+                norm_before=before,
+                skipped=True,
+                affected=mask,
+                names=names,
+                extra={"by": "GradScaler"},
+            )
+        for p in ps:
+            p.grad = None
+        self._skips += 1
+        self.consecutive += 1
+        extra: dict[str, Any] = {"by": "NonFiniteGuard", "consecutive": self.consecutive}
+        if (
+            self.backoff_after is not None
+            and self.optimizer is not None
+            and self.consecutive % self.backoff_after == 0
+        ):
+            extra["lr"] = scale_lr_(self.optimizer, self.lr_factor, self.min_lr)
+            self.backoffs += 1
+            log.warning(
+                "NonFiniteGuard: %d consecutive non-finite steps, learning rate lowered to %s",
+                self.consecutive,
+                extra["lr"],
+            )
+        return RemedyResult(
+            "NonFiniteGuard", norm_before=before, skipped=True, affected=mask, names=names, extra=extra
+        )
+
+    def _device_skip(self, bad: Tensor, bad_any: Tensor, before: Tensor, names: list[str]) -> RemedyResult:
+        assert self.optimizer is not None  # checked in __init__
+        flag = bad_any.to(torch.float32)
+        if self._found_inf is None or self._found_inf.device != flag.device:
+            self._found_inf = torch.zeros((), dtype=torch.float32, device=flag.device)
+            self._skips_dev = torch.zeros((), dtype=torch.int64, device=flag.device)
+        if self._scaler_active():  # GradScaler hands its own found_inf to the fused kernel and counts it
+            return RemedyResult(
+                "NonFiniteGuard",
+                norm_before=before,
+                skipped=bad_any,
+                affected=bad,
+                names=names,
+                extra={"by": "GradScaler"},
+            )
+        self._found_inf.copy_(flag)
+        assert self._skips_dev is not None
+        self._skips_dev.add_(bad_any.to(torch.int64))
+        self.optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
+        return RemedyResult(
+            "NonFiniteGuard",
+            norm_before=before,
+            skipped=bad_any,
+            affected=bad,
+            names=names,
+            extra={"by": "found_inf"},
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """Counters as plain ints: ``skips``, ``scaler_skips``, ``consecutive``, ``backoffs``."""
+        return {
+            "skips": self.skips,
+            "scaler_skips": self.scaler_skips,
+            "consecutive": self.consecutive,
+            "backoffs": self.backoffs,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the counters of :meth:`state_dict`."""
+        self._skips, self._skips_dev = int(state["skips"]), None
+        self.scaler_skips = int(state["scaler_skips"])
+        self.consecutive = int(state["consecutive"])
+        self.backoffs = int(state.get("backoffs", 0))
+
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "step")
+
+
+class ResetMoments:
+    """Forget the optimizer state of parameters hit by a spike or a non-finite gradient.
+
+    The whole per-parameter state is dropped (Adam/AdamW ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq`` and ``step``; SGD ``momentum_buffer``), so the optimizer re-initialises it
+    lazily at the next step as for a fresh parameter: Adam restarts its bias correction, SGD restarts
+    momentum from the current gradient. Other parameters keep their state. This is the moment reset of
+    SPAM made optimizer-agnostic and targeted at the affected parameters only.
+
+    Called as a remedy, it resets the parameters whose per-tensor gradient norm is non-finite, or above
+    ``max_norm`` when given (one host sync). :meth:`reset` resets an explicit list.
+
+    Args:
+        optimizer: any ``torch.optim`` optimizer with lazily initialised state.
+        max_norm: optional per-tensor L2 gradient norm above which a parameter counts as spiking.
+        model: used only to name the layers in the record.
+
+    References:
+        Huang et al., "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training", 2025,
+        arXiv:2501.06842.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_norm: float | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.max_norm = None if max_norm is None else check_positive("max_norm", max_norm)
+        self._names = param_names(model) if model is not None else None
+        self.resets = 0
+
+    def __repr__(self) -> str:
+        return f"ResetMoments(max_norm={self.max_norm})"
+
+    def reset(self, params: Iterable[Tensor]) -> int:
+        """Drop the optimizer state of ``params``; returns how many had state."""
+        n = 0
+        for p in params:
+            if self.optimizer.state.pop(p, None) is not None:
+                n += 1
+        self.resets += n
+        return n
+
+    @torch.no_grad()
+    def __call__(
+        self, params: Iterable[Tensor], *, norms: Tensor | None = None, loss: Tensor | float | None = None
+    ) -> RemedyResult:
+        ps, grads = grads_of(params)
+        if not grads:
+            return RemedyResult("ResetMoments")
+        if norms is None:
+            norms = per_tensor_norms(grads)
+        hit = ~torch.isfinite(norms)
+        if self.max_norm is not None:
+            hit = hit | (norms > self.max_norm)
+        flags = hit.tolist()  # the one host sync
+        n = self.reset(p for p, f in zip(ps, flags, strict=True) if f)
+        return RemedyResult(
+            "ResetMoments",
+            norm_before=total_norm(norms),
+            affected=torch.tensor(flags, dtype=torch.bool),
+            names=names_for(ps, self._names, layer=True),
+            extra={"reset": n},
+            norms_after=norms,
+        )

@@ -1,0 +1,107 @@
+"""CSV sink: one row per logged step and layer, flushed per step.
+
+Columns (:data:`CSV_COLUMNS`): ``step, layer, depth, grad_norm, grad_rms, grad_max_abs, nonfinite,
+weight_norm, update_ratio, global_norm, loss, lr, has_grad``. The step-level figures (``global_norm``,
+``loss``, ``lr``) are repeated on every row of their step so that each row stands alone (a spreadsheet
+pivot or ``pandas.read_csv`` needs no join). Unknown values (``update_ratio`` on the first step,
+``loss``/``lr`` when not given) are empty cells; NaN and infinities are written as ``nan``, ``inf``
+and ``-inf``, which ``float()`` and ``pandas`` read back. A step record without layers still gets
+one row (empty layer cells) so that its global norm is not lost. Findings do not fit the table and
+are not written (use :class:`~gradsentry.sinks.JsonlSink` alongside to keep them).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from gradsentry.records import Finding, LayerStats, RunHeader, StepRecord
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "step",
+    "layer",
+    "depth",
+    "grad_norm",
+    "grad_rms",
+    "grad_max_abs",
+    "nonfinite",
+    "weight_norm",
+    "update_ratio",
+    "global_norm",
+    "loss",
+    "lr",
+    "has_grad",
+)
+"""Header row of the files written by :class:`CsvSink`."""
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # shortest round-trip text: float(repr(x)) == x, "nan"/"inf" included
+    return value
+
+
+class CsvSink:
+    """Write a run as CSV rows (one per step and layer) to ``path``.
+
+    Args:
+        path: file to write; parent folders are created. An existing file is replaced.
+
+    Raises:
+        OSError: on ``open`` when the file cannot be created (e.g. ``path`` is a folder).
+
+    Example:
+        >>> sink = CsvSink("run.csv")  # doctest: +SKIP
+        >>> mon = gradsentry.Monitor(model, sinks=[sink])  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fh: IO[str] | None = None
+        self._writer: Any = None
+
+    def open(self, header: RunHeader) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("w", encoding="utf-8", newline="")
+        self._writer = csv.writer(self._fh)
+        self._writer.writerow(CSV_COLUMNS)
+        self._fh.flush()
+
+    def write(self, record: StepRecord) -> None:
+        if self._fh is None:
+            raise RuntimeError(f"CsvSink({self.path}) is not open")
+        tail = [_cell(record.global_norm), _cell(record.loss), _cell(record.lr)]
+        if not record.layers:
+            self._writer.writerow([record.step, "", "", "", "", "", "", "", "", *tail, ""])
+        for layer in record.layers:
+            self._writer.writerow([record.step, *self._layer_cells(layer), *tail, int(layer.has_grad)])
+        self._fh.flush()
+
+    @staticmethod
+    def _layer_cells(x: LayerStats) -> list[Any]:
+        return [
+            x.name,
+            x.depth,
+            _cell(x.grad_norm),
+            _cell(x.grad_rms),
+            _cell(x.grad_max_abs),
+            x.nonfinite,
+            _cell(x.weight_norm),
+            _cell(x.update_ratio),
+        ]
+
+    def write_findings(self, findings: list[Finding]) -> None:
+        """Findings are not part of the CSV table; this flushes the file and writes nothing."""
+        if self._fh is not None:
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            self._fh.close()
+            self._fh = None
+            self._writer = None

@@ -1,0 +1,257 @@
+"""TensorBoard sink: per-layer statistics as one chart per statistic with a line per layer.
+
+Tags written (``P`` is the ``prefix``, ``<layer>`` a module path such as ``blocks.3.fc``, ``(root)``
+for the root module):
+
+- ``P/global_norm``, ``P/loss``, ``P/lr``: one scalar each per logged step (loss and lr when known).
+- ``P/<stat>/<layer>`` for ``stat`` in :data:`LAYER_STATS` (``grad_norm``, ``grad_rms``,
+  ``grad_max_abs``, ``nonfinite``, ``weight_norm``, ``update_ratio``). A layer with no gradient at
+  a step (``has_grad=False``: frozen or unused) gets no gradient scalars at that step, so it is not
+  drawn as a vanishing line at 0; ``update_ratio`` is written only when known.
+- ``P/<stat>/<activation>`` for ``stat`` in :data:`ACTIVATION_STATS` when the record holds
+  activation statistics (``saturated_frac``/``dead_frac`` only where defined).
+- With ``histograms_every=K``, on every K-th logged step: ``P/hist/log10_grad_norm`` (the
+  distribution over layers of log10 per-layer gradient norms, finite non-zero norms only) and
+  ``P/preact/<activation>`` (pre-activation histograms, where the record carries them).
+- ``P/findings``: a Markdown table of the findings (text plugin).
+
+How the grouping is done, and why. TensorBoard's *Scalars* dashboard draws one chart per tag and
+groups charts by the tag's first path component, so ``P/grad_norm/<layer>`` alone gives one small
+chart per layer. ``SummaryWriter.add_scalars`` does draw several lines in one chart, but it does so
+by opening one extra event-file writer (one extra "run", in a sub-folder of ``log_dir``) per
+line: with 50 layers and 6 statistics that is 300 runs cluttering the run selector, and the lines
+of every statistic share the same run names. Instead this sink writes plain scalars into the one
+run and, once at ``open``, a *custom scalars* layout (``SummaryWriter.add_custom_scalars``): one
+``Multiline`` chart per statistic whose tag regex ``^P/<stat>/.*`` matches every layer. TensorBoard's
+*Custom Scalars* dashboard then shows exactly one chart per statistic with one line per layer,
+while the Scalars dashboard still lists every series. (The custom-scalars plugin matches a chart's
+tags with ``re.match``, see ``tensorboard/plugins/custom_scalar/custom_scalars_plugin.py``.)
+
+Values are stored by TensorBoard as 32-bit floats; NaN and inf are written as they are (evidence).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradsentry.records import ActivationStats, Finding, RunHeader, StepRecord
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+log = logging.getLogger("gradsentry")
+
+LAYER_STATS: tuple[str, ...] = (
+    "grad_norm",
+    "grad_rms",
+    "grad_max_abs",
+    "nonfinite",
+    "weight_norm",
+    "update_ratio",
+)
+"""Per-layer statistics written by :class:`TensorBoardSink`, one chart each."""
+
+ACTIVATION_STATS: tuple[str, ...] = ("pre_mean", "pre_std", "saturated_frac", "dead_frac")
+"""Per-activation statistics written by :class:`TensorBoardSink`, one chart each."""
+
+_GRAD_STATS = frozenset({"grad_norm", "grad_rms", "grad_max_abs", "nonfinite"})
+
+ROOT_NAME = "(root)"
+"""Tag component used for the root module, whose qualified name is the empty string."""
+
+
+def layer_tag(prefix: str, stat: str, name: str) -> str:
+    """Return the tag of statistic ``stat`` of layer (or activation) ``name``: ``prefix/stat/name``."""
+    return f"{prefix}/{stat}/{name or ROOT_NAME}"
+
+
+def _md_cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def findings_markdown(findings: list[Finding]) -> str:
+    """Render findings as a Markdown table (the text TensorBoard shows under ``P/findings``)."""
+    if not findings:
+        return "No findings."
+    rows = ["| severity | kind | first step | layers | explanation |", "| --- | --- | --- | --- | --- |"]
+    for f in findings:
+        first = f.steps[0] if f.steps else ""
+        rows.append(
+            f"| {_md_cell(f.severity)} | {_md_cell(f.kind)} | {first} | {_md_cell(', '.join(f.layers[:5]))} "
+            f"| {_md_cell(f.explanation)} |"
+        )
+    return "\n".join(rows)
+
+
+class TensorBoardSink:
+    """Write step records as TensorBoard scalars (and optional histograms) under ``log_dir``.
+
+    Args:
+        log_dir: folder of the TensorBoard run (created if missing); point ``tensorboard --logdir``
+            at it or at a parent folder.
+        prefix: first tag component of every series (default ``"gradsentry"``); must be non-empty and
+            contain no ``/``.
+        histograms_every: write histograms on every K-th logged step (K >= 1), or None for none.
+        flush_secs: how often the writer flushes to disk, seconds (the file is also flushed on
+            :meth:`write_findings` and :meth:`close`).
+
+    Raises:
+        ValueError: ``prefix`` is empty or holds ``/``, or ``histograms_every`` < 1.
+        ModuleNotFoundError: on :meth:`open`, when the ``tensorboard`` package is missing.
+
+    Example:
+        >>> sink = TensorBoardSink("runs/exp1", histograms_every=10)  # doctest: +SKIP
+        >>> mon = gradsentry.Monitor(model, sinks=[sink])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        prefix: str = "gradsentry",
+        histograms_every: int | None = None,
+        *,
+        flush_secs: int = 30,
+    ) -> None:
+        if not prefix or "/" in prefix:
+            raise ValueError(f"prefix must be a non-empty tag component without '/', got {prefix!r}")
+        if histograms_every is not None and int(histograms_every) < 1:
+            raise ValueError(f"histograms_every must be None or an integer >= 1, got {histograms_every!r}")
+        self.log_dir = Path(log_dir)
+        self.prefix = prefix
+        self.histograms_every = None if histograms_every is None else int(histograms_every)
+        self.flush_secs = int(flush_secs)
+        self._writer: SummaryWriter | None = None
+        self._logged = 0
+
+    def layout(self) -> dict[str, dict[str, list[Any]]]:
+        """The custom-scalars layout: one Multiline chart per statistic, a line per layer.
+
+        Returns:
+            ``{category: {chart title: ["Multiline", [tag regex]]}}`` as taken by
+            ``SummaryWriter.add_custom_scalars``.
+        """
+        p = re.escape(self.prefix)
+        layers = {stat: ["Multiline", [f"{p}/{stat}/.*"]] for stat in LAYER_STATS}
+        acts = {stat: ["Multiline", [f"{p}/{stat}/.*"]] for stat in ACTIVATION_STATS}
+        glob = {name: ["Multiline", [f"{p}/{name}$"]] for name in ("global_norm", "loss", "lr")}
+        return {
+            f"{self.prefix} per layer": layers,
+            f"{self.prefix} activations": acts,
+            f"{self.prefix} global": glob,
+        }
+
+    def open(self, header: RunHeader) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ModuleNotFoundError as exc:  # pragma: no cover - tensorboard is a core dependency
+            raise ModuleNotFoundError(
+                "TensorBoardSink needs the tensorboard package: pip install tensorboard"
+            ) from exc
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self.flush_secs)
+        self._writer.add_custom_scalars(self.layout())
+        self._logged = 0
+
+    def _w(self) -> SummaryWriter:
+        if self._writer is None:
+            raise RuntimeError(f"TensorBoardSink({self.log_dir}) is not open")
+        return self._writer
+
+    def write(self, record: StepRecord) -> None:
+        w = self._w()
+        step = int(record.step)
+        p = self.prefix
+        w.add_scalar(f"{p}/global_norm", record.global_norm, step)
+        if record.loss is not None:
+            w.add_scalar(f"{p}/loss", record.loss, step)
+        if record.lr is not None:
+            w.add_scalar(f"{p}/lr", record.lr, step)
+        for layer in record.layers:
+            for stat in LAYER_STATS:
+                if stat in _GRAD_STATS and not layer.has_grad:
+                    continue
+                value = getattr(layer, stat)
+                if value is not None:
+                    w.add_scalar(layer_tag(p, stat, layer.name), float(value), step)
+        for act in record.activations:
+            for stat in ACTIVATION_STATS:
+                value = getattr(act, stat)
+                if value is not None:
+                    w.add_scalar(layer_tag(p, stat, act.name), float(value), step)
+        if self.histograms_every is not None and self._logged % self.histograms_every == 0:
+            self._histograms(w, record)
+        self._logged += 1
+
+    def _histograms(self, w: SummaryWriter, record: StepRecord) -> None:
+        import numpy as np
+
+        norms = [
+            x.grad_norm
+            for x in record.layers
+            if x.has_grad and math.isfinite(x.grad_norm) and x.grad_norm > 0
+        ]
+        if norms:
+            w.add_histogram(
+                f"{self.prefix}/hist/log10_grad_norm",
+                np.log10(np.asarray(norms, dtype=np.float64)),
+                record.step,
+            )
+        for act in record.activations:
+            raw = _raw_histogram(act)
+            if raw is not None:
+                w.add_histogram_raw(
+                    layer_tag(self.prefix, "preact", act.name), global_step=record.step, **raw
+                )
+
+    def write_findings(self, findings: list[Finding]) -> None:
+        w = self._w()
+        w.add_text(f"{self.prefix}/findings", findings_markdown(findings))
+        w.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+
+def _raw_histogram(act: ActivationStats) -> dict[str, Any] | None:
+    """Turn ``act.histogram`` (``{"edges": [n+1], "counts": [n]}``) into ``add_histogram_raw`` arguments.
+
+    The sum and sum of squares are estimated from the bin centres (the exact values are not kept in
+    the record). Returns None (and logs at debug level) for a missing, empty or malformed histogram.
+    """
+    h = act.histogram
+    if not h:
+        return None
+    try:
+        edges = [float(e) for e in h["edges"]]
+        counts = [float(c) for c in h["counts"]]
+    except (KeyError, TypeError, ValueError):
+        log.debug("gradsentry: activation %s has a malformed histogram; skipped", act.name)
+        return None
+    if len(edges) != len(counts) + 1 or not counts or sum(counts) <= 0:
+        log.debug(
+            "gradsentry: activation %s histogram has %d edges for %d counts; skipped",
+            act.name,
+            len(edges),
+            len(counts),
+        )
+        return None
+    centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
+    nonzero = [i for i, c in enumerate(counts) if c > 0]
+    return {
+        "min": edges[nonzero[0]],
+        "max": edges[nonzero[-1] + 1],
+        "num": sum(counts),
+        "sum": sum(c * x for c, x in zip(counts, centres, strict=True)),
+        "sum_squares": sum(c * x * x for c, x in zip(counts, centres, strict=True)),
+        "bucket_limits": edges[1:],
+        "bucket_counts": counts,
+    }

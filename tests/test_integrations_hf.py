@@ -1,0 +1,177 @@
+"""GradSentryCallback in a real transformers.Trainer (CPU, tiny model, a few steps, no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from zoo import mlp
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+pytest.importorskip("accelerate", reason="the hf extra (accelerate) is not installed")
+
+from gradsentry.integrations.transformers import GradSentryCallback  # noqa: E402
+from gradsentry.sinks import JsonlSink, read_jsonl  # noqa: E402
+
+N = 8  # samples: one optimizer step always covers the whole data set, so its gradient is order-free
+
+
+class Regressor(nn.Module):
+    """A tiny model with the HF calling convention: keyword inputs, ``labels``, a dict with ``loss``."""
+
+    def __init__(self, net: nn.Module, poison_at: int | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.poison_at = poison_at  # training forward call (1-based) whose input is multiplied by inf
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.training:
+            self.calls += 1
+            if self.calls == self.poison_at:
+                x = x * math.inf
+        out = self.net(x)
+        result = {"logits": out}
+        if labels is not None:
+            result["loss"] = nn.functional.mse_loss(out, labels)
+        return result
+
+
+def _data(in_dim: int = 16, out_dim: int = 4) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, in_dim, generator=g), torch.randn(N, out_dim, generator=g)
+    return [{"x": x[i], "labels": y[i]} for i in range(N)]
+
+
+def _train(
+    tmp_path: Any, model: nn.Module, cb: GradSentryCallback, *, steps: int = 3, ga: int = 1, **kw: Any
+) -> Any:
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=steps,
+        per_device_train_batch_size=N // ga,
+        gradient_accumulation_steps=ga,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        **kw,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb])
+    trainer.train()
+    return trainer
+
+
+def _full_batch_grad_norm(net: nn.Module) -> tuple[float, float]:
+    """float64 global gradient norm and loss of the mean-squared error over the whole data set."""
+    net = copy.deepcopy(net).double()
+    data = _data()
+    x = torch.stack([d["x"] for d in data]).double()
+    y = torch.stack([d["labels"] for d in data]).double()
+    loss = nn.functional.mse_loss(net(x), y)
+    loss.backward()
+    return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in net.parameters())), float(loss.detach())
+
+
+def _train_logs(trainer: Any) -> list[dict[str, Any]]:
+    return [e for e in trainer.state.log_history if "grad_norm" in e]
+
+
+@pytest.mark.parametrize("ga", [1, 2], ids=["no-accumulation", "accumulate-2"])
+def test_pre_clip_norm_equals_trainer_grad_norm(tmp_path, ga):
+    model = Regressor(mlp(3, width=16, act=nn.Tanh))
+    want0, loss0 = _full_batch_grad_norm(model.net)
+    cb = GradSentryCallback(sinks=[JsonlSink(tmp_path / "run.jsonl")])
+    trainer = _train(tmp_path, model, cb, ga=ga, max_grad_norm=1e-3)
+
+    recs = cb.monitor.records
+    assert cb.mode == "backward"
+    assert [r.step for r in recs] == [0, 1, 2]  # once per optimizer step, not per micro-batch
+    logs = _train_logs(trainer)
+    assert [e["step"] for e in logs] == [1, 2, 3]
+    for entry, rec in zip(logs, recs, strict=True):
+        # the Trainer's grad_norm is its pre-clip norm; it clipped to 1e-3 after we recorded
+        assert rec.global_norm == pytest.approx(entry["grad_norm"], rel=1e-5)
+        assert rec.global_norm > 10 * 1e-3
+        assert entry["gradsentry/global_norm"] == rec.global_norm
+        assert entry["gradsentry/nonfinite_steps"] == 0
+        assert entry["gradsentry/grad_norm/net.0"] == rec.layers[0].grad_norm
+    # Independent float64 recomputation of the first optimizer step's gradient and loss
+    assert recs[0].global_norm == pytest.approx(want0, rel=1e-5)
+    assert recs[0].loss == pytest.approx(loss0, rel=1e-5)
+    assert recs[1].layers[0].update_ratio is not None
+    run = read_jsonl(tmp_path / "run.jsonl")
+    assert [r.global_norm for r in run.records] == [r.global_norm for r in recs]
+    assert run.header.meta["source"] == "transformers"
+    assert not cb._handles and cb.monitor._closed  # every hook removed at the end
+
+
+def test_nonfinite_steps_show_although_the_trainer_filters_its_loss(tmp_path):
+    model = Regressor(mlp(3, width=16, act=nn.Tanh), poison_at=3)
+    cb = GradSentryCallback()
+    trainer = _train(tmp_path, model, cb, steps=4)
+    logs = _train_logs(trainer)
+    assert trainer.args.logging_nan_inf_filter
+    assert all(math.isfinite(e["loss"]) for e in logs)  # the Trainer's logged loss hides it
+    recs = cb.monitor.records
+    assert [r.finite for r in recs] == [True, True, False, False]  # NaN weights after the bad step
+    assert not math.isfinite(recs[2].loss)
+    assert recs[2].layers[0].nonfinite > 0
+    assert [e["gradsentry/nonfinite_steps"] for e in logs] == [0, 0, 1, 1]
+    assert math.isnan(logs[2]["grad_norm"]) and math.isnan(logs[2]["gradsentry/global_norm"])
+
+
+def test_pre_optimizer_step_capture_sees_clipped_gradients_and_warns(tmp_path, caplog):
+    cb = GradSentryCallback(capture="pre_optimizer_step")
+    with caplog.at_level(logging.WARNING, logger="gradsentry"):
+        trainer = _train(tmp_path, Regressor(mlp(2, width=8, act=nn.Tanh)), cb, steps=2, max_grad_norm=1e-3)
+    assert any("after the Trainer clipped" in m for m in caplog.messages)
+    for entry, rec in zip(_train_logs(trainer), cb.monitor.records, strict=True):
+        assert rec.global_norm == pytest.approx(1e-3, rel=1e-4)  # post-clip: why "backward" is the default
+        assert entry["grad_norm"] > 10 * rec.global_norm
+
+
+def test_deep_sigmoid_is_diagnosed_vanishing(tmp_path):
+    model = Regressor(mlp(10, width=32, act=nn.Sigmoid))
+    net = copy.deepcopy(model.net).double()
+    data = _data()
+    x, y = torch.stack([d["x"] for d in data]).double(), torch.stack([d["labels"] for d in data]).double()
+    nn.functional.mse_loss(net(x), y).backward()
+    rms = [
+        float(torch.cat([m.weight.grad.flatten(), m.bias.grad]).pow(2).mean().sqrt())
+        for m in (net[0], net[18])
+    ]
+    cb = GradSentryCallback()
+    _train(tmp_path, model, cb, steps=4, max_grad_norm=0.0)
+    vanishing = [f for f in cb.findings if f.kind == "vanishing"]
+    assert vanishing, cb.findings
+    ev = vanishing[0].evidence
+    assert (ev["first_layer"], ev["last_layer"]) == ("net.0", "net.18")
+    assert (
+        ev["first_last_rms_ratio_first_step"] == pytest.approx(rms[0] / rms[1], rel=1e-4)
+        and rms[0] / rms[1] < 1e-3
+    )
+    healthy = GradSentryCallback()
+    _train(tmp_path, Regressor(mlp(3, width=16, act=nn.Tanh)), healthy, steps=4)
+    assert healthy.monitor.records and "vanishing" not in {f.kind for f in healthy.findings}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        GradSentryCallback(every=0)
+    with pytest.raises(ValueError, match="capture must be 'auto', 'backward' or 'pre_optimizer_step'"):
+        GradSentryCallback(capture="later")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown log_stats \['norm'\]"):
+        GradSentryCallback(log_stats=("norm",))
