@@ -268,6 +268,47 @@ def nan_guard(rank: int, out: Path) -> dict[str, Any]:
     return res
 
 
+def ddp_rollback_ladder(rank: int, out: Path) -> dict[str, Any]:
+    """Rank-local trouble under DDP (rank 1's loss is inf; then a NaN in rank 1's gradient only):
+    Rollback and Ladder must take the same decision on both ranks."""
+    if not remedies_available():
+        return {"skipped": True}
+    from gradsentry.remedies import ClipGlobalNorm, Ladder, Rollback
+
+    res: dict[str, Any] = {}
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rollback = Rollback(model, opt, every=1)
+    skips = []
+    for step in range(3):
+        loss = _step(model, rank)
+        if step == 2 and rank == 1:
+            loss = loss * math.inf
+        skips.append(rollback(list(model.parameters()), loss=loss).skip)
+        opt.step()
+        opt.zero_grad()
+    weight = model.module[0].weight.detach().flatten()[:4].tolist()
+    res["rollback"] = {
+        "skips": skips,
+        "restores": rollback.restores,
+        "lr": opt.param_groups[0]["lr"],
+        "w": weight,
+    }
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    ladder = Ladder(ClipGlobalNorm(1.0))
+    skips = []
+    for step in range(2):
+        loss = _step(model, rank)
+        if step == 1 and rank == 1:
+            model.module[2].weight.grad[0, 0] = math.nan
+        skips.append(ladder(list(model.parameters()), loss=loss).skip)
+        opt.step()
+        opt.zero_grad()
+    res["ladder"] = {"skips": skips, "counts": ladder.counts}
+    return res
+
+
 def dead_peer(rank: int, out: Path) -> dict[str, Any]:
     """Rank 1 stops calling step() (first on a side group, then it exits); rank 0 must raise."""
     import gradsentry as gs
@@ -306,6 +347,7 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "fsdp_nan": fsdp_nan,
     "fsdp_remedies": fsdp_remedies,
     "nan_guard": nan_guard,
+    "ddp_rollback_ladder": ddp_rollback_ladder,
     "dead_peer": dead_peer,  # last: it leaves the process group broken
 }
 

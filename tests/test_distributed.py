@@ -295,6 +295,18 @@ def test_nan_on_one_rank_makes_every_rank_skip_under_nonfinite_guard(ranks: list
         assert got[r]["ddp"] == {"grads_none": [True, True], "skips": 2}
 
 
+def test_rollback_and_ladder_decide_the_same_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    pytest.importorskip("gradsentry.remedies")
+    got = _scenario(ranks, "ddp_rollback_ladder")
+    for r in range(W.WORLD):
+        rb = got[r]["rollback"]
+        assert rb["skips"] == [False, False, True]  # rank 1's inf loss rolls back rank 0 too
+        assert rb["restores"] == 1 and rb["lr"] == pytest.approx(W.LR * 0.5)
+        assert got[r]["ladder"]["skips"] == [False, True]  # rank 1's NaN gradient skips rank 0 too
+        assert got[r]["ladder"]["counts"]["skip"] == 1
+    assert got[0]["rollback"]["w"] == got[1]["rollback"]["w"]
+
+
 def test_dead_or_hung_peer_raises_a_clear_error_instead_of_hanging(ranks: list[dict[str, Any]]) -> None:
     got = ranks[0]["dead_peer"]
     assert "error" not in got, got.get("error")

@@ -262,6 +262,11 @@ def _initialized(group: Any) -> bool:
     return group is not None or (dist.is_available() and dist.is_initialized())
 
 
+def world_size(group: Any = None) -> int:
+    """Number of ranks in ``group`` (1 when ``torch.distributed`` is not initialised)."""
+    return dist.get_world_size(group) if _initialized(group) else 1
+
+
 def global_per_tensor_norms(grads: Sequence[Tensor], norm_type: float = 2.0, group: Any = None) -> Tensor:
     """p-norm of every whole gradient tensor, whatever part of it this rank holds.
 
@@ -317,6 +322,31 @@ def any_rank(flag: Tensor, group: Any = None) -> Tensor:
         return flag
     ctx = DistContext(group, dist.get_rank(group), dist.get_world_size(group), sharded=False)
     return ctx.all_reduce_(flag.reshape(1).to(torch.float32), "max")[0] > 0
+
+
+def agree(loss: Tensor, flags: Tensor, group: Any = None) -> tuple[Tensor, Tensor]:
+    """The mean of a 0-d ``loss`` and the OR of boolean ``flags`` over all ranks, with one
+    ``all_reduce(SUM)``, so that decisions taken from them (skip, roll back) are the same on every
+    rank; returned unchanged when not distributed. A NaN/inf loss on any rank gives NaN/inf.
+
+    Args:
+        loss: 0-d loss of this rank (any float dtype; NaN when there is none).
+        flags: bool tensor of any shape (e.g. ``[N]`` per-tensor non-finite flags), same on all ranks.
+
+    Returns:
+        ``(mean loss as float64 0-d, OR-ed flags of the same shape)`` on ``flags``'s device.
+
+    Raises:
+        DistributedError: the collective failed or timed out.
+    """
+    if not _initialized(group) or dist.get_world_size(group) <= 1:
+        return loss, flags
+    ctx = DistContext(group, dist.get_rank(group), dist.get_world_size(group), sharded=False)
+    buf = torch.cat(
+        [loss.detach().reshape(1).to(flags.device, torch.float64), flags.reshape(-1).to(torch.float64)]
+    )
+    ctx.all_reduce_(buf, "sum")
+    return buf[0] / ctx.world_size, (buf[1:] > 0).reshape(flags.shape)
 
 
 def reduce_parts(ctx: DistContext | None, parts: Sequence[tuple[Tensor, str | None]]) -> list[Tensor]:
