@@ -161,6 +161,22 @@ def ddp_every(rank: int, out: Path) -> dict[str, Any]:
         return {"every": mon.every, "calls": calls}
 
 
+def plain_sharded(rank: int, out: Path) -> dict[str, Any]:
+    """sharded=True with plain tensors: rank r holds rows r::2 of every parameter of make_model()
+    and the same rows of its full-batch gradient (set by hand, no forward)."""
+    import gradsentry as gs
+
+    full = make_model()
+    x, y = make_data()
+    nn.functional.cross_entropy(full(x), y).backward()
+    part = make_model()
+    for p, q in zip(part.parameters(), full.parameters(), strict=True):
+        p.data = q.data[rank::WORLD].clone()
+        p.grad = q.grad[rank::WORLD].clone()
+    with gs.Monitor(part, sharded=True, activations=False) as mon:
+        return {"record": mon.step().to_dict()}
+
+
 def fsdp_nan(rank: int, out: Path) -> dict[str, Any]:
     import gradsentry as gs
     from gradsentry import _dist
@@ -344,6 +360,7 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "fsdp": fsdp,
     "ddp_every": ddp_every,
     "hsdp": hsdp,
+    "plain_sharded": plain_sharded,
     "fsdp_nan": fsdp_nan,
     "fsdp_remedies": fsdp_remedies,
     "nan_guard": nan_guard,

@@ -85,6 +85,7 @@ def _reference(steps: int = 1) -> list[dict[str, Any]]:
             if before is not None:
                 ratio = ((w - before[name]).norm() / w.norm()).item()
             layers[name] = {
+                "numel": g.numel(),
                 "grad_norm": g.norm().item(),
                 "max": g.abs().max().item(),
                 "w": w.norm().item(),
@@ -126,6 +127,7 @@ def _check_layers(rec: dict[str, Any], ref: dict[str, Any], prefix: str = "") ->
     total = 0.0
     for layer in rec["layers"]:
         want = ref["layers"][layer["name"][len(prefix) :]]
+        assert layer["numel"] == want["numel"]
         assert layer["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
         assert layer["grad_max_abs"] == pytest.approx(want["max"], rel=RTOL)
         assert layer["weight_norm"] == pytest.approx(want["w"], rel=RTOL)
@@ -213,6 +215,16 @@ def test_hsdp_replicated_mesh_dimension_is_counted_once(ranks: list[dict[str, An
         _check_layers(got[r]["record"], ref)  # a double count would give sqrt(2) times the norms
         assert got[r]["record"]["loss"] == pytest.approx(ref["loss"], rel=RTOL)
         assert got[r]["calls"] == ["sum", "max"]
+
+
+def test_plain_tensors_declared_sharded_are_summed_over_ranks(ranks: list[dict[str, Any]]) -> None:
+    ref = _reference()[0]
+    got = _scenario(ranks, "plain_sharded")
+    for r in range(W.WORLD):
+        _check_layers(got[r]["record"], ref)  # norms, max |g|, weight norms and numel of the whole model
+        assert got[r]["record"]["layers"][0]["grad_rms"] == pytest.approx(
+            ref["layers"]["0"]["grad_norm"] / math.sqrt(ref["layers"]["0"]["numel"]), rel=RTOL
+        )
 
 
 def test_overhead_budget_every_is_agreed_over_ranks(ranks: list[dict[str, Any]]) -> None:

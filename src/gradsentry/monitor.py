@@ -474,6 +474,12 @@ class Monitor:
         else:
             zeros = torch.zeros(L, dtype=dt, device=device)
             parts += [(zeros, None), (zeros, None)]
+        if ctx is not None and ctx.sharded:  # gradient entries per layer, summed over the ranks' shards
+            keep = ctx.counted(params_with_grad)
+            sizes = [_dist.local(p).numel() * k for p, k in zip(params_with_grad, keep, strict=True)]
+            local_numel = torch.zeros(L, dtype=dt)
+            local_numel.index_add_(0, torch.tensor(owners, dtype=torch.long), torch.tensor(sizes, dtype=dt))
+            parts.append((local_numel.to(device), shard_op))
         w_sq = _dist.sq_norms(ctx if shard_op else None, [p.detach() for p in all_params], like=all_params)
         parts.append((_layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
         has_update = self._pending.update_sq is not None
@@ -520,7 +526,9 @@ class Monitor:
             pos += n
             return out
 
-        g_sq_l, g_max_l, w_sq_l = take(L), take(L), take(L)
+        g_sq_l, g_max_l = take(L), take(L)
+        numel = [round(n) for n in take(L)] if shard_op is not None else self._numel(params_with_grad, owners)
+        w_sq_l = take(L)
         u_sq = take(L) if has_update else None
         loss_value: float | None
         if has_loss_tensor:
@@ -533,9 +541,6 @@ class Monitor:
         if agree_every:
             self._agree_every(int(take(1)[0]))
 
-        numel = [0] * L
-        for p, i in zip(params_with_grad, owners, strict=True):
-            numel[i] += p.numel()
         layer_stats: list[LayerStats] = []
         bad_layers = [
             i for i in range(L) if numel[i] and not (math.isfinite(g_sq_l[i]) and math.isfinite(g_max_l[i]))
@@ -621,6 +626,13 @@ class Monitor:
         self._records.append(record)
         self._emit(record)
         return record
+
+    def _numel(self, params: list[Tensor], owners: list[int]) -> list[int]:
+        """Gradient entries per layer (of the parameters that have a gradient)."""
+        numel = [0] * len(self._layers)
+        for p, i in zip(params, owners, strict=True):
+            numel[i] += p.numel()
+        return numel
 
     def _count_nonfinite(self, layers: list[int]) -> dict[int, int]:
         """Count NaN/inf gradient entries of these layers (only called for layers whose norm is not
