@@ -177,6 +177,26 @@ def plain_sharded(rank: int, out: Path) -> dict[str, Any]:
         return {"record": mon.step().to_dict()}
 
 
+def fsdp1(rank: int, out: Path) -> dict[str, Any]:
+    """FSDP1: refused with a clear error by default; with sharded=True the global norm is right."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    import gradsentry as gs
+
+    model = FullyShardedDataParallel(make_model(), use_orig_params=False, device_id=torch.device("cpu"))
+    res: dict[str, Any] = {}
+    try:
+        gs.Monitor(model)
+    except ValueError as exc:
+        res["refused"] = str(exc)
+    with gs.Monitor(model, sharded=True, activations=False) as mon:
+        loss = _step(model, rank)
+        rec = mon.step(loss=loss)
+    res["global_norm"] = rec.global_norm
+    res["loss"] = rec.loss
+    return res
+
+
 def fsdp_nan(rank: int, out: Path) -> dict[str, Any]:
     import gradsentry as gs
     from gradsentry import _dist
@@ -361,6 +381,7 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "ddp_every": ddp_every,
     "hsdp": hsdp,
     "plain_sharded": plain_sharded,
+    "fsdp1": fsdp1,
     "fsdp_nan": fsdp_nan,
     "fsdp_remedies": fsdp_remedies,
     "nan_guard": nan_guard,

@@ -227,6 +227,15 @@ def test_plain_tensors_declared_sharded_are_summed_over_ranks(ranks: list[dict[s
         )
 
 
+def test_fsdp1_is_refused_clearly_unless_declared_sharded(ranks: list[dict[str, Any]]) -> None:
+    ref = _reference()[0]
+    want = math.sqrt(sum(layer["grad_norm"] ** 2 for layer in ref["layers"].values()))
+    for g in _scenario(ranks, "fsdp1"):
+        assert g["refused"].startswith("gradsentry: FSDP1 (FullyShardedDataParallel) is not supported")
+        assert g["global_norm"] == pytest.approx(want, rel=RTOL)
+        assert g["loss"] == pytest.approx(ref["loss"], rel=RTOL)
+
+
 def test_overhead_budget_every_is_agreed_over_ranks(ranks: list[dict[str, Any]]) -> None:
     got = _scenario(ranks, "ddp_every")
     assert got[0]["calls"] == got[1]["calls"] == ["max"]  # DDP, sync_local=False: only the agreement

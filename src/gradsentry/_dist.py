@@ -19,6 +19,7 @@ import datetime
 import functools
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,14 @@ COLLECTIVE_FAILED_MSG = (
     "gradsentry: the all-reduce ({op}) of gradient statistics over {world} ranks failed{timeout}: {exc}. "
     "A rank has probably died, hung, or skipped a logged Monitor.step() (or a remedy call): every rank "
     "must call them the same number of times, with the same `every`."
+)
+
+
+FSDP1_MSG = (
+    "gradsentry: FSDP1 (FullyShardedDataParallel) is not supported: each rank holds a flat shard of "
+    "each FSDP unit's parameters, so per-layer statistics cannot be formed. Use FSDP2 "
+    "(torch.distributed.fsdp.fully_shard), or pass sharded=True to get each FSDP unit's norm and the "
+    "global norm (with use_orig_params=False; remedies then see only local shards)."
 )
 
 
@@ -73,6 +82,12 @@ def _is_sharded_dtensor(t: Tensor) -> bool:
             "take statistics after the gradient reduction (after backward() of FSDP2)"
         )
     return any(p.is_shard() for p in placements)
+
+
+def _is_fsdp1(model: nn.Module | None) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # loaded if FSDP1 is in use; never imported here
+    cls = getattr(fsdp, "FullyShardedDataParallel", None)
+    return model is not None and cls is not None and any(isinstance(m, cls) for m in model.modules())
 
 
 def _counted_here(t: Tensor, has_dtensor: bool, rank: int) -> bool:
@@ -192,7 +207,8 @@ def resolve(
 
     Raises:
         ValueError: ``process_group`` given without an initialised ``torch.distributed``,
-            ``sharded=False`` with sharded DTensor parameters, or a bad ``timeout``.
+            ``sharded=False`` with sharded DTensor parameters, an FSDP1 model without ``sharded=True``,
+            or a bad ``timeout``.
     """
     if timeout is not None and not timeout > 0:
         raise ValueError(f"dist_timeout must be a positive number of seconds, got {timeout!r}")
@@ -214,6 +230,8 @@ def resolve(
             "sharded=False, but the model has DTensor parameters sharded across ranks (FSDP2); "
             "leave sharded=None to detect it"
         )
+    if sharded is None and _is_fsdp1(model):
+        raise ValueError(FSDP1_MSG)
     if sharded is None:
         sharded = has_shards
         is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
