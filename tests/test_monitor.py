@@ -280,3 +280,27 @@ def test_overhead_is_measured_and_budget_lowers_the_logging_frequency() -> None:
     assert overheads and all(0 < o < 1 for o in overheads)
     amortized = mon.amortized_overhead
     assert amortized is not None and 0 < amortized < max(overheads)
+
+
+def test_lean_mode_reads_gradients_once_and_shares_norms_with_the_clipper() -> None:
+    torch.manual_seed(1)
+    model = mlp(5, 32, nn.ReLU)
+    twin = mlp(5, 32, nn.ReLU)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(16, 16) * 50, torch.randint(0, 4, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gs.Monitor(model, optimizer=opt, max_abs=False, weight_norms=False, remedy=gs.ClipGlobalNorm(0.5))
+    _train_step(model, x, y)
+    rec = mon.step()
+    _train_step(twin, x, y)
+    ref_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5).item()
+    mon.close()
+    assert rec is not None
+    assert rec.global_norm == pytest.approx(ref_norm, rel=1e-6)
+    assert all(
+        la.grad_max_abs is None and la.weight_norm is None and la.update_ratio is None for la in rec.layers
+    )
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert rec.actions and rec.actions[0]["clipped"] is True
+    assert rec.actions[0]["norm_before"] == pytest.approx(ref_norm, rel=1e-6)

@@ -3,7 +3,9 @@
 Public names only; every module has one job (see README's architecture section).
 """
 
+from gradsentry import theory
 from gradsentry.analyze import AnalyzeThresholds, LogAnalysis, analyze_log
+from gradsentry.check import CheckReport, check_model
 from gradsentry.diagnose import Thresholds, diagnose
 from gradsentry.logs import Series, load_series
 from gradsentry.monitor import Monitor
@@ -31,7 +33,9 @@ from gradsentry.remedies import (
     Rollback,
     ZClip,
 )
+from gradsentry.remedies.init import lsuv, reinit
 from gradsentry.sinks import CsvSink, JsonlSink, TensorBoardSink, read_jsonl
+from gradsentry.theory import TheoryNotApplicable, chi, predict
 
 __version__ = "0.1.0"
 
@@ -41,6 +45,7 @@ __all__ = [
     "AnalyzeThresholds",
     "AutoClip",
     "Chain",
+    "CheckReport",
     "ClipGlobalNorm",
     "ClipLayerNorm",
     "ClipValue",
@@ -62,11 +67,18 @@ __all__ = [
     "Series",
     "StepRecord",
     "TensorBoardSink",
+    "TheoryNotApplicable",
     "Thresholds",
     "ZClip",
     "__version__",
     "analyze_log",
+    "check_model",
+    "chi",
     "diagnose",
     "load_series",
+    "lsuv",
+    "predict",
     "read_jsonl",
+    "reinit",
+    "theory",
 ]

@@ -4,7 +4,8 @@ Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`M
 increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one fused
 ``torch._foreach_norm`` pass over the gradients for the L2 norms, one for max |g| (``aminmax`` on CPU),
 one L2 pass over the weights, reduces them into layers on the device, and moves one small tensor to
-the host.
+the host. ``max_abs=False, weight_norms=False`` leaves a single read of the gradients, whose
+per-tensor norms a norm-based remedy (e.g. ``ClipGlobalNorm``) given as ``remedy=`` then reuses.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class Monitor:
             :mod:`gradsentry.remedies`) applied inside :meth:`step` after the statistics are taken,
             reusing the per-tensor norms on logged steps; what it did goes into ``record.actions``.
         activations: record pre-activation statistics of activation modules on logged steps.
+        max_abs: record each layer's max |g| (one more read of the gradients per logged step).
+        weight_norms: record each layer's weight norm and, with ``optimizer``, the update-to-weight
+            ratio (one read of the weights per logged step, a weight copy before logged steps).
+            With ``max_abs=False, weight_norms=False`` a logged step reads the gradients once.
         histogram_bins: if > 0, also record a histogram of each activation's input over
             ``[-histogram_range, histogram_range]``.
         locate_nonfinite: on logged steps, flag the first module (forward order) whose output is
@@ -138,6 +143,8 @@ class Monitor:
         sinks: Sequence[Sink] = (),
         remedy: Callable[..., Any] | None = None,
         activations: bool = True,
+        max_abs: bool = True,
+        weight_norms: bool = True,
         histogram_bins: int = 0,
         histogram_range: float = 8.0,
         locate_nonfinite: bool = False,
@@ -161,6 +168,8 @@ class Monitor:
         self.optimizer = optimizer
         self.remedy = remedy
         self.activations = activations
+        self.max_abs = max_abs
+        self.weight_norms = weight_norms
         self.histogram_bins = int(histogram_bins)
         self.histogram_range = float(histogram_range)
         self.locate_nonfinite = locate_nonfinite
@@ -328,7 +337,7 @@ class Monitor:
         ``optimizer.step(closure)``, after the pre-hooks have fired; the weights do not change
         between :meth:`step` and the update.
         """
-        if self.optimizer is None:
+        if self.optimizer is None or not self.weight_norms:
             return
         t0 = time.perf_counter()
         params, _ = self._all_params()
@@ -468,20 +477,24 @@ class Monitor:
                 g_sq = norms.to(dt).square().to(device)
             else:  # per-tensor squared norms of the local shards, summed over ranks below
                 g_sq = _dist.sq_norms(ctx, g).to(device)
-            maxabs = stats.foreach_max_abs([_dist.local(t) for t in g])
-            g_max = stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt)
-            parts += [(g_sq, shard_op), (g_max, shard_max)]
+            parts.append((g_sq, shard_op))
+            if self.max_abs:
+                maxabs = stats.foreach_max_abs([_dist.local(t) for t in g])
+                parts.append((stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt), shard_max))
         else:
             zeros = torch.zeros(L, dtype=dt, device=device)
-            parts += [(zeros, None), (zeros, None)]
+            parts += [(zeros, None)] * (2 if self.max_abs else 1)
         if ctx is not None and ctx.sharded:  # gradient entries per layer, summed over the ranks' shards
             keep = ctx.counted(params_with_grad)
             sizes = [_dist.local(p).numel() * k for p, k in zip(params_with_grad, keep, strict=True)]
             local_numel = torch.zeros(L, dtype=dt)
             local_numel.index_add_(0, torch.tensor(owners, dtype=torch.long), torch.tensor(sizes, dtype=dt))
             parts.append((local_numel.to(device), shard_op))
-        w_sq = _dist.sq_norms(ctx if shard_op else None, [p.detach() for p in all_params], like=all_params)
-        parts.append((_layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
+        if self.weight_norms:
+            w_sq = _dist.sq_norms(
+                ctx if shard_op else None, [p.detach() for p in all_params], like=all_params
+            )
+            parts.append((_layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
         has_update = self._pending.update_sq is not None
         if has_update:
             parts.append((self._pending.update_sq.to(device, dt), shard_op))  # type: ignore[union-attr]
@@ -499,7 +512,7 @@ class Monitor:
         if flag_names:  # 1 where the module's output was NaN/inf (OR-ed over ranks)
             bad = (~torch.stack([f for _, f in self._pending.finite_flags])).to(device, dt)
             parts.append((bad, local_op("max")))
-        nan_pos = len(parts) if grads and shard_max is not None else None  # a MAX may drop NaN: flag it
+        nan_pos = len(parts) if grads and shard_max and self.max_abs else None  # a MAX may drop NaN: flag it
         if nan_pos is not None:
             parts.append((torch.isnan(parts[1][0]).to(dt), shard_max))
         agree_every = ctx is not None and self.overhead_budget is not None
@@ -526,9 +539,10 @@ class Monitor:
             pos += n
             return out
 
-        g_sq_l, g_max_l = take(L), take(L)
+        g_sq_l = take(L)
+        g_max_l: list[float | None] = list(take(L)) if self.max_abs else [None] * L
         numel = [round(n) for n in take(L)] if shard_op is not None else self._numel(params_with_grad, owners)
-        w_sq_l = take(L)
+        w_sq_l: list[float | None] = list(take(L)) if self.weight_norms else [None] * L
         u_sq = take(L) if has_update else None
         loss_value: float | None
         if has_loss_tensor:
@@ -543,16 +557,19 @@ class Monitor:
 
         layer_stats: list[LayerStats] = []
         bad_layers = [
-            i for i in range(L) if numel[i] and not (math.isfinite(g_sq_l[i]) and math.isfinite(g_max_l[i]))
+            i
+            for i, (sq, mx) in enumerate(zip(g_sq_l, g_max_l, strict=True))
+            if numel[i] and not (math.isfinite(sq) and (mx is None or math.isfinite(mx)))
         ]
         nonfinite_counts = self._count_nonfinite(bad_layers) if bad_layers else {}
         for i, layer in enumerate(self._layers):
             n = numel[i]
             gnorm = math.sqrt(g_sq_l[i])
-            wnorm = math.sqrt(w_sq_l[i])
+            w_i, m_i = w_sq_l[i], g_max_l[i]
+            wnorm = math.sqrt(w_i) if w_i is not None else None
             nonfinite = nonfinite_counts.get(i, 0)
             ratio = None
-            if u_sq is not None:
+            if u_sq is not None and wnorm is not None:
                 ratio = math.sqrt(u_sq[i]) / wnorm if wnorm > 0 else (math.inf if u_sq[i] > 0 else 0.0)
             layer_stats.append(
                 LayerStats(
@@ -561,7 +578,7 @@ class Monitor:
                     numel=n,
                     grad_norm=gnorm,
                     grad_rms=gnorm / math.sqrt(n) if n else 0.0,
-                    grad_max_abs=g_max_l[i] if n else 0.0,
+                    grad_max_abs=(m_i if n else 0.0) if self.max_abs else None,
                     nonfinite=nonfinite,
                     weight_norm=wnorm,
                     update_ratio=ratio if n else None,

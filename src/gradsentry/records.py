@@ -91,9 +91,11 @@ class LayerStats:
         numel: number of gradient elements in the layer (parameters whose ``.grad`` is not None).
         grad_norm: L2 norm of all the layer's gradients together, same units as the gradient.
         grad_rms: root mean square of the gradient entries, ``grad_norm / sqrt(numel)``.
-        grad_max_abs: largest absolute gradient entry (``max |g|``).
+        grad_max_abs: largest absolute gradient entry (``max |g|``), None when not measured
+            (``Monitor(max_abs=False)``).
         nonfinite: number of NaN/inf gradient entries (0 when the norm is finite).
-        weight_norm: L2 norm of the layer's parameters, same units as the weights.
+        weight_norm: L2 norm of the layer's parameters, same units as the weights, None when not
+            measured (``Monitor(weight_norms=False)``).
         update_ratio: ``||Δw|| / ||w||`` of the last optimizer step (dimensionless), or None when
             unknown (no optimizer given, or the first step).
         has_grad: False when every parameter of the layer had ``.grad is None`` (frozen or unused):
@@ -105,9 +107,9 @@ class LayerStats:
     numel: int
     grad_norm: float
     grad_rms: float
-    grad_max_abs: float
+    grad_max_abs: float | None
     nonfinite: int
-    weight_norm: float
+    weight_norm: float | None
     update_ratio: float | None = None
     has_grad: bool = True
 
@@ -124,9 +126,9 @@ class LayerStats:
                 numel=int(d.get("numel", 0)),
                 grad_norm=_num(d["grad_norm"]) or 0.0,
                 grad_rms=_num(d.get("grad_rms", 0.0)) or 0.0,
-                grad_max_abs=_num(d.get("grad_max_abs", 0.0)) or 0.0,
+                grad_max_abs=_num(d.get("grad_max_abs")),
                 nonfinite=int(d.get("nonfinite", 0)),
-                weight_norm=_num(d.get("weight_norm", 0.0)) or 0.0,
+                weight_norm=_num(d.get("weight_norm")),
                 update_ratio=_num(d.get("update_ratio")),
                 has_grad=bool(d.get("has_grad", True)),
             )

@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 import typer
 
-from gradsentry.cli import analyze
+from gradsentry.cli import analyze, check
 
 REGISTRY: list[Callable[[typer.Typer], None]] = [
     analyze.register,
+    check.register,
 ]

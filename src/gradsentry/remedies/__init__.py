@@ -19,6 +19,7 @@ from gradsentry.remedies.base import Remedy, RemedyResult, param_names, per_tens
 from gradsentry.remedies.chain import Chain
 from gradsentry.remedies.clip import AGC, ClipGlobalNorm, ClipLayerNorm, ClipValue, NonFiniteGradientError
 from gradsentry.remedies.guard import NonFiniteGuard, ResetMoments
+from gradsentry.remedies.init import LSUVReport, lsuv, reinit
 from gradsentry.remedies.ladder import Ladder
 from gradsentry.remedies.rollback import Rollback, RollbackError, SnapshotError, load_snapshot
 
@@ -29,6 +30,7 @@ __all__ = (
     "ClipGlobalNorm",
     "ClipLayerNorm",
     "ClipValue",
+    "LSUVReport",
     "Ladder",
     "NonFiniteGradientError",
     "NonFiniteGuard",
@@ -40,6 +42,8 @@ __all__ = (
     "SnapshotError",
     "ZClip",
     "load_snapshot",
+    "lsuv",
     "param_names",
     "per_tensor_norms",
+    "reinit",
 )

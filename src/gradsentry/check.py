@@ -1,0 +1,474 @@
+"""Check a model at initialization: one forward and backward pass, a per-layer table, theory and findings.
+
+Most vanishing and exploding gradients are visible before the first optimizer step. :func:`check_model`
+runs one forward and backward pass on a batch, reads the per-layer statistics from a
+:class:`gradsentry.Monitor`, compares the gradient profile with the mean-field prediction of
+:mod:`gradsentry.theory` where the model is a plain chain, and diagnoses the record with
+:func:`gradsentry.diagnose.diagnose` plus one init-time rule (a gradient that *grows* towards the input by
+more than :data:`EXPLODING_RATIO`, or a relative gradient above :data:`REL_GRAD_MAX`).
+:func:`gradsentry.targets.load_factory` (re-exported here) imports a user's model factory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradsentry.records import Finding, StepRecord
+from gradsentry.targets import TargetError, load_factory, load_model
+
+__all__ = [
+    "CheckReport",
+    "CheckRow",
+    "InputFitError",
+    "TargetError",
+    "check_model",
+    "digits_batch",
+    "load_factory",
+    "load_model",
+]
+
+logger = logging.getLogger("gradsentry")
+
+LossName = Literal["ce", "mse", "sum"]
+FixName = Literal["he", "xavier", "lsuv"]
+LOSSES: tuple[str, ...] = ("ce", "mse", "sum")
+FIXES: tuple[str, ...] = ("he", "xavier", "lsuv")
+
+EXPLODING_RATIO = 1e3
+"""First-layer over last-layer gradient RMS above which the gradient explodes towards the input at init
+(dimensionless): the mirror image of the vanishing rule's 1e-3 (issue 2). It catches the chaotic phase of
+bounded activations (Poole et al. 2016, arXiv:1606.05340): a 20-layer tanh MLP with weight std
+``5/sqrt(fan_in)`` (chi ~ 2.9) measures ~1.5e4. It cannot catch oversized weights in a ReLU net: ReLU is
+positively homogeneous, so the forward activations grow as fast as the backward signal shrinks and the
+weight-gradient profile stays flat; :data:`REL_GRAD_MAX` catches that case."""
+
+REL_GRAD_MAX = 100.0
+"""Median over layers of the relative gradient ``||g|| / ||w||`` above which the gradient is too large at init
+(dimensionless): one plain SGD step at a typical learning rate of 1e-3 would then change the weights by more
+than 0.1 of their norm, the diagnosis rule's ``update_ratio_max`` (CS231n's healthy ratio is ~1e-3). Healthy
+models at init measure ~0.1..1 with cross-entropy (He/ReLU MLP on digits: 0.07..0.4); a 20-layer ReLU MLP
+with twice the He std measures ~5e4."""
+
+LSUV_THEORY_NOTE = (
+    "not applied after LSUV: its data-dependent, orthonormal weights and centring biases break the "
+    "mean-field assumption of i.i.d. weights and biases independent of the signal"
+)
+
+PROBLEM_KINDS = frozenset({"vanishing", "exploding", "nonfinite"})
+"""Finding kinds that make ``gradsentry check`` exit with 1 (a NaN/inf gradient at init counts: it is the
+limit of an exploding one and no training can start from it)."""
+
+
+class InputFitError(ValueError):
+    """The input batch (or the loss) does not fit the model; the message names the layer that rejected it."""
+
+
+# ------------------------------------------------------------------------------------------------ data
+def digits_batch(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A real batch from scikit-learn's bundled digits (no download): ``x [n, 64]`` in [0, 1], ``y [n]``.
+
+    Rows are drawn without replacement with ``seed``; pixel values (0..16) are divided by 16.
+
+    Raises:
+        ValueError: unless ``1 <= n <= 1797``.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    if not 1 <= n <= len(digits.target):
+        raise ValueError(f"the digits batch size must be in [1, {len(digits.target)}], got {n}")
+    idx = np.random.default_rng(seed).choice(len(digits.target), size=n, replace=False)
+    x = torch.tensor(digits.data[idx] / 16.0, dtype=torch.float32)
+    return x, torch.tensor(digits.target[idx], dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------ report
+@dataclass
+class CheckRow:
+    """One layer (a module owning parameters) in forward order.
+
+    Attributes:
+        depth: forward-order index.
+        name: qualified module name.
+        type: module class name.
+        params: trainable parameter elements.
+        grad_norm: L2 norm of the layer's gradient, same units as the gradient.
+        grad_rms: ``grad_norm / sqrt(numel)``.
+        rel_grad: ``||g|| / ||w||`` (dimensionless, per unit learning rate), None if ``||w|| = 0``.
+        activation: the activation module that follows the layer in forward order, if any.
+        saturated_frac: fraction in [0, 1] of that activation's outputs in its flat region (bounded
+            activations), else None.
+        dead_frac: fraction in [0, 1] of its units dead on the whole batch (ReLU family), else None.
+        predicted_rms: mean-field prediction of ``grad_rms`` (:func:`gradsentry.theory.predict`, anchored to
+            the measured value at the last Linear/Conv layer), None where the theory does not apply.
+    """
+
+    depth: int
+    name: str
+    type: str
+    params: int
+    grad_norm: float
+    grad_rms: float
+    rel_grad: float | None
+    activation: str | None = None
+    saturated_frac: float | None = None
+    dead_frac: float | None = None
+    predicted_rms: float | None = None
+
+
+@dataclass
+class CheckReport:
+    """Result of :func:`check_model`.
+
+    Attributes:
+        rows: per-layer rows in forward order.
+        loss: the loss value at init.
+        loss_kind: ``ce``, ``mse`` or ``sum``.
+        input_shape: shape of the input batch.
+        first_last_ratio: first over last layer gradient RMS (layers with a usable gradient).
+        log_slope: least-squares slope of log10 gradient RMS over depth, decades per layer (positive: the
+            gradient shrinks towards the input).
+        findings: diagnosed problems (see :mod:`gradsentry.diagnose`).
+        theory: None when the mean-field prediction applies, else why it does not.
+        record: the Monitor's step record.
+        fix: the fix applied before ``fixed`` (``he``, ``xavier``, ``lsuv``), if any.
+        fix_report: what the fix did (per layer), if any.
+        fixed: the same check after the fix, if any.
+    """
+
+    rows: list[CheckRow]
+    loss: float
+    loss_kind: str
+    input_shape: list[int]
+    first_last_ratio: float | None
+    log_slope: float | None
+    findings: list[Finding] = field(default_factory=list)
+    theory: str | None = None
+    record: StepRecord | None = None
+    fix: str | None = None
+    fix_report: list[dict[str, Any]] | None = None
+    fixed: CheckReport | None = None
+
+    @property
+    def problems(self) -> list[Finding]:
+        """The vanishing / exploding / non-finite findings (see :data:`PROBLEM_KINDS`)."""
+        return [f for f in self.findings if f.kind in PROBLEM_KINDS]
+
+    @property
+    def final(self) -> CheckReport:
+        """The report that decides the outcome: after the fix when one was applied."""
+        return self.fixed if self.fixed is not None else self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("record", None)
+        if self.fixed is not None:
+            d["fixed"] = self.fixed.to_dict()
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _output_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, list | tuple):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise InputFitError(f"the model returned a {type(out).__name__}; expected a tensor (or logits in it)")
+
+
+def _forward(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, list[str]]:
+    """Forward pass that names the innermost module running when an exception is raised."""
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[str] = []
+    order: list[str] = []
+
+    def pre(m: nn.Module, _a: Any) -> None:
+        name = names.get(id(m), "?")
+        stack.append(name)
+        if name not in order:
+            order.append(name)
+
+    def post(_m: nn.Module, _a: Any, _o: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(post) for m in model.modules()]
+    try:
+        out = model(*inputs)
+    except Exception as exc:
+        culprit = stack[-1] if stack else ""
+        mod = dict(model.named_modules()).get(culprit)
+        where = "the model's own forward" if culprit == "" else f"layer {culprit!r}"
+        kind = f" ({type(mod).__name__})" if mod is not None else ""
+        shapes = ", ".join(str(list(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+        raise InputFitError(
+            f"the input of shape {shapes} does not fit the model: {where}{kind} rejected it: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return out, order
+
+
+def _loss(out: torch.Tensor, loss: str, targets: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    try:
+        if loss == "ce":
+            if out.dim() < 2:
+                raise InputFitError(
+                    f"--loss ce needs logits [N, ..., C], the model output is {list(out.shape)}"
+                )
+            logits = out.reshape(-1, out.shape[-1]).float()
+            if targets is None:
+                targets = torch.randint(0, out.shape[-1], (logits.shape[0],), generator=gen)
+            targets = targets.reshape(-1).to(out.device)
+            if targets.numel() != logits.shape[0] or int(targets.max()) >= out.shape[-1]:
+                raise InputFitError(
+                    f"--loss ce: {targets.numel()} labels up to {int(targets.max())} do not fit the model "
+                    f"output of shape {list(out.shape)} (classes on the last dimension)"
+                )
+            return nn.functional.cross_entropy(logits, targets)
+        if loss == "mse":
+            if targets is None or targets.shape != out.shape:
+                targets = torch.randn(out.shape, generator=gen)
+            return nn.functional.mse_loss(out.float(), targets.to(out.device).float())
+        if loss == "sum":
+            return out.float().sum()
+    except InputFitError:
+        raise
+    except Exception as exc:
+        raise InputFitError(f"--loss {loss} does not fit the model output {list(out.shape)}: {exc}") from exc
+    raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+
+
+def _fit_slope(rows: Sequence[CheckRow]) -> tuple[float | None, float | None]:
+    usable = [r for r in rows if math.isfinite(r.grad_rms) and r.grad_rms > 0]
+    if len(usable) < 2:
+        return None, None
+    x = np.array([r.depth for r in usable], dtype=np.float64)
+    y = np.log10([r.grad_rms for r in usable])
+    slope = float(np.polyfit(x, y, 1)[0])
+    return usable[0].grad_rms / usable[-1].grad_rms, slope
+
+
+def _exploding_at_init(
+    ratio: float | None, slope: float | None, rows: Sequence[CheckRow], step: int
+) -> Finding | None:
+    """The two init-time exploding rules (see :data:`EXPLODING_RATIO` and :data:`REL_GRAD_MAX`)."""
+    from gradsentry.remedies_catalog import remedies_for
+
+    rel = [r.rel_grad for r in rows if r.rel_grad is not None and math.isfinite(r.rel_grad)]
+    median_rel = float(np.median(rel)) if rel else None
+    by_profile = ratio is not None and ratio > EXPLODING_RATIO
+    by_size = median_rel is not None and median_rel > REL_GRAD_MAX
+    if not (by_profile or by_size):
+        return None
+    biggest = sorted((r for r in rows if r.grad_rms > 0), key=lambda r: -r.grad_rms)[:3]
+    parts = []
+    if by_profile:
+        parts.append(
+            f"the gradient reaching the first layer is {ratio:.3g} times the gradient at the last layer (more "
+            f"than {EXPLODING_RATIO:g}): going back towards the input it grows by about "
+            f"{10 ** -(slope or 0.0):.3g}x per layer (mean-field gain chi > 1, the chaotic phase)"
+        )
+    if by_size:
+        parts.append(
+            f"the median relative gradient ||g||/||w|| over the layers is {median_rel:.3g} (more than "
+            f"{REL_GRAD_MAX:g}): one SGD step at a learning rate of 1e-3 would change the weights by "
+            f"{1e-3 * median_rel:.3g} times their norm"  # type: ignore[operator]
+        )
+    severe = (ratio is not None and ratio > EXPLODING_RATIO**2) or (
+        median_rel is not None and median_rel > REL_GRAD_MAX**2
+    )
+    return Finding(
+        kind="exploding",
+        severity="error" if severe else "warning",
+        steps=[step],
+        layers=[r.name for r in biggest],
+        evidence={
+            "first_last_rms_ratio": ratio,
+            "log10_rms_slope_per_layer": slope,
+            "median_rel_grad": median_rel,
+            "ratio_threshold": EXPLODING_RATIO,
+            "rel_grad_threshold": REL_GRAD_MAX,
+        },
+        explanation="At initialization " + "; and ".join(parts) + ". The weights are initialised too large.",
+        remedies=remedies_for("exploding"),
+    )
+
+
+def _make_inputs(
+    model: nn.Module, batch: Any, input_shape: Sequence[int] | None, batch_size: int, gen: torch.Generator
+) -> tuple[Any, ...]:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if batch is not None:
+        items = batch if isinstance(batch, tuple) else (batch,)
+        return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in items)
+    if input_shape is None:
+        raise ValueError("check_model needs a batch or an input_shape")
+    if any(int(s) < 1 for s in input_shape) or batch_size < 1:
+        raise ValueError(
+            f"input shape and batch size must be positive, got {list(input_shape)} and {batch_size}"
+        )
+    shape = (batch_size, *(int(s) for s in input_shape))
+    first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
+    if isinstance(first, nn.Embedding):  # a token model: integer ids
+        return (torch.randint(0, first.num_embeddings, shape, generator=gen).to(device),)
+    return (torch.randn(shape, generator=gen).to(device),)
+
+
+def _run_once(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    loss: str,
+    targets: torch.Tensor | None,
+    seed: int,
+    theory_note: str | None = None,
+) -> CheckReport:
+    from gradsentry import theory
+    from gradsentry.diagnose import diagnose
+    from gradsentry.monitor import Monitor
+
+    pred = None
+    note = theory_note
+    if note is None:
+        try:
+            pred = theory.predict(model, example_input=inputs if len(inputs) > 1 else inputs[0])
+        except theory.TheoryNotApplicable as exc:
+            note = str(exc)
+        except Exception as exc:  # never let the prediction hide the measurement; the forward reports it
+            note = f"not computed ({type(exc).__name__})"
+    gen = torch.Generator().manual_seed(seed + 1)
+    model.zero_grad(set_to_none=True)
+    mon = Monitor(model, every=1)
+    try:
+        out, order = _forward(model, inputs)
+        value = _loss(_output_tensor(out), loss, targets, gen)
+        value.backward()
+        rec = mon.step(loss=value)
+        layers = mon.layers
+    finally:
+        mon.close(write_findings=False)
+    assert rec is not None
+    position = {n: i for i, n in enumerate(order)}
+    layer_names = sorted((position.get(info.name, math.inf), info.name) for info in layers)
+    follows: dict[str, Any] = {}
+    for act in rec.activations:  # the activation belongs to the nearest layer before it in forward order
+        before = [n for p, n in layer_names if p < position.get(act.name, -1)]
+        if before and before[-1] not in follows:
+            follows[before[-1]] = act
+    info_by_name = {info.name: info for info in layers}
+    rows = []
+    for st in rec.layers:
+        info = info_by_name.get(st.name)
+        follow = follows.get(st.name)
+        rows.append(
+            CheckRow(
+                depth=st.depth,
+                name=st.name,
+                type=info.type if info else "",
+                params=info.params if info else st.numel,
+                grad_norm=st.grad_norm,
+                grad_rms=st.grad_rms,
+                rel_grad=st.grad_norm / st.weight_norm if st.weight_norm else None,
+                activation=follow.type if follow else None,
+                saturated_frac=follow.saturated_frac if follow else None,
+                dead_frac=follow.dead_frac if follow else None,
+            )
+        )
+    if pred is not None:
+        by_name = {r.name: r for r in rows}
+        anchor = by_name.get(pred.layers[-1].name)
+        if anchor is not None and anchor.grad_rms > 0:
+            scale = anchor.grad_rms / pred.layers[-1].weight_grad_rms
+            for lp in pred.layers:
+                if lp.name in by_name:
+                    by_name[lp.name].predicted_rms = lp.weight_grad_rms * scale
+    ratio, slope = _fit_slope([r for r, st in zip(rows, rec.layers, strict=True) if st.has_grad])
+    findings = diagnose([rec], layers=layers)
+    init_finding = _exploding_at_init(ratio, slope, rows, rec.step)
+    if init_finding is not None and not any(f.kind == "exploding" for f in findings):
+        findings.insert(0, init_finding)
+    shape = list(inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else []
+    return CheckReport(
+        rows=rows,
+        loss=float(value.detach()),
+        loss_kind=loss,
+        input_shape=shape,
+        first_last_ratio=ratio,
+        log_slope=slope,
+        findings=findings,
+        theory=note,
+        record=rec,
+    )
+
+
+def check_model(
+    model: nn.Module,
+    batch: Any = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    targets: torch.Tensor | None = None,
+    batch_size: int = 16,
+    loss: LossName = "ce",
+    seed: int = 0,
+    fix: FixName | None = None,
+) -> CheckReport:
+    """Run one forward and backward pass at init and report the per-layer gradient profile and findings.
+
+    Args:
+        model: the model (its gradients are overwritten; with ``fix`` its weights are re-initialised).
+        batch: an input batch ``[N, ...]`` or a tuple of positional inputs; or None with ``input_shape``.
+        input_shape: per-example input shape (e.g. ``(3, 32, 32)``) for a random batch: standard normal,
+            or integer token ids in ``[0, num_embeddings)`` when the model's first layer is an Embedding.
+        targets: labels ``[N]`` for ``ce`` or targets for ``mse``; random (seeded) when None.
+        batch_size: rows of the random batch.
+        loss: ``ce`` (cross-entropy on the last dimension), ``mse`` or ``sum`` (of the output).
+        seed: seeds the random batch and targets.
+        fix: ``he`` / ``xavier`` (:func:`gradsentry.remedies.init.reinit`) or ``lsuv``
+            (:func:`gradsentry.remedies.init.lsuv` on the batch); the check is then run again into
+            ``report.fixed``.
+
+    Returns:
+        A :class:`CheckReport`.
+
+    Raises:
+        InputFitError: the batch does not fit the model (the message names the layer that rejected it) or
+            the loss does not fit its output.
+        ValueError: on an unknown loss or fix, or neither ``batch`` nor ``input_shape``.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+    if fix is not None and fix not in FIXES:
+        raise ValueError(f"unknown fix {fix!r}; valid: {', '.join(FIXES)}")
+    gen = torch.Generator().manual_seed(seed)
+    inputs = _make_inputs(model, batch, input_shape, batch_size, gen)
+    report = _run_once(model, inputs, loss, targets, seed)
+    if fix is not None:
+        from gradsentry.remedies.init import lsuv, reinit
+
+        example = inputs if len(inputs) > 1 else inputs[0]
+        if fix == "lsuv":
+            report.fix_report = [asdict(x) for x in lsuv(model, example).layers]
+        else:
+            report.fix_report = [asdict(x) for x in reinit(model, fix, example_input=example)]
+        report.fix = fix
+        note = LSUV_THEORY_NOTE if fix == "lsuv" else None
+        report.fixed = _run_once(model, inputs, loss, targets, seed, theory_note=note)
+    return report
