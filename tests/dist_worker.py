@@ -140,11 +140,16 @@ def fsdp(rank: int, out: Path) -> dict[str, Any]:
             opt.zero_grad()
         loss = _step(model, rank)
         grads = [p.grad for p in model.parameters()]
-        res["global_per_tensor"] = _dist.global_per_tensor_norms(grads).tolist()
-        res["global_max_abs"] = _dist.global_per_tensor_norms(grads, math.inf).tolist()
-        res["global_l1"] = _dist.global_per_tensor_norms(grads, 1.0).tolist()
-        res["global_sq"] = float(_dist.global_sq_norm(grads))
-        res["local_numel"] = [p.to_local().numel() for p in model.parameters()]
+    # the lean mode: gradients read once, one all_reduce(SUM)
+    lean = gs.Monitor(model, max_abs=False, weight_norms=False, activations=False)
+    with count_all_reduce() as calls:
+        res["lean"] = {"record": lean.step(loss=loss).to_dict(), "calls": calls}
+    lean.close()
+    res["global_per_tensor"] = _dist.global_per_tensor_norms(grads).tolist()
+    res["global_max_abs"] = _dist.global_per_tensor_norms(grads, math.inf).tolist()
+    res["global_l1"] = _dist.global_per_tensor_norms(grads, 1.0).tolist()
+    res["global_sq"] = float(_dist.global_sq_norm(grads))
+    res["local_numel"] = [p.to_local().numel() for p in model.parameters()]  # type: ignore[attr-defined]
     return res
 
 

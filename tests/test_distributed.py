@@ -187,6 +187,14 @@ def test_fsdp2_norms_equal_unsharded_computation(ranks: list[dict[str, Any]]) ->
             rtol=RTOL,
             atol=0,
         )
+    for r in range(W.WORLD):  # lean Monitor (max_abs=False, weight_norms=False) on the third gradient
+        lean = got[r]["lean"]
+        assert lean["calls"] == ["sum"]
+        for layer in lean["record"]["layers"]:
+            want = refs[2]["layers"][layer["name"]]
+            assert layer["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
+            assert layer["numel"] == want["numel"]
+            assert layer["grad_max_abs"] is None and layer["weight_norm"] is None
     # the helpers the remedies use, on the third step's gradient: the same on each rank, and right
     for r in range(W.WORLD):
         for key, ref_key in (
