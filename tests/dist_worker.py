@@ -64,6 +64,19 @@ def count_all_reduce() -> Iterator[list[str]]:
         dist.all_reduce = original
 
 
+class Branchy(nn.Module):
+    """A forward whose path depends on the rank: rank 0 goes through Tanh, rank 1 through Sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.a, self.b, self.out = nn.Linear(6, 5), nn.Tanh(), nn.Sigmoid(), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(self.a(h) if dist.get_rank() == 0 else self.b(h))
+
+
 def _step(model: nn.Module, rank: int) -> torch.Tensor:
     x, y = local_batch(rank)
     loss = nn.functional.cross_entropy(model(x), y)
@@ -150,6 +163,24 @@ def fsdp(rank: int, out: Path) -> dict[str, Any]:
     res["global_l1"] = _dist.global_per_tensor_norms(grads, 1.0).tolist()
     res["global_sq"] = float(_dist.global_sq_norm(grads))
     res["local_numel"] = [p.to_local().numel() for p in model.parameters()]  # type: ignore[attr-defined]
+    return res
+
+
+def ddp_branches(rank: int, out: Path) -> dict[str, Any]:
+    """Ranks running different activation modules (sync_local): entries must not be mixed up; then an
+    inf in rank 1's input: every rank names the module where it appeared first."""
+    import gradsentry as gs
+
+    model = nn.parallel.DistributedDataParallel(Branchy())
+    res: dict[str, Any] = {}
+    with gs.Monitor(model, locate_nonfinite=True) as mon:
+        for step in range(2):
+            x, y = local_batch(rank)
+            if step == 1 and rank == 1:
+                x[0, 0] = math.inf
+            nn.functional.cross_entropy(model(x), y).backward()
+            res[f"step{step}"] = mon.step().to_dict()
+            model.zero_grad()
     return res
 
 
@@ -384,6 +415,7 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "ddp": ddp,
     "fsdp": fsdp,
     "ddp_every": ddp_every,
+    "ddp_branches": ddp_branches,
     "hsdp": hsdp,
     "plain_sharded": plain_sharded,
     "fsdp1": fsdp1,

@@ -145,7 +145,8 @@ def test_ddp_norms_equal_single_process_full_batch_without_collectives(ranks: li
         assert no_sync["record"]["loss"] == no_sync["local_loss"]  # rank-local loss, as asked
         sync = got[r]["sync"]
         _check_layers(sync["record"], ref, prefix="module.")
-        assert sync["calls"] == ["sum"]  # one SUM for the loss and the activation statistics
+        # once per run, a SUM agreeing on the layer order; then one SUM for the loss and activations
+        assert sync["calls"] == ["sum", "sum"]
         assert sync["record"]["loss"] == pytest.approx(ref["loss"], rel=RTOL)
     assert got[0]["sync"]["record"] == got[1]["sync"]["record"] | {
         "overhead": got[0]["sync"]["record"]["overhead"]
@@ -180,7 +181,7 @@ def test_fsdp2_norms_equal_unsharded_computation(ranks: list[dict[str, Any]]) ->
                     want = ref["layers"][layer["name"]]["ratio"]
                     assert layer["update_ratio"] == pytest.approx(want, rel=RTOL)
         # one all_reduce(SUM) and one all_reduce(MAX) per logged step, nothing else
-        assert g["calls"] == [["sum", "max"]] * 2
+        assert g["calls"] == [["sum", "sum", "max"], ["sum", "max"]]  # (the first: + order agreement)
         torch.testing.assert_close(
             torch.tensor(g["last_norms"], dtype=torch.float64),
             torch.tensor(refs[1]["per_tensor"], dtype=torch.float64),
@@ -189,7 +190,7 @@ def test_fsdp2_norms_equal_unsharded_computation(ranks: list[dict[str, Any]]) ->
         )
     for r in range(W.WORLD):  # lean Monitor (max_abs=False, weight_norms=False) on the third gradient
         lean = got[r]["lean"]
-        assert lean["calls"] == ["sum"]
+        assert lean["calls"] == ["sum", "sum"]  # a new Monitor: order agreement, then the one SUM
         for layer in lean["record"]["layers"]:
             want = refs[2]["layers"][layer["name"]]
             assert layer["grad_norm"] == pytest.approx(want["grad_norm"], rel=RTOL)
@@ -222,7 +223,7 @@ def test_hsdp_replicated_mesh_dimension_is_counted_once(ranks: list[dict[str, An
         assert got[r]["placements"] == ["R", "S(0)"]  # (Replicate(), Shard(0))
         _check_layers(got[r]["record"], ref)  # a double count would give sqrt(2) times the norms
         assert got[r]["record"]["loss"] == pytest.approx(ref["loss"], rel=RTOL)
-        assert got[r]["calls"] == ["sum", "max"]
+        assert got[r]["calls"] == ["sum", "sum", "max"]
 
 
 def test_plain_tensors_declared_sharded_are_summed_over_ranks(ranks: list[dict[str, Any]]) -> None:
@@ -244,9 +245,26 @@ def test_fsdp1_is_refused_clearly_unless_declared_sharded(ranks: list[dict[str, 
         assert g["loss"] == pytest.approx(ref["loss"], rel=RTOL)
 
 
+def test_ranks_on_different_forward_paths_reduce_matching_entries(ranks: list[dict[str, Any]]) -> None:
+    got = _scenario(ranks, "ddp_branches")
+    model = W.Branchy()
+    want = {}
+    for r, site in ((0, "module.a"), (1, "module.b")):  # each site ran on one rank only
+        pre = model.inp(W.local_batch(r)[0]).detach().double()
+        want[site] = (pre.mean().item(), pre.std().item())
+    for r in range(W.WORLD):
+        acts = {a["name"]: a for a in got[r]["step0"]["activations"]}
+        assert set(acts) == {"module.a", "module.b"}
+        for site, (mean, std) in want.items():
+            assert acts[site]["pre_mean"] == pytest.approx(mean, rel=RTOL, abs=1e-7)
+            assert acts[site]["pre_std"] == pytest.approx(std, rel=RTOL)
+        assert got[r]["step0"]["nonfinite_origin"] is None
+        assert got[r]["step1"]["nonfinite_origin"] == "module.inp"  # rank 1's first non-finite output
+
+
 def test_overhead_budget_every_is_agreed_over_ranks(ranks: list[dict[str, Any]]) -> None:
     got = _scenario(ranks, "ddp_every")
-    assert got[0]["calls"] == got[1]["calls"] == ["max"]  # DDP, sync_local=False: only the agreement
+    assert got[0]["calls"] == got[1]["calls"] == ["sum", "max"]  # DDP, sync_local=False: order, every
     assert got[0]["every"] == got[1]["every"] >= 5
 
 

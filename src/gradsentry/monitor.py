@@ -29,6 +29,8 @@ from gradsentry.sinks.base import SafeSink, Sink
 
 log = logging.getLogger("gradsentry")
 
+_EARLY = 1e12  # larger than the number of module calls of one forward (see Monitor._pack_local)
+
 NO_PARAMS_MSG = (
     "gradsentry.Monitor: the model has no parameters, so there is no gradient to watch. "
     "Pass the module that owns the trainable parameters."
@@ -256,6 +258,9 @@ class Monitor:
         for h in self._order_handles:
             h.remove()
         self._order_handles.clear()
+        ctx = self._dist
+        if ctx is not None and (ctx.sharded or self.sync_local or self.overhead_budget is not None):
+            self._seen = self._agree_order(self._seen, ctx)
         rank = {id(m): i for i, m in enumerate(self._seen)}
         big = len(self._seen)
         self._layers.sort(key=lambda L: (rank.get(id(L.module), big), L.info.depth))
@@ -268,6 +273,21 @@ class Monitor:
         self._params_cache = None
         self._depth_fixed = True
         self._seen = []
+
+    def _agree_order(self, seen: list[nn.Module], ctx: _dist.DistContext) -> list[nn.Module]:
+        """Rank 0's first-call order of the modules, on every rank (one all-reduce, once per run).
+
+        Ranks whose forward took different paths would otherwise order layers and activation sites
+        differently, and the reduced entries would not match.
+        """
+        modules = [m for _, m in self.model.named_modules()]
+        where = {id(m): i for i, m in enumerate(modules)}
+        order = torch.zeros(len(modules), dtype=torch.float64, device=self._all_params()[0][0].device)
+        if ctx.rank == 0:  # 1 + module index in call order; the others add zeros
+            idx = [where[id(m)] + 1 for m in seen if id(m) in where]
+            order[: len(idx)] = torch.tensor(idx, dtype=torch.float64)
+        agreed = ctx.all_reduce_(order, "sum").tolist()
+        return [modules[int(i) - 1] for i in agreed if i > 0]
 
     @property
     def layers(self) -> list[LayerInfo]:
@@ -434,28 +454,33 @@ class Monitor:
                 self._remedy_params = set()
         return name in self._remedy_params
 
-    def _grad_params(self) -> tuple[list[Tensor], list[int]]:
+    def _grad_params(self) -> tuple[list[Tensor], list[int], list[int]]:
+        """Parameters with a gradient, their layers, and their positions in :meth:`_all_params`."""
         grads: list[Tensor] = []
         owners: list[int] = []
+        positions: list[int] = []
+        pos = 0
         for i, layer in enumerate(self._layers):
             for p in layer.params:
                 if p.grad is not None:
                     grads.append(p)
                     owners.append(i)
-        return grads, owners
+                    positions.append(pos)
+                pos += 1
+        return grads, owners, positions
 
     def _log_step(self, label: int, loss: Tensor | float | None, lr: float | None) -> StepRecord:
         t_start = time.perf_counter()
         self._fix_depth()
         L = len(self._layers)
-        params_with_grad, owners = self._grad_params()
+        params_with_grad, owners, positions = self._grad_params()
         grads = [p.grad for p in params_with_grad]
         all_params, all_index = self._all_params()
         device = all_params[0].device
         dt = stats.reduce_dtype(device)
         ctx = self._dist
         shard_op = "sum" if ctx is not None and ctx.sharded else None  # replicated: already global
-        shard_max = "max" if shard_op else None
+        shard_max = "max" if shard_op else None  # (the gradient parts are placed below)
         sync = ctx is not None and (ctx.sharded or self.sync_local)
 
         def local_op(op: str) -> str | None:  # rank-local statistics: reduced only when syncing
@@ -464,23 +489,34 @@ class Monitor:
         # Device tensors in transfer order, each with its reduction over ranks (see _dist.reduce_parts).
         parts: list[tuple[Tensor, str | None]] = []
         norms: Tensor | None = None
-        if grads:
+        g = [t for t in grads if t is not None]  # (all of them; narrows the type)
+        if g:
             key = tuple(owners)
             cached = self._index_cache.get(key)
             if cached is None:
                 cached = (owners, torch.tensor(owners, device=device))
                 self._index_cache = {key: cached}
             index = cached[1]
-            g = [t for t in grads if t is not None]  # (never None here; narrows the type)
-            if shard_op is None:
-                norms = stats.foreach_norms(g)
-                g_sq = norms.to(dt).square().to(device)
-            else:  # per-tensor squared norms of the local shards, summed over ranks below
-                g_sq = _dist.sq_norms(ctx, g).to(device)
-            parts.append((g_sq, shard_op))
+        if ctx is not None and ctx.sharded:
+            # Per-tensor squared norms of the local shards over *all* parameters (0 without a
+            # gradient), so that entries match on ranks that differ in which parameters have one.
+            at = torch.tensor(positions, dtype=torch.long, device=device)
+            g_sq = torch.zeros(len(all_params), dtype=dt, device=device)
+            if g:
+                g_sq.index_copy_(0, at, _dist.sq_norms(ctx, g).to(device))
+            parts.append((g_sq, "sum"))
             if self.max_abs:
-                maxabs = stats.foreach_max_abs([_dist.local(t) for t in g])
-                parts.append((stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt), shard_max))
+                g_max = torch.zeros(L, dtype=dt, device=device)
+                if g:
+                    maxabs = stats.foreach_max_abs([_dist.local(t) for t in g])
+                    g_max = stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt)
+                parts.append((g_max, "max"))
+        elif g:
+            norms = stats.foreach_norms(g)
+            parts.append((norms.to(dt).square().to(device), None))
+            if self.max_abs:
+                maxabs = stats.foreach_max_abs(g)
+                parts.append((stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt), None))
         else:
             zeros = torch.zeros(L, dtype=dt, device=device)
             parts += [(zeros, None)] * (2 if self.max_abs else 1)
@@ -502,17 +538,8 @@ class Monitor:
         if has_loss_tensor:
             loss_t = torch.as_tensor(loss).detach().reshape(-1)[:1].to(device, dt)
             parts.append((loss_t, local_op("mean")))
-        act_names = [s.name for s in self._sites if s.name in self._pending.acts]
-        for name in act_names:
-            parts.append((self._pending.acts[name].to(device, dt), local_op("mean")))
-        hist_names = [n for n in act_names if n in self._pending.hists]
-        for name in hist_names:
-            parts.append((self._pending.hists[name].to(device, dt), local_op("sum")))
-        flag_names = [n for n, _ in self._pending.finite_flags]
-        if flag_names:  # 1 where the module's output was NaN/inf (OR-ed over ranks)
-            bad = (~torch.stack([f for _, f in self._pending.finite_flags])).to(device, dt)
-            parts.append((bad, local_op("max")))
-        nan_pos = len(parts) if grads and shard_max and self.max_abs else None  # a MAX may drop NaN: flag it
+        act_names, hist_names, flag_names = self._pack_local(parts, sync, device, dt)
+        nan_pos = len(parts) if shard_max and self.max_abs else None  # a MAX may drop NaN: flag it
         if nan_pos is not None:
             parts.append((torch.isnan(parts[1][0]).to(dt), shard_max))
         agree_every = ctx is not None and self.overhead_budget is not None
@@ -520,13 +547,14 @@ class Monitor:
             parts.append((torch.tensor([float(self._proposed_every)], dtype=dt, device=device), "max"))
 
         reduced = _dist.reduce_parts(ctx, parts)
-        if grads:
-            if norms is None:
-                norms = reduced[0].sqrt().float()
-            reduced[0] = _layer_sum(reduced[0], index, L)
+        self.last_norms = None
+        if ctx is not None and ctx.sharded:  # whole-tensor norms of this rank's parameters with a gradient
+            if g:
+                self.last_norms = (params_with_grad, reduced[0][at].sqrt().float())
+            reduced[0] = _layer_sum(reduced[0], all_index, L)
+        elif g and norms is not None:
             self.last_norms = (params_with_grad, norms)
-        else:
-            self.last_norms = None
+            reduced[0] = _layer_sum(reduced[0], index, L)
         if nan_pos is not None:
             reduced[1] = torch.where(reduced.pop(nan_pos) > 0, torch.nan, reduced[1])
         host = torch.cat(reduced).cpu().tolist()  # the one device→host transfer of this step
@@ -549,9 +577,21 @@ class Monitor:
             loss_value = take(1)[0]
         else:
             loss_value = float(loss) if loss is not None else None  # type: ignore[arg-type]
-        act_values = {name: take(4) for name in act_names}
+        act_values: dict[str, list[float]] = {}
+        for name in act_names:
+            v = take(5 if sync else 4)
+            if not sync:
+                act_values[name] = v
+            elif v[0] > 0:  # [ranks where the site ran, then sums of its 4 statistics]
+                act_values[name] = [x / v[0] for x in v[1:]]
         hist_values = {name: take(self.histogram_bins) for name in hist_names}
+        hist_values = {name: h for name, h in hist_values.items() if name in act_values}
         flags = [1.0 - b for b in take(len(flag_names))]
+        if sync and flag_names:  # scores: earliest non-finite call first, then as finite (see _pack_local)
+            scores = [1.0 - f for f in flags]
+            ranked = sorted(zip(scores, flag_names, strict=True), key=lambda t: -t[0])
+            flag_names = [n for _, n in ranked]
+            flags = [0.0 if sc > 0 else 1.0 for sc, _ in ranked]
         if agree_every:
             self._agree_every(int(take(1)[0]))
 
@@ -643,6 +683,53 @@ class Monitor:
         self._records.append(record)
         self._emit(record)
         return record
+
+    def _pack_local(
+        self, parts: list[tuple[Tensor, str | None]], sync: bool, device: torch.device, dt: torch.dtype
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Append the rank-local statistics (activations, histograms, forward non-finite flags) to
+        ``parts``; returns the site names of the activations and histograms and the module names of
+        the flags, in that order.
+
+        Under ``sync`` (reduced over ranks) the layout is fixed — every watched site and every module,
+        whether or not it ran on this rank — so that ranks whose forward took different paths still
+        reduce matching entries: each site carries the count of ranks where it ran, and its statistics
+        are averaged over those ranks. A module's flag is then a score, ``_EARLY - i`` for its first
+        non-finite output at call ``i`` of its rank's forward (0 if none), max-reduced, so that the
+        earliest non-finite module of any rank wins.
+        """
+        pending = self._pending
+        if not sync:
+            acts = [s.name for s in self._sites if s.name in pending.acts]
+            hists = [n for n in acts if n in pending.hists]
+            parts.extend((pending.acts[n].to(device, dt), None) for n in acts)
+            parts.extend((pending.hists[n].to(device, dt), None) for n in hists)
+            flag_names = [n for n, _ in pending.finite_flags]
+            if flag_names:  # 1 where the module's output was NaN/inf
+                bad = (~torch.stack([f for _, f in pending.finite_flags])).to(device, dt)
+                parts.append((bad, None))
+            return acts, hists, flag_names
+        acts = [s.name for s in self._sites] if self.activations else []
+        one = torch.ones(1, dtype=dt, device=device)
+        for n in acts:
+            a = pending.acts.get(n)
+            parts.append((torch.cat([one, a.to(device, dt)]) if a is not None else one.new_zeros(5), "sum"))
+        hists = acts if self.histogram_bins > 0 else []
+        for n in hists:
+            h = pending.hists.get(n)
+            parts.append((h.to(device, dt) if h is not None else one.new_zeros(self.histogram_bins), "sum"))
+        if not self.locate_nonfinite:
+            return acts, hists, []
+        names = [n for n, _ in self.model.named_modules()]
+        bad = one.new_zeros(len(names))
+        if pending.finite_flags:
+            where = {n: i for i, n in enumerate(names)}
+            idx = torch.tensor([where[n] for n, _ in pending.finite_flags], device=device)
+            calls = (~torch.stack([f for _, f in pending.finite_flags])).to(device, dt)
+            order = torch.arange(len(pending.finite_flags), dtype=dt, device=device)
+            bad.scatter_reduce_(0, idx, calls * (_EARLY - order), reduce="amax")
+        parts.append((bad, "max"))
+        return acts, hists, names
 
     def _numel(self, params: list[Tensor], owners: list[int]) -> list[int]:
         """Gradient entries per layer (of the parameters that have a gradient)."""
