@@ -151,26 +151,23 @@ class DistContext:
         has_dt = any(is_dtensor(t) for t in tensors)
         return [_counted_here(t, has_dt, self.rank) for t in tensors]
 
-    def sq_norms(self, tensors: Sequence[Tensor], like: Sequence[Tensor] | None = None) -> Tensor:
-        """Squared L2 norms of the rank-local parts of ``tensors``, weighted so that a SUM over ranks
-        counts every element once.
-
-        Args:
-            tensors: N tensors (DTensors or plain; plain ones are taken as this rank's part).
-            like: N tensors whose placements apply to ``tensors`` (e.g. the DTensor parameters of
-                plain local snapshots); defaults to ``tensors``.
-
-        Returns:
-            ``[N]`` in :func:`gradsentry.stats.reduce_dtype` precision (units: tensor squared), on the
-            first tensor's device, not yet reduced.
-        """
-        return sq_norms(self, tensors, like)
-
 
 def sq_norms(
     ctx: DistContext | None, tensors: Sequence[Tensor], like: Sequence[Tensor] | None = None
 ) -> Tensor:
-    """:meth:`DistContext.sq_norms`, or plain squared norms when ``ctx`` is None."""
+    """Squared L2 norms of the rank-local parts of ``tensors``, weighted so that a SUM over the ranks
+    of ``ctx`` counts every element once (plain squared norms when ``ctx`` is None).
+
+    Args:
+        ctx: the context, or None.
+        tensors: N tensors (DTensors or plain; plain ones are taken as this rank's part).
+        like: N tensors whose placements apply to ``tensors`` (e.g. the DTensor parameters of plain
+            local snapshots); defaults to ``tensors``.
+
+    Returns:
+        ``[N]`` in :func:`gradsentry.stats.reduce_dtype` precision (units: tensor squared), on the
+        first tensor's device, not yet reduced.
+    """
     norms = stats.foreach_norms([local(t) for t in tensors])
     sq = norms.to(stats.reduce_dtype(norms.device)).square()
     if ctx is None:
