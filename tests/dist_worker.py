@@ -251,7 +251,7 @@ def fsdp_nan(rank: int, out: Path) -> dict[str, Any]:
 STEPS = 4  # optimizer steps of the remedy scenarios
 
 
-REMEDIES = ("ClipGlobalNorm", "ZClip", "AutoClip")
+REMEDIES = ("ClipGlobalNorm", "ZClip", "AutoClip", "ClipLayerNorm", "ClipValue", "AGC")
 
 
 def remedies_available() -> bool:
@@ -260,13 +260,33 @@ def remedies_available() -> bool:
 
 def remedy_cases() -> dict[str, Callable[[], Any]]:
     """Remedies whose distributed result must equal the single-process one (fresh state each call)."""
-    from gradsentry.remedies import AutoClip, ClipGlobalNorm, ZClip
+    from gradsentry.remedies import AGC, AutoClip, ClipGlobalNorm, ClipLayerNorm, ClipValue, ZClip
 
     return {
         "ClipGlobalNorm": lambda: ClipGlobalNorm(0.05),  # below every step's norm: always clips
         "ZClip": lambda: ZClip(warmup_steps=2, z_thresh=0.5, max_grad_norm=0.05),
         "AutoClip": lambda: AutoClip(percentile=50.0, history=8),
+        "ClipLayerNorm": lambda: ClipLayerNorm(0.02),
+        "ClipValue": lambda: ClipValue(0.01),
+        "AGC": lambda: AGC(clip_factor=0.01),
     }
+
+
+def _remedy_run(gs: Any, remedy: Any, rank: int) -> dict[str, Any]:
+    model = _fsdp_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    actions = []
+    with gs.Monitor(model, every=2, remedy=remedy, activations=False) as mon:
+        for _ in range(STEPS):
+            _step(model, rank)
+            rec = mon.step()
+            if rec is not None:
+                actions.append(rec.actions)
+            opt.step()
+            opt.zero_grad()
+    state = remedy.state_dict() if hasattr(remedy, "state_dict") else None
+    params = [p.full_tensor().tolist() for p in model.parameters()]  # type: ignore[attr-defined]
+    return {"params": params, "state": state, "actions": actions}
 
 
 def fsdp_remedies(rank: int, out: Path) -> dict[str, Any]:
@@ -278,21 +298,10 @@ def fsdp_remedies(rank: int, out: Path) -> dict[str, Any]:
         return {"skipped": True}
     res: dict[str, Any] = {}
     for name, make in remedy_cases().items():
-        model = _fsdp_model()
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
-        remedy = make()
-        actions = []
-        with gs.Monitor(model, every=2, remedy=remedy, activations=False) as mon:
-            for _ in range(STEPS):
-                _step(model, rank)
-                rec = mon.step()
-                if rec is not None:
-                    actions.append(rec.actions)
-                opt.step()
-                opt.zero_grad()
-        state = remedy.state_dict() if hasattr(remedy, "state_dict") else None
-        params = [p.full_tensor().tolist() for p in model.parameters()]  # type: ignore[attr-defined]
-        res[name] = {"params": params, "state": state, "actions": actions}
+        try:
+            res[name] = _remedy_run(gs, make(), rank)
+        except Exception:  # each remedy on its own; the others still run
+            res[name] = {"error": traceback.format_exc()}
     return res
 
 

@@ -325,6 +325,7 @@ def test_fsdp2_clipping_leaves_the_parameters_of_single_process_clipping(
     want = _reference_remedy(W.remedy_cases()[name])
     got = _scenario(ranks, "fsdp_remedies")
     for r in range(W.WORLD):
+        assert "error" not in got[r][name], f"rank {r}, {name}:\n{got[r][name].get('error')}"
         _assert_close_tree(got[r][name]["params"], want["params"])
         _assert_close_tree(got[r][name]["state"], want["state"])  # ZClip/AutoClip statistics
     assert got[0][name]["state"] == got[1][name]["state"]  # identical across ranks, not only close

@@ -326,9 +326,17 @@ def global_sq_norm(grads: Sequence[Tensor], group: Any = None) -> Tensor:
     return ctx.all_reduce_(sq_norms(ctx, grads).sum().reshape(1), "sum")[0]
 
 
+def whole_rows(t: Tensor) -> bool:
+    """True when this rank's part of ``t`` holds whole rows (units along dim 0): a plain tensor, or a
+    DTensor placed only as ``Replicate()`` or ``Shard(0)`` (FSDP2's layout)."""
+    if not is_dtensor(t):
+        return True
+    return all(p.is_replicate() or (p.is_shard() and p.dim == 0) for p in t.placements)  # type: ignore[attr-defined]
+
+
 def any_rank(flag: Tensor, group: Any = None) -> Tensor:
-    """``flag`` (0-d bool) OR-ed over all ranks with one ``all_reduce(MAX)``, so that a decision
-    such as skipping a step is identical everywhere; returned as is when not distributed.
+    """``flag`` (bool tensor of any shape) OR-ed over all ranks with one ``all_reduce(MAX)``, so that a
+    decision such as skipping a step is identical everywhere; returned as is when not distributed.
 
     Raises:
         DistributedError: the collective failed or timed out.
@@ -336,7 +344,7 @@ def any_rank(flag: Tensor, group: Any = None) -> Tensor:
     if not _initialized(group) or dist.get_world_size(group) <= 1:
         return flag
     ctx = DistContext(group, dist.get_rank(group), dist.get_world_size(group), sharded=False)
-    return ctx.all_reduce_(flag.reshape(1).to(torch.float32), "max")[0] > 0
+    return ctx.all_reduce_(flag.reshape(-1).to(torch.float32), "max").reshape(flag.shape) > 0
 
 
 def agree(loss: Tensor, flags: Tensor, group: Any = None) -> tuple[Tensor, Tensor]:
