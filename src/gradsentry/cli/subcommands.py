@@ -6,9 +6,11 @@ from collections.abc import Callable
 
 import typer
 
-from gradsentry.cli import analyze, check
+from gradsentry.cli import analyze, check, lab, report
 
 REGISTRY: list[Callable[[typer.Typer], None]] = [
-    analyze.register,
+    lab.register,
     check.register,
+    analyze.register,
+    report.register,
 ]

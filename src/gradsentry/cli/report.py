@@ -1,0 +1,74 @@
+"""``gradsentry report``: render the HTML report of a logged run (or re-render a lab's results.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from gradsentry.cli import EXIT_OK, EXIT_USAGE
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``report`` subcommand to ``app``."""
+
+    @app.command("report")
+    def report(
+        path: Path = typer.Argument(
+            ...,
+            help="A gradsentry JSONL run (JsonlSink, the callbacks, gradsentry lab's runs/*.jsonl) "
+            "or a lab results.json.",
+        ),
+        out: Path | None = typer.Option(
+            None,
+            "--out",
+            "-o",
+            help="HTML file to write (default: next to the input, with the suffix .html).",
+        ),
+    ) -> None:
+        """Render a logged run (or a lab's results.json) as a self-contained HTML report.
+
+        The report shows gradient flow over depth and over time, a heat map of layer x step log
+        gradient norm, and the findings with their evidence and remedies.
+
+        Exit code 0: written; 2: unreadable or malformed input, or the output cannot be written.
+
+        Example: gradsentry report gradsentry-lab/runs/sigmoid_default.jsonl --out sigmoid.html
+        """
+        from rich.console import Console
+        from rich.text import Text
+
+        from gradsentry.report.html import render_lab_report, render_run_report
+        from gradsentry.sinks.jsonl import LogFormatError, read_jsonl
+
+        err = Console(stderr=True, soft_wrap=True)
+
+        def fail(message: str) -> typer.Exit:
+            err.print(Text.assemble(("error: ", "red"), message), highlight=False)
+            return typer.Exit(EXIT_USAGE)
+
+        target = out if out is not None else path.with_suffix(".html")
+        if target.resolve() == path.resolve():
+            raise fail(f"--out {str(target)!r} would overwrite the input; choose another file")
+        lab_result = run = None
+        try:
+            if path.suffix == ".json":
+                from gradsentry.lab.results import read_results
+
+                lab_result = read_results(path)
+            else:
+                run = read_jsonl(path)
+        except FileNotFoundError:
+            raise fail(f"{path}: no such file") from None
+        except (LogFormatError, ValueError, KeyError, TypeError) as exc:
+            raise fail(f"{path}: not a readable gradsentry run: {exc}") from None
+        except OSError as exc:
+            raise fail(f"{path}: cannot read ({exc.strerror or exc})") from None
+        html = render_lab_report(lab_result) if lab_result is not None else render_run_report(run)  # type: ignore[arg-type]
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(html, encoding="utf-8")
+        except OSError as exc:
+            raise fail(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
+        Console().print(Text.assemble("Report: ", (str(target), "bold")))
+        raise typer.Exit(EXIT_OK)
