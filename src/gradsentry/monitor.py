@@ -23,11 +23,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gradsentry import stats
+from gradsentry import _dist, stats
 from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, RunHeader, StepRecord
 from gradsentry.sinks.base import SafeSink, Sink
 
 log = logging.getLogger("gradsentry")
+
+_EARLY = 1e12  # larger than the number of module calls of one forward (see Monitor._pack_local)
 
 NO_PARAMS_MSG = (
     "gradsentry.Monitor: the model has no parameters, so there is no gradient to watch. "
@@ -96,9 +98,32 @@ class Monitor:
             stays under this fraction of the training step time.
         max_records: how many records to keep in memory (oldest dropped first).
         meta: free-form metadata written into the JSONL header.
+        process_group: under ``torch.distributed``, the group to reduce statistics over; None uses
+            the group of the parameters' device mesh (FSDP2), else the default group. Create the Monitor after wrapping the model
+            (``DistributedDataParallel(...)`` or ``fully_shard(...)``), and call :meth:`step` on
+            every rank.
+        sharded: None detects: gradients are sharded when parameters are DTensors with a ``Shard``
+            placement (FSDP2 ``fully_shard``), replicated otherwise (DDP). Replicated gradient
+            statistics need no collective; sharded ones take one ``all_reduce(SUM)`` and one
+            ``all_reduce(MAX)`` per logged step. True: each rank's plain parameters are different
+            parts of the model.
+        sync_local: under ``torch.distributed``, average the rank-local statistics (loss,
+            activation statistics; histogram counts are summed, forward non-finite flags OR-ed) over
+            ranks, so that every rank gets the same records and findings. Under sharded gradients
+            they ride on the same two collectives; under DDP this costs one small
+            ``all_reduce(SUM)`` (and one ``all_reduce(MAX)`` with ``locate_nonfinite``) per logged
+            step. False: no collective at all under DDP; records then hold each rank's own loss.
+        rank_zero_only_sinks: write the sinks on rank 0 only (the other ranks keep the records in
+            memory). False: every rank writes its sinks.
+        dist_timeout: seconds to wait for a collective before raising
+            :class:`gradsentry.DistributedError`; None uses the process group's own timeout
+            (``init_process_group(timeout=...)``).
 
     Raises:
-        ValueError: if the model has no parameters, or ``every < 1``.
+        ValueError: if the model has no parameters, or ``every < 1``, or a distributed option is
+            inconsistent (see :func:`gradsentry._dist.resolve`).
+        gradsentry.DistributedError: from :meth:`step`, when a rank died or hung during the
+            reduction of a logged step.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -128,6 +153,11 @@ class Monitor:
         overhead_budget: float | None = None,
         max_records: int = 100_000,
         meta: dict[str, Any] | None = None,
+        process_group: Any = None,
+        sharded: bool | None = None,
+        sync_local: bool = True,
+        rank_zero_only_sinks: bool = True,
+        dist_timeout: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradsentry.Monitor expects an nn.Module, got {type(model).__name__}")
@@ -161,6 +191,18 @@ class Monitor:
         self._sinks_opened = False
 
         self._layers = self._find_layers(model)
+        self._dist = _dist.resolve(
+            model,
+            [p for layer in self._layers for p in layer.params],
+            process_group=process_group,
+            sharded=sharded,
+            timeout=dist_timeout,
+        )
+        self.sync_local = sync_local
+        self.rank = self._dist.rank if self._dist is not None else 0
+        if self.rank != 0 and rank_zero_only_sinks:
+            self._sinks = []
+        self._proposed_every = self.every
         self._sites = [
             _ActSite(name, type(m).__name__, m)
             for name, m in model.named_modules()
@@ -216,6 +258,9 @@ class Monitor:
         for h in self._order_handles:
             h.remove()
         self._order_handles.clear()
+        ctx = self._dist
+        if ctx is not None and (ctx.sharded or self.sync_local or self.overhead_budget is not None):
+            self._seen = self._agree_order(self._seen, ctx)
         rank = {id(m): i for i, m in enumerate(self._seen)}
         big = len(self._seen)
         self._layers.sort(key=lambda L: (rank.get(id(L.module), big), L.info.depth))
@@ -228,6 +273,21 @@ class Monitor:
         self._params_cache = None
         self._depth_fixed = True
         self._seen = []
+
+    def _agree_order(self, seen: list[nn.Module], ctx: _dist.DistContext) -> list[nn.Module]:
+        """Rank 0's first-call order of the modules, on every rank (one all-reduce, once per run).
+
+        Ranks whose forward took different paths would otherwise order layers and activation sites
+        differently, and the reduced entries would not match.
+        """
+        modules = [m for _, m in self.model.named_modules()]
+        where = {id(m): i for i, m in enumerate(modules)}
+        order = torch.zeros(len(modules), dtype=torch.float64, device=self._all_params()[0][0].device)
+        if ctx.rank == 0:  # 1 + module index in call order; the others add zeros
+            idx = [where[id(m)] + 1 for m in seen if id(m) in where]
+            order[: len(idx)] = torch.tensor(idx, dtype=torch.float64)
+        agreed = ctx.all_reduce_(order, "sum").tolist()
+        return [modules[int(i) - 1] for i in agreed if i > 0]
 
     @property
     def layers(self) -> list[LayerInfo]:
@@ -301,7 +361,7 @@ class Monitor:
             return
         t0 = time.perf_counter()
         params, _ = self._all_params()
-        self._snapshot = [p.detach().clone() for p in params]
+        self._snapshot = [_dist.local(p).detach().clone() for p in params]
         if not self._opt_handles:
             self._opt_handles.append(self.optimizer.register_step_post_hook(self._opt_post))
         self._hook_time += time.perf_counter() - t0
@@ -329,9 +389,9 @@ class Monitor:
         snap = self._snapshot
         if snap is not None:
             params, index = self._all_params()
-            torch._foreach_sub_(snap, [p.detach() for p in params])
-            norms = stats.foreach_norms(snap)
-            self._pending.update_sq = stats.layer_sum_of_squares(norms, index, len(self._layers))
+            torch._foreach_sub_(snap, [_dist.local(p).detach() for p in params])
+            sq = _dist.sq_norms(self._dist, snap, like=params)
+            self._pending.update_sq = _layer_sum(sq, index.to(sq.device), len(self._layers))
             self._snapshot = None
         self._disarm_optimizer()
         self._hook_time += time.perf_counter() - t0
@@ -394,63 +454,110 @@ class Monitor:
                 self._remedy_params = set()
         return name in self._remedy_params
 
-    def _grad_params(self) -> tuple[list[Tensor], list[int]]:
+    def _grad_params(self) -> tuple[list[Tensor], list[int], list[int]]:
+        """Parameters with a gradient, their layers, and their positions in :meth:`_all_params`."""
         grads: list[Tensor] = []
         owners: list[int] = []
+        positions: list[int] = []
+        pos = 0
         for i, layer in enumerate(self._layers):
             for p in layer.params:
                 if p.grad is not None:
                     grads.append(p)
                     owners.append(i)
-        return grads, owners
+                    positions.append(pos)
+                pos += 1
+        return grads, owners, positions
 
     def _log_step(self, label: int, loss: Tensor | float | None, lr: float | None) -> StepRecord:
         t_start = time.perf_counter()
         self._fix_depth()
         L = len(self._layers)
-        params_with_grad, owners = self._grad_params()
+        params_with_grad, owners, positions = self._grad_params()
         grads = [p.grad for p in params_with_grad]
         all_params, all_index = self._all_params()
         device = all_params[0].device
         dt = stats.reduce_dtype(device)
-        parts: list[Tensor] = []
-        if grads:
+        ctx = self._dist
+        shard_op = "sum" if ctx is not None and ctx.sharded else None  # replicated: already global
+        shard_max = "max" if shard_op else None  # (the gradient parts are placed below)
+        sync = ctx is not None and (ctx.sharded or self.sync_local)
+
+        def local_op(op: str) -> str | None:  # rank-local statistics: reduced only when syncing
+            return op if sync else None
+
+        # Device tensors in transfer order, each with its reduction over ranks (see _dist.reduce_parts).
+        parts: list[tuple[Tensor, str | None]] = []
+        norms: Tensor | None = None
+        g = [t for t in grads if t is not None]  # (all of them; narrows the type)
+        if g:
             key = tuple(owners)
             cached = self._index_cache.get(key)
             if cached is None:
                 cached = (owners, torch.tensor(owners, device=device))
                 self._index_cache = {key: cached}
             index = cached[1]
-            g = [t for t in grads if t is not None]  # (never None here; narrows the type)
+        if ctx is not None and ctx.sharded:
+            # Per-tensor squared norms of the local shards over *all* parameters (0 without a
+            # gradient), so that entries match on ranks that differ in which parameters have one.
+            at = torch.tensor(positions, dtype=torch.long, device=device)
+            g_sq = torch.zeros(len(all_params), dtype=dt, device=device)
+            if g:
+                g_sq.index_copy_(0, at, _dist.sq_norms(ctx, g).to(device))
+            parts.append((g_sq, "sum"))
+            if self.max_abs:
+                g_max = torch.zeros(L, dtype=dt, device=device)
+                if g:
+                    maxabs = stats.foreach_max_abs([_dist.local(t) for t in g])
+                    g_max = stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt)
+                parts.append((g_max, "max"))
+        elif g:
             norms = stats.foreach_norms(g)
-            self.last_norms = (params_with_grad, norms)
-            parts.append(stats.layer_sum_of_squares(norms, index.to(norms.device), L).to(device))
+            parts.append((norms.to(dt).square().to(device), None))
             if self.max_abs:
                 maxabs = stats.foreach_max_abs(g)
-                parts.append(stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt))
+                parts.append((stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt), None))
         else:
-            self.last_norms = None
-            parts += [torch.zeros(L, dtype=dt, device=device)] * (2 if self.max_abs else 1)
+            zeros = torch.zeros(L, dtype=dt, device=device)
+            parts += [(zeros, None)] * (2 if self.max_abs else 1)
+        if ctx is not None and ctx.sharded:  # gradient entries per layer, summed over the ranks' shards
+            keep = ctx.counted(params_with_grad)
+            sizes = [_dist.local(p).numel() * k for p, k in zip(params_with_grad, keep, strict=True)]
+            local_numel = torch.zeros(L, dtype=dt)
+            local_numel.index_add_(0, torch.tensor(owners, dtype=torch.long), torch.tensor(sizes, dtype=dt))
+            parts.append((local_numel.to(device), shard_op))
         if self.weight_norms:
-            w_norms = stats.foreach_norms([p.detach() for p in all_params])
-            parts.append(stats.layer_sum_of_squares(w_norms, all_index.to(w_norms.device), L).to(device))
+            w_sq = _dist.sq_norms(
+                ctx if shard_op else None, [p.detach() for p in all_params], like=all_params
+            )
+            parts.append((_layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
         has_update = self._pending.update_sq is not None
         if has_update:
-            parts.append(self._pending.update_sq.to(device, dt))  # type: ignore[union-attr]
-        has_loss_tensor = isinstance(loss, Tensor)
+            parts.append((self._pending.update_sq.to(device, dt), shard_op))  # type: ignore[union-attr]
+        has_loss_tensor = isinstance(loss, Tensor) or (sync and loss is not None)
         if has_loss_tensor:
-            parts.append(loss.detach().reshape(-1)[:1].to(device, dt))  # type: ignore[union-attr]
-        act_names = [s.name for s in self._sites if s.name in self._pending.acts]
-        for name in act_names:
-            parts.append(self._pending.acts[name].to(device, dt))
-        hist_names = [n for n in act_names if n in self._pending.hists]
-        for name in hist_names:
-            parts.append(self._pending.hists[name].to(device, dt))
-        flag_names = [n for n, _ in self._pending.finite_flags]
-        if flag_names:
-            parts.append(torch.stack([f for _, f in self._pending.finite_flags]).to(device, dt))
+            loss_t = torch.as_tensor(loss).detach().reshape(-1)[:1].to(device, dt)
+            parts.append((loss_t, local_op("mean")))
+        act_names, hist_names, flag_names = self._pack_local(parts, sync, device, dt)
+        nan_pos = len(parts) if shard_max and self.max_abs else None  # a MAX may drop NaN: flag it
+        if nan_pos is not None:
+            parts.append((torch.isnan(parts[1][0]).to(dt), shard_max))
+        agree_every = ctx is not None and self.overhead_budget is not None
+        if agree_every:  # every rank must log the same steps: take the largest proposed `every`
+            parts.append((torch.tensor([float(self._proposed_every)], dtype=dt, device=device), "max"))
 
-        host = torch.cat(parts).cpu().tolist()  # the one device→host transfer of this step
+        reduced = _dist.reduce_parts(ctx, parts)
+        self.last_norms = None
+        if ctx is not None and ctx.sharded:  # whole-tensor norms of this rank's parameters with a gradient
+            if g:
+                self.last_norms = (params_with_grad, reduced[0][at].sqrt().float())
+            reduced[0] = _layer_sum(reduced[0], all_index, L)
+        elif g and norms is not None:
+            self.last_norms = (params_with_grad, norms)
+            reduced[0] = _layer_sum(reduced[0], index, L)
+        if nan_pos is not None:
+            reduced[1] = torch.where(reduced.pop(nan_pos) > 0, torch.nan, reduced[1])
+        host = torch.cat(reduced).cpu().tolist()  # the one device→host transfer of this step
 
         pos = 0
 
@@ -460,31 +567,47 @@ class Monitor:
             pos += n
             return out
 
-        g_sq = take(L)
-        g_max: list[float | None] = list(take(L)) if self.max_abs else [None] * L
-        w_sq: list[float | None] = list(take(L)) if self.weight_norms else [None] * L
+        g_sq_l = take(L)
+        g_max_l: list[float | None] = list(take(L)) if self.max_abs else [None] * L
+        numel = [round(n) for n in take(L)] if shard_op is not None else self._numel(params_with_grad, owners)
+        w_sq_l: list[float | None] = list(take(L)) if self.weight_norms else [None] * L
         u_sq = take(L) if has_update else None
         loss_value: float | None
         if has_loss_tensor:
             loss_value = take(1)[0]
         else:
             loss_value = float(loss) if loss is not None else None  # type: ignore[arg-type]
-        act_values = {name: take(4) for name in act_names}
+        act_values: dict[str, list[float]] = {}
+        for name in act_names:
+            v = take(5 if sync else 4)
+            if not sync:
+                act_values[name] = v
+            elif v[0] > 0:  # [ranks where the site ran, then sums of its 4 statistics]
+                act_values[name] = [x / v[0] for x in v[1:]]
         hist_values = {name: take(self.histogram_bins) for name in hist_names}
-        flags = take(len(flag_names))
+        hist_values = {name: h for name, h in hist_values.items() if name in act_values}
+        flags = [1.0 - b for b in take(len(flag_names))]
+        if sync and flag_names:  # scores: earliest non-finite call first, then as finite (see _pack_local)
+            scores = [1.0 - f for f in flags]
+            ranked = sorted(zip(scores, flag_names, strict=True), key=lambda t: -t[0])
+            flag_names = [n for _, n in ranked]
+            flags = [0.0 if sc > 0 else 1.0 for sc, _ in ranked]
+        if agree_every:
+            self._agree_every(int(take(1)[0]))
 
-        numel = [0] * L
-        for p, i in zip(params_with_grad, owners, strict=True):
-            numel[i] += p.numel()
         layer_stats: list[LayerStats] = []
+        bad_layers = [
+            i
+            for i, (sq, mx) in enumerate(zip(g_sq_l, g_max_l, strict=True))
+            if numel[i] and not (math.isfinite(sq) and (mx is None or math.isfinite(mx)))
+        ]
+        nonfinite_counts = self._count_nonfinite(bad_layers) if bad_layers else {}
         for i, layer in enumerate(self._layers):
             n = numel[i]
-            gnorm = math.sqrt(g_sq[i])
-            w_i, m_i = w_sq[i], g_max[i]
+            gnorm = math.sqrt(g_sq_l[i])
+            w_i, m_i = w_sq_l[i], g_max_l[i]
             wnorm = math.sqrt(w_i) if w_i is not None else None
-            nonfinite = 0
-            if n and not (math.isfinite(g_sq[i]) and (m_i is None or math.isfinite(m_i))):
-                nonfinite = self._count_nonfinite(layer)
+            nonfinite = nonfinite_counts.get(i, 0)
             ratio = None
             if u_sq is not None and wnorm is not None:
                 ratio = math.sqrt(u_sq[i]) / wnorm if wnorm > 0 else (math.inf if u_sq[i] > 0 else 0.0)
@@ -502,7 +625,7 @@ class Monitor:
                     has_grad=n > 0,
                 )
             )
-        total_sq = math.fsum(g_sq)
+        total_sq = math.fsum(g_sq_l)
         global_norm = math.sqrt(total_sq) if not math.isnan(total_sq) else math.nan
         acts = []
         for site in self._sites:
@@ -561,9 +684,87 @@ class Monitor:
         self._emit(record)
         return record
 
-    def _count_nonfinite(self, layer: _Layer) -> int:
-        """Count NaN/inf gradient entries of one layer (only called when its norm is not finite)."""
-        return int(sum(int((~torch.isfinite(p.grad)).sum()) for p in layer.params if p.grad is not None))
+    def _pack_local(
+        self, parts: list[tuple[Tensor, str | None]], sync: bool, device: torch.device, dt: torch.dtype
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Append the rank-local statistics (activations, histograms, forward non-finite flags) to
+        ``parts``; returns the site names of the activations and histograms and the module names of
+        the flags, in that order.
+
+        Under ``sync`` (reduced over ranks) the layout is fixed — every watched site and every module,
+        whether or not it ran on this rank — so that ranks whose forward took different paths still
+        reduce matching entries: each site carries the count of ranks where it ran, and its statistics
+        are averaged over those ranks. A module's flag is then a score, ``_EARLY - i`` for its first
+        non-finite output at call ``i`` of its rank's forward (0 if none), max-reduced, so that the
+        earliest non-finite module of any rank wins.
+        """
+        pending = self._pending
+        if not sync:
+            acts = [s.name for s in self._sites if s.name in pending.acts]
+            hists = [n for n in acts if n in pending.hists]
+            parts.extend((pending.acts[n].to(device, dt), None) for n in acts)
+            parts.extend((pending.hists[n].to(device, dt), None) for n in hists)
+            flag_names = [n for n, _ in pending.finite_flags]
+            if flag_names:  # 1 where the module's output was NaN/inf
+                bad = (~torch.stack([f for _, f in pending.finite_flags])).to(device, dt)
+                parts.append((bad, None))
+            return acts, hists, flag_names
+        acts = [s.name for s in self._sites] if self.activations else []
+        one = torch.ones(1, dtype=dt, device=device)
+        for n in acts:
+            a = pending.acts.get(n)
+            parts.append((torch.cat([one, a.to(device, dt)]) if a is not None else one.new_zeros(5), "sum"))
+        hists = acts if self.histogram_bins > 0 else []
+        for n in hists:
+            h = pending.hists.get(n)
+            parts.append((h.to(device, dt) if h is not None else one.new_zeros(self.histogram_bins), "sum"))
+        if not self.locate_nonfinite:
+            return acts, hists, []
+        names = [n for n, _ in self.model.named_modules()]
+        bad = one.new_zeros(len(names))
+        if pending.finite_flags:
+            where = {n: i for i, n in enumerate(names)}
+            idx = torch.tensor([where[n] for n, _ in pending.finite_flags], device=device)
+            calls = (~torch.stack([f for _, f in pending.finite_flags])).to(device, dt)
+            order = torch.arange(len(pending.finite_flags), dtype=dt, device=device)
+            bad.scatter_reduce_(0, idx, calls * (_EARLY - order), reduce="amax")
+        parts.append((bad, "max"))
+        return acts, hists, names
+
+    def _numel(self, params: list[Tensor], owners: list[int]) -> list[int]:
+        """Gradient entries per layer (of the parameters that have a gradient)."""
+        numel = [0] * len(self._layers)
+        for p, i in zip(params, owners, strict=True):
+            numel[i] += p.numel()
+        return numel
+
+    def _count_nonfinite(self, layers: list[int]) -> dict[int, int]:
+        """Count NaN/inf gradient entries of these layers (only called for layers whose norm is not
+        finite; the same layers on every rank, so a sharded count is one more all-reduce)."""
+        device = self._all_params()[0][0].device
+        counts = []
+        for i in layers:
+            ps = [p for p in self._layers[i].params if p.grad is not None]
+            keep = self._dist.counted(ps) if self._dist is not None else [True] * len(ps)
+            grads = [_dist.local(p.grad) for p, k in zip(ps, keep, strict=True) if k]  # type: ignore[arg-type]
+            zero = torch.zeros((), dtype=torch.int64, device=device)
+            counts.append(sum(((~torch.isfinite(g)).sum().to(device) for g in grads), zero))
+        total = torch.stack(counts).to(torch.float64)
+        if self._dist is not None and self._dist.sharded:
+            total = self._dist.all_reduce_(total, "sum")
+        return dict(zip(layers, (int(c) for c in total.cpu().tolist()), strict=True))
+
+    def _agree_every(self, agreed: int) -> None:
+        """Apply the largest ``every`` that any rank proposed (overhead_budget under distributed)."""
+        if agreed > self.every:
+            log.info(
+                "gradsentry.Monitor: logging every %d steps (was %d) to stay under %.1f%% overhead",
+                agreed,
+                self.every,
+                100 * (self.overhead_budget or 0.0),
+            )
+            self.every = agreed
+        self._proposed_every = self.every
 
     def _overhead(self, cost: float) -> float | None:
         """Fraction of this logged step's wall time spent in the Monitor (hooks + statistics).
@@ -581,7 +782,9 @@ class Monitor:
         self._step_time_ema = step_time if ema is None else 0.8 * ema + 0.2 * step_time
         if self.overhead_budget is not None:
             needed = math.ceil(cost / (self.overhead_budget * self._step_time_ema))
-            if needed > self.every:
+            if self._dist is not None:  # agreed over ranks at the next logged step
+                self._proposed_every = max(self._proposed_every, needed)
+            elif needed > self.every:
                 log.info(
                     "gradsentry.Monitor: logging every %d steps (was %d) to stay under %.1f%% overhead",
                     needed,
@@ -669,6 +872,11 @@ class Monitor:
             f"Monitor(layers={len(self._layers)}, every={self.every}, steps={self.step_count}, "
             f"records={len(self._records)})"
         )
+
+
+def _layer_sum(sq: Tensor, index: Tensor, num_layers: int) -> Tensor:
+    """Per-layer sums (``[L]``) of per-tensor values ``sq`` (``[N]``) owned by layer ``index[i]``."""
+    return torch.zeros(num_layers, dtype=sq.dtype, device=sq.device).index_add_(0, index.to(sq.device), sq)
 
 
 def layer_names(model: nn.Module) -> Iterable[str]:

@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from gradsentry import _dist
+
 __all__ = [
     "Remedy",
     "RemedyResult",
@@ -248,10 +250,14 @@ def per_tensor_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
 
     Returns:
         Tensor of shape [N] on the first gradient's device (float32, or float64 if any gradient is
-        float64), same units as the gradient. Empty float32 tensor when N == 0.
+        float64), same units as the gradient. Empty float32 tensor when N == 0. For DTensor
+        gradients (FSDP2 shards) the norms are those of the whole tensors, reduced over ranks with one
+        ``all_reduce`` (float32).
     """
     if not grads:
         return torch.zeros(0)
+    if any(_dist.is_dtensor(g) for g in grads):  # FSDP2 shards: norms of the whole tensors, float32
+        return _dist.global_per_tensor_norms(grads, norm_type)
     groups = group_by_device_dtype(grads)
     device = grads[0].device
     if len(groups) == 1:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from gradsentry import _dist
 from gradsentry.remedies.base import (
     RemedyResult,
     check_positive,
@@ -292,6 +293,12 @@ def unitwise_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=torch.float32)
 
 
+AGC_SHARD_MSG = (
+    "AGC clips whole units (rows along dim 0); a DTensor sharded along another dimension splits them. "
+    "Shard parameters along dim 0 (FSDP2's default) or use ClipGlobalNorm/ClipLayerNorm."
+)
+
+
 class AGC:
     """Unit-wise adaptive gradient clipping (AGC).
 
@@ -341,16 +348,22 @@ class AGC:
         if not grads:
             return RemedyResult("AGC", threshold=self.clip_factor)
         flags: list[Tensor] = []
+        sharded = any(_dist.is_dtensor(g) for g in grads)  # FSDP2: each rank clips its whole rows
         for p, g in zip(ps, grads, strict=True):
             if id(p) in self._exclude:
-                flags.append(torch.zeros((), dtype=torch.bool, device=g.device))
+                flags.append(torch.zeros((), dtype=torch.bool, device=_dist.local(g).device))
                 continue
-            max_norm = unitwise_norm(p.detach()).clamp_min(self.eps) * self.clip_factor
+            if not (_dist.whole_rows(p) and _dist.whole_rows(g)):
+                raise ValueError(AGC_SHARD_MSG)
+            g = _dist.local(g)
+            max_norm = unitwise_norm(_dist.local(p.detach())).clamp_min(self.eps) * self.clip_factor
             g_norm = unitwise_norm(g)
             trigger = g_norm > max_norm
             g.mul_(torch.where(trigger, max_norm / g_norm.clamp_min(_EPS), 1.0))
             flags.append(trigger.any())
-        affected = torch.stack([f.to(grads[0].device) for f in flags])
+        affected = torch.stack([f.to(flags[0].device) for f in flags])
+        if sharded:  # the same record on every rank
+            affected = _dist.any_rank(affected)
         return RemedyResult(
             "AGC",
             norm_before=total_norm(norms) if norms is not None else None,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradsentry import _dist
 from gradsentry.remedies.base import (
     RemedyResult,
     check_positive,
@@ -63,6 +64,10 @@ class NonFiniteGuard:
       ``optimizer.found_inf`` to a device flag, the same tensor ``GradScaler`` hands to fused kernels,
       which then leave weights, moments and step counts untouched on a bad step. Call
       ``optimizer.step()`` as usual; the skip count is kept on the device (``skips`` copies it).
+
+    Under ``torch.distributed`` with more than one rank, the decision is OR-ed over ranks (one
+    ``all_reduce(MAX)`` of one flag per call), so every rank skips the step or none does, even when only
+    one rank's gradient or loss is non-finite; with FSDP2 the norms are those of the whole gradient.
 
     Beside an enabled ``torch.amp.GradScaler`` (pass it as ``scaler``), non-finite gradients are the
     scaler's normal overflow signal: the scaler skips the step and lowers its scale itself, so the guard
@@ -149,6 +154,7 @@ class NonFiniteGuard:
         bad_any = bad.any()
         if self.check_loss and loss is not None:
             bad_any = bad_any | ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32)).to(bad_any.device)
+        bad_any = _dist.any_rank(bad_any)  # under torch.distributed: skip on every rank or on none
         names = names_for(ps, self._names, layer=True)
         before = total_norm(norms)
         if not self.sync:

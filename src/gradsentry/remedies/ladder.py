@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradsentry import _dist
 from gradsentry.remedies.base import (
     Remedy,
     RemedyResult,
@@ -113,6 +114,8 @@ class Ladder:
             norms = per_tensor_norms(grads)
         bad = ~torch.isfinite(norms) if norms is not None else torch.zeros(0, dtype=torch.bool)
         loss_t = torch.as_tensor(loss if loss is not None else float("nan"), dtype=torch.float64)
+        # under torch.distributed: mean loss and OR-ed flags of all ranks, the same decision everywhere
+        loss_t, bad = _dist.agree(loss_t.detach().reshape(()).to(bad.device), bad)
         flags = torch.cat(
             [loss_t.detach().reshape(1).to(bad.device), bad.to(torch.float64)]
         ).tolist()  # one sync

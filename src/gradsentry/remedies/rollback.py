@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradsentry import _dist
 from gradsentry.remedies.base import RemedyResult, check_positive, grads_of, per_tensor_norms, total_norm
 from gradsentry.remedies.guard import scale_lr_
 
@@ -280,9 +281,13 @@ class Rollback:
         if norms is None and grads:
             norms = per_tensor_norms(grads)
         finite = torch.isfinite(norms).all() if norms is not None else torch.ones((), dtype=torch.bool)
-        if isinstance(loss, Tensor):
-            host = torch.stack([loss.detach().reshape(()).double(), finite.double().to(loss.device)]).tolist()
-            loss_v: float | None = host[0]
+        if isinstance(loss, Tensor) or _dist.world_size() > 1:
+            # Under torch.distributed: the mean loss and "all finite" of all ranks, so that every rank
+            # takes the same decision (one all_reduce).
+            loss_t = torch.as_tensor(math.nan if loss is None else loss, dtype=torch.float64)
+            loss_t, bad = _dist.agree(loss_t.detach().reshape(()).to(finite.device), ~finite)
+            host = torch.stack([loss_t.double().reshape(()), (~bad).double()]).tolist()
+            loss_v: float | None = host[0] if loss is not None else None
             ok = bool(host[1])
         else:
             loss_v = None if loss is None else float(loss)
