@@ -4,6 +4,7 @@ Public names only; every module has one job (see README's architecture section).
 """
 
 from gradsentry import theory
+from gradsentry._dist import DistributedError
 from gradsentry.analyze import AnalyzeThresholds, LogAnalysis, analyze_log
 from gradsentry.check import CheckReport, check_model
 from gradsentry.diagnose import Thresholds, diagnose
@@ -52,6 +53,7 @@ __all__ = [
     "ClipLayerNorm",
     "ClipValue",
     "CsvSink",
+    "DistributedError",
     "Finding",
     "JsonlSink",
     "LabConfig",
