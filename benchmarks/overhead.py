@@ -3,7 +3,9 @@
 Every variant trains its own copy of the same model on the same batch; in each round the variants
 run once each in a shuffled order (interleaved, so machine noise hits all of them alike) and each
 time is divided by the bare step's time of the same round. The table shows the median of those
-per-round ratios, and the overhead (ratio - 1) relative to ``torch.nn.utils.clip_grad_norm_``'s.
+per-round ratios, and, measured more precisely, the time of the work each variant adds after
+``backward()`` (statistics, clipping) divided by ``torch.nn.utils.clip_grad_norm_``'s in the same
+round (median over rounds).
 
 Run: ``python benchmarks/overhead.py [--rounds 20] [--models mlp24,transformer,mlp50m]``.
 """
@@ -23,8 +25,6 @@ from rich.table import Table
 from torch import nn
 
 import gradsentry as gs
-
-StepFn = Callable[[], None]
 
 
 @dataclass
@@ -80,98 +80,101 @@ CASES = {
 }
 
 
-def _variants(case: Case) -> dict[str, StepFn]:
+@dataclass
+class Variant:
+    """A training step, and the time of its after-backward work (what the variant adds)."""
+
+    step: Callable[[], float]  # runs one step, returns the seconds spent after backward()
+
+
+LEAN = {"activations": False, "max_abs": False, "weight_norms": False}
+
+
+def _variants(case: Case) -> dict[str, Variant]:
     """One step function per variant, each with its own model copy and optimizer."""
     torch.manual_seed(0)
     base = case.make_model()
     x, y = case.make_batch()
-    out: dict[str, StepFn] = {}
+    out: dict[str, Variant] = {}
+    After = Callable[[torch.Tensor], object]
 
-    def make(extra: Callable[[nn.Module, torch.optim.Optimizer], Callable[[torch.Tensor], None]]) -> StepFn:
+    def make(extra: Callable[[nn.Module, torch.optim.Optimizer], After]) -> Variant:
         model = type(base)() if isinstance(base, _Encoder) else case.make_model()
         model.load_state_dict(base.state_dict())
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         after_backward = extra(model, opt)
 
-        def step() -> None:
+        def step() -> float:
             opt.zero_grad(set_to_none=True)
             loss = case.loss_fn(model, x, y)
             loss.backward()
+            t0 = time.perf_counter()
             after_backward(loss)
+            spent = time.perf_counter() - t0
             opt.step()
+            return spent
 
-        return step
+        return Variant(step)
+
+    def with_params(fn: Callable[[list[nn.Parameter]], object]) -> Callable[..., After]:
+        def build(m: nn.Module, o: torch.optim.Optimizer) -> After:
+            params = list(m.parameters())
+            return lambda loss: fn(params)
+
+        return build
+
+    def monitor(**kw: object) -> Callable[[nn.Module, torch.optim.Optimizer], After]:
+        def build(m: nn.Module, o: torch.optim.Optimizer) -> After:
+            if kw.pop("with_optimizer", False):
+                kw["optimizer"] = o
+            mon = gs.Monitor(m, **kw)  # type: ignore[arg-type]
+            return lambda loss: mon.step(loss=loss)
+
+        return build
 
     out["bare"] = make(lambda m, o: lambda loss: None)
-
-    def clip(m: nn.Module, o: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
-        params = list(m.parameters())
-        return lambda loss: (torch.nn.utils.clip_grad_norm_(params, 1.0), None)[1]
-
-    out["clip_grad_norm_"] = make(clip)
-
-    def loop(m: nn.Module, o: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
-        params = list(m.parameters())
-        return lambda loss: (
-            [p.grad.norm().item() for p in params if p.grad is not None],
-            None,
-        )[1]
-
-    out["per-param .norm().item() loop"] = make(loop)
-
-    def monitor(**kw: object) -> Callable[[nn.Module, torch.optim.Optimizer], Callable[[torch.Tensor], None]]:
-        def build(m: nn.Module, o: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
-            mon = gs.Monitor(m, **kw)  # type: ignore[arg-type]
-            return lambda loss: (mon.step(loss=loss), None)[1]
-
-        return build
-
-    out["Monitor(every=1) grad stats"] = make(monitor(every=1, activations=False))
-    out["Monitor(every=1) full"] = make(lambda m, o: monitor(every=1, optimizer=o)(m, o))
-    out["Monitor(every=10) full"] = make(lambda m, o: monitor(every=10, optimizer=o)(m, o))
-    out["Monitor(every=1) + locate_nonfinite"] = make(
-        monitor(every=1, activations=False, locate_nonfinite=True)
+    out["clip_grad_norm_"] = make(with_params(lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0)))
+    out["per-param .norm().item() loop"] = make(
+        with_params(lambda ps: [p.grad.norm().item() for p in ps if p.grad is not None])
     )
-
-    def remedy(
-        factory: Callable[[nn.Module], Callable[..., object]],
-    ) -> Callable[..., Callable[[torch.Tensor], None]]:
-        def build(m: nn.Module, o: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
-            params = list(m.parameters())
-            fix = factory(m)
-            return lambda loss: (fix(params), None)[1]
-
-        return build
-
-    out["ClipGlobalNorm"] = make(remedy(lambda m: gs.ClipGlobalNorm(1.0)))
-    out["ZClip"] = make(remedy(lambda m: gs.ZClip()))
-    out["AutoClip"] = make(remedy(lambda m: gs.AutoClip()))
-    out["AGC"] = make(remedy(lambda m: gs.AGC(0.01)))
-    out["Monitor(every=1) grad stats + ClipGlobalNorm (shared norms)"] = make(
-        monitor(every=1, activations=False, remedy=gs.ClipGlobalNorm(1.0))
+    out["Monitor(every=1) gradient norms/RMS/non-finite (lean)"] = make(monitor(every=1, **LEAN))
+    out["Monitor(every=1) + max |g|"] = make(monitor(every=1, activations=False, weight_norms=False))
+    out["Monitor(every=1) + max |g| + weight norms"] = make(monitor(every=1, activations=False))
+    out["Monitor(every=1) full (+ activations, update ratio)"] = make(monitor(every=1, with_optimizer=True))
+    out["Monitor(every=10) full"] = make(monitor(every=10, with_optimizer=True))
+    out["Monitor(every=1) lean + locate_nonfinite"] = make(monitor(every=1, **LEAN, locate_nonfinite=True))
+    out["ClipGlobalNorm"] = make(with_params(gs.ClipGlobalNorm(1.0)))
+    out["ZClip"] = make(with_params(gs.ZClip()))
+    out["AutoClip"] = make(with_params(gs.AutoClip()))
+    out["AGC"] = make(with_params(gs.AGC(0.01)))
+    out["Monitor(every=1) lean + ClipGlobalNorm (shared norms)"] = make(
+        monitor(every=1, **LEAN, remedy=gs.ClipGlobalNorm(1.0))
     )
     return out
 
 
-def measure(case: Case, rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median over rounds of (variant time / bare time in the same round)."""
-    steps = _variants(case)
-    names = list(steps)
+def measure(case: Case, rounds: int, warmup: int = 3) -> dict[str, tuple[float, float]]:
+    """Per variant: (median over rounds of step time / bare step time in the same round,
+    median over rounds of after-backward time / clip_grad_norm_'s in the same round)."""
+    variants = _variants(case)
+    names = list(variants)
     for _ in range(warmup):
         for n in names:
-            steps[n]()
-    ratios: dict[str, list[float]] = {n: [] for n in names}
+            variants[n].step()
+    step_ratio: dict[str, list[float]] = {n: [] for n in names}
+    work_ratio: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
         order = names[:]
         random.shuffle(order)
-        times = {}
+        total, work = {}, {}
         for n in order:
             t0 = time.perf_counter()
-            steps[n]()
-            times[n] = time.perf_counter() - t0
+            work[n] = variants[n].step()
+            total[n] = time.perf_counter() - t0
         for n in names:
-            ratios[n].append(times[n] / times["bare"])
-    return {n: statistics.median(r) for n, r in ratios.items()}
+            step_ratio[n].append(total[n] / total["bare"])
+            work_ratio[n].append(work[n] / work["clip_grad_norm_"])
+    return {n: (statistics.median(step_ratio[n]), statistics.median(work_ratio[n])) for n in names}
 
 
 def main(
@@ -187,24 +190,15 @@ def main(
     for key in models.split(","):
         case = CASES[key]
         res = measure(case, rounds)
-        clip_over = res["clip_grad_norm_"] - 1
         table = Table(
             title=f"{case.name}  ({rounds} rounds, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads)"
         )
         table.add_column("variant")
-        table.add_column("step time / bare (median)", justify="right")
-        table.add_column("overhead / clip_grad_norm_'s", justify="right")
-        for name, r in res.items():
-            rel = (r - 1) / clip_over if clip_over > 0 else float("nan")
-            table.add_row(name, f"{r:.4f}", "" if name == "bare" else f"{rel:.2f}")
-        # The issue-4 floor compares the combined cost with clip_grad_norm_ alone (overheads).
-        combo = res["Monitor(every=1) grad stats + ClipGlobalNorm (shared norms)"] - 1
-        console.print(
-            f"Monitor(every=1)+ClipGlobalNorm overhead / clip_grad_norm_ overhead: {combo / clip_over:.2f} "
-            f"(floor 1.15); Monitor(every=1) grad stats / clip_grad_norm_: "
-            f"{(res['Monitor(every=1) grad stats'] - 1) / clip_over:.2f} (floor 1.5)"
-        )
+        table.add_column("step time / bare step", justify="right")
+        table.add_column("added work / clip_grad_norm_'s", justify="right")
+        for name, (step_r, work_r) in res.items():
+            table.add_row(name, f"{step_r:.3f}", "" if name == "bare" else f"{work_r:.2f}")
         console.print(table)
 
 

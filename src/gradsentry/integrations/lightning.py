@@ -24,8 +24,10 @@ in its own ``step`` and measures ``||Δw||`` in the optimizer's step post-hook, 
 ratios are measured on the right step.
 
 Limits. Under DDP every rank records (the gradients are already averaged) and only rank 0 writes
-sinks and logs; sharded strategies (FSDP, DeepSpeed) are not covered: each rank would see only its
-shard. ``state_dict`` keeps counters and the last findings, not the records (those live in sinks).
+sinks and logs. Lightning's FSDP strategy (FSDP1, flat shards) and DeepSpeed are not covered: the
+Monitor refuses FSDP1 with a clear error rather than report one rank's shard (FSDP2 ``fully_shard``
+models in a plain loop are supported, see README "Distributed training"). ``state_dict`` keeps
+counters and the last findings, not the records (those live in sinks).
 """
 
 from __future__ import annotations

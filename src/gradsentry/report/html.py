@@ -507,8 +507,7 @@ def render_lab_report(result: Any) -> str:
             "mini-batches and budget; only the activation, the initialisation, the architecture or the fix "
             "differs. The ratio column divides the first layer's gradient RMS by the last layer's at step 0 "
             "(1 = gradients keep their size through the network). Findings are shown exactly as "
-            "gradsentry.diagnose reports them, including warnings on runs that still train well (a transient "
-            "spike, a large early update); their evidence is listed further down."
+            "gradsentry.diagnose reports them; their evidence and remedies are listed further down."
         ),
         "overview": overview,
         "sections": _sections(result),
