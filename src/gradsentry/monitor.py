@@ -219,6 +219,10 @@ class Monitor:
             self._order_handles.append(site.module.register_forward_pre_hook(self._order_hook))
         self._index_cache: dict[tuple[int, ...], tuple[list[int], Tensor]] = {}
         self._params_cache: tuple[list[Tensor], Tensor] | None = None
+        self._owners_all: list[int] = []
+        self._single_device = False
+        self._all_float32 = False
+        self._numel_cache: dict[tuple[int, ...], list[int]] = {}
         self._snapshot: list[Tensor] | None = None
         self._remedy_params: set[str] | None = None
         self._arm_for(self._next_log)
@@ -270,6 +274,7 @@ class Monitor:
         for depth, site in enumerate(self._sites):
             site.depth = depth
         self._index_cache.clear()
+        self._numel_cache = {}
         self._params_cache = None
         self._depth_fixed = True
         self._seen = []
@@ -382,6 +387,9 @@ class Monitor:
                     params.append(p)
                     idx.append(i)
             self._params_cache = (params, torch.tensor(idx, device=params[0].device))
+            self._owners_all = idx
+            self._single_device = all(p.device == params[0].device for p in params)
+            self._all_float32 = all(p.dtype == torch.float32 for p in params)
         return self._params_cache
 
     def _opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -456,18 +464,10 @@ class Monitor:
 
     def _grad_params(self) -> tuple[list[Tensor], list[int], list[int]]:
         """Parameters with a gradient, their layers, and their positions in :meth:`_all_params`."""
-        grads: list[Tensor] = []
-        owners: list[int] = []
-        positions: list[int] = []
-        pos = 0
-        for i, layer in enumerate(self._layers):
-            for p in layer.params:
-                if p.grad is not None:
-                    grads.append(p)
-                    owners.append(i)
-                    positions.append(pos)
-                pos += 1
-        return grads, owners, positions
+        params, _ = self._all_params()
+        owners_all = self._owners_all
+        positions = [pos for pos, p in enumerate(params) if p.grad is not None]
+        return [params[i] for i in positions], [owners_all[i] for i in positions], positions
 
     def _log_step(self, label: int, loss: Tensor | float | None, lr: float | None) -> StepRecord:
         t_start = time.perf_counter()
@@ -512,7 +512,7 @@ class Monitor:
                     g_max = stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt)
                 parts.append((g_max, "max"))
         elif g:
-            norms = stats.foreach_norms(g)
+            norms = stats.foreach_norms(g, same_device=self._single_device, all_float32=self._all_float32)
             parts.append((norms.to(dt).square().to(device), None))
             if self.max_abs:
                 maxabs = stats.foreach_max_abs(g)
@@ -569,7 +569,7 @@ class Monitor:
 
         g_sq_l = take(L)
         g_max_l: list[float | None] = list(take(L)) if self.max_abs else [None] * L
-        numel = [round(n) for n in take(L)] if shard_op is not None else self._numel(params_with_grad, owners)
+        numel = [round(n) for n in take(L)] if shard_op is not None else self._numel(positions)
         w_sq_l: list[float | None] = list(take(L)) if self.weight_norms else [None] * L
         u_sq = take(L) if has_update else None
         loss_value: float | None
@@ -731,11 +731,17 @@ class Monitor:
         parts.append((bad, "max"))
         return acts, hists, names
 
-    def _numel(self, params: list[Tensor], owners: list[int]) -> list[int]:
-        """Gradient entries per layer (of the parameters that have a gradient)."""
-        numel = [0] * len(self._layers)
-        for p, i in zip(params, owners, strict=True):
-            numel[i] += p.numel()
+    def _numel(self, positions: list[int]) -> list[int]:
+        """Gradient entries per layer of the parameters at ``positions`` in :meth:`_all_params` (those
+        with a gradient); cached per gradient set (the parameter list is fixed once depth is)."""
+        key = tuple(positions)
+        numel = self._numel_cache.get(key)
+        if numel is None:
+            params, _ = self._all_params()
+            numel = [0] * len(self._layers)
+            for pos in positions:
+                numel[self._owners_all[pos]] += params[pos].numel()
+            self._numel_cache = {key: numel}
         return numel
 
     def _count_nonfinite(self, layers: list[int]) -> dict[int, int]:

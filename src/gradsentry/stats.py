@@ -33,12 +33,17 @@ def reduce_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
+def foreach_norms(
+    tensors: Sequence[Tensor], ord: float = 2.0, *, same_device: bool = False, all_float32: bool = False
+) -> Tensor:
     """Norm of every tensor in one fused call per device.
 
     Args:
         tensors: N tensors of any shapes and floating dtypes, possibly on several devices.
         ord: the vector norm order (2.0 for L2, ``math.inf`` for max-abs).
+        same_device: the caller knows every tensor is on one device (skips the per-tensor check).
+        all_float32: the caller knows every tensor is float32 (skips the upcast argument, which costs
+            a little even when there is nothing to cast).
 
     Returns:
         Tensor of shape ``[N]``, float32, on the first tensor's device: entry i is the ``ord``-norm
@@ -55,7 +60,9 @@ def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
     if len(tensors) == 0:
         raise ValueError("foreach_norms needs at least one tensor")
     device = tensors[0].device
-    if all(t.device == device for t in tensors):
+    if same_device or all(t.device == device for t in tensors):
+        if all_float32:
+            return torch.stack(torch._foreach_norm(list(tensors), ord))
         return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
     out = torch.empty(len(tensors), dtype=torch.float32, device=device)
     by_device: dict[torch.device, list[int]] = {}
