@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradsentry.remedies import Chain, ClipGlobalNorm, NonFiniteGuard
+from gradsentry.remedies import Chain, ClipGlobalNorm, ClipValue, NonFiniteGuard
 
 Monitor = pytest.importorskip("gradsentry.monitor").Monitor
 
@@ -51,3 +51,38 @@ def test_monitor_with_guard_skips_and_names_layer():
     assert (
         rec is not None and rec.actions[0]["remedy"] == "NonFiniteGuard" and rec.actions[0]["layers"] == ["0"]
     )
+
+
+def test_monitor_and_remedy_share_one_host_transfer_per_logged_step(monkeypatch) -> None:
+    """The remedy's figures travel in the Monitor's single device→host copy."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    mon = Monitor(model, remedy=Chain(ClipGlobalNorm(0.01), ClipValue(1e-3)), activations=False)
+    model(torch.randn(4, 8)).sum().backward()
+    calls = {"n": 0}
+    original = torch.Tensor.tolist
+
+    def counting(self):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    rec = mon.step()
+    monkeypatch.setattr(torch.Tensor, "tolist", original)
+    mon.close()
+    assert calls["n"] == 1
+    assert rec is not None and [a["remedy"] for a in rec.actions] == ["ClipGlobalNorm", "ClipValue"]
+    assert rec.actions[0]["clipped"] and rec.actions[0]["norm_before"] == pytest.approx(
+        rec.global_norm, rel=1e-6
+    )
+    assert rec.actions[0]["norm_after"] == pytest.approx(0.01, rel=1e-5)
+
+
+def test_nonfinite_count_survives_a_guard_that_drops_the_gradients() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    mon = Monitor(model, remedy=NonFiniteGuard(model=model), activations=False)
+    model(torch.randn(3, 4)).sum().backward()
+    model[1].weight.grad[0, :2] = float("nan")
+    rec = mon.step()
+    mon.close()
+    assert rec is not None and all(p.grad is None for p in model.parameters())
+    assert rec.layer("1").nonfinite == 2 and rec.actions[0]["skipped"] is True

@@ -220,6 +220,7 @@ class Monitor:
         self._index_cache: dict[tuple[int, ...], tuple[list[int], Tensor]] = {}
         self._params_cache: tuple[list[Tensor], Tensor] | None = None
         self._owners_all: list[int] = []
+        self._raw_grads: dict[int, Tensor | None] = {}
         self._single_device = False
         self._all_float32 = False
         self._numel_cache: dict[tuple[int, ...], list[int]] = {}
@@ -557,7 +558,23 @@ class Monitor:
             reduced[0] = _layer_sum(reduced[0], index, L)
         if nan_pos is not None:
             reduced[1] = torch.where(reduced.pop(nan_pos) > 0, torch.nan, reduced[1])
+        # The remedy runs now: after every gradient statistic above was computed from the raw
+        # gradients, before the transfer, so that its figures travel in the same copy.
+        remedy_result: Any = None
+        remedy_finalize: Callable[[list[float]], list[dict[str, Any]]] | None = None
+        remedy_size = 0
+        self._raw_grads = {id(p): p.grad for p in params_with_grad}  # a guard may drop p.grad
+        if self.remedy is not None:
+            grads_for_remedy = self.last_norms[0] if self.last_norms else []
+            shared = self.last_norms[1] if self.last_norms else None
+            remedy_result = self._call_remedy(grads_for_remedy, norms=shared, loss=loss)
+            pack = getattr(remedy_result, "pack_dicts", None)
+            if callable(pack):
+                remedy_tensors, remedy_finalize = pack()
+                reduced += [t.reshape(-1).to(device, dt) for t in remedy_tensors]
+                remedy_size = sum(t.numel() for t in remedy_tensors)
         host = torch.cat(reduced).cpu().tolist()  # the one device→host transfer of this step
+        remedy_values = host[len(host) - remedy_size :] if remedy_size else []
 
         pos = 0
 
@@ -667,16 +684,16 @@ class Monitor:
             activations=acts,
             nonfinite_origin=origin,
         )
-        if self.remedy is not None:
-            grads_for_remedy = self.last_norms[0] if self.last_norms else []
-            shared = self.last_norms[1] if self.last_norms else None
-            result = self._call_remedy(grads_for_remedy, norms=shared, loss=loss)
-            to_dicts = getattr(result, "to_dicts", None)
-            to_dict = getattr(result, "to_dict", None)
+        if remedy_finalize is not None:
+            record.actions.extend(remedy_finalize(remedy_values))
+        elif remedy_result is not None:  # a user remedy without pack_dicts: its own copy to the host
+            to_dicts = getattr(remedy_result, "to_dicts", None)
+            to_dict = getattr(remedy_result, "to_dict", None)
             if callable(to_dicts):
                 record.actions.extend(to_dicts())
             elif callable(to_dict):
                 record.actions.append(to_dict())
+        self._raw_grads = {}  # keep no gradient alive past this step
         cost = time.perf_counter() - t_start + self._hook_time
         self._hook_time = 0.0
         record.overhead = self._overhead(cost)
@@ -750,9 +767,10 @@ class Monitor:
         device = self._all_params()[0][0].device
         counts = []
         for i in layers:
-            ps = [p for p in self._layers[i].params if p.grad is not None]
+            raw = self._raw_grads
+            ps = [p for p in self._layers[i].params if raw.get(id(p)) is not None]
             keep = self._dist.counted(ps) if self._dist is not None else [True] * len(ps)
-            grads = [_dist.local(p.grad) for p, k in zip(ps, keep, strict=True) if k]  # type: ignore[arg-type]
+            grads = [_dist.local(raw[id(p)]) for p, k in zip(ps, keep, strict=True) if k]  # type: ignore[arg-type]
             zero = torch.zeros((), dtype=torch.int64, device=device)
             counts.append(sum(((~torch.isfinite(g)).sum().to(device) for g in grads), zero))
         total = torch.stack(counts).to(torch.float64)

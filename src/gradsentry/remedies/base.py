@@ -12,7 +12,7 @@ per-tensor gradient L2 norms aligned with ``[p for p in params if p.grad is not 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -117,6 +117,44 @@ class RemedyResult:
             "skipped": bool, "threshold": ..., "layers": [...], **extra}`` plus ``"children"`` (a list
             of such dicts) for composite remedies. Non-finite norms are kept as floats.
         """
+        tensors, finalize = self._pack()
+        out = finalize(torch.cat(tensors).tolist() if tensors else [])
+        if self.children:
+            out["children"] = [c.to_dict() for c in self.children]
+        return out
+
+    def pack_dicts(self) -> tuple[list[Tensor], Callable[[list[float]], list[dict[str, Any]]]]:
+        """The tensors behind :meth:`to_dicts` and a function building the records from their values.
+
+        Lets a caller (the Monitor) fold a remedy's figures into its own single device→host copy:
+        ``finalize(torch.cat([t.reshape(-1) for t in tensors]).tolist())`` equals :meth:`to_dicts`.
+
+        Returns:
+            ``(tensors, finalize)``: 1-D float64 tensors (all on one device), and a function taking
+            their concatenated values as Python floats.
+        """
+        packs = [leaf._pack() for leaf in self._leaves()]
+        sizes = [sum(t.numel() for t in ts) for ts, _ in packs]
+        tensors = [t for ts, _ in packs for t in ts]
+        if tensors:
+            tensors = [t.to(tensors[0].device) for t in tensors]
+
+        def finalize(values: list[float]) -> list[dict[str, Any]]:
+            out, pos = [], 0
+            for (_, fin), n in zip(packs, sizes, strict=True):
+                out.append(fin(values[pos : pos + n]))
+                pos += n
+            return out
+
+        return tensors, finalize
+
+    def _leaves(self) -> list[RemedyResult]:
+        if self.children or self.composite:
+            return [leaf for c in self.children for leaf in c._leaves()]
+        return [self]
+
+    def _pack(self) -> tuple[list[Tensor], Callable[[list[float]], dict[str, Any]]]:
+        """This result's own tensors (flattened, float64) and a function building its record."""
         tensors: list[Tensor] = []
         slots: list[tuple[str, int, int, bool]] = []
 
@@ -140,42 +178,45 @@ class RemedyResult:
             "skipped": self.skipped,
             "threshold": self.threshold,
         }
-        out: dict[str, Any] = {"remedy": self.name}
+        base: dict[str, Any] = {"remedy": self.name}
         for key, value in scalars.items():
             if isinstance(value, Tensor):
                 put(key, value)
             else:
-                out[key] = value
+                base[key] = value
         for key, value in self.extra.items():
             if isinstance(value, Tensor):
                 put("extra:" + key, value)
             else:
-                out[key] = value
+                base[key] = value
         if self.affected is not None:
             put("affected", self.affected)
-        host: list[float] = torch.cat(tensors).tolist() if tensors else []
-        for key, start, n, is_bool in slots:
-            vals: list[Any] = host[start : start + n]
-            if is_bool:
-                vals = [bool(v) for v in vals]
-            if key == "affected":
-                seen: dict[str, None] = {}
-                for flag, name in zip(vals, self.names, strict=False):
-                    if flag:
-                        seen.setdefault(name, None)
-                out["layers"] = list(seen)
-            elif key in ("clipped", "skipped"):
-                out[key] = bool(vals[0])
-            elif key.startswith("extra:"):
-                out[key[6:]] = vals[0] if n == 1 else vals
-            else:
-                out[key] = vals[0]
-        for key in ("clipped", "skipped"):
-            out[key] = bool(out[key])
-        out.setdefault("layers", [])
-        if self.children:
-            out["children"] = [c.to_dict() for c in self.children]
-        return out
+        names = list(self.names)
+
+        def finalize(host: list[float]) -> dict[str, Any]:
+            out = dict(base)
+            for key, start, n, is_bool in slots:
+                vals: list[Any] = host[start : start + n]
+                if is_bool:
+                    vals = [bool(v) for v in vals]
+                if key == "affected":
+                    seen: dict[str, None] = {}
+                    for flag, name in zip(vals, names, strict=False):
+                        if flag:
+                            seen.setdefault(name, None)
+                    out["layers"] = list(seen)
+                elif key in ("clipped", "skipped"):
+                    out[key] = bool(vals[0])
+                elif key.startswith("extra:"):
+                    out[key[6:]] = vals[0] if n == 1 else vals
+                else:
+                    out[key] = vals[0]
+            for key in ("clipped", "skipped"):
+                out[key] = bool(out[key])
+            out.setdefault("layers", [])
+            return out
+
+        return tensors, finalize
 
     def next_norms(self, norms: Tensor | None) -> Tensor | None:
         """Per-tensor L2 norms after this remedy, given those before it (None when unknown)."""
@@ -190,9 +231,8 @@ class RemedyResult:
 
         This is what a Monitor appends to ``StepRecord.actions``.
         """
-        if self.children or self.composite:
-            return [d for c in self.children for d in c.to_dicts()]
-        return [self.to_dict()]
+        tensors, finalize = self.pack_dicts()
+        return finalize(torch.cat(tensors).tolist() if tensors else [])
 
 
 def grads_of(params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
