@@ -945,7 +945,9 @@ def analyze_log(
         **overrides: individual thresholds, e.g. ``spike_z=8``.
 
     Returns:
-        A :class:`LogAnalysis` with the series and the findings.
+        A :class:`LogAnalysis` with the series and the findings. For a gradsentry JSONL run the
+        per-layer rules of :func:`gradsentry.diagnose` (vanishing, saturation, ...) are applied too,
+        adding the kinds the series detectors did not report.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -953,4 +955,13 @@ def analyze_log(
     """
     series = load_series(path, format=format, tags=tags)
     th = replace(thresholds or AnalyzeThresholds(), **overrides)
-    return LogAnalysis(series=series, findings=detect(series, th), thresholds=th)
+    findings = detect(series, th)
+    if series.source == "jsonl":  # a gradsentry run also has per-layer records: diagnose them too
+        from gradsentry.diagnose import diagnose
+        from gradsentry.sinks.jsonl import read_jsonl
+
+        run = read_jsonl(series.path)
+        seen = {f.kind for f in findings}
+        findings += [f for f in diagnose(run.records, layers=run.header.layers) if f.kind not in seen]
+        findings.sort(key=lambda f: (-SEVERITY_ORDER.get(f.severity, 1), f.steps[0] if f.steps else 0))
+    return LogAnalysis(series=series, findings=findings, thresholds=th)

@@ -317,9 +317,16 @@ def _make_inputs(
     model: nn.Module, batch: Any, input_shape: Sequence[int] | None, batch_size: int, gen: torch.Generator
 ) -> tuple[Any, ...]:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+    def place(x: Any) -> Any:  # float inputs follow the model's dtype (fp16/bf16 models)
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.to(device, dtype) if x.is_floating_point() else x.to(device)
+
     if batch is not None:
         items = batch if isinstance(batch, tuple) else (batch,)
-        return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in items)
+        return tuple(place(x) for x in items)
     if input_shape is None:
         raise ValueError("check_model needs a batch or an input_shape")
     if any(int(s) < 1 for s in input_shape) or batch_size < 1:
@@ -330,7 +337,10 @@ def _make_inputs(
     first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
     if isinstance(first, nn.Embedding):  # a token model: integer ids
         return (torch.randint(0, first.num_embeddings, shape, generator=gen).to(device),)
-    return (torch.randn(shape, generator=gen).to(device),)
+    numel = math.prod(shape)
+    if numel > 2**31:
+        raise ValueError(f"the random batch {list(shape)} would hold {numel:,} numbers; use a smaller shape")
+    return (place(torch.randn(shape, generator=gen)),)
 
 
 def _run_once(
@@ -360,6 +370,11 @@ def _run_once(
     try:
         out, order = _forward(model, inputs)
         value = _loss(_output_tensor(out), loss, targets, gen)
+        if not value.requires_grad:
+            raise InputFitError(
+                "the loss does not depend on any trainable parameter (every parameter is frozen, or the "
+                "forward detaches its output): there is no gradient to check"
+            )
         value.backward()
         rec = mon.step(loss=value)
         layers = mon.layers

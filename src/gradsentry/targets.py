@@ -7,6 +7,7 @@ user's own exception with the file and line it came from, never a deep traceback
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -46,7 +47,7 @@ def load_factory(spec: str) -> Callable[..., Any]:
     if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
         path = Path(module_part)
         if not path.is_file():
-            raise TargetError(f"TARGET file not found: {path}")
+            raise TargetError(f"TARGET file not found (or not a file): {path}")
         mod_name = f"_gradsentry_target_{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         if loader_spec is None or loader_spec.loader is None:
@@ -55,7 +56,8 @@ def load_factory(spec: str) -> Callable[..., Any]:
         sys.modules[mod_name] = module  # dataclasses and pickling in the user's file look themselves up here
         sys.path.insert(0, str(path.resolve().parent))  # let the file import its siblings
         try:
-            loader_spec.loader.exec_module(module)
+            with contextlib.redirect_stdout(sys.stderr):  # user prints must not corrupt --json output
+                loader_spec.loader.exec_module(module)
         except BaseException as exc:  # SystemExit/KeyboardInterrupt from user code included
             sys.modules.pop(mod_name, None)
             if isinstance(exc, KeyboardInterrupt):
@@ -66,7 +68,8 @@ def load_factory(spec: str) -> Callable[..., Any]:
         where = str(path)
     else:
         try:
-            module = importlib.import_module(module_part)
+            with contextlib.redirect_stdout(sys.stderr):
+                module = importlib.import_module(module_part)
         except ModuleNotFoundError as exc:
             if exc.name is not None and module_part.startswith(exc.name):
                 raise TargetError(f"TARGET module not found: {module_part!r} ({exc})") from exc
@@ -102,8 +105,11 @@ def load_model(spec: str) -> nn.Module:
     """
     factory = load_factory(spec)
     try:
-        model = factory()
-    except Exception as exc:
+        with contextlib.redirect_stdout(sys.stderr):  # user prints must not corrupt --json output
+            model = factory()
+    except BaseException as exc:  # SystemExit from user code included
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         raise TargetError(f"calling the factory {spec} failed: {_describe(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise TargetError(f"the factory {spec} returned a {type(model).__name__}, not a torch.nn.Module")

@@ -80,7 +80,13 @@ def register(app: typer.Typer) -> None:
         if plot is not None:
             from gradsentry.logs.plot import plot_series
 
-            plot_series(result.series, result.findings, plot)
+            try:
+                plot_series(result.series, result.findings, plot)
+            except OSError as exc:
+                err.print(
+                    Text.assemble(("error: ", "red"), f"cannot write --plot {plot}: {exc}"), highlight=False
+                )
+                raise typer.Exit(EXIT_USAGE) from None
         if as_json:
             typer.echo(json.dumps(result.to_dict(), allow_nan=False, indent=1))
         else:

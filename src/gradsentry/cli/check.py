@@ -57,7 +57,9 @@ def register(app: typer.Typer) -> None:
             "bundled digits (64 features in [0, 1], 10 classes)",
         ),
         loss: str = typer.Option("ce", "--loss", help="ce | mse | sum"),
-        seed: int = typer.Option(0, "--seed", help="seeds the model's init, the batch and the targets"),
+        seed: int = typer.Option(
+            0, "--seed", min=0, max=2**32 - 1, help="seeds the model's init, the batch and the targets"
+        ),
         as_json: bool = typer.Option(False, "--json", help="print the report as JSON (for machines)"),
         fix: str | None = typer.Option(
             None,

@@ -72,7 +72,9 @@ def register(app: typer.Typer) -> None:
             + ", ".join(_variant_names())
             + ".",
         ),
-        seed: int = typer.Option(0, "--seed", help="Seed of the initial weights and the batch order."),
+        seed: int = typer.Option(
+            0, "--seed", min=0, max=2**32 - 1, help="Seed of the initial weights and the batch order."
+        ),
         out: Path = typer.Option(
             Path("gradsentry-lab"),
             "--out",

@@ -36,6 +36,10 @@ SIGMOID_LINEAR_BAND = 4.6
 """``|x|`` below which the sigmoid is not saturated: ``sigmoid(4.6) ≈ 0.99``, ``sigmoid'(4.6) ≈ 0.0099``."""
 
 
+DENSE_START = 16
+"""The lab logs each of the first steps: an oversized init explodes within them."""
+
+
 @dataclass(frozen=True)
 class Variant:
     """One row of the lab's table: what is trained and what it shows.
@@ -159,7 +163,8 @@ class LabConfig:
         momentum: SGD momentum.
         seed: seed of the initial weights and of the mini-batch order (the same for every variant).
         variants: names of the variants to run, in order (see :data:`VARIANTS`).
-        log_every: the Monitor logs every ``log_every``-th step (step 0 always).
+        log_every: the Monitor logs every ``log_every``-th step after the first :data:`DENSE_START`
+            steps, which it logs all.
         oversized_gain: factor on the He standard deviation for the exploding variants (dimensionless).
         clip_norm: ``max_norm`` of global-norm clipping, same units as the gradient; also the ZClip
             warm-up cap.
@@ -403,7 +408,7 @@ def run_variant(
     gen = torch.Generator().manual_seed(config.seed)
     mon = Monitor(
         model,
-        every=config.log_every,
+        every=1,  # every step at first, where explosions happen, so that findings name the exact step
         optimizer=opt,
         sinks=sinks,
         remedy=remedy,
@@ -418,6 +423,8 @@ def run_variant(
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, config.batch_size):
                 idx = perm[start : start + config.batch_size]
+                if step == DENSE_START:
+                    mon.every = config.log_every
                 capture.armed = "init" if step == 0 else ("final" if step == total - 1 else None)
                 loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
                 opt.zero_grad(set_to_none=True)

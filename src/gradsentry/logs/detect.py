@@ -215,6 +215,11 @@ def _most_complete(root: Path, cands: list[tuple[str, Path]], tags: dict[str, st
 
 
 def _read(fmt: str, p: Path, tags: dict[str, str]) -> Series:
+    if tags and fmt in ("hf", "jsonl"):
+        raise LogFormatError(
+            f"{p}: tag/column names ({', '.join(f'{k}={v}' for k, v in tags.items())}) apply to TensorBoard, "
+            f"CSV and mmengine logs; a {fmt} log has fixed keys"
+        )
     if fmt == "hf":
         if p.is_dir():
             cands = [c for c in _dir_candidates(p) if c[0] == "hf"]

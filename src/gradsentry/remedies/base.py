@@ -239,7 +239,7 @@ def grads_of(params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """Split ``params`` into the parameters that have a gradient and their gradients (same order).
 
     Args:
-        params: parameters (a generator is consumed once).
+        params: parameters (a generator is consumed once), or a single tensor.
 
     Returns:
         ``(params_with_grad, grads)``, two lists of equal length.
@@ -247,6 +247,8 @@ def grads_of(params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     Raises:
         TypeError: if an element is not a tensor (e.g. a module was passed instead of its parameters).
     """
+    if isinstance(params, Tensor):  # as torch.nn.utils.clip_grad_norm_: one tensor is a list of one
+        params = [params]
     with_grad: list[Tensor] = []
     grads: list[Tensor] = []
     for p in params:

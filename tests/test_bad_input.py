@@ -1,0 +1,139 @@
+"""Bad input found by a fresh-eyes tester: each case gets a clear result, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradsentry as gs
+from gradsentry.cli import main
+
+TARGETS = """
+import sys
+import torch
+from torch import nn
+
+
+def frozen():
+    m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    m.requires_grad_(False)
+    return m
+
+
+class _Detached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x).detach()
+
+
+def detached():
+    return _Detached()
+
+
+def half():
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(torch.float16)
+
+
+def bf16():
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(torch.bfloat16)
+
+
+def chatty():
+    print("hello from the factory")
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def exits():
+    sys.exit(3)
+"""
+
+
+@pytest.fixture
+def targets(tmp_path: Path) -> Path:
+    path = tmp_path / "targets_for_bad_input.py"
+    path.write_text(TARGETS)
+    return path
+
+
+def test_remedies_accept_a_single_tensor_like_torch() -> None:
+    w = torch.randn(5, 5, requires_grad=True)
+    w.grad = torch.full((5, 5), 40.0)
+    twin = w.detach().clone().requires_grad_(True)
+    twin.grad = w.grad.clone()
+    result = gs.ClipGlobalNorm(1.0)(w)
+    expected = torch.nn.utils.clip_grad_norm_(twin, 1.0)
+    assert result.to_dict()["norm_before"] == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(w.grad, twin.grad, rtol=1e-6, atol=0)
+    w.grad[0, 0] = math.nan
+    assert gs.NonFiniteGuard()(w).skip is True and w.grad is None
+
+
+@pytest.mark.parametrize("factory", ["frozen", "detached"])
+def test_check_without_any_gradient_is_bad_input(targets: Path, factory: str, capsys) -> None:
+    assert main(["check", f"{targets}:{factory}", "--input-shape", "8"]) == 2
+    assert "no gradient to check" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("factory", ["half", "bf16"])
+def test_check_casts_the_input_to_a_low_precision_model(targets: Path, factory: str, capsys) -> None:
+    assert main(["check", f"{targets}:{factory}", "--input-shape", "8", "--json"]) in (0, 1)
+    report = json.loads(capsys.readouterr().out)
+    assert all(math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in report["rows"])
+
+
+def test_check_json_is_not_corrupted_by_prints_in_user_code(targets: Path, capsys) -> None:
+    assert main(["check", f"{targets}:chatty", "--input-shape", "8", "--json"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # parses: the print went to stderr
+    assert "hello from the factory" in captured.err
+
+
+def test_check_factory_that_exits_and_oversized_inputs_are_bad_input(targets: Path, capsys) -> None:
+    assert main(["check", f"{targets}:exits"]) == 2
+    assert main(["check", f"{targets}:chatty", "--input-shape", "100000,100000"]) == 2
+    assert "smaller shape" in capsys.readouterr().err
+    assert main(["check", f"{targets}:chatty", "--input-shape", "8", "--seed", str(2**70)]) == 2
+    assert main(["lab", "--quick", "--seed", str(2**70)]) == 2
+
+
+def _hf_state(tmp_path: Path) -> Path:
+    path = tmp_path / "trainer_state.json"
+    history = [
+        {"step": s, "loss": 2.0 - 0.01 * s, "grad_norm": 1.0, "learning_rate": 1e-3} for s in range(30)
+    ]
+    path.write_text(json.dumps({"log_history": history, "global_step": 30}))
+    return path
+
+
+def test_analyze_plot_to_an_unwritable_path_is_bad_input(tmp_path: Path, capsys) -> None:
+    log = _hf_state(tmp_path)
+    (tmp_path / "d.png").mkdir()
+    assert main(["analyze", str(log), "--plot", str(tmp_path / "d.png")]) == 2
+    assert "cannot write --plot" in capsys.readouterr().err
+
+
+def test_analyze_tags_on_a_fixed_key_format_are_bad_input(tmp_path: Path, capsys) -> None:
+    assert main(["analyze", str(_hf_state(tmp_path)), "--grad-tag", "nope"]) == 2
+    assert "fixed keys" in capsys.readouterr().err
+
+
+def test_analyze_on_a_gradsentry_run_applies_the_per_layer_rules(tmp_path: Path, capsys) -> None:
+    model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(16, 16), nn.Sigmoid())])
+    path = tmp_path / "run.jsonl"
+    with gs.Monitor(model, sinks=[gs.JsonlSink(path)]) as mon:
+        for _ in range(5):
+            loss = model(torch.randn(8, 16)).pow(2).mean()
+            loss.backward()
+            mon.step(loss=loss)
+            model.zero_grad()
+    assert main(["analyze", str(path), "--json"]) == 1
+    kinds = {f["kind"] for f in json.loads(capsys.readouterr().out)["findings"]}
+    assert "vanishing" in kinds
