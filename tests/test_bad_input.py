@@ -137,3 +137,19 @@ def test_analyze_on_a_gradsentry_run_applies_the_per_layer_rules(tmp_path: Path,
     assert main(["analyze", str(path), "--json"]) == 1
     kinds = {f["kind"] for f in json.loads(capsys.readouterr().out)["findings"]}
     assert "vanishing" in kinds
+
+
+def test_check_reports_an_unused_layer_as_without_gradient() -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(8, 4)
+            self.unused = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    report = gs.check_model(Unused(), input_shape=(8,))
+    rows = {r.name: r for r in report.rows}
+    assert rows["used"].has_grad and rows["used"].grad_norm > 0
+    assert not rows["unused"].has_grad

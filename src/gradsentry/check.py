@@ -109,6 +109,8 @@ class CheckRow:
         dead_frac: fraction in [0, 1] of its units dead on the whole batch (ReLU family), else None.
         predicted_rms: mean-field prediction of ``grad_rms`` (:func:`gradsentry.theory.predict`, anchored to
             the measured value at the last Linear/Conv layer), None where the theory does not apply.
+        has_grad: False when the layer got no gradient at all (frozen, or not called in forward): its
+            gradient figures are then 0 and mean "no gradient", not a vanishing one.
     """
 
     depth: int
@@ -122,6 +124,7 @@ class CheckRow:
     saturated_frac: float | None = None
     dead_frac: float | None = None
     predicted_rms: float | None = None
+    has_grad: bool = True
 
 
 @dataclass
@@ -402,6 +405,7 @@ def _run_once(
                 grad_norm=st.grad_norm,
                 grad_rms=st.grad_rms,
                 rel_grad=st.grad_norm / st.weight_norm if st.weight_norm else None,
+                has_grad=st.has_grad,
                 activation=follow.type if follow else None,
                 saturated_frac=follow.saturated_frac if follow else None,
                 dead_frac=follow.dead_frac if follow else None,
