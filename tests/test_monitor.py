@@ -304,3 +304,13 @@ def test_lean_mode_reads_gradients_once_and_shares_norms_with_the_clipper() -> N
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
     assert rec.actions and rec.actions[0]["clipped"] is True
     assert rec.actions[0]["norm_before"] == pytest.approx(ref_norm, rel=1e-6)
+
+
+def test_non_scalar_loss_and_fractional_every_are_clear_errors() -> None:
+    model = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="int >= 1"):
+        gs.Monitor(model, every=1.5)  # type: ignore[arg-type]
+    with gs.Monitor(model) as mon:
+        model(torch.randn(2, 3)).sum().backward()
+        with pytest.raises(ValueError, match="scalar loss"):
+            mon.step(loss=torch.tensor([1.0, 5.0]))

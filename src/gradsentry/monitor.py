@@ -120,7 +120,7 @@ class Monitor:
             (``init_process_group(timeout=...)``).
 
     Raises:
-        ValueError: if the model has no parameters, or ``every < 1``, or a distributed option is
+        ValueError: if the model has no parameters, or ``every`` is not an int >= 1, or a distributed option is
             inconsistent (see :func:`gradsentry._dist.resolve`).
         gradsentry.DistributedError: from :meth:`step`, when a rank died or hung during the
             reduction of a logged step.
@@ -161,8 +161,8 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradsentry.Monitor expects an nn.Module, got {type(model).__name__}")
-        if int(every) < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
         if overhead_budget is not None and not 0 < overhead_budget < 1:
             raise ValueError(f"overhead_budget must be a fraction in (0, 1), got {overhead_budget}")
         self.model = model
@@ -423,6 +423,7 @@ class Monitor:
 
         Raises:
             RuntimeError: if called after :meth:`close`.
+            ValueError: on a logged step, if ``loss`` is a tensor with more than one element.
         """
         if self._closed:
             raise RuntimeError("gradsentry.Monitor.step() called after close()")
@@ -535,6 +536,11 @@ class Monitor:
         has_update = self._pending.update_sq is not None
         if has_update:
             parts.append((self._pending.update_sq.to(device, dt), shard_op))  # type: ignore[union-attr]
+        if isinstance(loss, Tensor) and loss.numel() != 1:
+            raise ValueError(
+                f"Monitor.step(loss=...) expects a scalar loss, got a tensor of shape {list(loss.shape)}; "
+                "pass loss.mean() (or the value you call backward() on)"
+            )
         has_loss_tensor = isinstance(loss, Tensor) or (sync and loss is not None)
         if has_loss_tensor:
             loss_t = torch.as_tensor(loss).detach().reshape(-1)[:1].to(device, dt)
