@@ -155,13 +155,20 @@ def _variants(case: Case) -> dict[str, Variant]:
     return out
 
 
-def measure(case: Case, rounds: int, warmup: int = 3) -> dict[str, tuple[float, float]]:
+def measure(
+    case: Case, rounds: int, warmup: int = 3, only: tuple[str, ...] = ()
+) -> dict[str, tuple[float, float, float]]:
     """Per variant: (median over rounds of step time / bare step time in the same round,
     median over rounds of after-backward time / clip_grad_norm_'s in the same round).
 
     For ``every=10`` variants, whose cost falls on one round in ten, the ratio of total times and
-    the mean work ratio instead (use a multiple of 10 rounds)."""
+    the mean work ratio instead (use a multiple of 10 rounds). Third: the total added work over
+    the total bare step time, i.e. the amortized overhead of the after-backward work (precise,
+    but blind to costs inside the forward pass or the optimizer step, e.g. activation hooks)."""
     variants = _variants(case)
+    if only:  # bare and clip_grad_norm_ are the references: always kept
+        keep = ("bare", "clip_grad_norm_", *only)
+        variants = {n: v for n, v in variants.items() if n in keep[:2] or any(k in n for k in keep[2:])}
     names = list(variants)
     for _ in range(warmup):
         for n in names:
@@ -169,6 +176,7 @@ def measure(case: Case, rounds: int, warmup: int = 3) -> dict[str, tuple[float, 
     step_ratio: dict[str, list[float]] = {n: [] for n in names}
     work_ratio: dict[str, list[float]] = {n: [] for n in names}
     step_total: dict[str, float] = dict.fromkeys(names, 0.0)
+    work_total: dict[str, float] = dict.fromkeys(names, 0.0)
     for _ in range(rounds):
         order = names[:]
         random.shuffle(order)
@@ -180,17 +188,23 @@ def measure(case: Case, rounds: int, warmup: int = 3) -> dict[str, tuple[float, 
         for n in names:
             step_ratio[n].append(total[n] / total["bare"])
             step_total[n] += total[n]
+            work_total[n] += work[n]
             work_ratio[n].append(work[n] / work["clip_grad_norm_"])
-    out = {n: (statistics.median(step_ratio[n]), statistics.median(work_ratio[n])) for n in names}
+    bare = step_total["bare"]
+    out = {
+        n: (statistics.median(step_ratio[n]), statistics.median(work_ratio[n]), work_total[n] / bare)
+        for n in names
+    }
     for n in names:  # a cost paid every k-th step hides from a median: use the ratio of total times
         if "every=10" in n:
-            out[n] = (step_total[n] / step_total["bare"], sum(work_ratio[n]) / len(work_ratio[n]))
+            out[n] = (step_total[n] / bare, sum(work_ratio[n]) / len(work_ratio[n]), work_total[n] / bare)
     return out
 
 
 def main(
     rounds: int = typer.Option(20, help="interleaved rounds per model"),
     models: str = typer.Option(",".join(CASES), help="comma-separated subset of " + ", ".join(CASES)),
+    only: str = typer.Option("", help="comma-separated substrings: run only variants whose name holds one"),
     threads: int = typer.Option(0, help="torch threads (0: leave torch's default)"),
 ) -> None:
     """Print, per model, each variant's median step-time ratio to the bare step."""
@@ -200,7 +214,7 @@ def main(
     random.seed(0)
     for key in models.split(","):
         case = CASES[key]
-        res = measure(case, rounds)
+        res = measure(case, rounds, only=tuple(x for x in only.split(",") if x))
         table = Table(
             title=f"{case.name}  ({rounds} rounds, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads)"
@@ -208,8 +222,12 @@ def main(
         table.add_column("variant")
         table.add_column("step time / bare step", justify="right")
         table.add_column("added work / clip_grad_norm_'s", justify="right")
-        for name, (step_r, work_r) in res.items():
-            table.add_row(name, f"{step_r:.3f}", "" if name == "bare" else f"{work_r:.2f}")
+        table.add_column("added work / bare step", justify="right")
+        for name, (step_r, work_r, amort) in res.items():
+            if name == "bare":
+                table.add_row(name, f"{step_r:.3f}", "", "")
+            else:
+                table.add_row(name, f"{step_r:.3f}", f"{work_r:.2f}", f"{100 * amort:.2f} %")
         console.print(table)
 
 
