@@ -44,7 +44,7 @@ FIXES: tuple[str, ...] = ("he", "xavier", "lsuv")
 
 EXPLODING_RATIO = 1e3
 """First-layer over last-layer gradient RMS above which the gradient explodes towards the input at init
-(dimensionless): the mirror image of the vanishing rule's 1e-3 (issue 2). It catches the chaotic phase of
+(dimensionless): the mirror image of the vanishing rule's 1e-3. It catches the chaotic phase of
 bounded activations (Poole et al. 2016, arXiv:1606.05340): a 20-layer tanh MLP with weight std
 ``5/sqrt(fan_in)`` (chi ~ 2.9) measures ~1.5e4. It cannot catch oversized weights in a ReLU net: ReLU is
 positively homogeneous, so the forward activations grow as fast as the backward signal shrinks and the

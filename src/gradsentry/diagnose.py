@@ -56,13 +56,13 @@ class Thresholds:
 
     Attributes:
         vanishing_ratio: the first layer's gradient RMS divided by the last layer's below which gradients
-            vanish (dimensionless). Source: issue 2 ("falls by > 1e3 from the last layer to the first");
+            vanish (dimensionless). Source: gradsentry's specification ("falls by > 1e3 from the last layer to the first");
             healthy deep ReLU nets with He init stay within O(0.1..10) (He et al. 2015, arXiv:1502.01852).
         vanishing_error_ratio: ratio below which vanishing is an error rather than a warning: the first
             layer then learns a million times slower than the last; a 20-layer sigmoid MLP at PyTorch's
             default init is far below it (Glorot & Bengio 2010).
         sustained_fraction: a condition counts as sustained when it holds on more than this fraction of the
-            logged steps that measure it (issue 2: "on most logged steps"); reasoning: a majority vote.
+            logged steps that measure it (gradsentry's specification: "on most logged steps"); reasoning: a majority vote.
         spike_window: number of trailing logged steps whose median and MAD define the "recent level" of the
             global gradient norm. Reasoning: long enough for a robust median, short enough to follow the
             decay of the norm during training (ZClip warms up over 25 steps, Kumar et al. 2025).
@@ -82,7 +82,7 @@ class Thresholds:
         growth_window: number of logged steps over which sustained growth of the global norm is measured.
         growth_min_points: fewest logged steps for a (possibly shorter) growth window at the start of a run.
         growth_factor: growth of the global norm over a window (median of its last fifth over the median of
-            its first fifth) above which the norm is exploding. Source: issue 2 ("grows by > 10x over a
+            its first fifth) above which the norm is exploding. Source: gradsentry's specification ("grows by > 10x over a
             window"). Medians make one isolated spike unable to trigger it.
         update_ratio_max: update-to-weight ratio ``||Δw|| / ||w||`` above which a step changes a layer far too
             much. Source: the CS231n rule of thumb (Karpathy) that about 1e-3 is healthy; 0.1 is 100x that.
@@ -104,14 +104,14 @@ class Thresholds:
         nonfinite_link_window: an exploding finding followed by a non-finite gradient within this many logged
             steps is an error (it led to the NaN/inf). Reasoning.
         saturated_frac: fraction in [0, 1] of a bounded activation's outputs in its flat region above which
-            the layer is saturated. Source: issue 2 ("> 50% of a layer's units").
+            the layer is saturated. Source: gradsentry's specification ("> 50% of a layer's units").
         dead_frac: fraction in [0, 1] of a ReLU-family activation's units that are zero on the whole batch
-            above which the layer has dead units. Source: issue 2; graphyco's dead-neuron flag also uses 0.5.
-        stalled_ratio: update-to-weight ratio below which a layer is not learning. Source: issue 2; 1e-6 is
+            above which the layer has dead units. Source: gradsentry's specification; graphyco's dead-neuron flag also uses 0.5.
+        stalled_ratio: update-to-weight ratio below which a layer is not learning. Source: gradsentry's specification; 1e-6 is
             1000x below the CS231n healthy 1e-3.
         stalled_gap: the model's median update-to-weight ratio must be at least this many times the layer's
             (and itself at least ``stalled_ratio``) for the layer to count as stalled, not the whole model.
-            Source: issue 2.
+            Source: gradsentry's specification.
     """
 
     vanishing_ratio: float = 1e-3
