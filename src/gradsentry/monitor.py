@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,13 +217,12 @@ class Monitor:
             self._order_handles.append(layer.module.register_forward_pre_hook(self._order_hook))
         for site in self._sites:
             self._order_handles.append(site.module.register_forward_pre_hook(self._order_hook))
-        self._index_cache: dict[tuple[int, ...], tuple[list[int], Tensor]] = {}
+        self._grad_set_cache: dict[tuple[int, ...], tuple[Tensor, list[int]]] = {}
         self._params_cache: tuple[list[Tensor], Tensor] | None = None
         self._owners_all: list[int] = []
         self._raw_grads: dict[int, Tensor | None] = {}
         self._single_device = False
         self._all_float32 = False
-        self._numel_cache: dict[tuple[int, ...], list[int]] = {}
         self._snapshot: list[Tensor] | None = None
         self._remedy_params: set[str] | None = None
         self._arm_for(self._next_log)
@@ -274,8 +273,7 @@ class Monitor:
         self._sites.sort(key=lambda s: rank.get(id(s.module), big))
         for depth, site in enumerate(self._sites):
             site.depth = depth
-        self._index_cache.clear()
-        self._numel_cache = {}
+        self._grad_set_cache = {}
         self._params_cache = None
         self._depth_fixed = True
         self._seen = []
@@ -400,7 +398,7 @@ class Monitor:
             params, index = self._all_params()
             torch._foreach_sub_(snap, [_dist.local(p).detach() for p in params])
             sq = _dist.sq_norms(self._dist, snap, like=params)
-            self._pending.update_sq = _layer_sum(sq, index.to(sq.device), len(self._layers))
+            self._pending.update_sq = stats.layer_sum(sq, index.to(sq.device), len(self._layers))
             self._snapshot = None
         self._disarm_optimizer()
         self._hook_time += time.perf_counter() - t0
@@ -493,12 +491,7 @@ class Monitor:
         norms: Tensor | None = None
         g = [t for t in grads if t is not None]  # (all of them; narrows the type)
         if g:
-            key = tuple(owners)
-            cached = self._index_cache.get(key)
-            if cached is None:
-                cached = (owners, torch.tensor(owners, device=device))
-                self._index_cache = {key: cached}
-            index = cached[1]
+            index = self._grad_set(positions)[0]
         if ctx is not None and ctx.sharded:
             # Per-tensor squared norms of the local shards over *all* parameters (0 without a
             # gradient), so that entries match on ranks that differ in which parameters have one.
@@ -525,14 +518,13 @@ class Monitor:
         if ctx is not None and ctx.sharded:  # gradient entries per layer, summed over the ranks' shards
             keep = ctx.counted(params_with_grad)
             sizes = [_dist.local(p).numel() * k for p, k in zip(params_with_grad, keep, strict=True)]
-            local_numel = torch.zeros(L, dtype=dt)
-            local_numel.index_add_(0, torch.tensor(owners, dtype=torch.long), torch.tensor(sizes, dtype=dt))
+            local_numel = stats.layer_sum(torch.tensor(sizes, dtype=dt), torch.tensor(owners), L)
             parts.append((local_numel.to(device), shard_op))
         if self.weight_norms:
             w_sq = _dist.sq_norms(
                 ctx if shard_op else None, [p.detach() for p in all_params], like=all_params
             )
-            parts.append((_layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
+            parts.append((stats.layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
         has_update = self._pending.update_sq is not None
         if has_update:
             parts.append((self._pending.update_sq.to(device, dt), shard_op))  # type: ignore[union-attr]
@@ -558,10 +550,10 @@ class Monitor:
         if ctx is not None and ctx.sharded:  # whole-tensor norms of this rank's parameters with a gradient
             if g:
                 self.last_norms = (params_with_grad, reduced[0][at].sqrt().float())
-            reduced[0] = _layer_sum(reduced[0], all_index, L)
+            reduced[0] = stats.layer_sum(reduced[0], all_index, L)
         elif g and norms is not None:
             self.last_norms = (params_with_grad, norms)
-            reduced[0] = _layer_sum(reduced[0], index, L)
+            reduced[0] = stats.layer_sum(reduced[0], index, L)
         if nan_pos is not None:
             reduced[1] = torch.where(reduced.pop(nan_pos) > 0, torch.nan, reduced[1])
         # The remedy runs now: after every gradient statistic above was computed from the raw
@@ -592,7 +584,7 @@ class Monitor:
 
         g_sq_l = take(L)
         g_max_l: list[float | None] = list(take(L)) if self.max_abs else [None] * L
-        numel = [round(n) for n in take(L)] if shard_op is not None else self._numel(positions)
+        numel = [round(n) for n in take(L)] if shard_op is not None else self._grad_set(positions)[1]
         w_sq_l: list[float | None] = list(take(L)) if self.weight_norms else [None] * L
         u_sq = take(L) if has_update else None
         loss_value: float | None
@@ -754,18 +746,21 @@ class Monitor:
         parts.append((bad, "max"))
         return acts, hists, names
 
-    def _numel(self, positions: list[int]) -> list[int]:
-        """Gradient entries per layer of the parameters at ``positions`` in :meth:`_all_params` (those
-        with a gradient); cached per gradient set (the parameter list is fixed once depth is)."""
+    def _grad_set(self, positions: list[int]) -> tuple[Tensor, list[int]]:
+        """For the parameters at ``positions`` in :meth:`_all_params` (those with a gradient): their
+        layer index ``[N]`` (int64, on the parameters' device) and the gradient entries per layer.
+        Cached per gradient set (the parameter list is fixed once depth is)."""
         key = tuple(positions)
-        numel = self._numel_cache.get(key)
-        if numel is None:
+        cached = self._grad_set_cache.get(key)
+        if cached is None:
             params, _ = self._all_params()
+            owners = [self._owners_all[pos] for pos in positions]
             numel = [0] * len(self._layers)
-            for pos in positions:
-                numel[self._owners_all[pos]] += params[pos].numel()
-            self._numel_cache = {key: numel}
-        return numel
+            for pos, owner in zip(positions, owners, strict=True):
+                numel[owner] += params[pos].numel()
+            cached = (torch.tensor(owners, dtype=torch.long, device=params[0].device), numel)
+            self._grad_set_cache = {key: cached}
+        return cached
 
     def _count_nonfinite(self, layers: list[int]) -> dict[int, int]:
         """Count NaN/inf gradient entries of these layers (only called for layers whose norm is not
@@ -902,13 +897,3 @@ class Monitor:
             f"Monitor(layers={len(self._layers)}, every={self.every}, steps={self.step_count}, "
             f"records={len(self._records)})"
         )
-
-
-def _layer_sum(sq: Tensor, index: Tensor, num_layers: int) -> Tensor:
-    """Per-layer sums (``[L]``) of per-tensor values ``sq`` (``[N]``) owned by layer ``index[i]``."""
-    return torch.zeros(num_layers, dtype=sq.dtype, device=sq.device).index_add_(0, index.to(sq.device), sq)
-
-
-def layer_names(model: nn.Module) -> Iterable[str]:
-    """Names of the modules that own parameters directly, in module order (not forward order)."""
-    return (layer.info.name for layer in Monitor._find_layers(model))

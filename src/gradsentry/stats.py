@@ -99,21 +99,24 @@ def foreach_max_abs(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(out)
 
 
-def layer_sum_of_squares(norms: Tensor, index: Tensor, num_layers: int) -> Tensor:
-    """Per-layer sum of squared per-tensor norms.
+def layer_sum(values: Tensor, index: Tensor, num_layers: int) -> Tensor:
+    """Per-layer sums of per-tensor values (e.g. squared norms: the square root of the sum is the
+    layer's L2 norm).
 
     Args:
-        norms: ``[N]`` per-tensor L2 norms (float32).
-        index: ``[N]`` int64 layer index of each tensor, in ``[0, num_layers)``, same device.
+        values: ``[N]`` one value per tensor.
+        index: ``[N]`` int64 layer index of each tensor, in ``[0, num_layers)``.
         num_layers: L.
 
     Returns:
-        ``[L]`` sum of squares in :func:`reduce_dtype` precision (units: gradient squared); the
-        square root is the layer's L2 norm. Layers without tensors get 0.
+        ``[L]`` on ``values``' device and dtype; layers without tensors get 0.
+
+    Example:
+        >>> layer_sum(torch.tensor([1.0, 4.0, 9.0]), torch.tensor([0, 0, 2]), 3)
+        tensor([5., 0., 9.])
     """
-    dt = reduce_dtype(norms.device)
-    sq = norms.to(dt).square()
-    return torch.zeros(num_layers, dtype=dt, device=norms.device).index_add_(0, index, sq)
+    out = torch.zeros(num_layers, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, index.to(values.device), values)
 
 
 def layer_max(values: Tensor, index: Tensor, num_layers: int) -> Tensor:
