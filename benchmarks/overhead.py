@@ -72,9 +72,9 @@ CASES = {
         _ce,
     ),
     "mlp50m": Case(
-        "MLP of 50M params (3 x 4096), batch 32",
-        lambda: _mlp(4, 4096, 1024, 10),
-        lambda: (torch.randn(32, 1024), torch.randint(0, 10, (32,))),
+        "MLP of 50.4M params (4096 in, 3 hidden layers of 4096), batch 32",
+        lambda: _mlp(4, 4096, 4096, 10),
+        lambda: (torch.randn(32, 4096), torch.randint(0, 10, (32,))),
         _ce,
     ),
 }

@@ -168,8 +168,7 @@ def sq_norms(
         ``[N]`` in :func:`gradsentry.stats.reduce_dtype` precision (units: tensor squared), on the
         first tensor's device, not yet reduced.
     """
-    norms = stats.foreach_norms([local(t) for t in tensors])
-    sq = norms.to(stats.reduce_dtype(norms.device)).square()
+    sq = stats.sq_norms([local(t) for t in tensors])
     if ctx is None:
         return sq
     keep = ctx.counted(tensors if like is None else like)

@@ -220,7 +220,7 @@ class Monitor:
         self._grad_set_cache: dict[tuple[int, ...], tuple[Tensor, list[int]]] = {}
         self._params_cache: tuple[list[Tensor], Tensor] | None = None
         self._owners_all: list[int] = []
-        self._raw_grads: dict[int, Tensor | None] = {}
+        self._raw_grads: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._single_device = False
         self._all_float32 = False
         self._snapshot: list[Tensor] | None = None
@@ -462,19 +462,27 @@ class Monitor:
                 self._remedy_params = set()
         return name in self._remedy_params
 
-    def _grad_params(self) -> tuple[list[Tensor], list[int], list[int]]:
-        """Parameters with a gradient, their layers, and their positions in :meth:`_all_params`."""
+    def _grad_params(self) -> tuple[list[Tensor], list[Tensor], list[int], list[int]]:
+        """Parameters with a gradient, their gradients, their layers, and their positions in
+        :meth:`_all_params`."""
         params, _ = self._all_params()
+        grads_all = [p.grad for p in params]
+        positions = [pos for pos, g in enumerate(grads_all) if g is not None]
+        if len(positions) == len(params):
+            return params, grads_all, self._owners_all, positions  # type: ignore[return-value]
         owners_all = self._owners_all
-        positions = [pos for pos, p in enumerate(params) if p.grad is not None]
-        return [params[i] for i in positions], [owners_all[i] for i in positions], positions
+        return (
+            [params[i] for i in positions],
+            [grads_all[i] for i in positions],  # type: ignore[misc]
+            [owners_all[i] for i in positions],
+            positions,
+        )
 
     def _log_step(self, label: int, loss: Tensor | float | None, lr: float | None) -> StepRecord:
         t_start = time.perf_counter()
         self._fix_depth()
         L = len(self._layers)
-        params_with_grad, owners, positions = self._grad_params()
-        grads = [p.grad for p in params_with_grad]
+        params_with_grad, g, owners, positions = self._grad_params()
         all_params, all_index = self._all_params()
         device = all_params[0].device
         dt = stats.reduce_dtype(device)
@@ -488,8 +496,6 @@ class Monitor:
 
         # Device tensors in transfer order, each with its reduction over ranks (see _dist.reduce_parts).
         parts: list[tuple[Tensor, str | None]] = []
-        norms: Tensor | None = None
-        g = [t for t in grads if t is not None]  # (all of them; narrows the type)
         if g:
             index = self._grad_set(positions)[0]
         if ctx is not None and ctx.sharded:
@@ -507,8 +513,8 @@ class Monitor:
                     g_max = stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt)
                 parts.append((g_max, "max"))
         elif g:
-            norms = stats.foreach_norms(g, same_device=self._single_device, all_float32=self._all_float32)
-            parts.append((norms.to(dt).square().to(device), None))
+            g_sq = stats.sq_norms(g, same_device=self._single_device, all_float32=self._all_float32)
+            parts.append((g_sq.to(device), None))
             if self.max_abs:
                 maxabs = stats.foreach_max_abs(g)
                 parts.append((stats.layer_max(maxabs, index.to(maxabs.device), L).to(device, dt), None))
@@ -551,8 +557,8 @@ class Monitor:
             if g:
                 self.last_norms = (params_with_grad, reduced[0][at].sqrt().float())
             reduced[0] = stats.layer_sum(reduced[0], all_index, L)
-        elif g and norms is not None:
-            self.last_norms = (params_with_grad, norms)
+        elif g:
+            self.last_norms = (params_with_grad, g_sq.sqrt().float())
             reduced[0] = stats.layer_sum(reduced[0], index, L)
         if nan_pos is not None:
             reduced[1] = torch.where(reduced.pop(nan_pos) > 0, torch.nan, reduced[1])
@@ -561,7 +567,7 @@ class Monitor:
         remedy_result: Any = None
         remedy_finalize: Callable[[list[float]], list[dict[str, Any]]] | None = None
         remedy_size = 0
-        self._raw_grads = {id(p): p.grad for p in params_with_grad}  # a guard may drop p.grad
+        self._raw_grads = (params_with_grad, g)  # a guard may drop p.grad: keep the tensors
         if self.remedy is not None:
             grads_for_remedy = self.last_norms[0] if self.last_norms else []
             shared = self.last_norms[1] if self.last_norms else None
@@ -691,7 +697,7 @@ class Monitor:
                 record.actions.extend(to_dicts())
             elif callable(to_dict):
                 record.actions.append(to_dict())
-        self._raw_grads = {}  # keep no gradient alive past this step
+        self._raw_grads = ([], [])  # keep no gradient alive past this step
         cost = time.perf_counter() - t_start + self._hook_time
         self._hook_time = 0.0
         record.overhead = self._overhead(cost)
@@ -767,8 +773,8 @@ class Monitor:
         finite; the same layers on every rank, so a sharded count is one more all-reduce)."""
         device = self._all_params()[0][0].device
         counts = []
+        raw = dict(zip(map(id, self._raw_grads[0]), self._raw_grads[1], strict=True))
         for i in layers:
-            raw = self._raw_grads
             ps = [p for p in self._layers[i].params if raw.get(id(p)) is not None]
             keep = self._dist.counted(ps) if self._dist is not None else [True] * len(ps)
             grads = [_dist.local(raw[id(p)]) for p, k in zip(ps, keep, strict=True) if k]  # type: ignore[arg-type]

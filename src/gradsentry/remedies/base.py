@@ -154,27 +154,29 @@ class RemedyResult:
         return [self]
 
     def _pack(self) -> tuple[list[Tensor], Callable[[list[float]], dict[str, Any]]]:
-        """This result's own tensors (flattened, float64) and a function building its record."""
-        tensors: list[Tensor] = []
+        """This result's tensors as one flat float64 tensor (none if it has no tensor fields) and a
+        function building its record from their values.
+
+        With ``scale`` set, ``norm_after`` and ``clipped`` (when left None) are derived on the host
+        from the copied ``norm_before`` and ``scale``, so packing launches one concatenation only.
+        """
+        values: list[Tensor] = []
         slots: list[tuple[str, int, int, bool]] = []
+        offset = 0
 
         def put(key: str, value: Tensor) -> None:
-            flat = value.detach().reshape(-1).to(torch.float64)
-            if tensors and flat.device != tensors[0].device:
-                flat = flat.to(tensors[0].device)
-            slots.append((key, sum(t.numel() for t in tensors), flat.numel(), value.dtype == torch.bool))
-            tensors.append(flat)
+            nonlocal offset
+            flat = value.detach().reshape(-1)
+            slots.append((key, offset, flat.numel(), value.dtype == torch.bool))
+            offset += flat.numel()
+            values.append(flat)
 
-        norm_after, clipped = self.norm_after, self.clipped
-        if self.scale is not None:
-            if norm_after is None and isinstance(self.norm_before, Tensor):
-                norm_after = self.norm_before * self.scale
-            if clipped is None:
-                clipped = self.scale < 1.0
+        derive_after = self.scale is not None and self.norm_after is None
+        derive_clipped = self.scale is not None and self.clipped is None
         scalars = {
             "norm_before": self.norm_before,
-            "norm_after": norm_after,
-            "clipped": clipped,
+            "norm_after": None if derive_after else self.norm_after,
+            "clipped": False if derive_clipped else self.clipped,
             "skipped": self.skipped,
             "threshold": self.threshold,
         }
@@ -184,6 +186,8 @@ class RemedyResult:
                 put(key, value)
             else:
                 base[key] = value
+        if derive_after or derive_clipped:
+            put("scale", self.scale)  # type: ignore[arg-type]
         for key, value in self.extra.items():
             if isinstance(value, Tensor):
                 put("extra:" + key, value)
@@ -205,8 +209,11 @@ class RemedyResult:
                         if flag:
                             seen.setdefault(name, None)
                     out["layers"] = list(seen)
-                elif key in ("clipped", "skipped"):
-                    out[key] = bool(vals[0])
+                elif key == "scale":
+                    if derive_after and out.get("norm_before") is not None:
+                        out["norm_after"] = out["norm_before"] * vals[0]
+                    if derive_clipped:
+                        out["clipped"] = vals[0] < 1.0
                 elif key.startswith("extra:"):
                     out[key[6:]] = vals[0] if n == 1 else vals
                 else:
@@ -216,7 +223,12 @@ class RemedyResult:
             out.setdefault("layers", [])
             return out
 
-        return tensors, finalize
+        if not values:
+            return [], finalize
+        device = values[0].device
+        if any(v.device != device for v in values):
+            values = [v.to(device) for v in values]
+        return [torch.cat(values).to(torch.float64)], finalize
 
     def next_norms(self, norms: Tensor | None) -> Tensor | None:
         """Per-tensor L2 norms after this remedy, given those before it (None when unknown)."""
