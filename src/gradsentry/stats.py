@@ -147,7 +147,7 @@ def _memory_order(t: Tensor) -> Tensor:
     becomes contiguous without a copy); unchanged if no permutation does that."""
     if t.is_contiguous():
         return t
-    dims = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    dims = sorted(range(t.dim()), key=lambda d: -t.stride()[d])
     p = t.permute(dims)
     return p if p.is_contiguous() else t
 
