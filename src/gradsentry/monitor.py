@@ -616,37 +616,45 @@ class Monitor:
         if agree_every:
             self._agree_every(int(take(1)[0]))
 
-        layer_stats: list[LayerStats] = []
-        bad_layers = [
-            i
-            for i, (sq, mx) in enumerate(zip(g_sq_l, g_max_l, strict=True))
-            if numel[i] and not (math.isfinite(sq) and (mx is None or math.isfinite(mx)))
-        ]
-        nonfinite_counts = self._count_nonfinite(bad_layers) if bad_layers else {}
-        for i, layer in enumerate(self._layers):
-            n = numel[i]
-            gnorm = math.sqrt(g_sq_l[i])
-            w_i, m_i = w_sq_l[i], g_max_l[i]
-            wnorm = math.sqrt(w_i) if w_i is not None else None
-            nonfinite = nonfinite_counts.get(i, 0)
-            ratio = None
-            if u_sq is not None and wnorm is not None:
-                ratio = math.sqrt(u_sq[i]) / wnorm if wnorm > 0 else (math.inf if u_sq[i] > 0 else 0.0)
-            layer_stats.append(
-                LayerStats(
-                    name=layer.info.name,
-                    depth=i,
-                    numel=n,
-                    grad_norm=gnorm,
-                    grad_rms=gnorm / math.sqrt(n) if n else 0.0,
-                    grad_max_abs=(m_i if n else 0.0) if self.max_abs else None,
-                    nonfinite=nonfinite,
-                    weight_norm=wnorm,
-                    update_ratio=ratio if n else None,
-                    has_grad=n > 0,
-                )
-            )
         total_sq = math.fsum(g_sq_l)
+        all_finite = math.isfinite(total_sq) and (not self.max_abs or math.isfinite(math.fsum(g_max_l)))  # type: ignore[arg-type]
+        bad_layers = (
+            []
+            if all_finite
+            else [
+                i
+                for i, (sq, mx) in enumerate(zip(g_sq_l, g_max_l, strict=True))
+                if numel[i] and not (math.isfinite(sq) and (mx is None or math.isfinite(mx)))
+            ]
+        )
+        nonfinite_counts = self._count_nonfinite(bad_layers) if bad_layers else {}
+        sqrt = math.sqrt
+        gnorms = [sqrt(x) for x in g_sq_l]
+        wnorms = [None if x is None else sqrt(x) for x in w_sq_l]
+        ratios: list[float | None] = [None] * L
+        if u_sq is not None:
+            ratios = [
+                None if wn is None or not n else (sqrt(u) / wn if wn > 0 else (math.inf if u > 0 else 0.0))
+                for u, wn, n in zip(u_sq, wnorms, numel, strict=True)
+            ]
+        maxes = [(m if n else 0.0) for m, n in zip(g_max_l, numel, strict=True)] if self.max_abs else g_max_l
+        layer_stats = [
+            LayerStats(
+                layer.info.name,
+                i,
+                n,
+                gn,
+                gn / sqrt(n) if n else 0.0,
+                mx,
+                nonfinite_counts.get(i, 0) if bad_layers else 0,
+                wn,
+                r,
+                n > 0,
+            )
+            for i, (layer, n, gn, mx, wn, r) in enumerate(
+                zip(self._layers, numel, gnorms, maxes, wnorms, ratios, strict=True)
+            )
+        ]
         global_norm = math.sqrt(total_sq) if not math.isnan(total_sq) else math.nan
         acts = []
         for site in self._sites:

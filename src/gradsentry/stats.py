@@ -124,22 +124,34 @@ def sq_norms(tensors: Sequence[Tensor], *, same_device: bool = False, all_float3
     small: list[int] = []
     dots: list[Tensor] = []
     owners: list[int] = []
+    dot = torch.dot
     for i, t in enumerate(tensors):
-        if t.numel() <= CPU_SMALL or not t.is_floating_point():
+        n = t.numel()
+        if n <= CPU_SMALL or not t.is_floating_point():
             small.append(i)
             continue
-        flat = _memory_order(t.detach()).reshape(-1)  # a view unless the tensor has gaps
-        for chunk in flat.split(CPU_CHUNK):
-            if chunk.dtype != torch.float32 and chunk.dtype != torch.float64:
-                chunk = chunk.float()
-            dots.append(torch.dot(chunk, chunk))
+        t = t.detach()
+        if n <= CPU_CHUNK and t.is_contiguous() and t.dtype in _DOT_DTYPES:
+            flat = t.view(-1)
+            dots.append(dot(flat, flat))
             owners.append(i)
-    values = [torch.stack(dots).to(dt)]
+            continue
+        flat = _memory_order(t).reshape(-1)  # a view unless the tensor has gaps
+        for chunk in flat.split(CPU_CHUNK):
+            if chunk.dtype not in _DOT_DTYPES:
+                chunk = chunk.float()
+            dots.append(dot(chunk, chunk))
+            owners.append(i)
+    values = torch.stack(dots).to(dt)
     if small:
-        small_t = [tensors[i] for i in small]
-        values.append(foreach_norms(small_t, same_device=True, all_float32=all_float32).to(dt).square())
+        small_sq = foreach_norms([tensors[i] for i in small], same_device=True, all_float32=all_float32)
+        values = torch.cat([values, small_sq.to(dt).square()])
+        owners += small
     out = torch.zeros(len(tensors), dtype=dt, device=device)
-    return out.index_add_(0, torch.tensor(owners + small, device=device), torch.cat(values))
+    return out.index_add_(0, torch.tensor(owners, device=device), values)
+
+
+_DOT_DTYPES = (torch.float32, torch.float64)
 
 
 def _memory_order(t: Tensor) -> Tensor:

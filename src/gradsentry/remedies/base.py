@@ -261,6 +261,14 @@ def grads_of(params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """
     if isinstance(params, Tensor):  # as torch.nn.utils.clip_grad_norm_: one tensor is a list of one
         params = [params]
+    if isinstance(params, (list, tuple)):  # fast path; anything without .grad gets the check below
+        try:
+            pairs = [(p, p.grad) for p in params]
+        except AttributeError:
+            pass
+        else:
+            if all(isinstance(p, Tensor) for p, g in pairs if g is not None):
+                return [p for p, g in pairs if g is not None], [g for _, g in pairs if g is not None]
     with_grad: list[Tensor] = []
     grads: list[Tensor] = []
     for p in params:
@@ -278,8 +286,12 @@ def grads_of(params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
 def group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), in first-seen order."""
     first = tensors[0]
-    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
-        return {(first.device, first.dtype): list(range(len(tensors)))}
+    device, dtype = first.device, first.dtype
+    for t in tensors:
+        if t.dtype != dtype or t.device != device:
+            break
+    else:
+        return {(device, dtype): list(range(len(tensors)))}
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
