@@ -47,6 +47,29 @@ def test_per_layer_norms_match_float64_recomputation() -> None:
         assert layer.nonfinite == 0 and layer.has_grad
 
 
+def test_large_layers_match_float64_recomputation_to_1e6() -> None:
+    """Layers of 0.26M-4M entries, where float32 sequential accumulation (torch's CPU norm, and so
+    clip_grad_norm_) is off by 2e-6 to 1e-4: the Monitor's chunked reduction stays within 1e-6."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    x, y = torch.randn(64, 2048), torch.randint(0, 10, (64,))
+    with gs.Monitor(model) as mon:
+        _train_step(model, x, y)
+        rec = mon.step()
+    assert rec is not None
+    modules = dict(model.named_modules())
+    for layer in rec.layers:
+        norm, maxabs, wnorm, n = _ref_layer(modules[layer.name])
+        assert layer.numel == n
+        assert layer.grad_norm == pytest.approx(norm, rel=1e-6)
+        assert layer.grad_max_abs == pytest.approx(maxabs, rel=1e-6)
+        assert layer.weight_norm == pytest.approx(wnorm, rel=1e-6)
+    ref_global = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in model.parameters()))
+    assert rec.global_norm == pytest.approx(ref_global, rel=1e-6)
+
+
 def test_global_norm_equals_torch_get_total_norm() -> None:
     model = mlp(5, 32, nn.ReLU)
     with gs.Monitor(model) as mon:
