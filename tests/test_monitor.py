@@ -84,29 +84,30 @@ def test_update_to_weight_ratio_of_the_last_optimizer_step() -> None:
     model = mlp(3, 16, nn.ReLU)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = torch.randn(16, 16), torch.randint(0, 4, (16,))
+    before: dict[int, dict[str, torch.Tensor]] = {}
+    after: dict[int, dict[str, torch.Tensor]] = {}
     with gs.Monitor(model, optimizer=opt, every=2) as mon:
         records = []
-        before = None
-        for step in range(5):  # record 2 holds the ratio of the optimizer step taken at step 1
+        for step in range(5):  # record 2 (4) holds the ratio of the optimizer step taken at step 1 (3)
             _train_step(model, x, y)
-            if step == 1:
-                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            if step in (1, 3):
+                before[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
             rec = mon.step(loss=1.0)
             if rec is not None:
                 records.append(rec)
             opt.step()
             opt.zero_grad()
-            if step == 1:
-                after = {n: p.detach().clone() for n, p in model.named_parameters()}
+            if step in (1, 3):
+                after[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert [r.step for r in records] == [0, 2, 4]
     assert all(layer.update_ratio is None for layer in records[0].layers)
-    assert before is not None
-    rec2 = records[1]
-    for layer in rec2.layers:
-        names = [n for n in before if n.rsplit(".", 1)[0] == layer.name]
-        du = math.sqrt(sum((after[n].double() - before[n].double()).pow(2).sum().item() for n in names))
-        w = math.sqrt(sum(after[n].double().pow(2).sum().item() for n in names))
-        assert layer.update_ratio == pytest.approx(du / w, rel=1e-5)
+    for rec, step in ((records[1], 1), (records[2], 3)):  # the second reuses the snapshot buffer
+        b, a = before[step], after[step]
+        for layer in rec.layers:
+            names = [n for n in b if n.rsplit(".", 1)[0] == layer.name]
+            du = math.sqrt(sum((a[n].double() - b[n].double()).pow(2).sum().item() for n in names))
+            w = math.sqrt(sum(a[n].double().pow(2).sum().item() for n in names))
+            assert layer.update_ratio == pytest.approx(du / w, rel=1e-5)
     assert records[1].lr == pytest.approx(1e-2)
 
 

@@ -224,6 +224,7 @@ class Monitor:
         self._single_device = False
         self._all_float32 = False
         self._snapshot: list[Tensor] | None = None
+        self._snapshot_buffer: list[Tensor] | None = None  # CPU only: reused across logged steps
         self._remedy_params: set[str] | None = None
         self._arm_for(self._next_log)
 
@@ -365,10 +366,29 @@ class Monitor:
             return
         t0 = time.perf_counter()
         params, _ = self._all_params()
-        self._snapshot = [_dist.local(p).detach().clone() for p in params]
+        self._snapshot = self._copy_weights([_dist.local(p).detach() for p in params])
         if not self._opt_handles:
             self._opt_handles.append(self.optimizer.register_step_post_hook(self._opt_post))
         self._hook_time += time.perf_counter() - t0
+
+    def _copy_weights(self, weights: list[Tensor]) -> list[Tensor]:
+        """A copy of ``weights`` for the update-to-weight ratio. On CPU the copy goes into a buffer
+        kept between logged steps (allocating fresh pages costs ~4x the copy there: 77 ms against
+        20 ms for 50M parameters); elsewhere a fresh clone, which the caching allocator serves
+        cheaply and which frees the memory between logged steps."""
+        if not all(w.device.type == "cpu" for w in weights):
+            return [w.clone() for w in weights]
+        buf = self._snapshot_buffer
+        if (
+            buf is None
+            or [b.shape for b in buf] != [w.shape for w in weights]
+            or any(b.dtype != w.dtype for b, w in zip(buf, weights, strict=True))
+        ):
+            buf = self._snapshot_buffer = [
+                torch.empty_like(w, memory_format=torch.preserve_format) for w in weights
+            ]
+        torch._foreach_copy_(buf, weights)
+        return buf
 
     def _disarm_optimizer(self) -> None:
         for h in self._opt_handles:
@@ -888,6 +908,7 @@ class Monitor:
         self._order_handles.clear()
         self._act_handles.clear()
         self._opt_handles.clear()
+        self._snapshot = self._snapshot_buffer = None
         if self._sinks and self._sinks_opened:
             if write_findings and self._records:
                 try:
