@@ -1,10 +1,10 @@
 """The Monitor: per-layer gradient, weight, update and activation statistics during training.
 
 Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`Monitor.step` only
-increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one fused
-``torch._foreach_norm`` pass over the gradients for the L2 norms, one for max |g| (``aminmax`` on CPU),
-one L2 pass over the weights, reduces them into layers on the device, and moves one small tensor to
-the host. ``max_abs=False, weight_norms=False`` leaves a single read of the gradients, whose
+increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one pass
+over the gradients for the L2 norms (:func:`gradsentry.stats.sq_norms`: a fused ``torch._foreach_norm``
+on accelerators, chunked BLAS dots on CPU), one for max |g| (``aminmax`` on CPU), one L2 pass over
+the weights, reduces them into layers on the device, and moves one small tensor to the host. ``max_abs=False, weight_norms=False`` leaves a single read of the gradients, whose
 per-tensor norms a norm-based remedy (e.g. ``ClipGlobalNorm``) given as ``remedy=`` then reuses.
 """
 
