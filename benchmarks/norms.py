@@ -84,8 +84,8 @@ def main(rounds: int = typer.Option(15, help="interleaved rounds per case")) -> 
         tensors = make()
         ref = [t.double().pow(2).sum().item() for t in tensors]
         fns: dict[str, Callable[[], torch.Tensor]] = {
-            "torch": lambda: torch.stack(torch._foreach_norm(tensors)).double().square(),
-            "ours": lambda: stats.sq_norms(tensors),
+            "torch": lambda ts=tensors: torch.stack(torch._foreach_norm(ts)).double().square(),
+            "ours": lambda ts=tensors: stats.sq_norms(ts),
         }
         errs = {k: _max_rel_error(f().tolist(), ref) for k, f in fns.items()}
         times: dict[str, list[float]] = {k: [] for k in fns}
