@@ -153,3 +153,45 @@ def test_check_reports_an_unused_layer_as_without_gradient() -> None:
     rows = {r.name: r for r in report.rows}
     assert rows["used"].has_grad and rows["used"].grad_norm > 0
     assert not rows["unused"].has_grad
+
+
+def test_monitor_step_without_any_gradient_warns_once(caplog) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    mon = gs.Monitor(model)
+    with caplog.at_level("WARNING", logger="gradsentry"):
+        rec = mon.step()
+        mon.step()
+    assert rec is not None and not any(layer.has_grad for layer in rec.layers)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "after loss.backward()" in caplog.records[0].message
+
+
+def test_empty_cli_inputs_are_bad_usage(tmp_path: Path, capsys) -> None:
+    assert main(["analyze", ""]) == 2
+    assert "PATH is empty" in capsys.readouterr().err
+    assert main(["lab", "--variants", " , ", "--out", str(tmp_path / "lab")]) == 2
+    assert "--variants is empty" in capsys.readouterr().err
+    assert not (tmp_path / "lab").exists()
+
+
+def test_report_to_a_non_html_file_is_bad_usage(tmp_path: Path, capsys) -> None:
+    log = tmp_path / "run.jsonl"
+    model = nn.Sequential(nn.Linear(4, 2))
+    with gs.Monitor(model, sinks=[gs.JsonlSink(log)]) as mon:
+        model(torch.randn(3, 4)).sum().backward()
+        mon.step()
+    assert main(["report", str(log), "--out", str(tmp_path / "r.png")]) == 2
+    assert "must end in .html" in capsys.readouterr().err
+    assert not (tmp_path / "r.png").exists()
+    assert main(["report", str(log), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text().lstrip().lower().startswith("<!doctype html")
+
+
+def test_lsuv_on_a_single_sample_is_a_clear_error() -> None:
+    from gradsentry.remedies.init import lsuv
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="1 sample per output unit"):
+        lsuv(model, torch.randn(1, 8))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

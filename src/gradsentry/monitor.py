@@ -225,6 +225,7 @@ class Monitor:
         self._all_float32 = False
         self._snapshot: list[Tensor] | None = None
         self._snapshot_buffer: list[Tensor] | None = None  # CPU only: reused across logged steps
+        self._warned_no_grad = False
         self._remedy_params: set[str] | None = None
         self._arm_for(self._next_log)
 
@@ -503,6 +504,13 @@ class Monitor:
         self._fix_depth()
         L = len(self._layers)
         params_with_grad, g, owners, positions = self._grad_params()
+        if not g and not self._warned_no_grad and any(p.requires_grad for p in self._all_params()[0]):
+            self._warned_no_grad = True
+            log.warning(
+                "gradsentry.Monitor.step(): no parameter has a gradient at step %d; call step() after "
+                "loss.backward() and before optimizer.zero_grad() (the record shows has_grad=False)",
+                label,
+            )
         all_params, all_index = self._all_params()
         device = all_params[0].device
         dt = stats.reduce_dtype(device)

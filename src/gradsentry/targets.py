@@ -86,7 +86,9 @@ def load_factory(spec: str) -> Callable[..., Any]:
             f"{where} has no attribute {attr!r}; callables there: {', '.join(public) or 'none'}"
         )
     if not callable(factory):
-        raise TargetError(f"{where}:{attr} is a {type(factory).__name__}, not a callable factory")
+        raise TargetError(
+            f"{where}:{attr} is not a callable factory (it is of type {type(factory).__name__})"
+        )
     return factory  # type: ignore[no-any-return]
 
 

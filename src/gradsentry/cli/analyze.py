@@ -27,8 +27,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("analyze")
     def analyze(
-        path: Path = typer.Argument(
+        path_arg: str = typer.Argument(
             ...,
+            metavar="path",
             help="trainer_state.json, TensorBoard run dir/event file, metrics.csv, "
             "vis_data/scalars.json or a gradsentry .jsonl",
         ),
@@ -56,6 +57,10 @@ def register(app: typer.Typer) -> None:
         from gradsentry.logs.plot import PLOT_SUFFIXES
 
         err = Console(stderr=True, soft_wrap=True)
+        if not path_arg.strip():  # Path("") would be the current directory
+            err.print(Text.assemble(("error: ", "red"), "PATH is empty: give a log file or run directory"))
+            raise typer.Exit(EXIT_USAGE)
+        path = Path(path_arg)
         if format not in FORMATS:
             err.print(
                 Text.assemble(

@@ -100,7 +100,14 @@ def register(app: typer.Typer) -> None:
 
         err = Console(stderr=True, soft_wrap=True)
         console = Console()
-        names = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else DEFAULT_VARIANTS
+        names = (
+            tuple(v.strip() for v in variants.split(",") if v.strip())
+            if variants is not None
+            else DEFAULT_VARIANTS
+        )
+        if not names:
+            err.print(Text.assemble(("error: ", "red"), "--variants is empty: name at least one variant"))
+            raise typer.Exit(EXIT_USAGE)
         overrides: dict[str, Any] = {"seed": seed, "variants": names}
         for key, value in (("depth", depth), ("width", width), ("epochs", epochs)):
             if value is not None:

@@ -48,6 +48,8 @@ def register(app: typer.Typer) -> None:
             return typer.Exit(EXIT_USAGE)
 
         target = out if out is not None else path.with_suffix(".html")
+        if target.suffix.lower() not in (".html", ".htm"):
+            raise fail(f"--out must end in .html (the report is an HTML page), got {target.name!r}")
         if target.resolve() == path.resolve():
             raise fail(f"--out {str(target)!r} would overwrite the input; choose another file")
         lab_result = run = None

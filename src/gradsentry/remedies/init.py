@@ -264,13 +264,15 @@ def lsuv(
         An :class:`LSUVReport`.
 
     Raises:
-        ValueError: on ``tol <= 0`` or ``max_iter < 1``, or a model without Linear/Conv layers.
+        ValueError: on ``tol <= 0`` or ``max_iter < 1``, a model without Linear/Conv layers, or
+            (with ``center``) a batch giving a layer one sample per output unit.
     """
     if not tol > 0 or max_iter < 1:
         raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol!r}, max_iter={max_iter!r}")
     layers = [(n, m) for n, m, _ in layers_with_activations(model, batch)]
     if not layers:
         raise ValueError("lsuv: the model has no Linear/Conv layer to initialise")
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if orthonormal:
         with torch.no_grad():
             for _, mod in layers:
@@ -292,6 +294,14 @@ def lsuv(
                 break
             out = out.double()
             dims = [d for d in range(out.dim()) if d != unit_dim % out.dim()]
+            if center and isinstance(bias, torch.Tensor) and out.numel() // out.shape[unit_dim] < 2:
+                with torch.no_grad():
+                    for key, value in model.state_dict(keep_vars=True).items():  # leave the model as it was
+                        value.copy_(saved[key])
+                raise ValueError(
+                    f"lsuv: layer {name} sees 1 sample per output unit, so its centred variance is 0; "
+                    "pass a batch of several samples (64-512 is typical), or center=False"
+                )
             mean = out.mean(dim=dims, keepdim=True) if center and isinstance(bias, torch.Tensor) else None
             var = float((out - mean).pow(2).mean()) if mean is not None else float(out.var())
             if its == 0:
