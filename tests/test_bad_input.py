@@ -195,3 +195,36 @@ def test_lsuv_on_a_single_sample_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="1 sample per output unit"):
         lsuv(model, torch.randn(1, 8))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_sparse_embedding_gradients_are_measured_as_their_dense_equivalent() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50_000, 16, sparse=True), nn.Flatten(), nn.Linear(64, 2))
+    x = torch.randint(0, 50_000, (8, 4))
+    with gs.Monitor(model) as mon:
+        model(x).sum().backward()
+        model(x).sum().backward()  # repeated indices: the sparse gradient holds duplicates
+        rec = mon.step()
+    assert rec is not None
+    dense = model[0].weight.grad.to_dense().double()
+    emb = rec.layers[0]
+    assert emb.grad_norm == pytest.approx(dense.norm().item(), rel=1e-6)
+    assert emb.grad_max_abs == pytest.approx(dense.abs().max().item(), rel=1e-6)
+    assert emb.numel == 50_000 * 16 and emb.nonfinite == 0
+
+
+def test_nan_in_a_sparse_gradient_is_counted() -> None:
+    model = nn.Sequential(nn.Embedding(1000, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
+    with gs.Monitor(model) as mon:
+        model(torch.tensor([[1, 2]])).sum().backward()
+        model[0].weight.grad._values()[0, 0] = math.nan
+        rec = mon.step()
+    assert rec is not None
+    assert math.isnan(rec.layers[0].grad_norm) and rec.layers[0].nonfinite == 1
+
+
+def test_remedies_on_sparse_gradients_are_a_clear_error() -> None:
+    model = nn.Sequential(nn.Embedding(1000, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
+    model(torch.tensor([[1, 2]])).sum().backward()
+    with pytest.raises(TypeError, match="need dense gradients"):
+        gs.ClipGlobalNorm(1.0)(model.parameters())

@@ -815,7 +815,7 @@ class Monitor:
             keep = self._dist.counted(ps) if self._dist is not None else [True] * len(ps)
             grads = [_dist.local(raw[id(p)]) for p, k in zip(ps, keep, strict=True) if k]  # type: ignore[arg-type]
             zero = torch.zeros((), dtype=torch.int64, device=device)
-            counts.append(sum(((~torch.isfinite(g)).sum().to(device) for g in grads), zero))
+            counts.append(sum(((~torch.isfinite(stats.entries(g))).sum().to(device) for g in grads), zero))
         total = torch.stack(counts).to(torch.float64)
         if self._dist is not None and self._dist.sharded:
             total = self._dist.all_reduce_(total, "sum")

@@ -33,6 +33,25 @@ def reduce_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def entries(t: Tensor) -> Tensor:
+    """The stored entries of ``t`` as a strided tensor with the same sum of squares and max |t|: ``t``
+    itself for an ordinary (strided) tensor; for a sparse gradient (e.g. ``nn.Embedding(sparse=True)``)
+    its coalesced values (duplicate indices summed), whose norms are those of the dense tensor."""
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.detach().coalesce().values()
+    return t.detach().values()  # CSR/CSC/BSR/BSC hold no duplicates
+
+
+def _strided(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
+    """``tensors`` with sparse ones replaced by :func:`entries` (the same list when none is sparse)."""
+    for t in tensors:
+        if t.layout != torch.strided:
+            return [entries(x) for x in tensors]
+    return tensors
+
+
 def foreach_norms(
     tensors: Sequence[Tensor], ord: float = 2.0, *, same_device: bool = False, all_float32: bool = False
 ) -> Tensor:
@@ -59,6 +78,7 @@ def foreach_norms(
     """
     if len(tensors) == 0:
         raise ValueError("foreach_norms needs at least one tensor")
+    tensors = _strided(tensors)
     device = tensors[0].device
     if same_device or all(t.device == device for t in tensors):
         if all_float32:
@@ -127,6 +147,8 @@ def sq_norms(tensors: Sequence[Tensor], *, same_device: bool = False, all_float3
     owners: list[int] = []
     dot = torch.dot
     for i, t in enumerate(tensors):
+        if t.layout != torch.strided:
+            t = entries(t)
         n = t.numel()
         if n <= CPU_SMALL or not t.is_floating_point():
             small.append(i)
@@ -143,11 +165,12 @@ def sq_norms(tensors: Sequence[Tensor], *, same_device: bool = False, all_float3
                 chunk = chunk.float()
             dots.append(dot(chunk, chunk))
             owners.append(i)
-    values = torch.stack(dots).to(dt)
+    parts = [torch.stack(dots).to(dt)] if dots else []
     if small:
         small_sq = foreach_norms([tensors[i] for i in small], same_device=True, all_float32=all_float32)
-        values = torch.cat([values, small_sq.to(dt).square()])
+        parts.append(small_sq.to(dt).square())
         owners += small
+    values = torch.cat(parts) if len(parts) > 1 else parts[0]
     out = torch.zeros(len(tensors), dtype=dt, device=device)
     return out.index_add_(0, torch.tensor(owners, device=device), values)
 
@@ -184,7 +207,7 @@ def foreach_max_abs(tensors: Sequence[Tensor]) -> Tensor:
     if any(t.device.type != "cpu" for t in tensors):
         return foreach_norms(tensors, math.inf)
     out = []
-    for t in tensors:
+    for t in _strided(tensors):
         lo, hi = torch.aminmax(t.detach().reshape(-1)) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
         out.append(torch.maximum(hi.float(), -lo.float()))
     return torch.stack(out)

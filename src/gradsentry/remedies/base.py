@@ -257,7 +257,8 @@ def grads_of(params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         ``(params_with_grad, grads)``, two lists of equal length.
 
     Raises:
-        TypeError: if an element is not a tensor (e.g. a module was passed instead of its parameters).
+        TypeError: if an element is not a tensor (e.g. a module was passed instead of its parameters),
+            or a gradient is sparse.
     """
     if isinstance(params, Tensor):  # as torch.nn.utils.clip_grad_norm_: one tensor is a list of one
         params = [params]
@@ -267,7 +268,7 @@ def grads_of(params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         except AttributeError:
             pass
         else:
-            if all(isinstance(p, Tensor) for p, g in pairs if g is not None):
+            if all(isinstance(p, Tensor) and g.layout == torch.strided for p, g in pairs if g is not None):
                 return [p for p, g in pairs if g is not None], [g for _, g in pairs if g is not None]
     with_grad: list[Tensor] = []
     grads: list[Tensor] = []
@@ -278,6 +279,12 @@ def grads_of(params: Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
                 "pass model.parameters(), not the model"
             )
         if p.grad is not None:
+            if p.grad.layout != torch.strided:
+                raise TypeError(
+                    f"gradsentry remedies need dense gradients; got a {p.grad.layout} gradient of shape "
+                    f"{list(p.shape)} (e.g. nn.Embedding(sparse=True)), which torch.nn.utils.clip_grad_norm_ "
+                    "does not support either: use dense gradients or leave that parameter out"
+                )
             with_grad.append(p)
             grads.append(p.grad)
     return with_grad, grads
