@@ -228,3 +228,62 @@ def test_remedies_on_sparse_gradients_are_a_clear_error() -> None:
     model(torch.tensor([[1, 2]])).sum().backward()
     with pytest.raises(TypeError, match="need dense gradients"):
         gs.ClipGlobalNorm(1.0)(model.parameters())
+
+
+def test_an_error_on_a_logged_step_does_not_stop_logging() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    mon = gs.Monitor(model, optimizer=opt, remedy=gs.ClipGlobalNorm(1.0, error_if_nonfinite=True))
+    for s in range(8):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        loss.backward()
+        if s == 3:
+            model[0].weight.grad[0, 0] = math.nan
+        try:
+            mon.step(loss=loss)
+            opt.step()
+        except gs.remedies.clip.NonFiniteGradientError:
+            assert s == 3
+        opt.zero_grad()
+    with pytest.raises(ValueError, match="scalar loss"):
+        model(torch.randn(2, 4)).sum().backward()
+        mon.step(loss=torch.ones(2))
+    model(torch.randn(2, 4)).sum().backward()
+    mon.step(loss=1.0)
+    assert [r.step for r in mon.records] == [0, 1, 2, 4, 5, 6, 7, 9]
+    assert mon.records[-2].layers[0].update_ratio is not None  # the optimizer hook was re-armed
+
+
+def test_vanishing_gradients_below_float32_squares_are_measured_exactly() -> None:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(30):
+        layers += [nn.Linear(64, 64), nn.Sigmoid()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10))
+    with gs.Monitor(model) as mon:
+        nn.functional.cross_entropy(model(torch.randn(128, 64)), torch.randint(0, 10, (128,))).backward()
+        rec = mon.step()
+    assert rec is not None
+    modules = dict(model.named_modules())
+    for layer in rec.layers:
+        ref = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in modules[layer.name].parameters()))
+        assert ref > 0 and layer.grad_norm == pytest.approx(ref, rel=1e-6)  # first layer ~1e-26
+    assert rec.layers[0].grad_norm < 1e-20
+
+
+def test_a_finite_gradient_with_a_norm_beyond_float32_squares_is_not_nonfinite() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = gs.NonFiniteGuard()
+    with gs.Monitor(model) as mon:
+        model(torch.randn(2, 16)).sum().backward()
+        model[0].weight.grad.mul_(1e19)  # every entry finite; the float32 sum of squares overflows
+        rec = mon.step(loss=1.0)
+        assert rec is not None
+        ref = model[0].weight.grad.double().pow(2).sum() + model[0].bias.grad.double().pow(2).sum()
+        assert rec.layers[0].grad_norm == pytest.approx(math.sqrt(ref.item()), rel=1e-6)
+        assert rec.layers[0].nonfinite == 0 and math.isfinite(rec.global_norm)
+        assert not [f for f in mon.diagnose() if f.kind == "nonfinite"]
+        result = guard(model.parameters())
+        assert not result.skip and model[0].weight.grad is not None
+        opt.step()

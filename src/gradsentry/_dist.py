@@ -333,6 +333,11 @@ def whole_rows(t: Tensor) -> bool:
     return all(p.is_replicate() or (p.is_shard() and p.dim == 0) for p in t.placements)  # type: ignore[attr-defined]
 
 
+def is_multi_rank(group: Any = None) -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return _initialized(group) and dist.get_world_size(group) > 1
+
+
 def any_rank(flag: Tensor, group: Any = None) -> Tensor:
     """``flag`` (bool tensor of any shape) OR-ed over all ranks with one ``all_reduce(MAX)``, so that a
     decision such as skipping a step is identical everywhere; returned as is when not distributed.

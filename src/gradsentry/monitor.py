@@ -30,6 +30,9 @@ from gradsentry.sinks.base import SafeSink, Sink
 log = logging.getLogger("gradsentry")
 
 _EARLY = 1e12  # larger than the number of module calls of one forward (see Monitor._pack_local)
+#: A layer whose mean squared gradient is below this (RMS < 1e-15) may hold entries under ~1e-19,
+#: whose float32 squares lose precision or flush to zero: its norm is recomputed in float64.
+_TINY_MEAN_SQUARE = 1e-30
 
 NO_PARAMS_MSG = (
     "gradsentry.Monitor: the model has no parameters, so there is no gradient to watch. "
@@ -449,16 +452,21 @@ class Monitor:
         current = self.step_count
         self.step_count += 1
         record: StepRecord | None = None
-        if current == self._next_log:
-            record = self._log_step(current if step is None else int(step), loss, lr)
-            self._next_log = current + self.every
-        elif self.remedy is not None:
-            self._call_remedy(self._all_params()[0], loss=loss)
-        if self.step_count == self._next_log:  # the coming optimizer step precedes a logged step
-            self._arm_optimizer()
-        else:
-            self._disarm_optimizer()
-        self._arm_for(self.step_count)
+        try:
+            if current == self._next_log:
+                try:
+                    record = self._log_step(current if step is None else int(step), loss, lr)
+                finally:  # an error on a logged step (a bad argument, a raising remedy) must not stop logging
+                    self._next_log = current + self.every
+                    self._pending = _Pending()
+            elif self.remedy is not None:
+                self._call_remedy(self._all_params()[0], loss=loss)
+        finally:  # arm (or disarm) the hooks for the coming step even after an error
+            if self.step_count == self._next_log:  # the coming optimizer step precedes a logged step
+                self._arm_optimizer()
+            else:
+                self._disarm_optimizer()
+            self._arm_for(self.step_count)
         return record
 
     def _call_remedy(self, params: list[Tensor], *, loss: Any, norms: Tensor | None = None) -> Any:
@@ -656,6 +664,21 @@ class Monitor:
             ]
         )
         nonfinite_counts = self._count_nonfinite(bad_layers) if bad_layers else {}
+        # float32 squares underflow for entries below ~1e-19 (deep vanishing gradients) and overflow
+        # for norms above ~1.8e19 with every entry finite: recompute those layers in float64.
+        at_risk = [
+            i
+            for i, (sq, mx) in enumerate(zip(g_sq_l, g_max_l, strict=True))
+            if numel[i]
+            and (
+                (not math.isfinite(sq) and i in nonfinite_counts and nonfinite_counts[i] == 0)
+                or (sq < numel[i] * _TINY_MEAN_SQUARE and (mx is None or mx > 0))
+            )
+        ]
+        if at_risk:
+            for i, exact in self._exact_sq(at_risk).items():
+                g_sq_l[i] = exact
+            total_sq = math.fsum(g_sq_l)
         sqrt = math.sqrt
         gnorms = [sqrt(x) for x in g_sq_l]
         wnorms = [None if x is None else sqrt(x) for x in w_sq_l]
@@ -803,6 +826,24 @@ class Monitor:
             cached = (torch.tensor(owners, dtype=torch.long, device=params[0].device), numel)
             self._grad_set_cache = {key: cached}
         return cached
+
+    def _exact_sq(self, layers: list[int]) -> dict[int, float]:
+        """Squared gradient norms of these layers from float64 squares (one more read of their
+        gradients and one more transfer; an all-reduce when sharded: the same layers on every rank)."""
+        device = self._all_params()[0][0].device
+        raw = dict(zip(map(id, self._raw_grads[0]), self._raw_grads[1], strict=True))
+        dt = stats.reduce_dtype(device)
+        sums = []
+        for i in layers:
+            ps = [p for p in self._layers[i].params if raw.get(id(p)) is not None]
+            keep = self._dist.counted(ps) if self._dist is not None else [True] * len(ps)
+            grads = [stats.entries(_dist.local(raw[id(p)])) for p, k in zip(ps, keep, strict=True) if k]  # type: ignore[arg-type]
+            zero = torch.zeros((), dtype=dt, device=device)
+            sums.append(sum((g.detach().to(dt).square().sum().to(device) for g in grads), zero))
+        total = torch.stack(sums)
+        if self._dist is not None and self._dist.sharded:
+            total = self._dist.all_reduce_(total, "sum")
+        return dict(zip(layers, total.cpu().tolist(), strict=True))
 
     def _count_nonfinite(self, layers: list[int]) -> dict[int, int]:
         """Count NaN/inf gradient entries of these layers (only called for layers whose norm is not

@@ -2,8 +2,9 @@
 
 Everything here runs on the tensors' device without a host sync; callers decide when to move the
 (small) results to the host. Statistics are computed in float32 whatever the input dtype (fp16 and
-bf16 gradients are upcast inside the fused kernel), and reduced across tensors in float64 where the
-device supports it, so that squared norms of exploding gradients (up to ~1e150) do not overflow.
+bf16 gradients are upcast), and per-tensor squared norms are reduced across tensors in float64 where
+the device supports it. A float32 sum of squares still overflows for a tensor norm above ~1.8e19 and
+loses entries below ~1e-19 (as torch's own norm does); the Monitor recomputes such layers in float64.
 """
 
 from __future__ import annotations
@@ -80,18 +81,24 @@ def foreach_norms(
         raise ValueError("foreach_norms needs at least one tensor")
     tensors = _strided(tensors)
     device = tensors[0].device
-    if same_device or all(t.device == device for t in tensors):
-        if all_float32:
-            return torch.stack(torch._foreach_norm(list(tensors), ord))
+    if all_float32 and (same_device or all(t.device == device for t in tensors)):
+        return torch.stack(torch._foreach_norm(list(tensors), ord))
+    if (same_device or all(t.device == device for t in tensors)) and all(t.dtype in _UPCAST for t in tensors):
         return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+    # Several devices, or float64 tensors (whose norms torch computes in float64, not narrowed).
     out = torch.empty(len(tensors), dtype=torch.float32, device=device)
-    by_device: dict[torch.device, list[int]] = {}
+    groups: dict[tuple[torch.device, bool], list[int]] = {}
     for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for idx in by_device.values():
-        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx], ord, dtype=torch.float32))
+        groups.setdefault((t.device, t.dtype in _UPCAST), []).append(i)
+    for (_, upcast), idx in groups.items():
+        kwargs = {"dtype": torch.float32} if upcast else {}
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx], ord, **kwargs)).float()
         out[torch.tensor(idx, device=device)] = norms.to(device, non_blocking=True)
     return out
+
+
+#: dtypes whose norms :func:`foreach_norms` computes in float32 (float32 itself and lower precision).
+_UPCAST = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 #: On CPU, :func:`sq_norms` reduces tensors of more entries than this with BLAS dot products (on

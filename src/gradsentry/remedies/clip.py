@@ -290,7 +290,8 @@ def unitwise_norm(x: Tensor) -> Tensor:
     """
     if x.ndim <= 1:
         return x.abs().to(torch.float32)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=torch.float32)
+    kwargs = {"dtype": torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {}
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, **kwargs).float()
 
 
 AGC_SHARD_MSG = (

@@ -9,6 +9,7 @@ AdamW, foreach and fused). Zeroed gradients would still let momentum and weight 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -160,6 +161,16 @@ class NonFiniteGuard:
         if not self.sync:
             return self._device_skip(bad, bad_any, before, names)
         flags = torch.cat([bad_any.view(1), bad]).tolist()  # the one host sync
+        if flags[0] and any(flags[1:]) and not _dist.is_multi_rank():
+            # A float32 norm is also inf when a finite gradient's norm exceeds ~1.8e19: look at the
+            # entries of the flagged tensors (a rare path: one more copy to the host; single process
+            # only, since ranks must agree on skipping).
+            flagged = [i for i, f in enumerate(flags[1:]) if f]
+            really = torch.stack([~torch.isfinite(grads[i]).all() for i in flagged]).tolist()
+            for i, r in zip(flagged, really, strict=True):
+                flags[1 + i] = r
+            loss_bad = self.check_loss and loss is not None and not math.isfinite(float(loss))
+            flags[0] = any(flags[1:]) or loss_bad
         mask = torch.tensor(flags[1:], dtype=torch.bool)
         if not flags[0]:
             self.consecutive = 0
