@@ -287,3 +287,54 @@ def test_a_finite_gradient_with_a_norm_beyond_float32_squares_is_not_nonfinite()
         result = guard(model.parameters())
         assert not result.skip and model[0].weight.grad is not None
         opt.step()
+
+
+def _small_run(path: Path) -> Path:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with gs.Monitor(model, sinks=[gs.JsonlSink(path)]) as mon:
+        for _ in range(3):
+            model(torch.randn(3, 4)).sum().backward()
+            mon.step(loss=1.0)
+    return path
+
+
+@pytest.mark.parametrize("arg", ["", ".", "/", "/dev/zero"])
+def test_report_on_a_non_file_is_bad_usage(arg: str, capsys) -> None:
+    assert main(["report", arg]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_analyze_on_a_device_file_is_bad_usage(capsys) -> None:
+    assert main(["analyze", "/dev/zero", "--format", "jsonl"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def test_a_failed_report_write_keeps_the_previous_report(tmp_path: Path, monkeypatch, capsys) -> None:
+    log = _small_run(tmp_path / "run.jsonl")
+    out = tmp_path / "r.html"
+    assert main(["report", str(log), "--out", str(out)]) == 0
+    good = out.read_text()
+
+    def full_disk(self: Path, *args: object, **kwargs: object) -> int:
+        Path.write_bytes(self, b"<!doctype html><html><body>trunc")  # what a cut write leaves behind
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(["report", str(log), "--out", str(out)]) == 2
+    assert "No space left" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert out.read_text() == good
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_steps_beyond_64_bits_and_malformed_findings_are_bad_input(tmp_path: Path, capsys) -> None:
+    state = tmp_path / "trainer_state.json"
+    history = [{"step": 10**25 + i, "loss": 1.0, "grad_norm": 1.0} for i in range(20)]
+    state.write_text(json.dumps({"log_history": history, "global_step": 20}))
+    assert main(["analyze", str(state)]) == 2
+    assert "out of range" in capsys.readouterr().err
+    log = _small_run(tmp_path / "run.jsonl")
+    with log.open("a") as f:
+        f.write(json.dumps({"kind": "findings", "findings": 5}) + "\n")
+    assert main(["analyze", str(log)]) == 2
+    assert "'findings' must be a list" in capsys.readouterr().err

@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.text import Text
 
+        from gradsentry._io import write_text_atomic
         from gradsentry.report.html import render_lab_report, render_run_report
         from gradsentry.sinks.jsonl import LogFormatError, read_jsonl
 
@@ -47,6 +48,10 @@ def register(app: typer.Typer) -> None:
             err.print(Text.assemble(("error: ", "red"), message), highlight=False)
             return typer.Exit(EXIT_USAGE)
 
+        if not path.name or path.is_dir():
+            raise fail(f"{str(path)!r} is not a file: give a gradsentry .jsonl run or a lab results.json")
+        if path.exists() and not path.is_file():
+            raise fail(f"{str(path)!r} is not a regular file")
         target = out if out is not None else path.with_suffix(".html")
         if target.suffix.lower() not in (".html", ".htm"):
             raise fail(f"--out must end in .html (the report is an HTML page), got {target.name!r}")
@@ -69,7 +74,7 @@ def register(app: typer.Typer) -> None:
         html = render_lab_report(lab_result) if lab_result is not None else render_run_report(run)  # type: ignore[arg-type]
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(html, encoding="utf-8")
+            write_text_atomic(target, html)
         except OSError as exc:
             raise fail(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
         Console().print(Text.assemble("Report: ", (str(target), "bold")))

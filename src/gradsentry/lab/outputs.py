@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gradsentry._io import write_text_atomic
 from gradsentry.lab.results import LabResult, write_results
 
 
@@ -43,7 +44,5 @@ def write_outputs(result: LabResult, out_dir: str | os.PathLike[str]) -> dict[st
     p = check_writable(out_dir)
     results = write_results(result, p / "results.json")
     report = p / "report.html"
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(render_lab_report(result), encoding="utf-8")
-    tmp.replace(report)
+    write_text_atomic(report, render_lab_report(result))
     return {"report": report, "results": results}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gradsentry._io import write_atomic, write_text_atomic
 from gradsentry.logs.series import Series
 from gradsentry.records import Finding
 
@@ -75,11 +76,11 @@ def plot_series(series: Series, findings: list[Finding], path: str | os.PathLike
             for f in findings
         )
         title = html.escape(f"gradsentry analyze: {series.path}")
-        out.write_text(
+        write_text_atomic(
+            out,
             f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
             f"<h1>{title}</h1>{svg}<ul>{items}</ul></body></html>",
-            encoding="utf-8",
         )
     else:
-        fig.savefig(out, format=suffix[1:], dpi=110)
+        write_atomic(out, lambda tmp: fig.savefig(tmp, format=suffix[1:], dpi=110))
     return out

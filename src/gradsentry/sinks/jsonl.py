@@ -130,7 +130,10 @@ def read_jsonl(path: str | os.PathLike[str]) -> Run:
             if kind == "step":
                 records.append(StepRecord.from_dict(obj))
             elif kind == "findings":
-                findings = [Finding.from_dict(f) for f in obj.get("findings", [])]
+                items = obj.get("findings", [])
+                if not isinstance(items, list):
+                    raise RecordError(f"'findings' must be a list, got {type(items).__name__}")
+                findings = [Finding.from_dict(f) for f in items]
             elif kind == "header":
                 raise RecordError("a second header line (two runs concatenated?)")
             else:
