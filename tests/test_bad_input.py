@@ -338,3 +338,65 @@ def test_steps_beyond_64_bits_and_malformed_findings_are_bad_input(tmp_path: Pat
         f.write(json.dumps({"kind": "findings", "findings": 5}) + "\n")
     assert main(["analyze", str(log)]) == 2
     assert "'findings' must be a list" in capsys.readouterr().err
+
+
+def test_monitor_arguments_out_of_range_are_clear_errors() -> None:
+    model = nn.Sequential(nn.Linear(4, 2), nn.Tanh())
+    for kwargs in (
+        {"histogram_bins": -3},
+        {"histogram_bins": 4, "histogram_range": -2.0},
+        {"histogram_bins": 4, "histogram_range": math.inf},
+        {"histogram_range": 0.0},
+        {"max_records": -1},
+    ):
+        with pytest.raises(ValueError, match=r"histogram|max_records"):
+            gs.Monitor(model, **kwargs)
+    with pytest.raises(TypeError, match="complex"):
+        gs.Monitor(nn.Linear(3, 3, dtype=torch.complex64))
+
+
+def test_a_layer_frozen_mid_run_has_no_gradient_not_a_zero_gradient() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with gs.Monitor(model) as mon:
+        for step in range(3):
+            if step == 2:
+                model[0].requires_grad_(False)
+            model(torch.randn(3, 4)).sum().backward()
+            rec = mon.step()
+            model.zero_grad(set_to_none=False)  # the frozen layer keeps a zero .grad
+    assert rec is not None
+    assert [layer.has_grad for layer in rec.layers] == [False, True]
+
+
+def test_step_before_the_first_forward_does_not_fix_the_layer_order() -> None:
+    class HeadFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.body = nn.Linear(4, 4)
+            self.stem = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(self.stem(x)))
+
+    model = HeadFirst()
+    with gs.Monitor(model) as mon:
+        mon.step()  # too early: no forward pass yet
+        model(torch.randn(3, 4)).sum().backward()
+        rec = mon.step()
+    assert rec is not None
+    assert [layer.name for layer in rec.layers] == ["stem", "body", "head"]
+
+
+def test_metadata_json_cannot_write_is_kept_as_text(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "run.jsonl"
+    model = nn.Sequential(nn.Linear(4, 2))
+    meta = {"obj": object(), "where": tmp_path, "lr": np.float32(0.5)}
+    with gs.Monitor(model, sinks=[gs.JsonlSink(path)], meta=meta) as mon:
+        model(torch.randn(3, 4)).sum().backward()
+        mon.step()
+    run = gs.read_jsonl(path)
+    assert len(run.records) == 1
+    assert run.header.meta["where"] == str(tmp_path) and run.header.meta["lr"] == 0.5

@@ -123,8 +123,10 @@ class Monitor:
             (``init_process_group(timeout=...)``).
 
     Raises:
-        ValueError: if the model has no parameters, or ``every`` is not an int >= 1, or a distributed option is
-            inconsistent (see :func:`gradsentry._dist.resolve`).
+        ValueError: if the model has no parameters, or ``every`` is not an int >= 1, a histogram or
+            ``max_records`` argument is out of range, or a distributed option is inconsistent (see
+            :func:`gradsentry._dist.resolve`).
+        TypeError: if ``model`` is not an ``nn.Module`` or has complex parameters.
         gradsentry.DistributedError: from :meth:`step`, when a rank died or hung during the
             reduction of a logged step.
 
@@ -169,6 +171,16 @@ class Monitor:
         if overhead_budget is not None and not 0 < overhead_budget < 1:
             raise ValueError(f"overhead_budget must be a fraction in (0, 1), got {overhead_budget}")
         self.model = model
+        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 0:
+            raise ValueError(f"histogram_bins must be an int >= 0 (0: no histograms), got {histogram_bins!r}")
+        if not (
+            isinstance(histogram_range, (int, float))
+            and math.isfinite(histogram_range)
+            and histogram_range > 0
+        ):
+            raise ValueError(f"histogram_range must be a finite number > 0, got {histogram_range!r}")
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
+            raise ValueError(f"max_records must be an int >= 0, got {max_records!r}")
         self.every = int(every)
         self.optimizer = optimizer
         self.remedy = remedy
@@ -249,6 +261,12 @@ class Monitor:
                 layers.append(_Layer(info, module, params))
         if not layers:
             raise ValueError(NO_PARAMS_MSG)
+        complex_params = [layer.info.name for layer in layers if any(p.is_complex() for p in layer.params)]
+        if complex_params:
+            raise TypeError(
+                "gradsentry.Monitor measures real-valued parameters; layer(s) "
+                f"{', '.join(repr(n) for n in complex_params[:3])} hold complex ones"
+            )
         if not any(p.requires_grad for layer in layers for p in layer.params):
             log.warning(
                 "gradsentry.Monitor: every parameter is frozen (requires_grad=False); records will "
@@ -263,6 +281,8 @@ class Monitor:
     def _fix_depth(self) -> None:
         """Sort layers by first forward call; layers never called keep their module order, last."""
         if self._depth_fixed:
+            return
+        if not self._seen and self._dist is None:  # no forward pass yet: keep watching for the order
             return
         for h in self._order_handles:
             h.remove()
@@ -495,7 +515,8 @@ class Monitor:
         """Parameters with a gradient, their gradients, their layers, and their positions in
         :meth:`_all_params`."""
         params, _ = self._all_params()
-        grads_all = [p.grad for p in params]
+        # A frozen parameter's stale .grad (zero_grad(set_to_none=False) keeps zeros) is no gradient.
+        grads_all = [p.grad if p.requires_grad else None for p in params]
         positions = [pos for pos, g in enumerate(grads_all) if g is not None]
         if len(positions) == len(params):
             return params, grads_all, self._owners_all, positions  # type: ignore[return-value]

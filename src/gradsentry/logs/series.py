@@ -112,7 +112,7 @@ class Series:
                 raise ValueError(f"Series.{name} has {len(getattr(self, name))} values for {n} steps")
         if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
             raise ValueError("Series.steps must be strictly increasing")
-        if self.steps and not (-(2**63) <= self.steps[0] and self.steps[-1] < 2**63):
+        if self.steps and not (self.steps[0] >= -(2**63) and self.steps[-1] < 2**63):
             raise ValueError(f"Series.steps must fit in 64 bits, got {self.steps[0]} .. {self.steps[-1]}")
 
     def __len__(self) -> int:
@@ -246,7 +246,7 @@ def build_series(
         raise LogFormatError(
             f"{path}: no training loss or gradient norm values found; expected {EXPECTED_FORMATS}"
         )
-    if not (-(2**63) <= all_steps[0] and all_steps[-1] < 2**63):
+    if not (all_steps[0] >= -(2**63) and all_steps[-1] < 2**63):
         bad = all_steps[-1] if all_steps[-1] >= 2**63 else all_steps[0]
         raise LogFormatError(f"{path}: step {bad} is out of range (steps must fit in 64 bits)")
     cols = {name: [points.get(name, {}).get(s) for s in all_steps] for name in FIELDS}

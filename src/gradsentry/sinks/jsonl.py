@@ -22,9 +22,22 @@ class LogFormatError(ValueError):
     """A file is not a readable gradsentry log; the message names the file and line."""
 
 
+def _plain(x: Any) -> Any:
+    """JSON stand-in for a value json cannot write (user metadata): a scalar's value, else its str."""
+    item = getattr(x, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            value = item()
+        except (TypeError, ValueError, RuntimeError):
+            return str(x)
+        if isinstance(value, (int, float, bool, str)):
+            return value
+    return str(x)
+
+
 def _dumps(obj: dict[str, Any]) -> str:
     # NaN and +-inf are kept (Python's json writes NaN/Infinity literals): they are evidence.
-    return json.dumps(obj, allow_nan=True, separators=(",", ":"))
+    return json.dumps(obj, allow_nan=True, separators=(",", ":"), default=_plain)
 
 
 class JsonlSink:
