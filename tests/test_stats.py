@@ -34,6 +34,14 @@ def _ref(t: torch.Tensor) -> float:
         lambda: _heavy_tailed(2_000_000, 6).reshape(2000, 1000)[:, :700],  # gaps: copied
         lambda: _heavy_tailed(500_000, 7).reshape(5, 10, 100, 100).to(memory_format=torch.channels_last),
         lambda: _heavy_tailed(300_000, 8, torch.float64),
+        lambda: _heavy_tailed(4_000_000, 9)[::2],  # a strided 1-D view: copied chunk by chunk
+        lambda: _heavy_tailed(4_000_000, 10).reshape(2000, 2000)[:, ::2],  # flattens to a strided view
+        # uniformly initialised bf16 weights: coarse values bias float32 rounding (shorter chunks)
+        lambda: (
+            torch.empty(4096, 4096)
+            .uniform_(-1 / 64, 1 / 64, generator=torch.Generator().manual_seed(0))
+            .bfloat16()
+        ),
     ],
 )
 def test_sq_norms_match_float64_to_1e6_on_any_size(make) -> None:

@@ -110,6 +110,9 @@ CPU_SMALL = 1 << 13
 #: within ~4e-7 relative (measured on heavy-tailed data; ~5e-8 typical) and the per-call cost
 #: (~10 us) is small beside the chunk's read.
 CPU_CHUNK = 1 << 18
+#: Chunk length for fp16/bf16 tensors (upcast chunk by chunk): 3.6e-7 relative on uniformly
+#: initialised bf16 weights, against 2.9e-6 with :data:`CPU_CHUNK`.
+CPU_CHUNK_LOW_PRECISION = 1 << 16
 
 
 def sq_norms(tensors: Sequence[Tensor], *, same_device: bool = False, all_float32: bool = False) -> Tensor:
@@ -166,10 +169,14 @@ def sq_norms(tensors: Sequence[Tensor], *, same_device: bool = False, all_float3
             dots.append(dot(flat, flat))
             owners.append(i)
             continue
-        flat = _memory_order(t).reshape(-1)  # a view unless the tensor has gaps
-        for chunk in flat.split(CPU_CHUNK):
-            if chunk.dtype not in _DOT_DTYPES:
+        flat = _memory_order(t).reshape(-1)  # a view (maybe strided) unless the tensor has gaps
+        upcast = flat.dtype not in _DOT_DTYPES
+        # fp16/bf16 values are coarse, so float32 rounding of their running sum is biased: shorter chunks
+        for chunk in flat.split(CPU_CHUNK_LOW_PRECISION if upcast else CPU_CHUNK):
+            if upcast:
                 chunk = chunk.float()
+            elif not chunk.is_contiguous():
+                chunk = chunk.contiguous()  # BLAS on a strided vector accumulates ~10x less accurately
             dots.append(dot(chunk, chunk))
             owners.append(i)
     parts = [torch.stack(dots).to(dt)] if dots else []
