@@ -400,3 +400,30 @@ def test_metadata_json_cannot_write_is_kept_as_text(tmp_path: Path) -> None:
     run = gs.read_jsonl(path)
     assert len(run.records) == 1
     assert run.header.meta["where"] == str(tmp_path) and run.header.meta["lr"] == 0.5
+
+
+@pytest.mark.parametrize("losses", [[-5.0 + 0.01 * s for s in range(12)], [0.0] * 6 + [1e-12] * 6])
+def test_rollback_does_not_take_negative_or_zero_losses_for_divergence(losses: list[float]) -> None:
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rb = gs.Rollback(model, opt, every=1)
+    for value in losses:
+        out = model(torch.randn(2, 4)).sum() * 0 + value
+        out.backward()
+        assert not rb(model.parameters(), loss=out).skip
+        opt.step()
+        opt.zero_grad()
+
+
+def test_rollback_still_catches_a_spike_of_a_negative_loss() -> None:
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rb = gs.Rollback(model, opt, every=1, loss_factor=10.0)
+    for s in range(10):
+        value = -5.0 + 0.01 * s if s < 9 else 60.0  # 65 above a median of -4.96: > 9 x 4.96
+        out = model(torch.randn(2, 4)).sum() * 0 + value
+        out.backward()
+        result = rb(model.parameters(), loss=out)
+        assert result.skip == (s == 9)
+        opt.step()
+        opt.zero_grad()

@@ -85,8 +85,11 @@ class Rollback:
     """Snapshot model and optimizer every ``every`` steps; restore the last good one on divergence.
 
     Call it after ``backward()`` and before ``optimizer.step()`` with the step's loss. A step diverges
-    when the loss or a gradient is non-finite, or the loss exceeds ``loss_factor`` times the median of
-    the last ``window`` good losses (once ``min_history`` losses are known). On divergence it (1) calls
+    when the loss or a gradient is non-finite, or the loss rises above the median of the last
+    ``window`` good losses by more than ``loss_factor - 1`` times their scale (once ``min_history``
+    losses are known). The scale is ``|median|``, or the losses' spread (1.4826 x MAD) when larger:
+    for positive losses this is ``loss > loss_factor * median``; it also holds for losses that are
+    negative or near zero (log-likelihoods, RL objectives), and constant losses are never a spike. On divergence it (1) calls
     ``replay`` (if given) while the diverged weights are still in place, e.g. a closure that reruns the
     failing batch with the Monitor's non-finite origin location on, so a finding names where the
     NaN/inf came from; (2) restores the latest snapshot bit for bit (the k-th restore in a row without a
@@ -221,10 +224,12 @@ class Rollback:
             return None
         if not math.isfinite(loss):
             return "nonfinite_loss"
-        if len(self.losses) >= max(self.min_history, 1) and loss > self.loss_factor * statistics.median(
-            self.losses
-        ):
-            return "loss_spike"
+        if len(self.losses) >= max(self.min_history, 1):
+            med = statistics.median(self.losses)
+            spread = 1.4826 * statistics.median(abs(x - med) for x in self.losses)
+            scale = max(abs(med), spread)  # |median| for positive losses: loss > loss_factor * median
+            if scale > 0 and loss - med > (self.loss_factor - 1.0) * scale:
+                return "loss_spike"
         return None
 
     def good_step(self, loss: float | None) -> bool:
