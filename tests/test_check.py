@@ -27,7 +27,11 @@ TARGETS = str(Path(__file__).with_name("check_targets.py"))
 
 def _run_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
     code = main(["check", *args, "--json"])
-    return code, json.loads(capsys.readouterr().out)
+
+    def strict(token: str) -> float:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    return code, json.loads(capsys.readouterr().out, parse_constant=strict)
 
 
 def test_sigmoid_mlp_vanishes_and_lsuv_fixes_it(capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,6 +90,7 @@ def test_nan_gradients_at_init_exit_1(capsys: pytest.CaptureFixture[str]) -> Non
     code, report = _run_json(capsys, f"{TARGETS}:overflowing", "--input-shape", "64")
     assert code == 1
     assert "nonfinite" in [f["kind"] for f in report["findings"]]
+    assert report["rows"][0]["grad_norm"] == "nan"  # strict JSON: the NaN is kept as a string
 
 
 def test_table_numbers_against_an_independent_computation() -> None:

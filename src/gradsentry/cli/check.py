@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, cast
 
 import typer
@@ -60,7 +61,11 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(
             0, "--seed", min=0, max=2**32 - 1, help="seeds the model's init, the batch and the targets"
         ),
-        as_json: bool = typer.Option(False, "--json", help="print the report as JSON (for machines)"),
+        as_json: bool = typer.Option(
+            False,
+            "--json",
+            help='print the report as strict JSON (for machines); NaN/inf are the strings "nan", "inf", "-inf"',
+        ),
         fix: str | None = typer.Option(
             None,
             "--fix",
@@ -137,7 +142,7 @@ def register(app: typer.Typer) -> None:
         except (TargetError, InputFitError, ValueError) as exc:
             raise fail(str(exc)) from None
         if as_json:
-            typer.echo(json.dumps(report.to_dict(), allow_nan=True, indent=1))
+            typer.echo(json.dumps(_json_safe(report.to_dict()), allow_nan=False, indent=1))
         else:
             out = Console()
             if not out.is_terminal:
@@ -210,3 +215,15 @@ def _print_report(report: CheckReport, console: Console, target: str) -> None:
         for remedy in f.remedies[:3]:
             api = f"  ({remedy.api})" if remedy.api else ""
             console.print(Text(f"    fix: {remedy.action}{api}", style="dim"))
+
+
+def _json_safe(obj: object) -> object:
+    """``obj`` with every non-finite float replaced by ``"nan"``, ``"inf"`` or ``"-inf"``: strict JSON
+    parsers reject the bare ``NaN``/``Infinity`` tokens, and a NaN gradient is evidence to keep."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
