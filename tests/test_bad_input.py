@@ -427,3 +427,34 @@ def test_rollback_still_catches_a_spike_of_a_negative_loss() -> None:
         assert result.skip == (s == 9)
         opt.step()
         opt.zero_grad()
+
+
+def test_layers_that_run_on_alternate_steps_are_not_stalled() -> None:
+    class Alternating(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.head(torch.tanh((self.a if self.calls % 2 else self.b)(x)))
+
+    torch.manual_seed(0)
+    model = Alternating()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gs.Monitor(model, optimizer=opt) as mon:
+        for _ in range(12):
+            nn.functional.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 2, (16,))).backward()
+            mon.step()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        findings = mon.diagnose()
+    assert "stalled_layer" not in [f.kind for f in findings]
+    ratios = {layer.name: layer.update_ratio for layer in mon.records[-1].layers}
+    assert ratios["head"] is not None and ratios["head"] > 0
+    # each branch either has no gradient now or was not updated by the last optimizer step: no ratio
+    # (it was a 0.0 that read as a stalled layer)
+    assert ratios["a"] is None and ratios["b"] is None

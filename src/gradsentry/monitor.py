@@ -60,6 +60,7 @@ class _Pending:
     """Device tensors gathered between two logged steps, read with the next transfer."""
 
     update_sq: Tensor | None = None
+    update_layers: frozenset[int] | None = None  # layers with a gradient at that optimizer step
     acts: dict[str, Tensor] = field(default_factory=dict)
     hists: dict[str, Tensor] = field(default_factory=dict)
     finite_flags: list[tuple[str, Tensor]] = field(default_factory=list)
@@ -240,6 +241,7 @@ class Monitor:
         self._all_float32 = False
         self._snapshot: list[Tensor] | None = None
         self._snapshot_buffer: list[Tensor] | None = None  # CPU only: reused across logged steps
+        self._update_layers: frozenset[int] | None = None
         self._warned_no_grad = False
         self._remedy_params: set[str] | None = None
         self._arm_for(self._next_log)
@@ -391,6 +393,17 @@ class Monitor:
         t0 = time.perf_counter()
         params, _ = self._all_params()
         self._snapshot = self._copy_weights([_dist.local(p).detach() for p in params])
+        # A layer without a gradient at this optimizer step (a branch not taken, an unused expert)
+        # gets no update-to-weight ratio rather than a 0 that reads as a stalled layer.
+        self._update_layers = (
+            frozenset(
+                o
+                for o, p in zip(self._owners_all, params, strict=True)
+                if p.grad is not None and p.requires_grad
+            )
+            if self._dist is None
+            else None
+        )
         if not self._opt_handles:
             self._opt_handles.append(self.optimizer.register_step_post_hook(self._opt_post))
         self._hook_time += time.perf_counter() - t0
@@ -443,6 +456,7 @@ class Monitor:
             torch._foreach_sub_(snap, [_dist.local(p).detach() for p in params])
             sq = _dist.sq_norms(self._dist, snap, like=params)
             self._pending.update_sq = stats.layer_sum(sq, index.to(sq.device), len(self._layers))
+            self._pending.update_layers = self._update_layers
             self._snapshot = None
         self._disarm_optimizer()
         self._hook_time += time.perf_counter() - t0
@@ -705,9 +719,12 @@ class Monitor:
         wnorms = [None if x is None else sqrt(x) for x in w_sq_l]
         ratios: list[float | None] = [None] * L
         if u_sq is not None:
+            updated = self._pending.update_layers
             ratios = [
-                None if wn is None or not n else (sqrt(u) / wn if wn > 0 else (math.inf if u > 0 else 0.0))
-                for u, wn, n in zip(u_sq, wnorms, numel, strict=True)
+                None
+                if wn is None or not n or (updated is not None and i not in updated)
+                else (sqrt(u) / wn if wn > 0 else (math.inf if u > 0 else 0.0))
+                for i, (u, wn, n) in enumerate(zip(u_sq, wnorms, numel, strict=True))
             ]
         maxes = [(m if n else 0.0) for m, n in zip(g_max_l, numel, strict=True)] if self.max_abs else g_max_l
         layer_stats = [
