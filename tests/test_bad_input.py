@@ -458,3 +458,12 @@ def test_layers_that_run_on_alternate_steps_are_not_stalled() -> None:
     # each branch either has no gradient now or was not updated by the last optimizer step: no ratio
     # (it was a 0.0 that read as a stalled layer)
     assert ratios["a"] is None and ratios["b"] is None
+
+
+def test_analyze_says_which_early_points_the_spike_test_cannot_judge(tmp_path: Path, capsys) -> None:
+    history = [{"step": s, "loss": 2.0 - 0.01 * s, "grad_norm": 1e6 if s == 5 else 1.0} for s in range(40)]
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": history, "global_step": 40}))
+    main(["analyze", str(state), "--json"])
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any("first 10 logged gradient norms (steps 0..9)" in n for n in notes)

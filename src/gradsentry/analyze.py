@@ -956,6 +956,13 @@ def analyze_log(
     series = load_series(path, format=format, tags=tags)
     th = replace(thresholds or AnalyzeThresholds(), **overrides)
     findings = detect(series, th)
+    steps, _ = _finite_positive(series, "grad_norm") if series.has("grad_norm") else (np.array([]), None)
+    if steps.size:  # say which points the spike test could not judge, so "healthy" is not overread
+        k = min(th.spike_min_history, int(steps.size))
+        series.notes.append(
+            f"the first {k} logged gradient norms (steps {int(steps[0])}..{int(steps[k - 1])}) have too "
+            "little history for the spike test; there only NaN/inf, growth and loss divergence are caught"
+        )
     if series.source == "jsonl":  # a gradsentry run also has per-layer records: diagnose them too
         from gradsentry.diagnose import diagnose
         from gradsentry.sinks.jsonl import read_jsonl
