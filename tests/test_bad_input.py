@@ -467,3 +467,27 @@ def test_analyze_says_which_early_points_the_spike_test_cannot_judge(tmp_path: P
     main(["analyze", str(state), "--json"])
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any("first 10 logged gradient norms (steps 0..9)" in n for n in notes)
+
+
+@pytest.mark.parametrize("damage", ["cut", "flip"])
+def test_a_damaged_tensorboard_file_is_read_up_to_the_damage_and_says_so(tmp_path: Path, damage: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradsentry.logs.tensorboard import read_tensorboard
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for s in range(100):
+        writer.add_scalar("train/grad_norm", math.nan if s == 70 else 1.0, s)
+        writer.add_scalar("train/loss", 1.0, s)
+    writer.close()
+    (event,) = (tmp_path / "run").iterdir()
+    data = bytearray(event.read_bytes())
+    if damage == "cut":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    event.write_bytes(bytes(data))
+    series = read_tensorboard(tmp_path / "run")
+    assert 0 < len(series.steps) < 70
+    kind = "truncated record" if damage == "cut" else "corrupt record"
+    assert any(f"reading stopped at a {kind}" in n for n in series.notes)

@@ -8,6 +8,7 @@ are stored as float32; when a run restarted, the accumulator drops the orphaned 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -74,10 +75,22 @@ def read_tensorboard(path: str | os.PathLike[str], *, tags: dict[str, str] | Non
     p = Path(path)
     run = resolve_run(p)
     acc = ea.EventAccumulator(str(run), size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
+    tb_log = logging.getLogger("tensorboard")
+    level, propagate = tb_log.level, tb_log.propagate
+    damaged = _DamageLog(forward_from=tb_log.getEffectiveLevel() if propagate else None)
+    tb_log.addHandler(damaged)
+    # tensorboard reports a cut or corrupt record only at DEBUG: listen there, pass on what the
+    # user's logging would have shown anyway
+    tb_log.setLevel(logging.DEBUG)
+    tb_log.propagate = False
     try:
         acc.Reload()
     except Exception as exc:  # tensorboard raises its own error types for unreadable files
         raise LogFormatError(f"{run}: could not read TensorBoard events ({exc})") from exc
+    finally:
+        tb_log.removeHandler(damaged)
+        tb_log.setLevel(level)
+        tb_log.propagate = propagate
     tag_lists = acc.Tags()
     scalar_tags = list(tag_lists.get("scalars", []))
     # tf.summary v2 (Keras) stores scalars as rank-0 tensors of the "scalars" plugin
@@ -121,10 +134,31 @@ def read_tensorboard(path: str | os.PathLike[str], *, tags: dict[str, str] | Non
                 )
             points[name][int(tev.step)] = float(arr.reshape(()))
     found = {name: tag for name, tag in chosen.items() if tag is not None}
-    return build_series(
-        points,
-        source="tensorboard",
-        path=str(run),
-        fields=found,
-        notes=["TensorBoard scalars are stored as float32"],
-    )
+    notes = ["TensorBoard scalars are stored as float32"]
+    notes += [
+        f"{reason}: only the events before it were read (a run killed mid-write, or a damaged file)"
+        for reason in damaged.reasons
+    ]
+    return build_series(points, source="tensorboard", path=str(run), fields=found, notes=notes)
+
+
+class _DamageLog(logging.Handler):
+    """Collects tensorboard's "Truncated record in FILE (reason)" messages (a cut or corrupt record
+    ends the reading of that file silently otherwise)."""
+
+    def __init__(self, forward_from: int | None) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.reasons: list[str] = []
+        self.forward_from = forward_from
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.forward_from is not None and record.levelno >= self.forward_from:
+            logging.getLogger().handle(record)  # as propagation would have
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record must not break reading
+            return
+        if message.startswith("Truncated record in "):
+            where, _, why = message[len("Truncated record in ") :].partition(" (")
+            kind = "corrupt record (checksum)" if "crc" in why else "truncated record"
+            self.reasons.append(f"{Path(where).name}: reading stopped at a {kind}")
