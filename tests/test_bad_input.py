@@ -491,3 +491,19 @@ def test_a_damaged_tensorboard_file_is_read_up_to_the_damage_and_says_so(tmp_pat
     assert 0 < len(series.steps) < 70
     kind = "truncated record" if damage == "cut" else "corrupt record"
     assert any(f"reading stopped at a {kind}" in n for n in series.notes)
+
+
+def test_ragged_csv_bom_prefixed_jsonl_and_a_file_as_output_directory(tmp_path: Path, capsys) -> None:
+    ragged = tmp_path / "metrics.csv"
+    ragged.write_text("step,loss,grad_norm\n1,2\n2,3,4,5,6\n3\n")
+    assert main(["analyze", str(ragged)]) == 2
+    assert "2 cells for 3 header columns" in capsys.readouterr().err
+    log = _small_run(tmp_path / "run.jsonl")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + log.read_bytes())
+    assert len(gs.read_jsonl(bom).records) == 3
+    assert main(["analyze", str(bom), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "jsonl"
+    (tmp_path / "afile").write_text("x")
+    assert main(["report", str(log), "--out", str(tmp_path / "afile" / "r.html")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err

@@ -72,6 +72,9 @@ def register(app: typer.Typer) -> None:
         except OSError as exc:
             raise fail(f"{path}: cannot read ({exc.strerror or exc})") from None
         html = render_lab_report(lab_result) if lab_result is not None else render_run_report(run)  # type: ignore[arg-type]
+        blocking = next((d for d in (target.parent, *target.parent.parents) if d.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise fail(f"cannot write {str(target)!r}: {str(blocking)!r} is a file, not a directory")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(target, html)

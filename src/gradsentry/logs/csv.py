@@ -55,7 +55,7 @@ def read_csv(path: str | os.PathLike[str], *, tags: dict[str, str] | None = None
     if p.is_dir():
         p = p / "metrics.csv"
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the header
     except UnicodeDecodeError as exc:
         raise LogFormatError(f"{p}: not a text file; expected {EXPECTED_FORMATS}") from exc
     if not text.strip():
@@ -81,6 +81,13 @@ def read_csv(path: str | os.PathLike[str], *, tags: dict[str, str] | None = None
     points: dict[FieldName, dict[int, float]] = {"loss": {}, "grad_norm": {}, "lr": {}}
     for lineno, row in enumerate(reader, start=2):
         where = f"{p}:{lineno}"
+        if None in row or any(v is None for v in row.values()):  # more or fewer cells than the header
+            extra = len(row.get(None) or [])  # type: ignore[call-overload]
+            missing = sum(v is None for k, v in row.items() if k is not None)
+            raise LogFormatError(
+                f"{where}: {len(columns) + extra - missing} cells for {len(columns)} header columns; "
+                "a CSV log needs one cell per column on every row"
+            )
         cells = {name: row.get(col) if col is not None else None for name, col in chosen.items()}
         if all(c is None or c.strip() == "" for c in cells.values()):
             continue  # a validation-only row

@@ -110,7 +110,7 @@ def sniff_format(path: str | os.PathLike[str]) -> str:
             f"{p}: binary file (not text, not named events.out.tfevents.*); expected {EXPECTED_FORMATS}"
         )
     try:
-        text_head = head.decode("utf-8")
+        text_head = head.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         if exc.start < len(head) - 4:  # not merely a multi-byte character cut at the sniff boundary
             raise LogFormatError(

@@ -63,7 +63,7 @@ def read_hf(path: str | os.PathLike[str], *, data: Any = None) -> Series:
         p = p / "trainer_state.json"
     if data is None:
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
             raise LogFormatError(f"{p}: not a text file; expected {EXPECTED_FORMATS}") from exc
         data = parse_json_text(text, str(p))

@@ -77,7 +77,7 @@ def read_mmengine(path: str | os.PathLike[str], *, tags: dict[str, str] | None =
                 p = cand
                 break
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise LogFormatError(f"{p}: not a text file; expected {EXPECTED_FORMATS}") from exc
     rows = parse_json_lines(text, str(p))

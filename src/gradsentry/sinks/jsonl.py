@@ -113,7 +113,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> Run:
         raise LogFormatError(f"{p}: is a directory, expected a gradsentry .jsonl file")
     raw = p.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark (some editors add one)
     except UnicodeDecodeError as exc:
         raise LogFormatError(
             f"{p}: not a text file (byte {exc.start} is not UTF-8); expected gradsentry JSONL"
