@@ -507,3 +507,17 @@ def test_ragged_csv_bom_prefixed_jsonl_and_a_file_as_output_directory(tmp_path: 
     (tmp_path / "afile").write_text("x")
     assert main(["report", str(log), "--out", str(tmp_path / "afile" / "r.html")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_a_remedy_run_by_the_monitor_names_the_monitors_layers() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with gs.Monitor(model, remedy=gs.NonFiniteGuard()) as mon:
+        model(torch.randn(3, 4)).sum().backward()
+        model[2].weight.grad[0, 0] = math.nan
+        rec = mon.step(loss=1.0)
+    assert rec is not None and rec.actions[0]["skipped"]
+    assert rec.actions[0]["layers"] == ["2"]  # was "param[2]"
+    # outside the Monitor, a remedy without model= still falls back to positions
+    model(torch.randn(3, 4)).sum().backward()
+    model[0].bias.grad[0] = math.inf
+    assert gs.NonFiniteGuard()(model.parameters()).to_dict()["layers"] == ["param[1]"]

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradsentry import _dist, stats
 from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, RunHeader, StepRecord
+from gradsentry.remedies.base import lend_names, param_names
 from gradsentry.sinks.base import SafeSink, Sink
 
 log = logging.getLogger("gradsentry")
@@ -242,6 +243,7 @@ class Monitor:
         self._snapshot: list[Tensor] | None = None
         self._snapshot_buffer: list[Tensor] | None = None  # CPU only: reused across logged steps
         self._update_layers: frozenset[int] | None = None
+        self._remedy_names: dict[int, tuple[str, str]] | None = None
         self._warned_no_grad = False
         self._remedy_params: set[str] | None = None
         self._arm_for(self._next_log)
@@ -511,7 +513,10 @@ class Monitor:
             kwargs["norms"] = norms
         if self._remedy_takes("loss"):
             kwargs["loss"] = loss
-        return self.remedy(params, **kwargs)
+        if self._remedy_names is None:
+            self._remedy_names = param_names(self.model)
+        with lend_names(self._remedy_names):  # so that its records name the Monitor's layers
+            return self.remedy(params, **kwargs)
 
     def _remedy_takes(self, name: str) -> bool:
         if self._remedy_params is None:

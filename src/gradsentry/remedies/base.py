@@ -12,7 +12,9 @@ per-tensor gradient L2 norms aligned with ``[p for p in params if p.grad is not 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -381,10 +383,28 @@ def param_names(model: nn.Module) -> dict[int, tuple[str, str]]:
     return names
 
 
+#: Parameter names lent by a caller that knows the model (the Monitor, while it runs its remedy),
+#: used by remedies constructed without ``model=``.
+_LENT_NAMES: ContextVar[Mapping[int, tuple[str, str]] | None] = ContextVar("gradsentry_names", default=None)
+
+
+@contextmanager
+def lend_names(names: Mapping[int, tuple[str, str]] | None) -> Iterator[None]:
+    """Within the block, remedies without a model of their own name layers from ``names``
+    (``id(parameter) -> (layer name, parameter name)``, as :func:`param_names` builds)."""
+    token = _LENT_NAMES.set(names)
+    try:
+        yield
+    finally:
+        _LENT_NAMES.reset(token)
+
+
 def names_for(
     params: Sequence[Tensor], names: Mapping[int, tuple[str, str]] | None, *, layer: bool
 ) -> list[str]:
-    """Layer (``layer=True``) or parameter names of ``params``; ``"param[i]"`` when no model is known."""
+    """Layer (``layer=True``) or parameter names of ``params``; ``"param[i]"`` when no model is known
+    (neither given to the remedy nor lent by :func:`lend_names`)."""
+    names = names or _LENT_NAMES.get()
     out = []
     for i, p in enumerate(params):
         entry = names.get(id(p)) if names else None
