@@ -521,3 +521,8 @@ def test_a_remedy_run_by_the_monitor_names_the_monitors_layers() -> None:
     model(torch.randn(3, 4)).sum().backward()
     model[0].bias.grad[0] = math.inf
     assert gs.NonFiniteGuard()(model.parameters()).to_dict()["layers"] == ["param[1]"]
+
+
+def test_check_with_an_empty_target_names_the_target(capsys) -> None:
+    assert main(["check", ""]) == 2
+    assert "TARGET is empty" in capsys.readouterr().err

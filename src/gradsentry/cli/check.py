@@ -100,6 +100,8 @@ def register(app: typer.Typer) -> None:
             err.print(Text.assemble(("error: ", "red"), message), highlight=False)
             return typer.Exit(EXIT_USAGE)
 
+        if not target.strip():
+            raise fail("TARGET is empty: give path/to/file.py:factory or package.module:factory")
         if loss not in LOSSES:
             raise fail(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if fix is not None and fix not in FIXES:
