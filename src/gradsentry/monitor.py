@@ -4,8 +4,9 @@ Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`M
 increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one pass
 over the gradients for the L2 norms (:func:`gradsentry.stats.sq_norms`: a fused ``torch._foreach_norm``
 on accelerators, chunked BLAS dots on CPU), one for max |g| (``aminmax`` on CPU), one L2 pass over
-the weights, reduces them into layers on the device, and moves one small tensor to the host. ``max_abs=False, weight_norms=False`` leaves a single read of the gradients, whose
-per-tensor norms a norm-based remedy (e.g. ``ClipGlobalNorm``) given as ``remedy=`` then reuses.
+the weights, reduces them into layers on the device, and moves one small tensor to the host.
+``max_abs=False, weight_norms=False`` leaves a single read of the gradients, whose per-tensor norms
+a norm-based remedy (e.g. ``ClipGlobalNorm``) given as ``remedy=`` then reuses.
 """
 
 from __future__ import annotations
@@ -870,40 +871,39 @@ class Monitor:
             self._grad_set_cache = {key: cached}
         return cached
 
-    def _exact_sq(self, layers: list[int]) -> dict[int, float]:
-        """Squared gradient norms of these layers from float64 squares (one more read of their
-        gradients and one more transfer; an all-reduce when sharded: the same layers on every rank)."""
+    def _layer_totals(self, layers: list[int], per_grad: Callable[[Tensor], Tensor]) -> list[float]:
+        """``sum(per_grad(g))`` over the raw gradients (this rank's counted parts, sparse ones as their
+        entries) of each of these layers, summed over ranks when sharded; one more transfer.
+
+        Only called on the rare layers a logged step flags, which are the same on every rank (they
+        are decided from reduced figures), so a sharded total is one more all-reduce.
+        """
         device = self._all_params()[0][0].device
-        raw = dict(zip(map(id, self._raw_grads[0]), self._raw_grads[1], strict=True))
         dt = stats.reduce_dtype(device)
-        sums = []
+        raw = dict(zip(map(id, self._raw_grads[0]), self._raw_grads[1], strict=True))
+        totals = []
         for i in layers:
             ps = [p for p in self._layers[i].params if raw.get(id(p)) is not None]
             keep = self._dist.counted(ps) if self._dist is not None else [True] * len(ps)
-            grads = [stats.entries(_dist.local(raw[id(p)])) for p, k in zip(ps, keep, strict=True) if k]  # type: ignore[arg-type]
+            grads = [
+                stats.entries(_dist.local(raw[id(p)])).detach() for p, k in zip(ps, keep, strict=True) if k
+            ]
             zero = torch.zeros((), dtype=dt, device=device)
-            sums.append(sum((g.detach().to(dt).square().sum().to(device) for g in grads), zero))
-        total = torch.stack(sums)
+            totals.append(sum((per_grad(g).to(device, dt) for g in grads), zero))
+        total = torch.stack(totals)
         if self._dist is not None and self._dist.sharded:
             total = self._dist.all_reduce_(total, "sum")
-        return dict(zip(layers, total.cpu().tolist(), strict=True))
+        return total.cpu().tolist()
+
+    def _exact_sq(self, layers: list[int]) -> dict[int, float]:
+        """Squared gradient norms of these layers from float64 squares (CPU/CUDA)."""
+        dt = stats.reduce_dtype(self._all_params()[0][0].device)
+        return dict(zip(layers, self._layer_totals(layers, lambda g: g.to(dt).square().sum()), strict=True))
 
     def _count_nonfinite(self, layers: list[int]) -> dict[int, int]:
-        """Count NaN/inf gradient entries of these layers (only called for layers whose norm is not
-        finite; the same layers on every rank, so a sharded count is one more all-reduce)."""
-        device = self._all_params()[0][0].device
-        counts = []
-        raw = dict(zip(map(id, self._raw_grads[0]), self._raw_grads[1], strict=True))
-        for i in layers:
-            ps = [p for p in self._layers[i].params if raw.get(id(p)) is not None]
-            keep = self._dist.counted(ps) if self._dist is not None else [True] * len(ps)
-            grads = [_dist.local(raw[id(p)]) for p, k in zip(ps, keep, strict=True) if k]  # type: ignore[arg-type]
-            zero = torch.zeros((), dtype=torch.int64, device=device)
-            counts.append(sum(((~torch.isfinite(stats.entries(g))).sum().to(device) for g in grads), zero))
-        total = torch.stack(counts).to(torch.float64)
-        if self._dist is not None and self._dist.sharded:
-            total = self._dist.all_reduce_(total, "sum")
-        return dict(zip(layers, (int(c) for c in total.cpu().tolist()), strict=True))
+        """Count NaN/inf gradient entries of these layers (called for layers whose norm is not finite)."""
+        counts = self._layer_totals(layers, lambda g: (~torch.isfinite(g)).sum())
+        return dict(zip(layers, (int(c) for c in counts), strict=True))
 
     def _agree_every(self, agreed: int) -> None:
         """Apply the largest ``every`` that any rank proposed (overhead_budget under distributed)."""
