@@ -81,9 +81,10 @@ def foreach_norms(
         raise ValueError("foreach_norms needs at least one tensor")
     tensors = _strided(tensors)
     device = tensors[0].device
-    if all_float32 and (same_device or all(t.device == device for t in tensors)):
+    one_device = same_device or all(t.device == device for t in tensors)
+    if one_device and all_float32:
         return torch.stack(torch._foreach_norm(list(tensors), ord))
-    if (same_device or all(t.device == device for t in tensors)) and all(t.dtype in _UPCAST for t in tensors):
+    if one_device and all(t.dtype in _UPCAST for t in tensors):
         return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
     # Several devices, or float64 tensors (whose norms torch computes in float64, not narrowed).
     out = torch.empty(len(tensors), dtype=torch.float32, device=device)

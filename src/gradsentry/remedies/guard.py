@@ -9,7 +9,6 @@ AdamW, foreach and fused). Zeroed gradients would still let momentum and weight 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -153,25 +152,28 @@ class NonFiniteGuard:
             norms = per_tensor_norms(grads)
         bad = ~torch.isfinite(norms)
         bad_any = bad.any()
+        loss_bad = torch.zeros_like(bad_any)
         if self.check_loss and loss is not None:
-            bad_any = bad_any | ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32)).to(bad_any.device)
+            loss_bad = ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32)).to(bad_any.device)
+            bad_any = bad_any | loss_bad
         bad_any = _dist.any_rank(bad_any)  # under torch.distributed: skip on every rank or on none
         names = names_for(ps, self._names, layer=True)
         before = total_norm(norms)
         if not self.sync:
             return self._device_skip(bad, bad_any, before, names)
-        flags = torch.cat([bad_any.view(1), bad]).tolist()  # the one host sync
-        if flags[0] and any(flags[1:]) and not _dist.is_multi_rank():
+        # the one host sync: [skip, loss not finite, one flag per tensor]
+        flags = torch.cat([bad_any.view(1), loss_bad.view(1).to(bad.device), bad]).tolist()
+        tensor_flags = flags[2:]
+        if flags[0] and any(tensor_flags) and not _dist.is_multi_rank():
             # A float32 norm is also inf when a finite gradient's norm exceeds ~1.8e19: look at the
             # entries of the flagged tensors (a rare path: one more copy to the host; single process
             # only, since ranks must agree on skipping).
-            flagged = [i for i, f in enumerate(flags[1:]) if f]
+            flagged = [i for i, f in enumerate(tensor_flags) if f]
             really = torch.stack([~torch.isfinite(grads[i]).all() for i in flagged]).tolist()
             for i, r in zip(flagged, really, strict=True):
-                flags[1 + i] = r
-            loss_bad = self.check_loss and loss is not None and not math.isfinite(float(loss))
-            flags[0] = any(flags[1:]) or loss_bad
-        mask = torch.tensor(flags[1:], dtype=torch.bool)
+                tensor_flags[i] = r
+            flags[0] = any(tensor_flags) or flags[1]
+        mask = torch.tensor(tensor_flags, dtype=torch.bool)
         if not flags[0]:
             self.consecutive = 0
             return RemedyResult(
