@@ -90,7 +90,7 @@ def test_nan_gradients_at_init_exit_1(capsys: pytest.CaptureFixture[str]) -> Non
     code, report = _run_json(capsys, f"{TARGETS}:overflowing", "--input-shape", "64")
     assert code == 1
     assert "nonfinite" in [f["kind"] for f in report["findings"]]
-    assert report["rows"][0]["grad_norm"] == "nan"  # strict JSON: the NaN is kept as a string
+    assert report["rows"][0]["grad_norm"] == "NaN"  # strict JSON: the NaN is kept as a string
 
 
 def test_table_numbers_against_an_independent_computation() -> None:

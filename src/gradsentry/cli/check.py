@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import TYPE_CHECKING, cast
 
 import typer
@@ -64,7 +63,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(
             False,
             "--json",
-            help='print the report as strict JSON (for machines); NaN/inf are the strings "nan", "inf", "-inf"',
+            help='print the report as strict JSON (for machines); NaN/inf are the strings "NaN", "Infinity", '
+            '"-Infinity", as in analyze --json',
         ),
         fix: str | None = typer.Option(
             None,
@@ -144,7 +144,9 @@ def register(app: typer.Typer) -> None:
         except (TargetError, InputFitError, ValueError) as exc:
             raise fail(str(exc)) from None
         if as_json:
-            typer.echo(json.dumps(_json_safe(report.to_dict()), allow_nan=False, indent=1))
+            from gradsentry.logs.series import json_safe
+
+            typer.echo(json.dumps(json_safe(report.to_dict()), allow_nan=False, indent=1))
         else:
             out = Console()
             if not out.is_terminal:
@@ -217,15 +219,3 @@ def _print_report(report: CheckReport, console: Console, target: str) -> None:
         for remedy in f.remedies[:3]:
             api = f"  ({remedy.api})" if remedy.api else ""
             console.print(Text(f"    fix: {remedy.action}{api}", style="dim"))
-
-
-def _json_safe(obj: object) -> object:
-    """``obj`` with every non-finite float replaced by ``"nan"``, ``"inf"`` or ``"-inf"``: strict JSON
-    parsers reject the bare ``NaN``/``Infinity`` tokens, and a NaN gradient is evidence to keep."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -93,7 +93,8 @@ class Series:
             eval entries, large step gaps).
 
     Raises:
-        ValueError: from the constructor when the lists differ in length or steps are not increasing.
+        ValueError: from the constructor when the lists differ in length, or steps are not increasing
+            or do not fit in 64 bits.
     """
 
     steps: list[int]
@@ -113,7 +114,8 @@ class Series:
         if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
             raise ValueError("Series.steps must be strictly increasing")
         if self.steps and not (self.steps[0] >= -(2**63) and self.steps[-1] < 2**63):
-            raise ValueError(f"Series.steps must fit in 64 bits, got {self.steps[0]} .. {self.steps[-1]}")
+            bad = self.steps[-1] if self.steps[-1] >= 2**63 else self.steps[0]
+            raise ValueError(f"step {bad} is out of range (steps must fit in 64 bits)")
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -246,24 +248,24 @@ def build_series(
         raise LogFormatError(
             f"{path}: no training loss or gradient norm values found; expected {EXPECTED_FORMATS}"
         )
-    if not (all_steps[0] >= -(2**63) and all_steps[-1] < 2**63):
-        bad = all_steps[-1] if all_steps[-1] >= 2**63 else all_steps[0]
-        raise LogFormatError(f"{path}: step {bad} is out of range (steps must fit in 64 bits)")
     cols = {name: [points.get(name, {}).get(s) for s in all_steps] for name in FIELDS}
     out_notes = list(notes)
     gap = largest_gap(all_steps)
     if gap is not None:
         out_notes.append(gap)
-    return Series(
-        steps=all_steps,
-        loss=cols["loss"],
-        grad_norm=cols["grad_norm"],
-        lr=cols["lr"],
-        source=source,
-        path=path,
-        fields={str(k): v for k, v in fields.items()},
-        notes=out_notes,
-    )
+    try:
+        return Series(
+            steps=all_steps,
+            loss=cols["loss"],
+            grad_norm=cols["grad_norm"],
+            lr=cols["lr"],
+            source=source,
+            path=path,
+            fields={str(k): v for k, v in fields.items()},
+            notes=out_notes,
+        )
+    except ValueError as exc:  # steps out of the 64-bit range (the rest is built consistent here)
+        raise LogFormatError(f"{path}: {exc}") from None
 
 
 GAP_NOTE_FACTOR = 100.0
