@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gradsentry._io import write_text_atomic
+from gradsentry.logs.series import json_safe
 from gradsentry.records import Finding, StepRecord
 
 RESULTS_SCHEMA_VERSION = 1
@@ -199,16 +201,6 @@ class LabResult:
         )
 
 
-def _encode(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if isinstance(obj, dict):
-        return {str(k): _encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v) for v in obj]
-    return obj
-
-
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -224,15 +216,13 @@ def _decode(obj: Any) -> Any:
 
 def results_to_json(result: LabResult) -> str:
     """``results.json`` text: strict JSON, non-finite floats as strings (see the module docstring)."""
-    return json.dumps(_encode(result.to_dict()), allow_nan=False, indent=1)
+    return json.dumps(json_safe(result.to_dict()), allow_nan=False, indent=1)
 
 
 def write_results(result: LabResult, path: str | os.PathLike[str]) -> Path:
     """Write ``results.json`` to ``path`` (atomically: a temporary file, then a rename)."""
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(results_to_json(result), encoding="utf-8")
-    tmp.replace(p)
+    write_text_atomic(p, results_to_json(result))
     return p
 
 

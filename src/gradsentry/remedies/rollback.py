@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsentry import _dist
+from gradsentry._io import write_atomic
 from gradsentry.remedies.base import RemedyResult, check_positive, grads_of, per_tensor_norms, total_norm
 from gradsentry.remedies.guard import scale_lr_
 
@@ -187,9 +188,7 @@ class Rollback:
             self._snapshots.append(snap)
         else:
             path = self.directory / f"snapshot-{snap['step']:08d}.pt"
-            tmp = path.with_suffix(".tmp")
-            torch.save(snap, tmp)
-            os.replace(tmp, path)
+            write_atomic(path, lambda tmp: torch.save(snap, tmp))
             if path in self._snapshots:
                 self._snapshots.remove(path)
             self._snapshots.append(path)
