@@ -91,6 +91,13 @@ class Series:
         fields: for each field found, the key, tag or column it came from, e.g. ``{"loss": "train/loss"}``.
         notes: facts about the log a reader of the analysis should know (e.g. window means, skipped
             eval entries, large step gaps).
+        skipped: steps whose optimizer step the log says was skipped (a loss scaler's overflow line:
+            DeepSpeed ``OVERFLOW! Rank 0 Skipping step``, apex ``Gradient overflow.  Skipping step``,
+            fairseq ``overflow detected``), sorted; a step here need not be in ``steps``.
+        meta: facts about the run's set-up the log states, read by the advice: ``"optimizer"``
+            (lower-case class name, e.g. ``"adamw"``, ``"sgd"``), ``"max_grad_norm"`` (the trainer's
+            clipping threshold, L2 norm; absent or None when the trainer does not clip),
+            ``"lr"`` (the base learning rate). Absent keys are unknown.
 
     Raises:
         ValueError: from the constructor when the lists differ in length, or steps are not increasing
@@ -105,6 +112,8 @@ class Series:
     path: str = ""
     fields: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.steps)
@@ -150,6 +159,8 @@ class Series:
             "loss": [json_safe(v) for v in self.loss],
             "grad_norm": [json_safe(v) for v in self.grad_norm],
             "lr": [json_safe(v) for v in self.lr],
+            "skipped": list(self.skipped),
+            "meta": json_safe(dict(self.meta)),
         }
 
 
@@ -235,6 +246,8 @@ def build_series(
     path: str,
     fields: Mapping[FieldName, str] | Mapping[str, str],
     notes: Sequence[str] = (),
+    skipped: Sequence[int] = (),
+    meta: Mapping[str, Any] | None = None,
 ) -> Series:
     """Align per-field ``{step: value}`` maps into a :class:`Series` on the union of their steps.
 
@@ -263,6 +276,8 @@ def build_series(
             path=path,
             fields={str(k): v for k, v in fields.items()},
             notes=out_notes,
+            skipped=sorted(set(skipped)),
+            meta=dict(meta or {}),
         )
     except ValueError as exc:  # steps out of the 64-bit range (the rest is built consistent here)
         raise LogFormatError(f"{path}: {exc}") from None
