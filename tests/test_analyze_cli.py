@@ -20,6 +20,7 @@ def write_state(path: Path, spike: bool = False, nan_from: int | None = None) ->
     loss = 2.0 * np.exp(-np.arange(N) / 60) + 0.4 + rng.normal(0, 0.01, N)
     if spike:
         grad[120] = 70.0
+        loss[121:124] *= 3.0  # the loss jumps right after it: harm
     entries = []
     for i in range(N):
         g, lo = float(grad[i]), float(loss[i])
@@ -57,8 +58,8 @@ def test_problem_exit_1_and_json_fields(tmp_path: Path, capsys: pytest.CaptureFi
     assert set(by_kind) == {"nonfinite", "hidden_nonfinite", "exploding"}
     assert by_kind["nonfinite"]["evidence"]["first_nonfinite_grad_norm_step"] == 5 * 171
     assert by_kind["nonfinite"]["evidence"]["first_nonfinite_grad_norm"] == "NaN"
-    assert by_kind["exploding"]["evidence"]["largest_spike_step"] == 5 * 121
-    assert by_kind["exploding"]["evidence"]["largest_spike_norm"] == 70.0
+    assert by_kind["exploding"]["evidence"]["largest_step"] == 5 * 121
+    assert by_kind["exploding"]["evidence"]["largest_norm"] == 70.0
     assert d["summary"]["grad_norm"]["nonfinite"] == N - 170
     # the rich summary: findings table and sparklines, exit 1 too
     assert main(["analyze", str(p)]) == 1

@@ -460,13 +460,20 @@ def test_layers_that_run_on_alternate_steps_are_not_stalled() -> None:
     assert ratios["a"] is None and ratios["b"] is None
 
 
-def test_analyze_says_which_early_points_the_spike_test_cannot_judge(tmp_path: Path, capsys) -> None:
+def test_analyze_judges_early_points_by_the_jump_test(tmp_path: Path, capsys) -> None:
     history = [{"step": s, "loss": 2.0 - 0.01 * s, "grad_norm": 1e6 if s == 5 else 1.0} for s in range(40)]
     state = tmp_path / "trainer_state.json"
     state.write_text(json.dumps({"log_history": history, "global_step": 40}))
-    main(["analyze", str(state), "--json"])
+    assert main(["analyze", str(state), "--json"]) == 1  # a 1e6x jump at step 5: judged, not "too early"
+    out = json.loads(capsys.readouterr().out)
+    (f,) = out["findings"]
+    assert (f["kind"], f["evidence"]["pattern"], f["steps"]) == ("exploding", "jump", [5])
+    one = tmp_path / "one" / "trainer_state.json"
+    one.parent.mkdir()
+    one.write_text(json.dumps({"log_history": history[:1], "global_step": 1}))
+    assert main(["analyze", str(one), "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
-    assert any("first 10 logged gradient norms (steps 0..9)" in n for n in notes)
+    assert any("only one finite gradient norm" in n for n in notes)
 
 
 @pytest.mark.parametrize("damage", ["cut", "flip"])

@@ -78,7 +78,7 @@ def test_loss_scaled_1e4_at_one_step_is_exploding_at_that_step_only() -> None:
     )
     (f,) = findings
     assert (f.kind, f.steps, f.severity) == ("exploding", [30], "error")
-    assert f.evidence["first_spike_factor"] == pytest.approx(1e4, rel=0.5)
+    assert f.evidence["first_ratio"] == pytest.approx(1e4, rel=0.5)
 
 
 def test_nan_injected_in_one_layer_is_nonfinite_naming_that_layer_and_step() -> None:

@@ -119,4 +119,4 @@ def test_loss_scaled_1e4_at_one_step_with_adam_is_one_spike() -> None:
     recs = train_records(mlp(3, nn.ReLU), 60, adam, scale_at=40)
     (f,) = diagnose(recs)
     assert (f.kind, f.severity, f.steps) == ("exploding", "error", [40])
-    assert f.evidence["first_spike_factor"] > 1e3
+    assert f.evidence["first_ratio"] > 1e3

@@ -9,12 +9,13 @@ usual order of practice: fix the cause (activation, initialization, architecture
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gradsentry.records import Remedy
 
-__all__ = ["CATALOG", "RemedyContext", "remedies_for"]
+__all__ = ["ADAM_FAMILY", "CATALOG", "RemedyContext", "remedies_for"]
 
 SATURATING_ACTIVATIONS = frozenset(
     {"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid", "Tanhshrink", "ReLU6"}
@@ -173,20 +174,59 @@ CATALOG: Mapping[str, _Entry] = {
 """Every remedy once, keyed by a short id; :func:`remedies_for` copies the entries it ranks."""
 
 
+ADAM_FAMILY = frozenset(
+    {
+        "adam",
+        "adamw",
+        "nadam",
+        "radam",
+        "adamax",
+        "sparseadam",
+        "fusedadam",
+        "adam8bit",
+        "adamw8bit",
+        "pagedadamw",
+        "pagedadamw8bit",
+        "adafactor",
+        "lamb",
+        "fusedlamb",
+        "lion",
+        "adabelief",
+        "sophia",
+    }
+)
+"""Optimizers (lower-case class names) whose step size is about the learning rate whatever the gradient
+scale: clipping the gradient norm barely shortens their steps, so a lower learning rate comes first."""
+
+
 @dataclass(frozen=True)
 class RemedyContext:
-    """What the diagnosis saw that changes the ranking of remedies.
+    """What the diagnosis saw that changes the ranking (and wording) of remedies.
 
     Attributes:
         saturating: the model uses bounded activations (Sigmoid, Tanh, ...),
             see :data:`SATURATING_ACTIVATIONS`.
         has_normalization: the model already has normalization layers, see :data:`NORMALIZATION_LAYERS`.
         after_spike: a gradient spike or growth came before the non-finite step.
+        optimizer: lower-case optimizer class name (``"sgd"``, ``"adamw"``...), when the run says.
+        lr: the learning rate recorded at the onset of the problem, when known.
+        max_grad_norm: the threshold at which the trainer already clips the global norm (HF
+            ``max_grad_norm``, Lightning ``gradient_clip_val``), or None when it does not (or unknown).
+        early: the problem started in the first logged points (a learning rate far too high).
     """
 
     saturating: bool = False
     has_normalization: bool = False
     after_spike: bool = False
+    optimizer: str | None = None
+    lr: float | None = None
+    max_grad_norm: float | None = None
+    early: bool = False
+
+    @property
+    def adam_like(self) -> bool:
+        """The optimizer normalises its steps (Adam family, see :data:`ADAM_FAMILY`)."""
+        return self.optimizer is not None and self.optimizer.lower() in ADAM_FAMILY
 
 
 def _rank(kind: str, ctx: RemedyContext) -> list[str]:
@@ -199,6 +239,10 @@ def _rank(kind: str, ctx: RemedyContext) -> list[str]:
             order = ["residual", "normalization", "he_reinit", "lsuv"]
         return order
     if kind == "exploding":
+        if ctx.max_grad_norm is not None:  # clipping is already on: do not offer it first
+            return ["lower_lr_warmup", "zclip", "agc", "normalization", "weight_decay", "clip_global"]
+        if ctx.early or ctx.adam_like:
+            return ["lower_lr_warmup", "clip_global", "zclip", "agc", "normalization", "weight_decay"]
         return ["clip_global", "zclip", "lower_lr_warmup", "agc", "normalization", "weight_decay"]
     if kind == "nonfinite":
         if ctx.after_spike:
@@ -235,4 +279,20 @@ def remedies_for(kind: str, context: RemedyContext | None = None) -> list[Remedy
         >>> [r.api for r in remedies_for("nonfinite")][:1]
         ['gradsentry.NonFiniteGuard()']
     """
-    return [CATALOG[key].make() for key in _rank(kind, context or RemedyContext())]
+    ctx = context or RemedyContext()
+    out = [CATALOG[key].make() for key in _rank(kind, ctx)]
+    for r in out:
+        if r.api == CATALOG["clip_global"].api and ctx.max_grad_norm is not None:
+            r.action = (
+                f"The run already clips the global norm at {ctx.max_grad_norm:g}: clipping bounds each step's "
+                "length but does not remove the cause; keep it, and fix the learning rate first."
+            )
+        elif r.action == CATALOG["lower_lr_warmup"].action:
+            if ctx.lr is not None and math.isfinite(ctx.lr) and ctx.lr > 0:
+                r.action += f" The recorded learning rate was {ctx.lr:g}; try {ctx.lr / 10:g} or lower."
+            if ctx.adam_like:
+                r.action += (
+                    f" With {ctx.optimizer} the step size is about the learning rate whatever the gradient "
+                    "norm, so clipping alone does not shorten the steps."
+                )
+    return out

@@ -1,0 +1,460 @@
+"""Per-layer rules: what only the Monitor's per-layer records can show, on the same footing as the series.
+
+Vanishing by depth (first- vs last-layer gradient RMS), update-to-weight ratio, saturated and dead units,
+stalled layers; and the attribution of series findings (a spike, growth, a NaN) to the layers that carry
+them. Statistics skip NaN/inf values (those are the ``nonfinite`` rule's business) and never raise on them.
+Layers whose gradient is None (``has_grad=False``: frozen or unused) are left out of the gradient rules.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gradsentry.diagnosis.signals import MAD_TO_SIGMA
+from gradsentry.diagnosis.thresholds import Thresholds
+from gradsentry.records import Finding, LayerStats, StepRecord
+from gradsentry.remedies_catalog import (
+    NORMALIZATION_LAYERS,
+    SATURATING_ACTIVATIONS,
+    RemedyContext,
+    remedies_for,
+)
+
+__all__ = ["LayerContext", "attribute", "layer_findings"]
+
+_TOP = 5
+"""How many layers the evidence lists name at most (display only)."""
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _first(pair: tuple[int, LayerStats]) -> int:
+    return pair[0]
+
+
+def _ls_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of y over x (same as ``numpy.polyfit(x, y, 1)[0]``); x must not be constant."""
+    mx = math.fsum(x) / len(x)
+    my = math.fsum(y) / len(y)
+    sxx = math.fsum((a - mx) ** 2 for a in x)
+    return math.fsum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx
+
+
+def _robust_z(x: float, history: Sequence[float], floor: float) -> float:
+    """Robust z-score of ``x`` against ``history`` (sigma = 1.4826 * MAD, at least ``floor``)."""
+    med = statistics.median(history)
+    mad = statistics.median(abs(h - med) for h in history)
+    return (x - med) / max(MAD_TO_SIGMA * mad, floor)
+
+
+def _fmt_names(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(n or "<root>" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@dataclass
+class LayerContext:
+    records: list[StepRecord]
+    t: Thresholds
+    depth: dict[str, int]
+    types: dict[str, str]
+    activation_types: set[str]
+    nonfinite_idx: list[int] = field(default_factory=list)
+    remedy: RemedyContext = field(default_factory=RemedyContext)
+
+    def layer_depth(self, layer: LayerStats) -> int:
+        return self.depth.get(layer.name, layer.depth)
+
+    @property
+    def saturating(self) -> bool:
+        return bool((self.activation_types | set(self.types.values())) & SATURATING_ACTIVATIONS)
+
+    @property
+    def has_normalization(self) -> bool:
+        return bool(set(self.types.values()) & NORMALIZATION_LAYERS)
+
+    def advice_context(self, **changes: Any) -> RemedyContext:
+        """The run's remedy context with what the layers show (saturating activations, normalization)."""
+        return replace(
+            self.remedy, saturating=self.saturating, has_normalization=self.has_normalization, **changes
+        )
+
+
+def _leads_to_nonfinite(ctx: LayerContext, first_index: int) -> bool:
+    return any(first_index <= j <= first_index + ctx.t.nonfinite_link_window for j in ctx.nonfinite_idx)
+
+
+def _usable_grad(layer: LayerStats) -> bool:
+    """A layer whose gradient RMS can be read on a log scale: it has a gradient, elements, finite RMS > 0."""
+    return layer.has_grad and layer.numel > 0 and _finite(layer.grad_rms) and layer.grad_rms > 0
+
+
+def _grad_bad(rec: StepRecord) -> bool:
+    if not math.isfinite(rec.global_norm):
+        return True
+    return any(
+        layer.has_grad and (layer.nonfinite > 0 or not math.isfinite(layer.grad_norm)) for layer in rec.layers
+    )
+
+
+def _step_bad(rec: StepRecord) -> bool:
+    return _grad_bad(rec) or (rec.loss is not None and not math.isfinite(rec.loss))
+
+
+def _vanishing(ctx: LayerContext) -> Finding | None:
+    """Gradient RMS falling with depth towards the input by more than ``vanishing_ratio``, on most steps."""
+    t = ctx.t
+    ratios: list[float] = []
+    slopes: list[float] = []
+    flagged: list[int] = []
+    rel_log: dict[str, list[float]] = {}
+    first_pair: tuple[str, str] | None = None
+    for rec in ctx.records:
+        pairs = sorted(
+            ((ctx.layer_depth(layer), layer) for layer in rec.layers if _usable_grad(layer)), key=_first
+        )
+        if len(pairs) < 2 or pairs[0][0] == pairs[-1][0]:
+            continue
+        usable = [layer for _, layer in pairs]
+        logs = [math.log10(layer.grad_rms) for layer in usable]
+        ratio = usable[0].grad_rms / usable[-1].grad_rms
+        ratios.append(ratio)
+        slopes.append(_ls_slope([float(d) for d, _ in pairs], logs))
+        if first_pair is None:
+            first_pair = (usable[0].name, usable[-1].name)
+        if ratio < t.vanishing_ratio:
+            flagged.append(rec.step)
+        for layer, value in zip(usable, logs, strict=True):
+            rel_log.setdefault(layer.name, []).append(value - logs[-1])
+    if not ratios or len(flagged) / len(ratios) <= t.sustained_fraction:
+        return None
+    assert first_pair is not None
+    median_ratio = statistics.median(ratios)
+    median_slope = statistics.median(slopes)
+    med_rel = {name: statistics.median(values) for name, values in rel_log.items()}
+    by_smallest = sorted(med_rel, key=lambda n: med_rel[n])
+    implicated = [n for n in by_smallest if med_rel[n] < math.log10(t.vanishing_ratio)] or by_smallest[:1]
+    severity = "error" if median_ratio < t.vanishing_error_ratio else "warning"
+    evidence: dict[str, Any] = {
+        "first_last_rms_ratio_median": median_ratio,
+        "first_last_rms_ratio_first_step": ratios[0],
+        "log10_rms_slope_per_layer": median_slope,
+        "log10_rms_slope_first_step": slopes[0],
+        "first_layer": first_pair[0],
+        "last_layer": first_pair[1],
+        "smallest_rms_layers": by_smallest[:3],
+        "steps_fraction": len(flagged) / len(ratios),
+        "steps_evaluated": len(ratios),
+        "threshold": t.vanishing_ratio,
+    }
+    per_layer = 10.0 ** (-median_slope)
+    cause = (
+        " The model uses saturating activations (Sigmoid/Tanh): their derivative is at most 0.25 (sigmoid) "
+        "or 1 "
+        "(tanh) and near zero when saturated, so the signal shrinks at every layer."
+        if ctx.saturating
+        else ""
+    )
+    explanation = (
+        f"On {len(flagged)} of {len(ratios)} logged steps the gradient reaching the first layer "
+        f"({first_pair[0] or '<root>'}) is less than {t.vanishing_ratio:g} times the gradient at the last "
+        "layer "
+        f"({first_pair[1] or '<root>'}); the median ratio of their RMS is {median_ratio:.2e}. Going back "
+        "towards "
+        f"the input, the gradient RMS shrinks by a factor of about {per_layer:.3g} per layer "
+        f"({median_slope:.3f} decades per layer), so the early layers barely learn.{cause}"
+    )
+    remedies = remedies_for("vanishing", ctx.advice_context())
+    return Finding("vanishing", severity, flagged, implicated, evidence, explanation, remedies)
+
+
+def _update_ratio(ctx: LayerContext) -> Finding | None:
+    """A layer's update-to-weight ratio above ``update_ratio_max`` on most of its logged steps, or above
+    ``update_ratio_any_step`` on any one."""
+    t = ctx.t
+    per_layer: dict[str, list[tuple[int, int, float]]] = {}  # name -> [(record index, step, ratio)]
+    for i, rec in enumerate(ctx.records):
+        for layer in rec.layers:
+            r = layer.update_ratio
+            if layer.has_grad and r is not None and _finite(r):
+                per_layer.setdefault(layer.name, []).append((i, rec.step, r))
+    worst: dict[str, float] = {}
+    worst_step: dict[str, int] = {}
+    hit_index: dict[int, int] = {}  # record index -> step
+    for name, series in per_layer.items():
+        over = [(i, step, r) for i, step, r in series if r > t.update_ratio_max]
+        sustained = len(over) > t.sustained_fraction * len(series)
+        big = [(i, step, r) for i, step, r in over if r > t.update_ratio_any_step]
+        flagged = over if sustained else big
+        if not flagged:
+            continue
+        _, step_w, r_w = max(flagged, key=lambda h: h[2])
+        worst[name], worst_step[name] = r_w, step_w
+        hit_index.update({i: step for i, step, _ in flagged})
+    if not worst:
+        return None
+    steps = [hit_index[i] for i in sorted(hit_index)]
+    first_index = min(hit_index)
+    ranked = sorted(worst, key=lambda n: -worst[n])
+    top = ranked[0]
+    leads = _leads_to_nonfinite(ctx, first_index)
+    evidence: dict[str, Any] = {
+        "pattern": "update_ratio",
+        "first_step": steps[0],
+        "update_ratio_steps": steps,
+        "max_update_ratio": worst[top],
+        "max_update_ratio_layer": top,
+        "max_update_ratio_step": worst_step[top],
+        "layer_max_update_ratio": {n: worst[n] for n in ranked[:_TOP]},
+        "leads_to_nonfinite": leads,
+        "update_ratio_limit": t.update_ratio_max,
+        "update_ratio_any_step": t.update_ratio_any_step,
+    }
+    explanation = (
+        f"On {len(steps)} logged step(s), starting at step {steps[0]}, an optimizer step changed a layer's "
+        f"weights by more than {t.update_ratio_max:g} of their norm (on most of its logged steps, or by more "
+        f"than {t.update_ratio_any_step:g} at once); the largest update-to-weight ratio was "
+        f"{worst[top]:.3g} in {top or '<root>'} at step {worst_step[top]}. About 1e-3 is healthy: updates "
+        "this "
+        "large overwrite what the layer has learned and usually precede divergence."
+    )
+    severity = "error" if leads else "warning"
+    return Finding(
+        "exploding",
+        severity,
+        steps,
+        ranked,
+        evidence,
+        explanation,
+        remedies_for("exploding", ctx.advice_context()),
+    )
+
+
+def _activation_rule(ctx: LayerContext, kind: str, attr: str, limit: float) -> Finding | None:
+    """More than ``limit`` of a layer's units saturated (or dead) on most logged steps that measure it."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    types: dict[str, str] = {}
+    for rec in ctx.records:
+        for act in rec.activations:
+            value = getattr(act, attr)
+            if _finite(value):
+                series.setdefault(act.name, []).append((rec.step, float(value)))
+                types[act.name] = act.type
+    flagged: dict[str, float] = {}
+    fractions: dict[str, float] = {}
+    steps: set[int] = set()
+    for name, values in series.items():
+        hits = [s for s, v in values if v > limit]
+        frac = len(hits) / len(values)
+        if frac > ctx.t.sustained_fraction:
+            flagged[name] = statistics.median(v for _, v in values)
+            fractions[name] = frac
+            steps.update(hits)
+    if not flagged:
+        return None
+    ranked = sorted(flagged, key=lambda n: -flagged[n])
+    top = ranked[0]
+    evidence: dict[str, Any] = {
+        "median_fraction": {n: flagged[n] for n in ranked},
+        "steps_fraction": {n: fractions[n] for n in ranked},
+        "worst_layer": top,
+        "worst_median_fraction": flagged[top],
+        "limit": limit,
+    }
+    label = _fmt_names(ranked)
+    if kind == "saturation":
+        explanation = (
+            f"In {label} more than {limit:.0%} of the outputs sit in the flat region of the activation on "
+            "most "
+            f"logged steps (median {flagged[top]:.0%} in {top or '<root>'}, a {types.get(top, 'bounded')} "
+            "activation). There the derivative is close to zero, so almost no gradient flows back through "
+            "these "
+            "units; pre-activations are too large, usually from the initialization scale or a high learning "
+            "rate."
+        )
+    else:
+        explanation = (
+            f"In {label} more than {limit:.0%} of the units output zero for every sample of the batch on "
+            "most "
+            f"logged steps (median {flagged[top]:.0%} in {top or '<root>'}). A dead ReLU unit gets no "
+            "gradient and "
+            "cannot recover, so the layer's capacity is lost; large updates early in training are the usual "
+            "cause."
+        )
+    return Finding(kind, "warning", sorted(steps), ranked, evidence, explanation, remedies_for(kind))
+
+
+def _stalled(ctx: LayerContext) -> Finding | None:
+    """A layer whose update-to-weight ratio stays below ``stalled_ratio``; the model's median far higher."""
+    t = ctx.t
+    per_layer: dict[str, list[tuple[int, float, float]]] = {}
+    for rec in ctx.records:
+        ratios = [
+            (layer.name, float(layer.update_ratio))
+            for layer in rec.layers
+            if layer.has_grad and layer.update_ratio is not None and math.isfinite(layer.update_ratio)
+        ]
+        if len(ratios) < 2:
+            continue
+        median = statistics.median(r for _, r in ratios)
+        for name, r in ratios:
+            per_layer.setdefault(name, []).append((rec.step, r, median))
+    flagged: dict[str, float] = {}
+    model_median: dict[str, float] = {}
+    steps: set[int] = set()
+    for name, entries in per_layer.items():
+        hits = [
+            s
+            for s, r, med in entries
+            if r < t.stalled_ratio and med >= max(t.stalled_gap * r, t.stalled_ratio)
+        ]
+        if len(hits) / len(entries) > t.sustained_fraction:
+            flagged[name] = statistics.median(r for _, r, _ in entries)
+            model_median[name] = statistics.median(med for _, _, med in entries)
+            steps.update(hits)
+    if not flagged:
+        return None
+    ranked = sorted(flagged, key=lambda n: flagged[n])
+    top = ranked[0]
+    evidence: dict[str, Any] = {
+        "median_update_ratio": {n: flagged[n] for n in ranked},
+        "model_median_update_ratio": model_median[top],
+        "stalled_ratio": t.stalled_ratio,
+        "gap": t.stalled_gap,
+    }
+    explanation = (
+        f"{_fmt_names(ranked)} barely change{'s' if len(ranked) == 1 else ''}: the median update-to-weight "
+        "ratio of "
+        f"{top or '<root>'} is {flagged[top]:.2e} (limit {t.stalled_ratio:g}) while the model's median is "
+        f"{model_median[top]:.2e}, at least {t.stalled_gap:g} times higher. The layer is not learning; its "
+        "parameters "
+        "may be missing from the optimizer, have a zero learning rate, or receive a vanishing gradient."
+    )
+    return Finding(
+        "stalled_layer",
+        "warning",
+        sorted(steps),
+        ranked,
+        evidence,
+        explanation,
+        remedies_for("stalled_layer"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Attribution of series findings to layers
+
+
+def _layer_logs(rec: StepRecord) -> dict[str, float]:
+    return {
+        layer.name: math.log(layer.grad_norm)
+        for layer in rec.layers
+        if layer.has_grad and math.isfinite(layer.grad_norm) and layer.grad_norm > 0
+    }
+
+
+def _index_of(ctx: LayerContext, step: int) -> int | None:
+    for i, rec in enumerate(ctx.records):
+        if rec.step == step:
+            return i
+    return None
+
+
+def _spike_layers(ctx: LayerContext, f: Finding) -> None:
+    """Per-layer robust z-scores of ln(gradient norm) at the first event: where it started."""
+    i = _index_of(ctx, int(f.evidence.get("first_step", f.steps[0] if f.steps else -1)))
+    if i is None:
+        return
+    t = ctx.t
+    window = [_layer_logs(ctx.records[k]) for k in range(max(0, i - t.spike_window), i)]
+    at = _layer_logs(ctx.records[i])
+    layer_z: dict[str, float] = {}
+    ratio: dict[str, float] = {}
+    for name, value in at.items():
+        history = [w[name] for w in window if name in w]
+        if history:
+            layer_z[name] = _robust_z(value, history, t.mad_floor)
+            ratio[name] = math.exp(value - statistics.median(history))
+    ranked = sorted(ratio, key=lambda n: -ratio[n])
+    if not ranked:
+        return
+    f.layers = [n for n in ranked if ratio[n] >= t.spike_min_factor][:_TOP] or ranked[:3]
+    f.evidence["layer_ratio"] = {n: ratio[n] for n in ranked[:_TOP]}
+    f.evidence["layer_z"] = {n: layer_z[n] for n in ranked[:_TOP]}
+    f.explanation += f" The layers whose gradient grew most at that step: {_fmt_names(f.layers)}."
+
+
+def _growth_layers(ctx: LayerContext, f: Finding) -> None:
+    lo, hi = f.steps[0], f.steps[-1]
+    windows = [_layer_logs(r) for r in ctx.records if lo <= r.step <= hi]
+    if len(windows) < 2:
+        return
+    k = max(1, len(windows) // 5)
+    growth: dict[str, float] = {}
+    for name in windows[-1]:
+        series = [w[name] for w in windows if name in w]
+        if len(series) >= 2 * k:
+            growth[name] = math.exp(statistics.median(series[-k:]) - statistics.median(series[:k]))
+    ranked = sorted(growth, key=lambda n: -growth[n])
+    if ranked:
+        f.layers = [n for n in ranked if growth[n] > ctx.t.growth_factor][:_TOP] or ranked[:3]
+        f.evidence["layer_growth"] = {n: growth[n] for n in ranked[:_TOP]}
+        f.explanation += f" It grew most in {_fmt_names(f.layers)}."
+
+
+def _nonfinite_layers(ctx: LayerContext, f: Finding) -> None:
+    """The layers holding the first NaN/inf (deepest first) and the module where it first appeared."""
+    if not ctx.nonfinite_idx:
+        return
+    first = ctx.records[ctx.nonfinite_idx[0]]
+    holding = [
+        layer
+        for layer in first.layers
+        if layer.has_grad and (layer.nonfinite > 0 or not math.isfinite(layer.grad_norm))
+    ]
+    holding.sort(key=lambda layer: -ctx.layer_depth(layer))
+    names = [layer.name for layer in holding]
+    origin = next(
+        (ctx.records[i].nonfinite_origin for i in ctx.nonfinite_idx if ctx.records[i].nonfinite_origin), None
+    )
+    if origin is not None and origin in names:
+        names = [origin] + [n for n in names if n != origin]
+    f.layers = names
+    f.evidence["layer_nonfinite_counts"] = {layer.name: layer.nonfinite for layer in holding}
+    f.evidence["loss_only"] = not _grad_bad(first)
+    if origin is not None:
+        f.evidence["origin"] = origin
+        f.explanation += f" The first module to produce a non-finite value was {origin or '<root>'}."
+    if names:
+        f.explanation += f" The first non-finite gradient is in {_fmt_names(names)} (deepest first)."
+
+
+def attribute(findings: list[Finding], ctx: LayerContext) -> None:
+    """Name the layers behind the series findings (in place): spikes, jumps, growth, the first NaN/inf."""
+    for f in findings:
+        pattern = f.evidence.get("pattern")
+        if f.kind == "exploding" and pattern in ("spike", "jump"):
+            _spike_layers(ctx, f)
+        elif f.kind == "exploding" and pattern == "growth":
+            _growth_layers(ctx, f)
+        elif f.kind == "nonfinite":
+            _nonfinite_layers(ctx, f)
+
+
+def layer_findings(ctx: LayerContext) -> list[Finding]:
+    """Every per-layer rule (vanishing by depth, update ratio, saturation, dead units, stalled layers)."""
+    t = ctx.t
+    found = [
+        _vanishing(ctx),
+        _update_ratio(ctx),
+        _activation_rule(ctx, "saturation", "saturated_frac", t.saturated_frac),
+        _activation_rule(ctx, "dead_units", "dead_frac", t.dead_frac),
+        _stalled(ctx),
+    ]
+    return [f for f in found if f is not None]
