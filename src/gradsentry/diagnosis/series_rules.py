@@ -394,7 +394,8 @@ def _events_finding(
     t = c.t
     kept, harmless = [], []
     for e in events:
-        judged = _judge(sig, c, int(e["index"]), int(e["step"]), float(e["ratio"]))
+        start = int(np.searchsorted(sig.steps, e["first_step"]))  # judged from where the event starts
+        judged = _judge(sig, c, start, int(e["first_step"]), float(e["ratio"]))
         if judged is not None:
             kept.append({**{k: v for k, v in e.items() if k != "index"}, **judged})
         else:
@@ -430,7 +431,8 @@ def _events_finding(
     ev: dict[str, Any] = {
         "pattern": pattern,
         "events_count": len(kept),
-        "first_step": first["step"],
+        "first_step": first["first_step"],
+        "peak_step": first["step"],
         "first_norm": first["value"],
         "first_ratio": first["ratio"],
         "reference_norm": first["median"],
@@ -462,12 +464,13 @@ def _events_finding(
     if ev["leads_to_nonfinite"]:
         harm += " A NaN/inf followed."
     expl = (
-        f"At step {first['step']} the global gradient norm jumped to {first['value']:.3g}, {how}; "
+        f"At step {first['first_step']} the global gradient norm jumped (to {first['value']:.3g} at step "
+        f"{first['step']}), {how}; "
         f"{len(kept)} such event(s) in all, the largest {top['ratio']:.3g}x at step {top['step']}.{harm} An "
         "optimizer step taken with such a gradient moves the weights much further than usual and can undo "
         "training or overflow into NaN/inf."
     )
-    steps = [e["step"] for e in listed]
+    steps = [e["first_step"] for e in listed]
     early = pattern == "jump"
     out.append(
         Finding(
@@ -477,7 +480,7 @@ def _events_finding(
             [],
             ev,
             expl,
-            c.advice("exploding", sig, first["step"], early=early),
+            c.advice("exploding", sig, first["first_step"], early=early),
         )
     )
     return out

@@ -1,0 +1,218 @@
+"""One detector core: the same verdict live and post-mortem, short and early runs judged, advice that
+fits the run. Expected numbers are re-derived here independently (numpy medians, hand ratios)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradsentry as gs
+from gradsentry.analyze import analyze_log, detect
+from gradsentry.diagnosis.core import remedy_context
+from gradsentry.logs import Series, load_series
+from gradsentry.remedies_catalog import CATALOG
+
+
+def series(grad, loss=None, steps=None, skipped=(), meta=None) -> Series:
+    n = len(grad) if grad is not None else len(loss)
+    steps = list(range(1, n + 1)) if steps is None else list(steps)
+
+    def col(x):
+        return [None] * n if x is None else [None if v is None else float(v) for v in x]
+
+    return Series(
+        steps=steps,
+        loss=col(loss),
+        grad_norm=col(grad),
+        lr=[None] * n,
+        skipped=list(skipped),
+        meta=meta or {},
+    )
+
+
+def problems(findings) -> list[tuple[str, str | None]]:
+    return [(f.kind, f.evidence.get("pattern")) for f in findings if f.severity != "info"]
+
+
+# ---------------------------------------------------------------- the issue's failing runs
+
+
+def test_lr_far_too_high_in_the_first_steps_is_exploding_even_when_clipped() -> None:
+    # HF Trainer, 4-layer GPT-2, AdamW lr 5: loss 5.4 -> 3008 -> 213, global norm 1.1 -> 284 (clipped at 1.0)
+    loss = [5.4, 3008.0, 213.0, 180.0, 150.0, 120.0, 160.0, 140.0, 130.0]
+    grad = [1.1, 284.0, 40.0, 25.0, 30.0, 22.0, 35.0, 28.0, 31.0]
+    s = series(grad, loss, meta={"optimizer": "AdamW", "max_grad_norm": 1.0})
+    found = detect(s)
+    kinds = problems(found)
+    assert ("exploding", "jump") in kinds and ("exploding", "divergence") in kinds
+    div = next(f for f in found if f.evidence.get("pattern") == "divergence")
+    assert div.severity == "error" and div.steps[0] == 2
+    assert div.evidence["start_loss"] == 5.4 and div.evidence["loss_at_onset"] == 3008.0
+    assert div.evidence["tail_loss_median"] == pytest.approx(float(np.median(loss[1:])), rel=1e-6)
+    assert div.evidence["norm_growth"] == pytest.approx(284.0 / 1.1, rel=1e-5)
+    # the run already clips at 1.0: the advice does not put clipping first, and names the setting
+    first, last = div.remedies[0], div.remedies[-1]
+    assert first.action.startswith(CATALOG["lower_lr_warmup"].action)
+    assert "adamw" in first.action and last.api == CATALOG["clip_global"].api and "1" in last.action
+
+
+def test_nine_points_with_a_1265x_jump_is_not_too_little_history() -> None:
+    grad = [5.2, 6.0, 5.5, 4.9, 5.8, 11140.0, 6.1, 5.4, 5.0]
+    found = detect(series(grad))
+    (f,) = [x for x in found if x.severity != "info"]
+    ref = float(np.median(grad[:5]))
+    assert (f.kind, f.severity, f.steps) == ("exploding", "error", [6])
+    assert f.evidence["first_ratio"] == pytest.approx(11140.0 / ref, rel=1e-5)
+    assert f.evidence["first_ratio"] > 1000
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 7, 9])
+def test_short_healthy_runs_and_warmup_are_not_alarms(n: int) -> None:
+    loss = [2.3 * 0.9**i for i in range(n)]
+    warmup = [0.05 * 1.8**i for i in range(n)]  # the norm rises up to 110x while the loss falls
+    assert problems(detect(series(warmup, loss))) == []
+    finetune = [40.0 * 0.7**i for i in range(n)]  # starts high and falls
+    assert problems(detect(series(finetune, [4.0 * 0.8**i for i in range(n)]))) == []
+
+
+def test_early_divergence_that_recovers_is_a_warning_and_without_norm_growth_is_loss_divergence() -> None:
+    loss = [2.3, 7.5, 2.2, 2.0, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3, 1.2, 1.1]
+    grad = [1.0, 1.2, 1.1, 0.9, 1.0, 1.1, 1.0, 0.9, 1.0, 1.1, 1.0, 0.9]
+    (f,) = [x for x in detect(series(grad, loss)) if x.severity != "info"]
+    assert (f.kind, f.severity, f.steps[0]) == ("loss_divergence", "warning", 2)
+    assert f.evidence["norm_growth"] == pytest.approx(1.2, rel=1e-6)
+
+
+def test_flat_loss_at_chance_is_a_stall_and_a_falling_loss_is_not() -> None:
+    rng = np.random.default_rng(0)
+    loss = math.log(10) + rng.normal(0, 0.002, 60)  # a deep sigmoid MLP on digits: chance level
+    grad = 0.02 * np.exp(rng.normal(0, 0.1, 60))
+    (f,) = detect(series(grad, loss))
+    assert (f.kind, f.evidence["pattern"], f.severity) == ("vanishing", "stalled", "warning")
+    assert f.evidence["chance_level_classes"] == 10
+    assert f.evidence["loss_median"] == pytest.approx(float(np.median(loss)), rel=1e-5)
+    assert detect(series(grad, math.log(10) * np.exp(-np.arange(60) / 40))) == []
+
+
+def test_loss_scaler_skips_persisting_are_an_error_and_a_few_at_start_are_info() -> None:
+    grad = [1.0] * 40
+    loss = [2.0 - 0.01 * i for i in range(40)]
+    (few,) = detect(series(grad, loss, skipped=[1, 2, 3]))
+    assert (few.kind, few.severity) == ("skipped_steps", "info")
+    many = detect(series(grad, loss, skipped=list(range(10, 41))))
+    (f,) = [x for x in many if x.severity != "info"]
+    assert (f.kind, f.severity, f.evidence["skipped_steps"]) == ("skipped_steps", "error", 31)
+
+
+# ---------------------------------------------------------------- detector properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(3, 7),
+    at=st.integers(1, 6),
+    factor=st.floats(30.0, 1e4),
+    scale=st.floats(1e-6, 1e6),
+)
+def test_jump_test_is_scale_invariant_and_finds_large_early_jumps(
+    seed: int, n: int, at: int, factor: float, scale: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    at = min(at, n - 1)
+    grad = np.exp(rng.normal(0, 0.2, n))
+    grad[at] *= factor
+    base = [(f.kind, f.steps, f.severity) for f in detect(series(grad))]
+    assert [(f.kind, f.steps, f.severity) for f in detect(series(grad * scale))] == base
+    ref = float(np.median(grad[:at]))
+    if grad[at] >= 20 * ref:  # no loss logged: the norm alone decides
+        assert any(k == "exploding" and steps[0] == at + 1 for k, steps, _ in base)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.25])
+def test_documented_false_alarm_rate_on_pure_noise(sigma: float) -> None:
+    """Stationary log-normal norm noise with a falling loss: 0 alarms in 200 runs of 300 points (the
+    Thresholds docstring's claim; at sigma 0.5 without any loss, 1 % of 300-point runs are flagged)."""
+    alarms = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        g = np.exp(rng.normal(0, sigma, 300))
+        lo = 2.0 * np.exp(-np.arange(300) / 75) + 0.5 + rng.normal(0, 0.01, 300)
+        alarms += bool(problems(detect(series(g, lo))))
+    assert alarms == 0
+
+
+def test_remedy_context_reads_the_run_metadata() -> None:
+    ctx = remedy_context({"optimizer": "AdamW", "lr": 3e-4, "max_grad_norm": 1.0})
+    assert (ctx.optimizer, ctx.lr, ctx.max_grad_norm, ctx.adam_like) == ("adamw", 3e-4, 1.0, True)
+    assert remedy_context({"max_grad_norm": 0.0}).max_grad_norm is None  # HF: 0 means no clipping
+    assert remedy_context({"max_grad_norm": None, "optimizer": 3}).optimizer is None
+    assert remedy_context(None) == remedy_context({})
+
+
+# ---------------------------------------------------------------- live and post-mortem agree
+
+
+def _train(path: Path, steps: int, *, spike_at: int | None, nan_at: int | None, opt_name: str) -> gs.Monitor:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.05)
+        if opt_name == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=1e-3)
+    )
+    x, y = torch.randn(256, 8), torch.randn(256, 2)
+    mon = gs.Monitor(model, every=1, optimizer=opt, sinks=[gs.JsonlSink(path)])
+    with mon:
+        for s in range(steps):
+            i = torch.randint(0, 256, (32,))
+            loss = nn.functional.mse_loss(model(x[i]), y[i])
+            if s == spike_at:
+                loss = loss * 1e4
+            opt.zero_grad()
+            loss.backward()
+            if s == nan_at:
+                model[2].weight.grad[0, 0] = math.nan
+            mon.step(loss=loss)
+            opt.step()
+    return mon
+
+
+@pytest.mark.parametrize(
+    ("spike_at", "nan_at", "opt_name"),
+    [(None, None, "sgd"), (30, None, "adam"), (25, 40, "sgd"), (None, 35, "adam"), (3, None, "sgd")],
+)
+def test_monitor_and_analyze_give_the_same_verdict(tmp_path: Path, spike_at, nan_at, opt_name) -> None:
+    path = tmp_path / "run.jsonl"
+    mon = _train(path, 60, spike_at=spike_at, nan_at=nan_at, opt_name=opt_name)
+    live = [(f.kind, f.severity, f.steps, f.layers) for f in mon.diagnose()]
+    post = analyze_log(path)
+    assert [(f.kind, f.severity, f.steps, f.layers) for f in post.findings] == live
+    assert json.dumps(post.to_dict()["findings"], sort_keys=True) == json.dumps(
+        post.to_dict()["findings"], sort_keys=True
+    )
+    # the series rules on the log read as a plain series (no per-layer data) agree on kinds and steps
+    series_only = detect(load_series(path))
+    layer_kinds = {"saturation", "dead_units", "stalled_layer"}
+    expect = [
+        (f.kind, f.steps)
+        for f in mon.diagnose()
+        if f.kind not in layer_kinds
+        and f.evidence.get("pattern") != "update_ratio"
+        and "first_last_rms_ratio_median" not in f.evidence
+    ]
+    assert [(f.kind, f.steps) for f in series_only if f.kind != "no_grad_norm"] == expect
+    if spike_at is not None or nan_at is not None:
+        assert not post.healthy
+        first_bad = min(s for s in (spike_at, nan_at) if s is not None)
+        assert min(f.steps[0] for f in post.problems) == first_bad
+    else:
+        assert post.healthy
