@@ -361,7 +361,10 @@ def test_stop_on_nonfinite_stops_the_fit_at_the_nan_step(tmp_path, caplog):
     stop, summary = _warnings(caplog)  # the finding at step 5, then the end-of-fit summary at WARNING
     assert stop.startswith("gradsentry: NaN/inf gradient at step 5 in ")
     assert "Stopping the run (stop_on 'nonfinite')" in stop and "Remedy: " in stop
-    assert summary.startswith("gradsentry: 1 finding(s) over 6 logged step(s)") and "nonfinite at step 5" in summary
+    assert (
+        summary.startswith("gradsentry: 1 finding(s) over 6 logged step(s)")
+        and "nonfinite at step 5" in summary
+    )
     assert [r.step for r in read_jsonl(tmp_path / "run.jsonl").records][-1] == 5
 
 
@@ -390,7 +393,10 @@ def test_without_stop_on_a_nan_does_not_stop_the_fit():
         ({}, {"max_grad_norm": None}),
         ({"gradient_clip_val": 0.5}, {"max_grad_norm": 0.5}),
         ({"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"}, {"max_grad_norm": 0.5}),
-        ({"gradient_clip_val": 0.25, "gradient_clip_algorithm": "value"}, {"max_grad_norm": None, "clip_value": 0.25}),
+        (
+            {"gradient_clip_val": 0.25, "gradient_clip_algorithm": "value"},
+            {"max_grad_norm": None, "clip_value": 0.25},
+        ),
     ],
     ids=["no-clipping", "default-norm", "norm", "value"],
 )
@@ -404,6 +410,8 @@ def test_header_meta_names_trainer_optimizer_lr_and_clipping(tmp_path, clip, wan
 
 
 def test_bad_stop_on():
-    with pytest.raises(ValueError, match=r"unknown stop_on \['vanishing'\]; valid names: \['nonfinite', 'exploding'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown stop_on \['vanishing'\]; valid names: \['nonfinite', 'exploding'\]"
+    ):
         GradSentryCallback(stop_on=("nonfinite", "vanishing"))
     assert GradSentryCallback(stop_on="nonfinite").stop_on == ("nonfinite",)

@@ -113,9 +113,11 @@ def test_raise_comes_after_the_record_is_stored_and_written(tmp_path):
 
 
 def test_raise_on_a_nonfinite_loss_with_finite_gradients():
-    model, opt, mon = _setup(on_nonfinite="raise")
+    model, _, mon = _setup(on_nonfinite="raise")
     model(torch.randn(8, 16)).pow(2).mean().backward()
-    with pytest.raises(gs.NonFiniteGradientError, match=r"non-finite loss \(inf\) at step 0, gradients still finite"):
+    with pytest.raises(
+        gs.NonFiniteGradientError, match=r"non-finite loss \(inf\) at step 0, gradients still finite"
+    ):
         mon.step(loss=math.inf)
     assert mon.records[0].finite and mon.records[0].loss == math.inf
     mon.close()
@@ -150,9 +152,7 @@ def test_callable_is_called_on_every_nonfinite_logged_step_and_its_errors_propag
 def test_with_every_an_unlogged_nan_is_caught_at_the_next_logged_step(monkeypatch):
     checked: list[int] = []
     real = monitor_mod.nonfinite_step
-    monkeypatch.setattr(
-        monitor_mod, "nonfinite_step", lambda r: checked.append(r.step) or real(r)
-    )
+    monkeypatch.setattr(monitor_mod, "nonfinite_step", lambda r: checked.append(r.step) or real(r))
     model, opt, mon = _setup(on_nonfinite="raise", every=3)
     with pytest.raises(gs.NonFiniteGradientError) as info:
         _train(mon, model, opt, 12, nan_at=(4,))  # step 4 is not logged; its update makes the weights NaN
@@ -173,7 +173,9 @@ def test_healthy_run_never_alerts(caplog):
 
 def test_bad_on_nonfinite_values_are_clear_errors():
     model = mlp(2, width=4)
-    with pytest.raises(ValueError, match="on_nonfinite must be None, 'warn', 'raise' or a callable, got 'log'"):
+    with pytest.raises(
+        ValueError, match="on_nonfinite must be None, 'warn', 'raise' or a callable, got 'log'"
+    ):
         gs.Monitor(model, on_nonfinite="log")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="on_nonfinite must be None, 'warn', 'raise' or a callable, got int"):
         gs.Monitor(model, on_nonfinite=1)  # type: ignore[arg-type]

@@ -155,7 +155,7 @@ def alert_message(record: StepRecord, finding: Finding) -> str:
         if record.nonfinite_origin is not None:
             what += f"; first non-finite output: module {record.nonfinite_origin or '<root>'}"
     else:
-        what = f"{finding.kind} at step {record.step}"
+        what = f"{finding.kind} at step {record.step} (global gradient norm {record.global_norm:.3g})"
     text = f"gradsentry: {what}. {finding}"
     if finding.remedies:
         fix = finding.remedies[0]
@@ -344,7 +344,9 @@ class Monitor:
             raise ValueError(f"max_records must be an int >= 0, got {max_records!r}")
         if isinstance(on_nonfinite, str):
             if on_nonfinite not in ("warn", "raise"):
-                raise ValueError(f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {on_nonfinite!r}")
+                raise ValueError(
+                    f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {on_nonfinite!r}"
+                )
         elif on_nonfinite is not None and not callable(on_nonfinite):
             raise TypeError(
                 f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {type(on_nonfinite).__name__}"
@@ -698,7 +700,10 @@ class Monitor:
         elif action == "raise":
             self._flush_sinks()
             raise NonFiniteGradientError(
-                alert_message(record, finding), record=record, layers=nonfinite_layers(record), finding=finding
+                alert_message(record, finding),
+                record=record,
+                layers=nonfinite_layers(record),
+                finding=finding,
             )
         elif callable(action):
             action(finding)

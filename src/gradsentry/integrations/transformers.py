@@ -232,7 +232,9 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             "source": "transformers",
             "trainer": "hf",
             "capture": mode,
-            "max_grad_norm": float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None,
+            "max_grad_norm": float(args.max_grad_norm)
+            if args.max_grad_norm and args.max_grad_norm > 0
+            else None,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             **(kwargs_m.pop("meta", None) or {}),
         }
