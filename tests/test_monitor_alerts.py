@@ -195,3 +195,13 @@ def test_header_meta_names_the_optimizer_and_its_lr(tmp_path):
         mon.step()
     meta = gs.read_jsonl(tmp_path / "b.jsonl").header.meta
     assert "optimizer" not in meta and meta["lr"] == 0.5
+
+
+def test_header_lr_is_the_base_lr_under_a_warmup_scheduler():
+    model = mlp(2, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step / 10)  # warm-up: lr starts at 0
+    assert opt.param_groups[0]["lr"] == 0.0
+    mon = gs.Monitor(model, optimizer=opt)
+    assert mon.header.meta["optimizer"] == "sgd" and mon.header.meta["lr"] == pytest.approx(0.1)
+    mon.close()

@@ -195,8 +195,8 @@ def _optimizer_meta(optimizer: Any) -> dict[str, Any]:
         return {}
     meta: dict[str, Any] = {"optimizer": type(optimizer).__name__.lower()}
     groups = getattr(optimizer, "param_groups", None) or []
-    try:
-        lr = groups[0].get("lr") if groups else None
+    try:  # a scheduler keeps the base lr as "initial_lr" (under warm-up "lr" may start at 0)
+        lr = groups[0].get("initial_lr", groups[0].get("lr")) if groups else None
         meta["lr"] = float(lr) if lr is not None else None
     except (TypeError, ValueError, RuntimeError):  # an lr that is not a number (or a multi-element tensor)
         meta["lr"] = None
@@ -222,7 +222,8 @@ class Monitor:
             before each logged step is recorded (weights are copied only before those steps) and
             the learning rate of its first parameter group is recorded. The header's metadata then
             also names it (``"optimizer"``: the lower-case class name, e.g. ``"adamw"``) and holds
-            ``"lr"``, its first group's learning rate at construction, for the advice.
+            ``"lr"``, its first group's base learning rate at construction (a scheduler's
+            ``initial_lr`` when one is attached, since warm-up may start ``lr`` at 0), for the advice.
         sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`). A failing sink is
             reported once and disabled; training continues.
         remedy: optional callable ``remedy(params, norms=...)`` (a clipper from
