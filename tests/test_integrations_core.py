@@ -14,7 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from gradsentry.integrations._common import check_log_stats, record_metrics, summarize
+from gradsentry.integrations._common import (
+    check_log_stats,
+    check_stop_on,
+    record_metrics,
+    stop_finding,
+    summarize,
+    summary_level,
+)
+from gradsentry.monitor import Monitor
 from gradsentry.records import Finding, LayerStats, StepRecord
 from zoo import mlp
 
@@ -75,6 +83,47 @@ def test_record_metrics_and_summary():
     assert "vanishing at step 3 in fc" in text.splitlines()[1]
     with pytest.raises(ValueError, match=r"unknown log_stats \['x'\]; choose from \['grad_norm'"):
         check_log_stats(["x"])
+
+
+def test_summary_level_is_warning_whenever_there_is_a_finding():
+    assert summary_level([]) == logging.INFO
+    assert summary_level([Finding(kind="saturation", severity="info")]) == logging.WARNING
+    assert summary_level([Finding(kind="exploding", severity="error")]) == logging.WARNING
+
+
+def test_check_stop_on():
+    assert check_stop_on(()) == ()
+    assert check_stop_on(["exploding", "nonfinite"]) == ("exploding", "nonfinite")
+    assert check_stop_on("nonfinite") == ("nonfinite",)  # one name, not its letters
+    with pytest.raises(
+        ValueError, match=r"unknown stop_on \['exploded'\]; valid names: \['nonfinite', 'exploding'\]"
+    ):
+        check_stop_on(["exploded"])
+
+
+def test_stop_finding_judges_the_newest_record_only_for_the_kinds_asked():
+    torch.manual_seed(0)
+    model = mlp(3, width=8, act=nn.Tanh)
+    mon = Monitor(model)
+    for step in range(14):
+        x = torch.randn(8, 16)
+        loss = model(x).pow(2).mean() * (1e6 if step == 12 else 1.0)
+        if step == 13:
+            loss = loss * float("nan")
+        loss.backward()
+        rec = mon.step(loss=loss)
+        model.zero_grad()
+        assert rec is not None
+        both = stop_finding(mon, rec, ("nonfinite", "exploding"))
+        if step < 12:
+            assert both is None, (step, both)
+        elif step == 12:
+            assert both is not None and both.kind == "exploding" and 12 in both.steps
+            assert stop_finding(mon, rec, ("nonfinite",)) is None
+        else:
+            assert both is not None and both.kind == "nonfinite" and both.steps == [13]
+            assert stop_finding(mon, rec, ()) is None
+    mon.close()
 
 
 def test_hf_capture_runs_after_final_callbacks_queued_during_backward():

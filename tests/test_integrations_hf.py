@@ -50,7 +50,14 @@ def _data(in_dim: int = 16, out_dim: int = 4) -> list[dict[str, torch.Tensor]]:
 
 
 def _train(
-    tmp_path: Any, model: nn.Module, cb: GradSentryCallback, *, steps: int = 3, ga: int = 1, **kw: Any
+    tmp_path: Any,
+    model: nn.Module,
+    cb: GradSentryCallback,
+    *,
+    steps: int = 3,
+    ga: int = 1,
+    extra: list[Any] | None = None,
+    **kw: Any,
 ) -> Any:
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -69,7 +76,9 @@ def _train(
         seed=0,
         **kw,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb])
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_data(), callbacks=[cb, *(extra or [])]
+    )
     trainer.train()
     return trainer
 
@@ -175,3 +184,107 @@ def test_bad_arguments():
         GradSentryCallback(capture="later")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"unknown log_stats \['norm'\]"):
         GradSentryCallback(log_stats=("norm",))
+
+
+# ---------------------------------------------------------------------------------------------- stop_on
+
+
+class Scaled(Regressor):
+    """The loss multiplied by ``scale`` at training forward call ``scale_at`` (1-based)."""
+
+    def __init__(self, net: nn.Module, scale_at: int, scale: float = 1e6) -> None:
+        super().__init__(net)
+        self.scale_at, self.scale = scale_at, scale
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = super().forward(x, labels)
+        if self.calls == self.scale_at and "loss" in out:
+            out["loss"] = out["loss"] * self.scale
+        return out
+
+
+class Steps(transformers.TrainerCallback):
+    """Counts the optimizer's steps; keeps the weights each optimizer step starts from."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kw: Any
+    ) -> None:
+        def after_step(opt: Any, a: Any, k: Any) -> None:
+            self.count += 1
+
+        optimizer.optimizer.register_step_post_hook(after_step)  # accelerate's wrapper holds the torch one
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.weights[state.global_step] = [p.detach().clone() for p in model.parameters()]
+
+
+def _warnings(caplog: Any) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gradsentry" and r.levelno == logging.WARNING]
+
+
+def test_stop_on_nonfinite_stops_the_trainer_at_the_nan_step(tmp_path, caplog):
+    model = Regressor(mlp(3, width=16, act=nn.Tanh), poison_at=6)  # the batch of step 5 holds inf
+    cb = GradSentryCallback(stop_on=("nonfinite", "exploding"), sinks=[JsonlSink(tmp_path / "run.jsonl")])
+    steps = Steps()
+    with caplog.at_level(logging.INFO, logger="gradsentry"):
+        trainer = _train(tmp_path, model, cb, extra=[steps], steps=10)
+    assert [r.step for r in cb.monitor.records] == [0, 1, 2, 3, 4, 5]
+    assert model.calls == 6  # no batch after the bad one
+    # optimizer steps 0..5 were called (global_step counts step 5's) and no further one happened
+    assert trainer.state.global_step == 6 and steps.count == 6
+    # the update of the NaN step was dropped: the model keeps the weights step 5 started from
+    assert all(torch.equal(a, b) for a, b in zip(steps.weights[5], model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the Trainer logged its own (NaN) grad_norm of step 5 before the gradients were dropped
+    assert math.isnan(_train_logs(trainer)[-1]["grad_norm"])
+    assert cb.stopped_by is not None and cb.stopped_by.kind == "nonfinite" and cb.stopped_by.steps == [5]
+    stop, summary = _warnings(caplog)
+    assert stop.startswith("gradsentry: NaN/inf gradient at step 5 in net.4, net.2, net.0")
+    assert "Stopping the run (stop_on 'nonfinite')" in stop
+    assert summary.startswith("gradsentry: 1 finding(s) over 6 logged step(s)")
+    assert read_jsonl(tmp_path / "run.jsonl").records[-1].step == 5
+
+
+def test_stop_on_exploding_stops_the_trainer_at_the_spike(tmp_path):
+    model = Scaled(mlp(3, width=16, act=nn.Tanh), scale_at=13)  # step 12, after 12 stable steps
+    cb = GradSentryCallback(stop_on=("exploding",))
+    steps = Steps()
+    trainer = _train(tmp_path, model, cb, extra=[steps], steps=20)  # max_grad_norm=1.0: the Trainer clips
+    assert [r.step for r in cb.monitor.records] == list(range(13))
+    assert trainer.state.global_step == 13 and steps.count == 13 and model.calls == 13
+    assert cb.stopped_by is not None and cb.stopped_by.kind == "exploding" and 12 in cb.stopped_by.steps
+    assert cb.monitor.records[-1].global_norm > 1e4 * cb.monitor.records[-2].global_norm
+    assert all(torch.equal(a, b) for a, b in zip(steps.weights[12], model.parameters(), strict=True))
+
+
+def test_on_nonfinite_raise_through_the_callback_comes_before_the_optimizer_step(tmp_path):
+    import gradsentry as gs
+
+    model = Regressor(mlp(2, width=8, act=nn.Tanh), poison_at=3)
+    cb = GradSentryCallback(on_nonfinite="raise")
+    steps = Steps()
+    with pytest.raises(gs.NonFiniteGradientError) as info:
+        _train(tmp_path, model, cb, extra=[steps], steps=6)
+    cb.close()
+    assert info.value.step == 2 and steps.count == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("max_grad_norm", "want"), [(1.0, 1.0), (0.0, None)], ids=["clips", "no-clipping"])
+def test_header_meta_names_trainer_optimizer_lr_and_clipping(tmp_path, max_grad_norm, want):
+    cb = GradSentryCallback(sinks=[JsonlSink(tmp_path / "run.jsonl")])
+    _train(tmp_path, Regressor(mlp(2, width=8, act=nn.Tanh)), cb, steps=1, max_grad_norm=max_grad_norm)
+    meta = read_jsonl(tmp_path / "run.jsonl").header.meta
+    assert meta["trainer"] == "hf" and meta["optimizer"] == "sgd" and meta["lr"] == pytest.approx(0.05)
+    assert meta["max_grad_norm"] == want
+
+
+def test_bad_stop_on():
+    with pytest.raises(
+        ValueError, match=r"unknown stop_on \['nan'\]; valid names: \['nonfinite', 'exploding'\]"
+    ):
+        GradSentryCallback(stop_on=("nan",))

@@ -296,3 +296,122 @@ def test_exception_closes_the_monitor_and_removes_every_hook():
     assert cb.monitor._closed
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
     assert isinstance(cb.findings, list)
+
+
+# ---------------------------------------------------------------------------------------------- stop_on
+
+
+class Poisoned(Regressor):
+    """A NaN in the input of batch ``nan_at``; the loss multiplied by ``scale`` at batch ``scale_at``."""
+
+    def __init__(
+        self, net: nn.Module, nan_at: int | None = None, scale_at: int | None = None, scale: float = 1e6
+    ) -> None:
+        super().__init__(net)
+        self.nan_at, self.scale_at, self.scale = nan_at, scale_at, scale
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if batch_idx == self.nan_at:
+            x = x.clone()
+            x[0, 0] = math.nan
+        loss = nn.functional.mse_loss(self.net(x), y)
+        if batch_idx == self.scale_at:
+            loss = loss * self.scale
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
+class Steps(L.Callback):
+    """Counts the optimizer's steps and keeps the weights each batch starts its optimizer step from."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        def after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+            self.count += 1
+
+        trainer.optimizers[0].register_step_post_hook(after_step)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.weights[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+
+def _warnings(caplog: Any) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gradsentry" and r.levelno == logging.WARNING]
+
+
+def test_stop_on_nonfinite_stops_the_fit_at_the_nan_step(tmp_path, caplog):
+    module = Poisoned(mlp(3, width=16, act=nn.Tanh), nan_at=5)
+    cb = GradSentryCallback(stop_on=("nonfinite",), sinks=[JsonlSink(tmp_path / "run.jsonl")])
+    steps = Steps()
+    with caplog.at_level(logging.INFO, logger="gradsentry"):
+        trainer = _fit(module, [cb, steps], steps=10)
+    assert [r.step for r in cb.monitor.records] == [0, 1, 2, 3, 4, 5]
+    assert len(module.losses) == 6  # no batch after the NaN one ran
+    # optimizer steps 0..5 were called (global_step counts step 5's) and no further one happened
+    assert trainer.global_step == 6 and steps.count == 6
+    # the update of the NaN step was dropped: the model keeps the weights step 5 started from
+    final = [p.detach() for p in module.parameters()]
+    assert all(torch.isfinite(p).all() for p in final)
+    assert all(torch.equal(a, b) for a, b in zip(steps.weights[5], final, strict=True))
+    assert cb.stopped_by is not None and cb.stopped_by.kind == "nonfinite" and cb.stopped_by.steps == [5]
+    stop, summary = _warnings(caplog)  # the finding at step 5, then the end-of-fit summary at WARNING
+    assert stop.startswith("gradsentry: NaN/inf gradient at step 5 in ")
+    assert "Stopping the run (stop_on 'nonfinite')" in stop and "Remedy: " in stop
+    assert (
+        summary.startswith("gradsentry: 1 finding(s) over 6 logged step(s)")
+        and "nonfinite at step 5" in summary
+    )
+    assert [r.step for r in read_jsonl(tmp_path / "run.jsonl").records][-1] == 5
+
+
+def test_stop_on_exploding_stops_the_fit_at_the_spike():
+    module = Poisoned(mlp(3, width=16, act=nn.Tanh), scale_at=12)
+    cb = GradSentryCallback(stop_on=("nonfinite", "exploding"))
+    steps = Steps()
+    trainer = _fit(module, [cb, steps], steps=20)
+    assert [r.step for r in cb.monitor.records] == list(range(13))  # 12 stable steps, then the spike
+    assert trainer.global_step == 13 and steps.count == 13 and len(module.losses) == 13
+    assert cb.stopped_by is not None and cb.stopped_by.kind == "exploding" and 12 in cb.stopped_by.steps
+    assert all(torch.equal(a, b) for a, b in zip(steps.weights[12], module.parameters(), strict=True))
+
+
+def test_without_stop_on_a_nan_does_not_stop_the_fit():
+    module = Poisoned(mlp(2, width=8, act=nn.Tanh), nan_at=2)
+    cb = GradSentryCallback(every=2)
+    trainer = _fit(module, [cb], steps=5)
+    assert trainer.global_step == 5 and cb.stopped_by is None
+    assert [r.finite for r in cb.monitor.records] == [True, False, False]  # NaN weights from step 2 on
+
+
+@pytest.mark.parametrize(
+    ("clip", "want"),
+    [
+        ({}, {"max_grad_norm": None}),
+        ({"gradient_clip_val": 0.5}, {"max_grad_norm": 0.5}),
+        ({"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"}, {"max_grad_norm": 0.5}),
+        (
+            {"gradient_clip_val": 0.25, "gradient_clip_algorithm": "value"},
+            {"max_grad_norm": None, "clip_value": 0.25},
+        ),
+    ],
+    ids=["no-clipping", "default-norm", "norm", "value"],
+)
+def test_header_meta_names_trainer_optimizer_lr_and_clipping(tmp_path, clip, want):
+    cb = GradSentryCallback(sinks=[JsonlSink(tmp_path / "run.jsonl")])
+    _fit(Regressor(mlp(2, width=8, act=nn.Tanh), lr=0.03), [cb], steps=1, **clip)
+    meta = read_jsonl(tmp_path / "run.jsonl").header.meta
+    assert meta["trainer"] == "lightning" and meta["optimizer"] == "sgd" and meta["lr"] == pytest.approx(0.03)
+    assert {k: meta.get(k) for k in want} == want
+    assert ("clip_value" in meta) == ("clip_value" in want)
+
+
+def test_bad_stop_on():
+    with pytest.raises(
+        ValueError, match=r"unknown stop_on \['vanishing'\]; valid names: \['nonfinite', 'exploding'\]"
+    ):
+        GradSentryCallback(stop_on=("nonfinite", "vanishing"))
+    assert GradSentryCallback(stop_on="nonfinite").stop_on == ("nonfinite",)

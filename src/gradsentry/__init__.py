@@ -10,7 +10,7 @@ from gradsentry.check import CheckReport, check_model
 from gradsentry.diagnose import Thresholds, diagnose
 from gradsentry.lab import LabConfig, LabResult, run_lab
 from gradsentry.logs import Series, load_series
-from gradsentry.monitor import Monitor
+from gradsentry.monitor import Monitor, NonFiniteGradientError
 from gradsentry.records import (
     ActivationStats,
     Finding,
@@ -63,6 +63,7 @@ __all__ = [
     "LayerStats",
     "LogAnalysis",
     "Monitor",
+    "NonFiniteGradientError",
     "NonFiniteGuard",
     "Remedy",
     "RemedyResult",

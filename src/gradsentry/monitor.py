@@ -7,18 +7,22 @@ on accelerators, chunked BLAS dots on CPU), one for max |g| (``aminmax`` on CPU)
 the weights, reduces them into layers on the device, and moves one small tensor to the host.
 ``max_abs=False, weight_norms=False`` leaves a single read of the gradients, whose per-tensor norms
 a norm-based remedy (e.g. ``ClipGlobalNorm``) given as ``remedy=`` then reuses.
+
+Alerts (``on_nonfinite=``) read the record a logged step has already copied to the host: they add no
+device work and no host sync; a diagnosis runs only on a step that holds a NaN/inf.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +44,123 @@ NO_PARAMS_MSG = (
     "gradsentry.Monitor: the model has no parameters, so there is no gradient to watch. "
     "Pass the module that owns the trainable parameters."
 )
+
+ALERT_WINDOW = 200
+"""How many of the most recent records a live alert diagnoses (:func:`alert_finding`): enough for the
+spike test's trailing window (20) and the growth window (50), and a bounded cost per alert however long
+the run."""
+
+OnNonFinite: TypeAlias = Literal["warn", "raise"] | Callable[[Finding], Any] | None
+"""What :class:`Monitor` does on a logged step that holds a NaN/inf (see its ``on_nonfinite``)."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by :meth:`Monitor.step` (``on_nonfinite="raise"``) on a logged step with a NaN/inf gradient
+    or loss, after the step's record was stored and written to the sinks.
+
+    Attributes:
+        step: the record's step label.
+        layers: the layers whose gradient holds NaN/inf, the origin module first when known, then
+            deepest first (empty when only the loss is non-finite).
+        record: the :class:`~gradsentry.records.StepRecord` of the step.
+        finding: the ``nonfinite`` :class:`~gradsentry.records.Finding` (the same text as the
+            end-of-run diagnosis gives).
+    """
+
+    def __init__(self, message: str, *, record: StepRecord, layers: list[str], finding: Finding) -> None:
+        super().__init__(message)
+        self.step = record.step
+        self.layers = layers
+        self.record = record
+        self.finding = finding
+
+
+def nonfinite_step(record: StepRecord) -> bool:
+    """True when the record holds a NaN/inf: its global gradient norm, a layer's gradient
+    (``nonfinite > 0`` or a non-finite norm) or its loss."""
+    if not math.isfinite(record.global_norm):
+        return True
+    if record.loss is not None and not math.isfinite(record.loss):
+        return True
+    return any(
+        layer.has_grad and (layer.nonfinite > 0 or not math.isfinite(layer.grad_norm))
+        for layer in record.layers
+    )
+
+
+def nonfinite_layers(record: StepRecord) -> list[str]:
+    """The layers whose gradient holds NaN/inf in ``record``: the origin module first (when
+    ``locate_nonfinite`` named one of them), then deepest first."""
+    holding = [
+        layer
+        for layer in record.layers
+        if layer.has_grad and (layer.nonfinite > 0 or not math.isfinite(layer.grad_norm))
+    ]
+    names = [layer.name for layer in sorted(holding, key=lambda x: -x.depth)]
+    origin = record.nonfinite_origin
+    if origin is not None and origin in names:
+        names = [origin] + [n for n in names if n != origin]
+    return names
+
+
+def alert_finding(
+    records: Sequence[StepRecord], layers: Sequence[LayerInfo] | None, kind: str
+) -> Finding | None:
+    """The finding of ``kind`` that :func:`gradsentry.diagnose` gives on ``records`` and whose steps
+    include the newest record's step; None when there is none.
+
+    ``records`` are the recent records, oldest first, ending with the step being judged (the callers
+    pass at most :data:`ALERT_WINDOW`). For ``"nonfinite"`` a diagnosis that fails or finds nothing
+    still gives a finding built from the newest record, so that an alert is never lost; for other
+    kinds a failed diagnosis is logged and gives None.
+    """
+    from gradsentry.diagnose import diagnose
+
+    if not records:
+        return None
+    newest = records[-1]
+    try:
+        findings = diagnose(records, layers=layers)
+    except Exception as exc:  # an alert must never take the run down through the diagnosis
+        log.error("gradsentry: diagnosis failed at step %s (%s)", newest.step, exc)
+        findings = []
+    found = next((f for f in findings if f.kind == kind and newest.step in f.steps), None)
+    if found is None and kind == "nonfinite" and nonfinite_step(newest):
+        names = nonfinite_layers(newest)
+        where = f" in {', '.join(n or '<root>' for n in names[:3])}" if names else ""
+        found = Finding(
+            "nonfinite",
+            "error",
+            [newest.step],
+            names,
+            {"first_step": newest.step, "global_norm": newest.global_norm, "loss": newest.loss},
+            f"At step {newest.step} the gradient or the loss is NaN/inf{where}.",
+        )
+    return found
+
+
+def alert_message(record: StepRecord, finding: Finding) -> str:
+    """One text for a live alert: the step, the layers holding NaN/inf, the origin module, the
+    finding's explanation and its first remedy."""
+    if nonfinite_step(record):
+        names = nonfinite_layers(record)
+        if names:
+            what = f"NaN/inf gradient at step {record.step} in {', '.join(n or '<root>' for n in names[:5])}"
+            if len(names) > 5:
+                what += f" (+{len(names) - 5} more layers)"
+        elif not math.isfinite(record.global_norm):
+            what = f"NaN/inf gradient at step {record.step}"
+        else:
+            what = f"non-finite loss ({record.loss!r}) at step {record.step}, gradients still finite"
+        if record.nonfinite_origin is not None:
+            what += f"; first non-finite output: module {record.nonfinite_origin or '<root>'}"
+    else:
+        what = f"{finding.kind} at step {record.step} (global gradient norm {record.global_norm:.3g})"
+    text = f"gradsentry: {what}. {finding}"
+    if finding.remedies:
+        fix = finding.remedies[0]
+        text += f" Remedy: {fix.action}" + (f" ({fix.api})" if fix.api else "")
+    return text
 
 
 @dataclass
@@ -68,6 +189,20 @@ class _Pending:
     finite_flags: list[tuple[str, Tensor]] = field(default_factory=list)
 
 
+def _optimizer_meta(optimizer: Any) -> dict[str, Any]:
+    """``{"optimizer": "<class name, lower case>", "lr": <first group's lr>}`` for the run header."""
+    if optimizer is None:
+        return {}
+    meta: dict[str, Any] = {"optimizer": type(optimizer).__name__.lower()}
+    groups = getattr(optimizer, "param_groups", None) or []
+    try:  # a scheduler keeps the base lr as "initial_lr" (under warm-up "lr" may start at 0)
+        lr = groups[0].get("initial_lr", groups[0].get("lr")) if groups else None
+        meta["lr"] = float(lr) if lr is not None else None
+    except (TypeError, ValueError, RuntimeError):  # an lr that is not a number (or a multi-element tensor)
+        meta["lr"] = None
+    return meta
+
+
 class Monitor:
     """Watch a model's gradients and diagnose vanishing and exploding gradients.
 
@@ -85,7 +220,10 @@ class Monitor:
         every: log every ``every``-th step (step 0 is always logged).
         optimizer: when given, the update-to-weight ratio ``||Δw|| / ||w||`` of the optimizer step
             before each logged step is recorded (weights are copied only before those steps) and
-            the learning rate of its first parameter group is recorded.
+            the learning rate of its first parameter group is recorded. The header's metadata then
+            also names it (``"optimizer"``: the lower-case class name, e.g. ``"adamw"``) and holds
+            ``"lr"``, its first group's base learning rate at construction (a scheduler's
+            ``initial_lr`` when one is attached, since warm-up may start ``lr`` at 0), for the advice.
         sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`). A failing sink is
             reported once and disabled; training continues.
         remedy: optional callable ``remedy(params, norms=...)`` (a clipper from
@@ -103,7 +241,25 @@ class Monitor:
         overhead_budget: if set (e.g. 0.01), raise ``every`` so that the Monitor's amortized time
             stays under this fraction of the training step time.
         max_records: how many records to keep in memory (oldest dropped first).
-        meta: free-form metadata written into the JSONL header.
+        meta: free-form metadata written into the JSONL header; its keys override the ones the
+            Monitor fills in (``every``, ``model``, ``optimizer``, ``lr``, ``activations``).
+        on_nonfinite: what to do, at that step, when a logged step holds a NaN/inf: a non-finite
+            global gradient norm, a layer with NaN/inf gradient entries, or a non-finite loss.
+            The check reads the record the step already copied to the host, so it costs nothing on
+            healthy steps and nothing at all on unlogged ones; every action comes after the record
+            is stored and written to the sinks. ``None`` (default): record it only.
+            ``"warn"``: log a WARNING through the ``gradsentry`` logger (rank 0) naming the step, the
+            layers holding NaN/inf, the module where it first appeared (``locate_nonfinite=True``),
+            the ``nonfinite`` finding's explanation and its first remedy; once per stretch of
+            consecutive non-finite logged steps (NaN weights make every later step non-finite).
+            ``"raise"``: raise :class:`NonFiniteGradientError` (a ``FloatingPointError`` carrying
+            ``.step``, ``.layers``, ``.record``, ``.finding``) from :meth:`step`, on every
+            non-finite logged step, before your ``optimizer.step()`` runs. A callable: called with
+            the ``nonfinite`` :class:`~gradsentry.records.Finding` on every non-finite logged step
+            (its exceptions propagate). The finding comes from :func:`gradsentry.diagnose` over the
+            last :data:`ALERT_WINDOW` records, so its text is the end-of-run one. With ``every > 1``
+            only logged steps are checked: a NaN on an unlogged step is caught at the next logged
+            step, through the NaN it left in the weights (or not at all if a guard skipped it).
         process_group: under ``torch.distributed``, the group to reduce statistics over; None uses
             the group of the parameters' device mesh (FSDP2), else the default group. Create the Monitor after wrapping the model
             (``DistributedDataParallel(...)`` or ``fully_shard(...)``), and call :meth:`step` on
@@ -129,9 +285,11 @@ class Monitor:
         ValueError: if the model has no parameters, or ``every`` is not an int >= 1, a histogram or
             ``max_records`` argument is out of range, or a distributed option is inconsistent (see
             :func:`gradsentry._dist.resolve`).
-        TypeError: if ``model`` is not an ``nn.Module`` or has complex parameters.
+        TypeError: if ``model`` is not an ``nn.Module`` or has complex parameters, or
+            ``on_nonfinite`` is neither None, ``"warn"``, ``"raise"`` nor callable.
         gradsentry.DistributedError: from :meth:`step`, when a rank died or hung during the
             reduction of a logged step.
+        NonFiniteGradientError: from :meth:`step`, with ``on_nonfinite="raise"``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -161,6 +319,7 @@ class Monitor:
         overhead_budget: float | None = None,
         max_records: int = 100_000,
         meta: dict[str, Any] | None = None,
+        on_nonfinite: OnNonFinite = None,
         process_group: Any = None,
         sharded: bool | None = None,
         sync_local: bool = True,
@@ -184,6 +343,17 @@ class Monitor:
             raise ValueError(f"histogram_range must be a finite number > 0, got {histogram_range!r}")
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
             raise ValueError(f"max_records must be an int >= 0, got {max_records!r}")
+        if isinstance(on_nonfinite, str):
+            if on_nonfinite not in ("warn", "raise"):
+                raise ValueError(
+                    f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {on_nonfinite!r}"
+                )
+        elif on_nonfinite is not None and not callable(on_nonfinite):
+            raise TypeError(
+                f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {type(on_nonfinite).__name__}"
+            )
+        self.on_nonfinite = on_nonfinite
+        self._in_nonfinite = False  # the previous logged step was non-finite ("warn" once per stretch)
         self.every = int(every)
         self.optimizer = optimizer
         self.remedy = remedy
@@ -196,7 +366,7 @@ class Monitor:
         self.overhead_budget = overhead_budget
         self._records: deque[StepRecord] = deque(maxlen=max_records)
         self._sinks = [SafeSink(s) for s in sinks]
-        self._meta = dict(meta or {})
+        self._meta = {**_optimizer_meta(optimizer), **(meta or {})}
         self.step_count = 0
         self._next_log = 0
         self._closed = False
@@ -504,7 +674,45 @@ class Monitor:
             else:
                 self._disarm_optimizer()
             self._arm_for(self.step_count)
+        if record is not None and self.on_nonfinite is not None:
+            self._check_nonfinite(record)
         return record
+
+    def recent(self, n: int) -> list[StepRecord]:
+        """The last ``n`` records kept, oldest first (costs O(n), not O(records kept))."""
+        out = list(itertools.islice(reversed(self._records), max(0, int(n))))
+        out.reverse()
+        return out
+
+    def _check_nonfinite(self, record: StepRecord) -> None:
+        """Act on a logged step holding a NaN/inf, as ``on_nonfinite`` says (see the class docstring)."""
+        if not nonfinite_step(record):
+            self._in_nonfinite = False
+            return
+        onset = not self._in_nonfinite
+        self._in_nonfinite = True
+        action = self.on_nonfinite
+        if action == "warn" and (not onset or self.rank != 0):
+            return
+        finding = alert_finding(self.recent(ALERT_WINDOW), self.layers, "nonfinite")
+        assert finding is not None  # alert_finding always builds one for a non-finite newest record
+        if action == "warn":
+            log.warning("%s", alert_message(record, finding))
+        elif action == "raise":
+            self._flush_sinks()
+            raise NonFiniteGradientError(
+                alert_message(record, finding),
+                record=record,
+                layers=nonfinite_layers(record),
+                finding=finding,
+            )
+        elif callable(action):
+            action(finding)
+
+    def _flush_sinks(self) -> None:
+        """Push what the sinks buffered to disk (sinks with a ``flush`` method), e.g. before raising."""
+        for s in self._sinks:
+            s.flush()
 
     def _call_remedy(self, params: list[Tensor], *, loss: Any, norms: Tensor | None = None) -> Any:
         """Call the remedy, passing ``norms``/``loss`` only where its signature accepts them."""

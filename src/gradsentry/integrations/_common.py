@@ -1,9 +1,12 @@
-"""Framework-free helpers shared by the callbacks: metric keys and the end-of-run summary."""
+"""Framework-free helpers shared by the callbacks: metric keys, stopping on a finding, the summary."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
+from gradsentry.monitor import ALERT_WINDOW, Monitor, alert_finding, alert_message, nonfinite_step
 from gradsentry.records import Finding, StepRecord
 
 PREFIX = "gradsentry"
@@ -54,3 +57,53 @@ def summarize(findings: list[Finding], n_records: int) -> str:
     """The end-of-run summary: a count line, then one line per finding."""
     head = f"gradsentry: {len(findings)} finding(s) over {n_records} logged step(s)"
     return "\n".join([head, *(f"  {f}" for f in findings)])
+
+
+STOP_ON: tuple[str, ...] = ("nonfinite", "exploding")
+"""Finding kinds a callback's ``stop_on`` can name."""
+
+
+def check_stop_on(stop_on: Sequence[str] | str) -> tuple[str, ...]:
+    """Return ``stop_on`` as a tuple (a single name is accepted as is); raises ValueError naming the
+    unknown entries and the valid ones."""
+    names = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on)
+    bad = [s for s in names if s not in STOP_ON]
+    if bad:
+        raise ValueError(f"unknown stop_on {bad}; valid names: {list(STOP_ON)}")
+    return names
+
+
+def stop_finding(mon: Monitor, record: StepRecord, stop_on: Sequence[str]) -> Finding | None:
+    """The finding that should stop the run at ``record`` (the Monitor's newest), or None.
+
+    ``"nonfinite"``: the record holds a NaN/inf gradient or loss. ``"exploding"``: the diagnosis of the
+    last :data:`~gradsentry.monitor.ALERT_WINDOW` records has an ``exploding`` finding whose steps
+    include this record's step (the diagnosis runs on every logged step, only when ``"exploding"`` is
+    asked for). Either way the finding is the one :func:`gradsentry.diagnose` gives.
+    """
+    if "nonfinite" in stop_on and nonfinite_step(record):
+        return alert_finding(mon.recent(ALERT_WINDOW), mon.layers, "nonfinite")
+    if "exploding" in stop_on:
+        return alert_finding(mon.recent(ALERT_WINDOW), mon.layers, "exploding")
+    return None
+
+
+def stop_message(record: StepRecord, finding: Finding) -> str:
+    """The WARNING a callback logs when it stops the run."""
+    return (
+        f"{alert_message(record, finding)} Stopping the run (stop_on {finding.kind!r}); the optimizer "
+        f"update of step {record.step} is not applied."
+    )
+
+
+def drop_gradients(optimizer: Any) -> None:
+    """Set every gradient of the optimizer's parameters to None: its next ``step()`` leaves those
+    weights and their optimizer state unchanged (torch optimizers skip parameters without a gradient)."""
+    for group in getattr(optimizer, "param_groups", None) or []:
+        for p in group["params"]:
+            p.grad = None
+
+
+def summary_level(findings: Sequence[Finding]) -> int:
+    """WARNING when there is any finding, INFO when the run is healthy."""
+    return logging.WARNING if findings else logging.INFO

@@ -14,7 +14,22 @@ What it logs. On every logged step it sends ``gradsentry/global_norm`` and, per 
 (``logger.log_metrics(..., step=trainer.global_step)``, rank 0 only), on gradsentry's own cadence
 ``every`` rather than Lightning's ``log_every_n_steps`` (which would drop values logged on the other
 steps). At the end of fit it diagnoses the run, keeps the findings in :attr:`GradSentryCallback.findings`
-and logs a summary through the ``gradsentry`` logger.
+and logs a summary through the ``gradsentry`` logger: at WARNING when there is a finding, at INFO when
+the run is healthy.
+
+Stopping. With ``stop_on=("nonfinite", "exploding")`` each logged step is judged as it is recorded: a
+NaN/inf gradient or loss (``"nonfinite"``), or an ``exploding`` finding of the diagnosis of the recent
+records that includes this step (``"exploding"``). On the first such step the callback logs the finding
+at WARNING, sets ``trainer.should_stop = True`` (Lightning ends the fit after this batch; not before
+``min_steps``/``min_epochs``) and sets every gradient of the watched optimizer to None, so that the
+optimizer step Lightning still takes for this batch leaves the weights and the optimizer state as they
+were: the model keeps its last good weights. Lightning still counts that step in ``global_step``; hooks
+that run after this one (Lightning's clipping, the LightningModule's ``on_before_optimizer_step``) see
+no gradient on that step.
+
+Run metadata. The JSONL header's ``meta`` holds ``trainer: "lightning"``, the optimizer's class name
+and learning rate (``optimizer``, ``lr``), and Lightning's clipping: ``max_grad_norm`` is
+``gradient_clip_val`` when it clips by norm, else None; value clipping is ``clip_value``.
 
 Loss and update ratio. The record's loss is the sum of the losses Lightning passes to
 ``on_before_backward`` since the last optimizer step; under automatic optimization with
@@ -46,12 +61,33 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subproce
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradsentry.integrations._common import check_log_stats, record_metrics, summarize
+from gradsentry.integrations._common import (
+    check_log_stats,
+    check_stop_on,
+    drop_gradients,
+    record_metrics,
+    stop_finding,
+    stop_message,
+    summarize,
+    summary_level,
+)
 from gradsentry.monitor import Monitor
 from gradsentry.records import Finding
 from gradsentry.sinks.base import Sink
 
 log = logging.getLogger("gradsentry")
+
+
+def _clipping_meta(trainer: pl.Trainer) -> dict[str, Any]:
+    """Lightning's own clipping for the run header: ``max_grad_norm`` (None unless it clips by norm)
+    and, for value clipping, ``clip_value``."""
+    val = trainer.gradient_clip_val
+    if val is None or val <= 0:
+        return {"max_grad_norm": None}
+    algorithm = trainer.gradient_clip_algorithm
+    if str(getattr(algorithm, "value", algorithm) or "norm").lower() == "value":
+        return {"max_grad_norm": None, "clip_value": float(val)}
+    return {"max_grad_norm": float(val)}
 
 
 class GradSentryCallback(Callback):
@@ -66,15 +102,20 @@ class GradSentryCallback(Callback):
         log_stats: per-layer statistics sent to the trainer's loggers (names of
             :class:`~gradsentry.records.LayerStats` fields); empty for the global norm only.
         optimizer_index: which of ``trainer.optimizers`` to watch (one record per step of it).
+        stop_on: finding kinds that stop the fit at the logged step where they appear:
+            ``"nonfinite"`` (NaN/inf gradient or loss) and/or ``"exploding"`` (runs the diagnosis
+            of the last 200 records on every logged step). See the module docstring.
         **monitor_kwargs: passed to :class:`gradsentry.Monitor` (``activations``, ``histogram_bins``,
-            ``locate_nonfinite``, ``overhead_budget``, ``max_records``, ``meta``).
+            ``locate_nonfinite``, ``overhead_budget``, ``max_records``, ``meta``, ``on_nonfinite``).
 
     Attributes:
         monitor: the :class:`gradsentry.Monitor` of the current fit (None before ``on_fit_start``).
         findings: the findings of the last fit (filled at its end or on an exception).
+        stopped_by: the finding that stopped the last fit (``stop_on``), else None.
 
     Raises:
-        ValueError: ``every`` < 1, or a ``log_stats`` name that is not a LayerStats field.
+        ValueError: ``every`` < 1, a ``log_stats`` name that is not a LayerStats field, or a
+            ``stop_on`` name other than ``"nonfinite"`` and ``"exploding"``.
 
     Example:
         >>> trainer = lightning.Trainer(callbacks=[GradSentryCallback(every=10)])  # doctest: +SKIP
@@ -88,6 +129,7 @@ class GradSentryCallback(Callback):
         *,
         log_stats: Sequence[str] = ("grad_norm",),
         optimizer_index: int = 0,
+        stop_on: Sequence[str] = (),
         **monitor_kwargs: Any,
     ) -> None:
         if int(every) < 1:
@@ -97,9 +139,11 @@ class GradSentryCallback(Callback):
         self.sinks = list(sinks)
         self.log_stats = check_log_stats(log_stats)
         self.optimizer_index = int(optimizer_index)
+        self.stop_on = check_stop_on(stop_on)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
         self.findings: list[Finding] = []
+        self.stopped_by: Finding | None = None
         self._loss: Tensor | None = None
         self._steps_seen = 0
         self._finished = False
@@ -111,8 +155,10 @@ class GradSentryCallback(Callback):
         kwargs = dict(self.monitor_kwargs)
         meta = {
             "source": "lightning",
+            "trainer": "lightning",
             "precision": str(trainer.precision),
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            **_clipping_meta(trainer),
             **(kwargs.pop("meta", None) or {}),
         }
         opt = self._watched(trainer)
@@ -126,6 +172,7 @@ class GradSentryCallback(Callback):
             **kwargs,
         )
         self.findings = []
+        self.stopped_by = None
         self._loss = None
         self._finished = False
 
@@ -148,10 +195,20 @@ class GradSentryCallback(Callback):
         loss, self._loss = self._loss, None
         self._steps_seen += 1
         record = mon.step(loss=loss, step=trainer.global_step)
-        if record is not None and trainer.is_global_zero and trainer.loggers:
+        if record is None:
+            return
+        if trainer.is_global_zero and trainer.loggers:
             metrics = record_metrics(record, self.log_stats)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+        if self.stop_on and self.stopped_by is None:
+            finding = stop_finding(mon, record, self.stop_on)
+            if finding is not None:
+                self.stopped_by = finding
+                if trainer.is_global_zero:
+                    log.warning("%s", stop_message(record, finding))
+                drop_gradients(optimizer)  # the update Lightning still takes for this batch is a no-op
+                trainer.should_stop = True
 
     def _finish(self, trainer: pl.Trainer) -> None:
         mon = self.monitor
@@ -165,8 +222,7 @@ class GradSentryCallback(Callback):
             self.findings = []
         mon.close()
         if trainer.is_global_zero:
-            level = logging.WARNING if any(f.severity != "info" for f in self.findings) else logging.INFO
-            log.log(level, summarize(self.findings, len(mon.records)))
+            log.log(summary_level(self.findings), summarize(self.findings, len(mon.records)))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Diagnose the run, log the summary, close the Monitor and its sinks."""

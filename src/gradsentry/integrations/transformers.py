@@ -40,6 +40,22 @@ integrations that run before this callback do not see these keys; give gradsentr
 Record steps are labelled with the Trainer's ``state.global_step`` before the optimizer step, so
 the log entry with ``"step": s`` holds the ``grad_norm`` of record ``s - 1``.
 
+Stopping. With ``stop_on=("nonfinite", "exploding")`` each recorded step is judged as it is recorded:
+a NaN/inf gradient or loss (``"nonfinite"``), or an ``exploding`` finding of the diagnosis of the
+recent records that includes this step (``"exploding"``). On the first such step the callback logs the
+finding at WARNING and sets ``control.should_training_stop = True`` (the Trainer ends after this
+step); in ``on_pre_optimizer_step`` (after the Trainer computed and logged its ``grad_norm`` and
+clipped) it sets every gradient to None, so that the optimizer step the Trainer still takes leaves
+the weights and the optimizer state as they were: the model keeps its last good weights.
+``state.global_step`` still counts that step. The end-of-train summary is logged at WARNING when
+there is a finding, at INFO when the run is healthy. ``on_nonfinite="raise"`` given to the
+callback is raised from ``on_pre_optimizer_step``, before the optimizer step (the Trainer has no
+exception callback: call :meth:`close`); prefer ``stop_on``, which ends the run cleanly.
+
+Run metadata. The JSONL header's ``meta`` holds ``trainer: "hf"``, the optimizer's class name and
+learning rate (``optimizer``, ``lr``) and ``max_grad_norm`` (``args.max_grad_norm``, None when the
+Trainer does not clip).
+
 Limits. Tested with single-process CPU training, with and without gradient accumulation. Under
 DDP the capture runs after DDP's own end-of-backward reduction (see above) and only the main
 process writes sinks. DeepSpeed and FSDP keep sharded or flattened gradients that the per-parameter
@@ -64,8 +80,17 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subproce
         "gradsentry.integrations.transformers needs transformers and accelerate: pip install 'gradsentry[hf]'"
     ) from exc
 
-from gradsentry.integrations._common import check_log_stats, record_metrics, summarize
-from gradsentry.monitor import Monitor
+from gradsentry.integrations._common import (
+    check_log_stats,
+    check_stop_on,
+    drop_gradients,
+    record_metrics,
+    stop_finding,
+    stop_message,
+    summarize,
+    summary_level,
+)
+from gradsentry.monitor import Monitor, NonFiniteGradientError
 from gradsentry.records import Finding, StepRecord
 from gradsentry.sinks.base import Sink
 
@@ -112,15 +137,21 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             under an fp16 GradScaler). See the module docstring.
         log_stats: per-layer statistics added to the log history (LayerStats field names); empty
             for the global figures only.
+        stop_on: finding kinds that stop training at the recorded step where they appear:
+            ``"nonfinite"`` (NaN/inf gradient or loss) and/or ``"exploding"`` (runs the diagnosis
+            of the last 200 records on every recorded step). See the module docstring.
         **monitor_kwargs: passed to :class:`gradsentry.Monitor` (``activations``,
-            ``histogram_bins``, ``locate_nonfinite``, ``overhead_budget``, ``max_records``, ``meta``).
+            ``histogram_bins``, ``locate_nonfinite``, ``overhead_budget``, ``max_records``, ``meta``,
+            ``on_nonfinite``).
 
     Attributes:
         monitor: the :class:`gradsentry.Monitor` of the current run (None before training).
         findings: the findings of the last run (filled at ``on_train_end``).
+        stopped_by: the finding that stopped the last run (``stop_on``), else None.
 
     Raises:
-        ValueError: ``every`` < 1, an unknown ``capture``, or an unknown ``log_stats`` name.
+        ValueError: ``every`` < 1, an unknown ``capture``, an unknown ``log_stats`` name, or a
+            ``stop_on`` name other than ``"nonfinite"`` and ``"exploding"``.
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[GradSentryCallback()])  # doctest: +SKIP
@@ -134,6 +165,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         *,
         capture: Capture = "auto",
         log_stats: Sequence[str] = ("grad_norm",),
+        stop_on: Sequence[str] = (),
         **monitor_kwargs: Any,
     ) -> None:
         if int(every) < 1:
@@ -145,9 +177,13 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self.sinks = list(sinks)
         self.capture: Capture = capture
         self.log_stats = check_log_stats(log_stats)
+        self.stop_on = check_stop_on(stop_on)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
         self.findings: list[Finding] = []
+        self.stopped_by: Finding | None = None
+        self._stop_pending = False  # a stop decided at capture: drop this step's update, tell the Trainer
+        self._error: NonFiniteGradientError | None = None  # on_nonfinite="raise", raised before the step
         self.mode: Literal["backward", "pre_optimizer_step"] | None = None
         self._handles: list[RemovableHandle] = []
         self._optimizer: Any = None
@@ -194,8 +230,11 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         kwargs_m = dict(self.monitor_kwargs)
         meta = {
             "source": "transformers",
+            "trainer": "hf",
             "capture": mode,
-            "max_grad_norm": args.max_grad_norm,
+            "max_grad_norm": float(args.max_grad_norm)
+            if args.max_grad_norm and args.max_grad_norm > 0
+            else None,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             **(kwargs_m.pop("meta", None) or {}),
         }
@@ -211,6 +250,9 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             **kwargs_m,
         )
         self.findings = []
+        self.stopped_by = None
+        self._stop_pending = False
+        self._error = None
         self._failed = False
         self._handles.append(model.register_forward_hook(self._capture_loss))
         if mode == "backward":
@@ -247,9 +289,23 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self._queued = False
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """In ``pre_optimizer_step`` mode (fp16 GradScaler), record here on unscaled gradients."""
+        """In ``pre_optimizer_step`` mode (fp16 GradScaler), record here on unscaled gradients; then,
+        when ``stop_on`` fired on this step, drop its gradients (the update is not applied) and tell
+        the Trainer to stop."""
         if self.mode == "pre_optimizer_step":
             self._record()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        if self._stop_pending:
+            self._stop_pending = False
+            drop_gradients(_unwrap_optimizer(self._optimizer))
+            control.should_training_stop = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Keep the Trainer stopping once ``stop_on`` fired (also where ``on_pre_optimizer_step`` is absent)."""
+        if self.stopped_by is not None:
+            control.should_training_stop = True
 
     def _record(self) -> None:
         mon = self.monitor
@@ -262,13 +318,24 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         step = int(self._state.global_step) if self._state is not None else None
         try:
             record = mon.step(loss=loss, step=step)
+        except NonFiniteGradientError as exc:  # on_nonfinite="raise": raised before the optimizer step
+            self._error = exc
+            record = exc.record
         except Exception as exc:  # gradsentry must never stop training
             self._failed = True
             log.error("gradsentry: recording failed at step %s (%s); the callback is disabled", step, exc)
             return
-        if record is not None:
-            self._last = record
-            self._nonfinite_since_log += not record.finite
+        if record is None:
+            return
+        self._last = record
+        self._nonfinite_since_log += not record.finite
+        if self.stop_on and self.stopped_by is None:
+            finding = stop_finding(mon, record, self.stop_on)
+            if finding is not None:
+                self.stopped_by = finding
+                self._stop_pending = True
+                if getattr(self._state, "is_world_process_zero", True):
+                    log.warning("%s", stop_message(record, finding))
 
     # ------------------------------------------------------------------ logging and the end
     def on_log(
@@ -298,8 +365,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             log.error("gradsentry: diagnosis failed (%s); records are kept in callback.monitor", exc)
             self.findings = []
         if state.is_world_process_zero:
-            level = logging.WARNING if any(f.severity != "info" for f in self.findings) else logging.INFO
-            log.log(level, summarize(self.findings, len(mon.records)))
+            log.log(summary_level(self.findings), summarize(self.findings, len(mon.records)))
         self.close()
 
     def close(self) -> None:

@@ -57,6 +57,11 @@ class SafeSink:
     def write_findings(self, findings: list[Finding]) -> None:
         self._call("write_findings", findings)
 
+    def flush(self) -> None:
+        """Flush the sink if it has a ``flush`` method (optional: not part of :class:`Sink`)."""
+        if callable(getattr(self.sink, "flush", None)):
+            self._call("flush")
+
     def close(self) -> None:
         """Close the sink; after an earlier failure still try, so files and threads are released."""
         if self.error is None:

@@ -81,6 +81,14 @@ class JsonlSink:
     def write_findings(self, findings: list[Finding]) -> None:
         self._line({"kind": "findings", "findings": [f.to_dict() for f in findings]}, force=True)
 
+    def flush(self) -> None:
+        """Write the buffered lines to disk now (``fsync`` too with ``fsync=True``), whatever ``flush_every``."""
+        if self._fh is not None:
+            self._fh.flush()
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+            self._pending = 0
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.flush()

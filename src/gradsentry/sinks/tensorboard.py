@@ -214,6 +214,11 @@ class TensorBoardSink:
         w.add_text(f"{self.prefix}/findings", findings_markdown(findings))
         w.flush()
 
+    def flush(self) -> None:
+        """Write the pending events to disk now (rather than within ``flush_secs``)."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
