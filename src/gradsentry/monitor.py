@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -104,7 +104,10 @@ def nonfinite_layers(record: StepRecord) -> list[str]:
 
 
 def alert_finding(
-    records: Sequence[StepRecord], layers: Sequence[LayerInfo] | None, kind: str
+    records: Sequence[StepRecord],
+    layers: Sequence[LayerInfo] | None,
+    kind: str,
+    meta: Mapping[str, Any] | None = None,
 ) -> Finding | None:
     """The finding of ``kind`` that :func:`gradsentry.diagnose` gives on ``records`` and whose steps
     include the newest record's step; None when there is none.
@@ -120,7 +123,7 @@ def alert_finding(
         return None
     newest = records[-1]
     try:
-        findings = diagnose(records, layers=layers)
+        findings = diagnose(records, layers=layers, meta=meta)
     except Exception as exc:  # an alert must never take the run down through the diagnosis
         log.error("gradsentry: diagnosis failed at step %s (%s)", newest.step, exc)
         findings = []
@@ -694,7 +697,7 @@ class Monitor:
         action = self.on_nonfinite
         if action == "warn" and (not onset or self.rank != 0):
             return
-        finding = alert_finding(self.recent(ALERT_WINDOW), self.layers, "nonfinite")
+        finding = alert_finding(self.recent(ALERT_WINDOW), self.layers, "nonfinite", self.header.meta)
         assert finding is not None  # alert_finding always builds one for a non-finite newest record
         if action == "warn":
             log.warning("%s", alert_message(record, finding))
@@ -1192,7 +1195,7 @@ class Monitor:
         """
         from gradsentry.diagnose import diagnose
 
-        return diagnose(self.records, layers=self.layers, **overrides)
+        return diagnose(self.records, layers=self.layers, meta=self.header.meta, **overrides)
 
     def close(self, *, write_findings: bool = True) -> None:
         """Remove every hook this Monitor added and close its sinks (idempotent).

@@ -569,7 +569,8 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
     # early: within the first spike_min_history loss points
     n_early = min(ls.size, t.spike_min_history)
     start = float(lv[0])
-    early = [i for i in range(1, n_early) if not fin[i] or lv[i] >= t.early_divergence_factor * start]
+    # finite losses only: a NaN/inf loss is the nonfinite rule's (a NaN batch is not a learning rate)
+    early = [i for i in range(1, n_early) if fin[i] and lv[i] >= t.early_divergence_factor * start]
     if early:
         i = early[0]
         peak_i = max(range(1, n_early), key=lambda j: lv[j] if fin[j] else math.inf)

@@ -82,9 +82,9 @@ def stop_finding(mon: Monitor, record: StepRecord, stop_on: Sequence[str]) -> Fi
     asked for). Either way the finding is the one :func:`gradsentry.diagnose` gives.
     """
     if "nonfinite" in stop_on and nonfinite_step(record):
-        return alert_finding(mon.recent(ALERT_WINDOW), mon.layers, "nonfinite")
+        return alert_finding(mon.recent(ALERT_WINDOW), mon.layers, "nonfinite", mon.header.meta)
     if "exploding" in stop_on:
-        return alert_finding(mon.recent(ALERT_WINDOW), mon.layers, "exploding")
+        return alert_finding(mon.recent(ALERT_WINDOW), mon.layers, "exploding", mon.header.meta)
     return None
 
 
