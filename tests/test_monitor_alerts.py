@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
