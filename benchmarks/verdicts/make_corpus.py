@@ -734,8 +734,13 @@ def make_run(spec: Spec) -> dict[str, Any]:
         truth = hf_train(spec, run_dir)
     elif spec.fmt in ("lightning_csv", "tensorboard", "lightning_dir"):
         truth = pl_train(spec, run_dir)
-        for extra in (run_dir / "lightning_logs" / "version_0").glob("hparams.yaml"):
+        vdir = run_dir / "lightning_logs" / "version_0"
+        for extra in vdir.glob("hparams.yaml"):
             extra.unlink()
+        for k, ev in enumerate(
+            sorted(vdir.glob("events.out.tfevents.*"))
+        ):  # a stable name (no time/host/pid)
+            ev.rename(vdir / f"events.out.tfevents.{BASE_TIME}.corpus.0.{k}")
     elif spec.fmt == "jsonl":
         rows = plain_train(spec, monitor_path=run_dir / "run.jsonl")
         every = spec.opts.get("every", 1)
