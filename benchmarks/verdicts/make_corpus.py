@@ -495,8 +495,6 @@ def pl_train(spec: Spec, run_dir: Path) -> list[tuple[int, float, float]]:
         logging.getLogger(name).setLevel(logging.ERROR)
     data = task_data(spec)
     use_gs = spec.opts.get("norm_key") == "gradsentry"
-    norms: dict[int, float] = {}
-    losses: dict[int, float] = {}
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -509,18 +507,15 @@ def pl_train(spec: Spec, run_dir: Path) -> list[tuple[int, float, float]]:
             x, y = batch
             loss = loss_of(spec, self.net, x, y, self.global_step)
             self.log("train_loss", loss)
-            losses[self.global_step] = loss.item()
             return loss
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             x, y = batch
             self.log("val_loss", loss_of(spec, self.net, x, y, -1))
 
-        def on_before_optimizer_step(self, optimizer: Any) -> None:
-            total = grad_norm(self, norm_type=2)["grad_2.0_norm_total"]
-            norms[self.global_step] = float(total)
+        def on_before_optimizer_step(self, optimizer: Any) -> None:  # pre-clip, as Lightning's docs show
             if not use_gs:
-                self.log("grad_2.0_norm_total", total)
+                self.log("grad_2.0_norm_total", grad_norm(self, norm_type=2)["grad_2.0_norm_total"])
 
         def configure_optimizers(self) -> Any:
             opt = make_optimizer(spec, self.parameters())
@@ -649,7 +644,7 @@ def write_mmengine(spec: Spec, rows: list[dict[str, Any]], path: Path) -> list[t
         if by_epoch:
             ep = f"[{r['epoch'] + 1}]".rjust(len(str(max_epochs)) + 3)
             it = str(r["iter"] + 1).rjust(len(str(n_iter)))
-            head = f"Epoch(train) {ep}[{it}/{n_iter}]  "
+            head = f"Epoch(train){ep}[{it}/{n_iter}]  "  # mmengine: no space, the epoch is right-aligned
         else:
             head = f"Iter(train) [{str(k + 1).rjust(len(str(n)))}/{n}]  "
         msg = (
