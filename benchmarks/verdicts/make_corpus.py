@@ -405,8 +405,8 @@ def hf_train(spec: Spec, run_dir: Path) -> list[tuple[int, float, float]]:
             return len(self.x)
 
         def __getitem__(self, k: int) -> dict[str, Any]:
-            if spec.task == "tokens":
-                return {"input_ids": self.x[k]}
+            if spec.task == "tokens":  # labels too, so that evaluation reports eval_loss
+                return {"input_ids": self.x[k], "labels": self.x[k]}
             return {"x": self.x[k], "labels": self.y[k]}
 
     inner = make_model(spec)
