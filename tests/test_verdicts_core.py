@@ -216,3 +216,12 @@ def test_monitor_and_analyze_give_the_same_verdict(tmp_path: Path, spike_at, nan
         assert min(f.steps[0] for f in post.problems) == first_bad
     else:
         assert post.healthy
+
+
+def test_a_loss_flat_at_chance_is_a_stall_even_without_a_gradient_norm() -> None:
+    rng = np.random.default_rng(1)
+    loss = math.log(10) + rng.normal(0, 0.01, 80)
+    found = detect(series(None, loss))
+    assert [(f.kind, f.evidence.get("pattern")) for f in found if f.severity != "info"] == [
+        ("vanishing", "stalled")
+    ]

@@ -884,6 +884,8 @@ def series_findings(sig: RunSignals, c: RuleContext) -> list[Finding]:
     if not sig.has_grad.any():
         findings += loss_only_rules(sig, c)
         findings += divergence_rules(sig, c, have_exploding=False)
+        if not any(f.kind == "loss_divergence" for f in findings):
+            findings += vanishing_rules(sig, c)  # only the stall can be seen without a norm
         return findings
     findings += zero_rule(sig, c)
     gs, gv, _ = sig.finite_positive("grad")
