@@ -225,3 +225,11 @@ def test_a_loss_flat_at_chance_is_a_stall_even_without_a_gradient_norm() -> None
     assert [(f.kind, f.evidence.get("pattern")) for f in found if f.severity != "info"] == [
         ("vanishing", "stalled")
     ]
+
+
+def test_a_slow_finetune_away_from_chance_is_not_a_stall() -> None:
+    rng = np.random.default_rng(2)
+    slow = np.linspace(0.55, 0.535, 25) + rng.normal(0, 0.002, 25)  # 3 % better over 25 points
+    assert problems(detect(series(None, slow))) == []
+    flat_long = 0.55 + rng.normal(0, 0.002, 40)  # 40 points, not even 1 % better: stalled
+    assert problems(detect(series(None, flat_long))) == [("vanishing", "stalled")]

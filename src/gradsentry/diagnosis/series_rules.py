@@ -695,12 +695,17 @@ def vanishing_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
     start = float(np.median(lv[: min(3, lv.size)]))
     if start <= 0:
         return out
-    never_improved = float(sm.min()) >= (1.0 - t.flat_loss_rel) * start
-    if not never_improved or abs(sg.thirds_change(lv)) > t.flat_loss_rel:
-        return out
     level = float(np.median(lv))
-    classes = round(math.exp(level)) if level < 20 else 0
+    # a loss at ln K, the cross-entropy of guessing among K classes; only for K <= 20, where the values
+    # ln K lie further apart than the 1 % tolerance (above, every level is near some ln K)
+    classes = round(math.exp(level)) if 0 < level < math.log(20.5) else 0
     chance = classes >= 2 and abs(level - math.log(classes)) <= 0.01 * math.log(classes)
+    # away from chance a flat loss is weaker evidence: ask for a longer, flatter run
+    flat = t.flat_loss_rel if chance else t.flat_loss_rel / 2
+    min_points = t.stall_min_points if chance else 3 * t.stall_min_points
+    never_improved = float(sm.min()) >= (1.0 - flat) * start
+    if lv.size < min_points or not never_improved or abs(sg.thirds_change(lv)) > flat:
+        return out
     ev: dict[str, Any] = {
         "pattern": "stalled",
         "first_step": int(ls[0]),

@@ -96,8 +96,10 @@ class Thresholds:
         flat_loss_rel: relative loss change (first vs last third) under which the loss is flat.
         converged_loss_frac: a loss below this fraction of its starting level counts as converged: a
             collapsing norm is then expected, not vanishing.
-        stall_min_points: fewest logged points of a loss that never improved (flat from the first point)
-            before the run is called stalled.
+        stall_min_points: fewest logged points of a loss that never improved (by more than
+            ``flat_loss_rel`` from its first points) before the run is called stalled, when the loss sits
+            at chance level (ln K for K <= 20 classes); elsewhere 3x as many points and half the
+            relative change are needed, a flat loss being weaker evidence there.
         skipped_min_run: consecutive logged non-finite norms (with a finite, flat loss) that mean a loss
             scaler is skipping every step.
         max_listed: at most this many steps/events are listed per finding (display only).
