@@ -144,8 +144,10 @@ def _print_summary(result: LogAnalysis, console: Console, plot: Path | None) -> 
                 Text(f.explanation),
             )
         console.print(table)
+        shown: set[str] = set()
         for f in result.findings:
-            if f.remedies and f.severity != "info":
+            if f.remedies and f.severity != "info" and f.remedies[0].action not in shown:
+                shown.add(f.remedies[0].action)
                 console.print(Text(f"fix ({f.kind}): {f.remedies[0].action}", style="dim"))
     if plot is not None:
         console.print(f"plot written to {plot}", highlight=False, markup=False)

@@ -603,10 +603,10 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
                 [int(s) for s in ls[i:n_early][: t.max_listed]],
                 [],
                 ev,
-                f"The loss diverged in the first logged steps: from {start:g} at step {int(ls[0])} to "
-                f"{float(lv[i]):g} at step {int(ls[i])} (at least {t.early_divergence_factor:g}x its start)"
+                f"The loss diverged in the first logged steps: from {start:.4g} at step {int(ls[0])} to "
+                f"{float(lv[i]):.4g} at step {int(ls[i])} (at least {t.early_divergence_factor:g}x its start)"
                 + (
-                    f", and it stays at {tail_med:g}, {tail_med / start:.3g}x its start."
+                    f", and it stays at {tail_med:.4g}, {tail_med / start:.3g}x its start."
                     if stays
                     else ", then came back down."
                 )
@@ -654,7 +654,7 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
             [onset],
             [],
             ev,
-            f"The loss rose from its best level {best:g} (step {int(s[b])}) and stays at {tail_med:g} over the "
+            f"The loss rose from its best level {best:.4g} (step {int(s[b])}) and stays at {tail_med:.4g} over the "
             f"last {k} points ({tail_med / best:.3g} times), from step {onset} on: training diverged."
             + (
                 f" The gradient norm rose {growth:.3g}x since the best step." if growth and growth > 1 else ""
@@ -730,8 +730,8 @@ def vanishing_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
             [int(ls[0])],
             [],
             ev,
-            f"The loss never improved over {lv.size} logged points: it stays at about {level:g} (start "
-            f"{start:g}, best {float(sm.min()):g}).{chance_text} Training has stalled; vanishing gradients "
+            f"The loss never improved over {lv.size} logged points: it stays at about {level:.4g} (start "
+            f"{start:.4g}, best {float(sm.min()):.4g}).{chance_text} Training has stalled; vanishing gradients "
             "(saturating activations, a poor init in a deep net) are the usual cause, a learning rate of ~0 "
             "or frozen parameters the others. gradsentry's Monitor shows which layers' gradients vanish.",
             [
@@ -790,8 +790,8 @@ def _collapse(
             return None  # the loss still moves: training is progressing
         expl = (
             f"The gradient norm fell {math.exp(drop):.3g}x from {math.exp(m[p]):g} (step {int(steps[p])}) to "
-            f"{math.exp(tail_level):g} while the loss stayed flat at about {last:g} ({rel * 100:+.2g} % from "
-            f"step {int(steps[ci])}; {start_level:g} at the start): training has stalled (vanishing "
+            f"{math.exp(tail_level):g} while the loss stayed flat at about {last:.4g} ({rel * 100:+.2g} % from "
+            f"step {int(steps[ci])}; {start_level:.4g} at the start): training has stalled (vanishing "
             "gradients). If this loss is the best the task allows, this is convergence instead."
         )
     else:
