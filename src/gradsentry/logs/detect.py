@@ -10,6 +10,7 @@ through regular expressions and ``float``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from gradsentry.logs.csv import STEP_COLUMNS
@@ -189,11 +190,17 @@ def _sniff_further(p: Path) -> str | None:
     return None
 
 
+_HEADER_CELL = re.compile(r"[\w./\-]{1,80}")
+
+
 def _unrecognised(p: Path, head: str) -> str:
-    stripped = head.lstrip()
+    lines = head.split("\n")
+    while len(lines) > 1 and lines[0].startswith("#"):  # comment lines (e.g. a pasted log's notes)
+        lines.pop(0)
+    stripped = "\n".join(lines).lstrip()
     tried = ", ".join(f"{name} ({BY_NAME[name].example!r})" for name in TEXT_FORMATS)
-    if stripped.startswith(("{", "[")):
-        first = first_json(stripped)
+    first = first_json(stripped)
+    if stripped.startswith("{") or (stripped.startswith("[") and first is not None):
         shape = (
             f"an object with keys {sorted(first)[:10]}"
             if isinstance(first, dict)
@@ -203,13 +210,14 @@ def _unrecognised(p: Path, head: str) -> str:
         )
         return f"{p}: JSON of another shape ({shape}); expected {EXPECTED_FORMATS}"
     first_line = stripped.split("\n", 1)[0]
-    if "," in first_line or "\t" in first_line:
+    cells = [c.strip() for c in re.split(r"[,\t]", first_line)]
+    if len(cells) > 1 and all(_HEADER_CELL.fullmatch(c) for c in cells):
         return (
             f"{p}: CSV without a step column (header: {first_line[:200]!r}); expected a column named "
             f"{', '.join(STEP_COLUMNS)}; nor is any line a console log line of a known format "
             f"(tried {', '.join(TEXT_FORMATS)})"
         )
-    n = head.count("\n") + 1
+    n = head.count("\n") + (not head.endswith("\n"))
     return (
         f"{p}: unrecognised text file: none of its first {n} lines is a training log line of a known "
         f"format (a line needs a step counter and a loss or gradient norm). Formats tried: {tried}. "

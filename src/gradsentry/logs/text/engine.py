@@ -75,6 +75,8 @@ class Dialect:
         notes: facts for ``Series.notes`` (ordered, without duplicates).
         counts: named counters the dialect turns into notes in :meth:`finish`.
         skipped: steps the format itself says were skipped (e.g. Megatron's skipped iterations).
+        continued: set by ``parse`` when its entry continues the record of the line before (a
+            multi-line record): merged without being counted as a repeated step.
     """
 
     name: ClassVar[str] = ""
@@ -89,6 +91,7 @@ class Dialect:
         self.notes: dict[str, None] = {}
         self.counts: Counter[str] = Counter()
         self.skipped: set[int] = set()
+        self.continued = False
 
     def parse(self, line: str) -> Entry | None:
         """The training point on ``line``, or None (not a training line of this format)."""
@@ -160,7 +163,13 @@ class _Points:
         self.repeats = 0
         self.restarts: list[str] = []
 
-    def add(self, step: int, values: tuple[float | None, float | None, float | None], where: str) -> None:
+    def add(
+        self,
+        step: int,
+        values: tuple[float | None, float | None, float | None],
+        where: str,
+        cont: bool = False,
+    ) -> None:
         steps = self.steps
         if not steps or step > steps[-1]:
             steps.append(step)
@@ -170,7 +179,7 @@ class _Points:
         i = bisect.bisect_left(steps, step)
         if i < len(steps) and steps[i] == step and (i == len(steps) - 1 or self._same(i, values)):
             self._merge(i, values)
-            self.repeats += 1
+            self.repeats += not cont
             return
         dropped = len(steps) - i
         self.restarts.append(f"{where}: step went back from {steps[-1]} to {step} ({dropped} points dropped)")
@@ -246,7 +255,7 @@ def read_text(path: str | os.PathLike[str], dialect: Dialect) -> Series:
                     raise LogFormatError(
                         f"{p}:{lineno}: step {step} is out of range (steps must fit in 64 bits)"
                     )
-                pts.add(step, entry[1:], f"line {lineno}")
+                pts.add(step, entry[1:], f"line {lineno}", dialect.continued)
                 if pending_skips:
                     dialect.skipped.add(step)
                     pending_skips = 0

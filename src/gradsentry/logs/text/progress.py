@@ -30,7 +30,7 @@ from gradsentry.logs.text.engine import Dialect, Entry
 from gradsentry.logs.text.keys import EpochClock, Scanner
 
 TQDM_RE = re.compile(
-    r"(?P<desc>[^|]*?)\s*(?P<pct>\d+)%\s*(?:\|[^|]*\|)?\s*(?P<i>\d+)/(?P<n>\d+|\?)\s*\[(?P<info>[^\]]*)\]"
+    r"(?P<desc>[^|]*?)\s*(?P<pct>\d+)%\s*(?:\|[^|]*\|)?\s*(?P<i>\d+)/(?P<n>\d+|\?)\s*\[(?P<info>[^\]]*)\]?"
 )
 EPOCH_DESC_RE = re.compile(r"Epoch\s+(\d+)")
 KERAS_BAR_RE = re.compile(r"^\s*(?P<i>\d+)/(?P<n>\d+)\s+(?:\[[=>.]*\]|[━─]+)")

@@ -13,7 +13,8 @@ training point when it has a step counter and a loss or gradient norm. Real line
 - verl ``step:1 - … - critic/grad_norm:nan - … - actor/grad_norm:9.819``
 - timm/DeiT/BEiT ``MetricLogger`` ``Epoch: [115]  [1298/1299]  … loss: 6.5993 (6.5971) …
   grad_norm: 0.3922 (nan)``: the current value (the first number) is read, not the running average
-- detectron2 ``iter: 379  total_loss: 1.707``, Ignite ``Epoch[1] Iteration[10/938] Loss: nan``,
+- detectron2 ``iter: 379  total_loss: 1.707`` (and ``Loss became infinite or NaN at iteration=2137``,
+  read as a NaN loss at 2137), Ignite ``Epoch[1] Iteration[10/938] Loss: nan``,
   MONAI ``Epoch: 34/50, Iter: 1/2 -- train_loss: 1.1866``, ``100000 | loss nan | lr 0.0e+00``.
 
 Steps: ``num_updates``/``global_step`` before ``step`` before ``iteration``/``iter``/``iters``; an
@@ -24,6 +25,7 @@ that number.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import ClassVar
 
@@ -35,6 +37,8 @@ METRIC_LOGGER_RE = re.compile(r"Epoch:\s*\[(\d+)\]\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]
 
 LEADING_STEP_RE = re.compile(r"^\s*(\d+)\s*\|")
 OLMO_HEADER_RE = re.compile(r"\[step=\d+")
+NAN_AT_RE = re.compile(r"Loss became infinite or NaN at iteration=(\d+)")
+"""detectron2's fatal ``FloatingPointError: Loss became infinite or NaN at iteration=2137!``."""
 EVAL_RE = re.compile(r"valid on '|\| valid \||\bValidation\b|\bEvaluat", re.IGNORECASE)
 
 
@@ -49,11 +53,19 @@ class StepLines(Dialect):
         super().__init__(tags)
         self.scanner = Scanner(self.tags)
         self.clock = EpochClock()
+        self.metric_clock = EpochClock(base=0)  # MetricLogger epochs count from 0
         self.open_step: int | None = None
 
     def parse(self, line: str) -> Entry | None:
+        self.continued = False
         s = self.scanner.scan(line)
         if s.loss is None and s.grad_norm is None:
+            if "became infinite" in line and (m := NAN_AT_RE.search(line)) is not None:
+                self.note(
+                    "detectron2's 'Loss became infinite or NaN at iteration=N' is read as a NaN loss at N"
+                )
+                self.use_keys({"loss": "loss"})
+                return (int(m.group(1)), math.nan, None, None)
             if s.step is not None and OLMO_HEADER_RE.search(line):
                 self.open_step = s.step  # a multi-line record: its figures follow, indented
             elif not line[:1].isspace():
@@ -73,12 +85,13 @@ class StepLines(Dialect):
             else:
                 step = s.iter
         elif "poch" in line and (m := METRIC_LOGGER_RE.search(line)) is not None:
-            step = self.clock.step(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+            step = self.metric_clock.step(int(m.group(1)), int(m.group(2)), int(m.group(3)))
             self.note("MetricLogger lines: step = epoch x iterations per epoch + iteration")
         elif (m := LEADING_STEP_RE.match(line)) is not None:
             step = int(m.group(1))
         elif self.open_step is not None and line[:1].isspace():
             step = self.open_step
+            self.continued = True
         else:
             self.counts["no step"] += 1
             return None
