@@ -135,19 +135,20 @@ def sniff_format(path: str | os.PathLike[str]) -> str:
     return _sniff_file(p)
 
 
-def _best(p: Path, head: str | None, rows: tuple[str, ...] | None = None) -> str | None:
+def _best(p: Path, head: str | None, tags: dict[str, str], rows: tuple[str, ...] | None = None) -> str | None:
     best, best_score = None, 0.0
     for r in READERS:
         if rows is not None and r.name not in rows:
             continue
-        score = r.sniff(p, head)
+        score = r.sniff(p, head, tags)
         if score > best_score:  # ties keep the earlier row
             best, best_score = r.name, score
     return best
 
 
-def _sniff_file(p: Path) -> str:
-    by_name = _best(p, None)
+def _sniff_file(p: Path, tags: dict[str, str] | None = None) -> str:
+    tags = tags or {}
+    by_name = _best(p, None, tags)
     if by_name is not None:
         return by_name
     with p.open("rb") as fh:
@@ -166,15 +167,15 @@ def _sniff_file(p: Path) -> str:
                 f"{p}: not a UTF-8 text file (byte {exc.start}); expected {EXPECTED_FORMATS}"
             ) from exc
         text_head = head[: exc.start].decode("utf-8")
-    fmt = _best(p, text_head)
+    fmt = _best(p, text_head, tags)
     if fmt is None and len(head) == _SNIFF_BYTES:
-        fmt = _sniff_further(p)
+        fmt = _sniff_further(p, tags)
     if fmt is None:
         raise LogFormatError(_unrecognised(p, text_head))
     return fmt
 
 
-def _sniff_further(p: Path) -> str | None:
+def _sniff_further(p: Path, tags: dict[str, str]) -> str | None:
     """Look for text-format lines beyond the head, chunk by chunk, up to ``_SNIFF_TEXT_MAX`` bytes."""
     read = 0
     with p.open("r", encoding="utf-8", errors="replace", newline="\n") as fh:
@@ -184,7 +185,7 @@ def _sniff_further(p: Path) -> str | None:
                 return None
             text = "".join(chunk)
             read += len(text)
-            fmt = _best(p, text, TEXT_FORMATS)
+            fmt = _best(p, text, tags, TEXT_FORMATS)
             if fmt is not None:
                 return fmt
     return None
@@ -263,7 +264,7 @@ def load_series(
     if format != "auto":
         return _read(format, p, tags)
     if not p.is_dir():
-        return _read(_sniff_file(p), p, tags)
+        return _read(_sniff_file(p, tags), p, tags)
     cands = _dir_candidates(p)
     if len(cands) > 1 and _one_run_several_loggers(cands):
         return _pick_logger(p, cands, tags)

@@ -5,13 +5,14 @@ Each row names the format, says how much a file looks like it (``sniff``) and re
 row), ``load_series(format=name)`` reads with that row, and :data:`FORMATS` lists the names.
 Adding a format is one reader module and one row here.
 
-Sniff contract: ``sniff(path, head)`` is called first with ``head=None`` (only the path is known:
+Sniff contract: ``sniff(path, head, tags)`` is called first with ``head=None`` (only the path is known:
 the TensorBoard row claims files named ``*tfevents*`` here, before any byte is read), then with the
 first 64 KiB of a text file decoded as UTF-8. It returns a score in [0, 1]; 0 means "not this
 format". Structured formats answer 1.0 (certain) or 0.9; text dialects answer their weight times
 the share of the head's lines they read (:func:`~gradsentry.logs.text.engine.sniff_text`); a
 multi-line JSON document of unknown shape gets 0.01 from the HF row so that its reader can say what
-is wrong with it.
+is wrong with it. ``tags`` are the keys the user named (``--loss-tag`` ...): text dialects look for
+them too, so a log with custom key names is recognised.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from gradsentry.logs.text.mmengine_text import MmengineText
 from gradsentry.logs.text.progress import Keras, Tqdm
 from gradsentry.logs.text.steps import StepLines
 
-Sniff = Callable[[Path, str | None], float]
+Sniff = Callable[[Path, str | None, dict[str, str]], float]
 Read = Callable[[Path, dict[str, str]], Series]
 
 
@@ -45,7 +46,7 @@ class Reader:
 
     Attributes:
         name: the format name (``--format``, ``Series.source``).
-        sniff: ``(path, head or None) -> score in [0, 1]`` (see the module docstring).
+        sniff: ``(path, head or None, tags) -> score in [0, 1]`` (see the module docstring).
         read: ``(path, tags) -> Series``; raises ``LogFormatError`` on input it cannot read.
         example: what the format looks like (a file name or a real line), for messages and docs.
         takes_tags: whether ``tags`` (``--loss-tag`` ...) apply; False for formats with fixed keys.
@@ -68,7 +69,7 @@ def first_json(head: str) -> Any:
         return None
 
 
-def _sniff_hf(path: Path, head: str | None) -> float:
+def _sniff_hf(path: Path, head: str | None, tags: dict[str, str]) -> float:
     if head is None:
         return 0.0
     stripped = head.lstrip()
@@ -80,19 +81,19 @@ def _sniff_hf(path: Path, head: str | None) -> float:
     return 0.01 if first_json(stripped) is None else 0.0
 
 
-def _sniff_jsonl(path: Path, head: str | None) -> float:
+def _sniff_jsonl(path: Path, head: str | None, tags: dict[str, str]) -> float:
     first = first_json(head) if head else None
     return 1.0 if isinstance(first, dict) and "gradsentry" in first else 0.0
 
 
-def _sniff_mmengine(path: Path, head: str | None) -> float:
+def _sniff_mmengine(path: Path, head: str | None, tags: dict[str, str]) -> float:
     first = first_json(head) if head else None
     if isinstance(first, dict) and ("step" in first or "iter" in first) and "log_history" not in first:
         return 0.9
     return 0.0
 
 
-def _sniff_csv(path: Path, head: str | None) -> float:
+def _sniff_csv(path: Path, head: str | None, tags: dict[str, str]) -> float:
     if not head:
         return 0.0
     first_line = head.lstrip().split("\n", 1)[0]
@@ -101,7 +102,7 @@ def _sniff_csv(path: Path, head: str | None) -> float:
     return 0.9 if find_step_column([c.strip() for c in first_line.split(",")]) is not None else 0.0
 
 
-def _sniff_tensorboard(path: Path, head: str | None) -> float:
+def _sniff_tensorboard(path: Path, head: str | None, tags: dict[str, str]) -> float:
     return 1.0 if is_event_file(path) else 0.0
 
 
@@ -116,8 +117,8 @@ def _read_jsonl(path: Path, tags: dict[str, str]) -> Series:
 def text_row(dialect: type[Dialect]) -> Reader:
     """A table row for a text dialect: sniffed on the head's lines, read streaming."""
 
-    def sniff(path: Path, head: str | None) -> float:
-        return sniff_text(head, dialect()) if head else 0.0
+    def sniff(path: Path, head: str | None, tags: dict[str, str]) -> float:
+        return sniff_text(head, dialect(tags)) if head else 0.0
 
     def read(path: Path, tags: dict[str, str]) -> Series:
         return read_text(path, dialect(tags))
