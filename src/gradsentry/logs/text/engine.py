@@ -46,13 +46,11 @@ OVERFLOW_RE = re.compile(
 )
 """A loss scaler's "this optimizer step was skipped" line (DeepSpeed, apex, fairseq)."""
 
-FATAL_SCALE_RE = re.compile(
-    r"Current loss scale already at minimum|Minimum loss scale reached", re.IGNORECASE
-)
-"""DeepSpeed's and fairseq's fatal "the loss scale cannot go lower" lines."""
+# DeepSpeed's "Current loss scale already at minimum" and fairseq's "Minimum loss scale reached" (fatal)
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RANK_RE = re.compile(r"^\[rank(\d+)\]:")
+_STEP_MIN, _STEP_END = -(2**63), 2**63
 SNIFF_LINES = 400
 """How many fragments of a file's head :func:`sniff_text` parses."""
 
@@ -92,6 +90,7 @@ class Dialect:
         self.counts: Counter[str] = Counter()
         self.skipped: set[int] = set()
         self.continued = False
+        self._last_keys: dict[FieldName, str] | None = None
 
     def parse(self, line: str) -> Entry | None:
         """The training point on ``line``, or None (not a training line of this format)."""
@@ -106,6 +105,9 @@ class Dialect:
 
     def use_keys(self, keys: dict[FieldName, str]) -> None:
         """Remember which keys the fields came from (a field read under several keys lists them)."""
+        if keys is self._last_keys:  # the same line shape as before (a shared dict): nothing new
+            return
+        self._last_keys = keys
         for name, key in keys.items():
             old = self.fields.get(name)
             if old is None:
@@ -217,19 +219,22 @@ def read_text(path: str | os.PathLike[str], dialect: Dialect) -> Series:
     if p.is_dir():
         raise LogFormatError(f"{p}: is a directory; a {dialect.name} log is a text file")
     pts = _Points()
+    steps, c_loss, c_grad, c_lr = pts.steps, pts.cols["loss"], pts.cols["grad_norm"], pts.cols["lr"]
+    last = _STEP_MIN - 1  # the last step kept (steps[-1])
     overflow_lines: list[int] = []
     pending_skips = 0
     fatal: str | None = None
     rank: str | None = None
     other_ranks = 0
-    lines = 0
+    lineno = 0
     hint = dialect.split_hint or "\r"
+    parse = dialect.parse
     with p.open("r", encoding="utf-8", errors="replace", newline="\n") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            lines = lineno
-            if raw.startswith("#"):
+            first = raw[:1]
+            if first == "#":
                 continue
-            if raw.startswith("[rank"):
+            if first == "[" and raw.startswith("[rank"):
                 m = RANK_RE.match(raw)
                 if m is not None:
                     rank = rank or m.group(1)
@@ -241,24 +246,32 @@ def read_text(path: str | os.PathLike[str], dialect: Dialect) -> Series:
             for line in fragments(raw, dialect) if special else (raw,):
                 if ("verflow" in line or "VERFLOW" in line) and OVERFLOW_RE.search(line):
                     overflow_lines.append(lineno)
-                    if pts.steps:
-                        dialect.skipped.add(pts.steps[-1])
+                    if steps:
+                        dialect.skipped.add(steps[-1])
                     else:
                         pending_skips += 1
-                if fatal is None and "oss scale" in line and FATAL_SCALE_RE.search(line):
+                if fatal is None and ("scale already" in line or "inimum loss scale" in line):
                     fatal = f"line {lineno}: {line.strip()[:160]}"
-                entry = dialect.parse(line)
+                entry = parse(line)
                 if entry is None:
                     continue
-                step = entry[0]
-                if not -(2**63) <= step < 2**63:
-                    raise LogFormatError(
-                        f"{p}:{lineno}: step {step} is out of range (steps must fit in 64 bits)"
-                    )
-                pts.add(step, entry[1:], f"line {lineno}", dialect.continued)
+                step, loss, grad, lr = entry
+                if last < step < _STEP_END:  # the common case: the next step
+                    steps.append(step)
+                    c_loss.append(loss)
+                    c_grad.append(grad)
+                    c_lr.append(lr)
+                else:
+                    if not _STEP_MIN <= step < _STEP_END:
+                        raise LogFormatError(
+                            f"{p}:{lineno}: step {step} is out of range (steps must fit in 64 bits)"
+                        )
+                    pts.add(step, (loss, grad, lr), f"line {lineno}", dialect.continued)
+                last = steps[-1]
                 if pending_skips:
                     dialect.skipped.add(step)
                     pending_skips = 0
+    lines = lineno
     dialect.finish()
     missing = dialect.missing_tags(set(dialect.fields.values()))
     if missing:

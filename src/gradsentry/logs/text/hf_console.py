@@ -20,10 +20,11 @@ gradient norm when ``grad_norm`` is absent.
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from gradsentry.logs.text.engine import Dialect, Entry
 from gradsentry.logs.text.keys import NUM
+from gradsentry.logs.text.shapes import FLOAT, LineShapes
 
 DICT_START = "{'"
 ITEM_RE = re.compile(
@@ -36,21 +37,29 @@ NUM_RE = re.compile(NUM + r"\Z")
 LOSS_KEYS = ("loss",)
 GRAD_KEYS = ("grad_norm", "gradsentry/global_norm")
 LR_KEYS = ("learning_rate", "lr")
+STEP_KEYS = ("step", "global_step")
 
 
-def parse_dict(text: str, start: int) -> dict[str, str] | None:
-    """The items of the printed dict at ``text[start]`` (``{``), values as written; None if malformed.
+def parse_dict(text: str, start: int) -> dict[str, tuple[str, tuple[int, int]]] | None:
+    """The items of the printed dict at ``text[start]`` (``{``): value as written and its span (inside
+    quotes for a quoted value); None if malformed.
 
     >>> parse_dict("{'loss': 0.0, 'grad_norm': nan, 'note': 'x'}", 0)
-    {'loss': '0.0', 'grad_norm': 'nan', 'note': "'x'"}
+    {'loss': ('0.0', (9, 12)), 'grad_norm': ('nan', (27, 30)), 'note': ("'x'", (41, 42))}
     """
-    items: dict[str, str] = {}
+    items: dict[str, tuple[str, tuple[int, int]]] = {}
     pos = start + 1
     while True:
         m = ITEM_RE.match(text, pos)
         if m is None:
             return None
-        items[m.group("key")] = m.group("val").strip()
+        a, b = m.span("val")
+        value = m.group("val")
+        stripped = value.rstrip()
+        b -= len(value) - len(stripped)
+        if stripped[:1] in "'\"":
+            a, b = a + 1, b - 1
+        items[m.group("key")] = (stripped, (a, b))
         pos = m.end()
         if m.group("end") == "}":
             return items
@@ -78,42 +87,64 @@ class HfConsole(Dialect):
             "loss": (self.tags["loss"],) if "loss" in self.tags else LOSS_KEYS,
             "grad_norm": (self.tags["grad_norm"],) if "grad_norm" in self.tags else GRAD_KEYS,
             "lr": (self.tags["lr"],) if "lr" in self.tags else LR_KEYS,
+            "step": STEP_KEYS,
         }
         self.seen: set[str] = set()
+        self.shapes = LineShapes()
 
     def parse(self, line: str) -> Entry | None:
         i = line.find(DICT_START)
         if i < 0:
             return None
-        items = parse_dict(line, i)
-        if items is None:
+        vals = self.shapes.match(line)
+        if vals is None:
+            vals = self._read_dict(line, i)
+            if vals is None:
+                return None
+        kind = vals[4]
+        if kind != "train":
+            self.counts[kind] += 1
             return None
-        if any(k.startswith(("eval_", "test_")) for k in items):
-            self.counts["eval"] += 1
-            return None
-        values: list[float | None] = []
-        for name in ("loss", "grad_norm", "lr"):
-            value = None
-            for key in self.keys[name]:
-                value = number(items.get(key))
-                if value is not None:
-                    self.seen.add(key)
-                    self.use_keys({name: key})  # type: ignore[dict-item]
-                    break
-            values.append(value)
-        if values[0] is None and values[1] is None:
-            if "train_loss" in items or "train_runtime" in items:
-                self.counts["summary"] += 1
-            return None
-        raw_step = number(items.get("step", items.get("global_step")))
+        self.use_keys(vals[5])
+        raw_step = vals[3]
         if raw_step is not None and raw_step == int(raw_step) and raw_step >= 0:
             step = int(raw_step)
-            self.counts["stepped"] += 1
         else:
             step = self.last + 1
             self.counts["numbered"] += 1
         self.last = step
-        return (step, values[0], values[1], values[2])
+        return (step, vals[0], vals[1], vals[2])
+
+    def _read_dict(self, line: str, start: int) -> list[Any] | None:
+        """``[loss, grad_norm, lr, step, kind, keys]`` of a printed dict (learning its shape), or None."""
+        items = parse_dict(line, start)
+        if items is None:
+            return None
+        vals: list[Any] = [None] * 6
+        keys: dict[str, str] = {}
+        spans: list[tuple[int, tuple[int, int], int]] = []
+        if any(k.startswith(("eval_", "test_")) for k in items):
+            kind = "eval"
+        else:
+            for slot, name in enumerate(("loss", "grad_norm", "lr", "step")):
+                for key in self.keys[name]:
+                    text, span = items.get(key, (None, (0, 0)))
+                    value = number(text)
+                    if value is not None:
+                        vals[slot] = value
+                        spans.append((slot, span, FLOAT))
+                        if name != "step":
+                            keys[name] = key
+                            self.seen.add(key)
+                        break
+            if vals[0] is not None or vals[1] is not None:
+                kind = "train"
+            else:
+                kind = "summary" if ("train_loss" in items or "train_runtime" in items) else "other"
+        vals[4] = kind
+        vals[5] = keys
+        self.shapes.learn(line, spans, [None, None, None, None, kind, keys])
+        return vals
 
     def finish(self) -> None:
         if self.counts["numbered"]:

@@ -23,17 +23,17 @@ of other norms (``weight norm``, ``norm_average``) are never read as training fi
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from gradsentry.logs.series import FieldName
+from gradsentry.logs.text.shapes import FLOAT, INT, WORST, LineShapes, worse
 
 NUM = r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?:nan|NaN|NAN|[Ii]nf(?:inity)?|INF)(?![a-z]))"
 """A number as loggers print it (``7.334521E-01``, ``nan``, ``-inf``, ``Infinity``); ``float`` reads it."""
 
-Kind = Literal["loss", "grad_norm", "lr", "step", "iter", "epoch", "skip"]
+Kind = Literal["loss", "grad_norm", "lr", "step", "iter", "epoch", "skipped", "nan_iters"]
 
 # normalised key (lower case, spaces and dashes as "_") -> (kind, rank)
 _EXACT: dict[str, tuple[Kind, int]] = {
@@ -74,6 +74,9 @@ _EXACT: dict[str, tuple[Kind, int]] = {
     "iter": ("iter", 1),
     "iters": ("iter", 1),
     "epoch": ("epoch", 1),
+    # Megatron's counts of skipped optimizer steps in the logging interval
+    "number_of_skipped_iterations": ("skipped", 1),
+    "number_of_nan_iterations": ("nan_iters", 1),
 }
 
 _ALIASES = (
@@ -84,6 +87,7 @@ _ALIASES = (
     r"grad(?:ient)?[ _]norm|gnorm|total_grad_norm|grad_norm_total|global_norm|grad_2\.0_norm_total|norm",
     r"learning[ _]rate|base_lr|lr|learning_rate_group0",
     r"num_updates|global_step|step|iteration|iters|iter|epoch",
+    r"number of (?:skipped|nan) iterations",
 )
 _IGNORED_PREFIXES = frozenset({"val", "eval", "valid", "validation", "test", "dev"})
 
@@ -118,16 +122,31 @@ def classify(key: str) -> tuple[Kind, int] | None:
     return out
 
 
-def worse(a: float, b: float) -> float:
-    """The more alarming of two norms: NaN, then infinity, then the larger."""
-    if math.isnan(a) or math.isnan(b):
-        return math.nan
-    return max(a, b)
+class Scan(NamedTuple):
+    """What :meth:`Scanner.scan` found on one line (None where absent)."""
+
+    loss: float | None
+    grad_norm: float | None
+    lr: float | None
+    step: int | None
+    step_key: str | None
+    step_total: int | None
+    iter: int | None
+    iter_total: int | None
+    epoch: int | None
+    skipped: int | None
+    nan_iters: int | None
+    averaged: bool
+    keys: dict[FieldName, str]
+
+
+_SLOT = {name: i for i, name in enumerate(Scan._fields)}
+_INT_ATTRS = frozenset({"step", "step_total", "iter", "iter_total", "epoch", "skipped", "nan_iters"})
 
 
 @dataclass(slots=True)
-class Scan:
-    """What :meth:`Scanner.scan` found on one line (None where absent)."""
+class _Found:
+    """The mutable form of :class:`Scan` the full scan fills in."""
 
     loss: float | None = None
     grad_norm: float | None = None
@@ -138,6 +157,8 @@ class Scan:
     iter: int | None = None
     iter_total: int | None = None
     epoch: int | None = None
+    skipped: int | None = None
+    nan_iters: int | None = None
     averaged: bool = False
     keys: dict[FieldName, str] = field(default_factory=dict)
 
@@ -158,6 +179,7 @@ class Scanner:
         self.seen_tags: set[str] = set()
         self._by_tag: dict[str, str] = {v: k for k, v in self.tags.items()}
         self._tag_re: re.Pattern[str] | None = None
+        self.shapes = LineShapes()
         if self.tags:
             alts = "|".join(re.escape(v) for v in sorted(self.tags.values(), key=len, reverse=True))
             self._tag_re = re.compile(
@@ -171,9 +193,26 @@ class Scanner:
             )
 
     def scan(self, line: str) -> Scan:
-        """Every known figure of ``line`` (see the module docstring for the ranks)."""
-        out = Scan()
+        """Every known figure of ``line`` (see the module docstring for the ranks).
+
+        A line of a shape seen before is read through its template
+        (:mod:`gradsentry.logs.text.shapes`), with the same result as a full scan.
+        """
+        vals = self.shapes.match(line)
+        if vals is not None:
+            return tuple.__new__(Scan, vals)
+        out, spans = self._scan_full(line)
+        base: list[Any] = [None] * len(Scan._fields)
+        for name in ("step_key", "averaged", "keys"):
+            base[_SLOT[name]] = getattr(out, name)
+        how = {name: INT for name in _INT_ATTRS} | {"grad_norm": WORST}
+        self.shapes.learn(line, [(_SLOT[attr], span, how.get(attr, FLOAT)) for attr, span in spans], base)
+        return out
+
+    def _scan_full(self, line: str) -> tuple[Scan, list[tuple[str, tuple[int, int]]]]:
+        out = _Found()
         ranks: dict[str, int] = {}
+        spans: dict[str, list[tuple[int, int]]] = {}
         for m in KV_RE.finditer(line):
             key = m.group("key")
             cls = classify(key)
@@ -190,8 +229,11 @@ class Scanner:
                 if old == rank == 2 and kind == "grad_norm" and out.grad_norm is not None:
                     value = worse(out.grad_norm, value)
                     key = f"{out.keys['grad_norm']}, {key}"
+                    spans[kind].append(m.span("val"))
                 elif old == rank:
                     continue  # the first of equal rank wins
+                else:
+                    spans[kind] = [m.span("val")]
                 ranks[kind] = rank
                 setattr(out, kind, value)
                 out.keys[kind] = key
@@ -200,20 +242,24 @@ class Scanner:
             val = m.group("val")
             if not val.isdigit():
                 continue  # counters are non-negative integers
-            if kind == "epoch":
-                if out.epoch is None:
-                    out.epoch = int(val)
+            tot = m.group("tot")
+            if kind in ("epoch", "skipped", "nan_iters"):
+                if getattr(out, kind) is None:
+                    setattr(out, kind, int(val))
+                    spans[kind] = [m.span("val")]
             elif kind == "iter":
                 if out.iter is None:
                     out.iter = int(val)
-                    tot = m.group("tot")
                     out.iter_total = int(tot) if tot else None
+                    spans["iter"] = [m.span("val")]
+                    spans["iter_total"] = [m.span("tot")] if tot else []
             elif out.step is None or rank < ranks.get("step", 9):
                 ranks["step"] = rank
                 out.step = int(val)
                 out.step_key = key
-                tot = m.group("tot")
                 out.step_total = int(tot) if tot else None
+                spans["step"] = [m.span("val")]
+                spans["step_total"] = [m.span("tot")] if tot else []
         if self._tag_re is not None:
             for m in self._tag_re.finditer(line):
                 key = m.group("key")
@@ -223,7 +269,23 @@ class Scanner:
                     out.keys[name] = key  # type: ignore[index]
                     out.averaged = out.averaged or m.group("avg") is not None
                     self.seen_tags.add(key)
-        return out
+                    spans[name] = [m.span("val")]
+        scan = Scan(
+            out.loss,
+            out.grad_norm,
+            out.lr,
+            out.step,
+            out.step_key,
+            out.step_total,
+            out.iter,
+            out.iter_total,
+            out.epoch,
+            out.skipped,
+            out.nan_iters,
+            out.averaged,
+            out.keys,
+        )
+        return scan, [(attr, span) for attr, lst in spans.items() for span in lst]
 
 
 class EpochClock:

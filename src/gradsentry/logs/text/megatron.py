@@ -14,14 +14,11 @@ iteration's global norm before clipping.
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from gradsentry.logs.text.engine import Dialect, Entry
 from gradsentry.logs.text.keys import Scanner
 
-ITERATION_RE = re.compile(r"(?<![\w])iteration\s+(\d+)\s*/\s*(\d+)\s*\|")
-SKIPPED_RE = re.compile(r"number of (skipped|nan) iterations:\s*(\d+)")
 BAD_NORM = "Bad grad_norm detected"
 
 
@@ -42,20 +39,17 @@ class Megatron(Dialect):
             if BAD_NORM in line:
                 self.counts["bad norm"] += 1
             return None
-        m = ITERATION_RE.search(line)
-        if m is None:
+        s = self.scanner.scan(line)
+        if s.iter is None or s.iter_total is None:  # not "iteration N/ M"
             return None
-        step = int(m.group(1))
-        rest = line[m.end() :]
-        s = self.scanner.scan(rest)
-        for kind, n in SKIPPED_RE.findall(rest):
-            if int(n) > 0:
-                self.skipped.add(step)
-                self.counts[kind] += int(n)
+        if s.skipped or s.nan_iters:
+            self.skipped.add(s.iter)
+            self.counts["skipped"] += s.skipped or 0
+            self.counts["nan"] += s.nan_iters or 0
         if s.loss is None and s.grad_norm is None:
             return None
         self.use_keys(s.keys)
-        return (step, s.loss, s.grad_norm, s.lr)
+        return (s.iter, s.loss, s.grad_norm, s.lr)
 
     def finish(self) -> None:
         self.note(
@@ -64,8 +58,8 @@ class Megatron(Dialect):
         for kind in ("skipped", "nan"):
             if self.counts[kind]:
                 self.note(
-                    f"Megatron counted {self.counts[kind]} {kind} iterations; each is marked skipped at the "
-                    "logged iteration ending its interval"
+                    f"Megatron counted {self.counts[kind]} {kind} iterations; the logged iteration ending each "
+                    "interval that had some is marked skipped (which iterations of the interval is not logged)"
                 )
         if self.counts["bad norm"]:
             self.note(f"{self.counts['bad norm']} 'Bad grad_norm detected' warnings")

@@ -30,8 +30,9 @@ from gradsentry.logs.text.engine import Dialect, Entry
 from gradsentry.logs.text.keys import EpochClock, Scanner
 
 TQDM_RE = re.compile(
-    r"(?P<desc>[^|]*?)\s*(?P<pct>\d+)%\s*(?:\|[^|]*\|)?\s*(?P<i>\d+)/(?P<n>\d+|\?)\s*\[(?P<info>[^\]]*)\]?"
+    r"(?<![\d.])(?P<pct>\d+)%\s*(?:\|[^|\n]*\|)?\s*(?P<i>\d+)/(?P<n>\d+|\?)\s*\[(?P<info>[^\]]*)\]?"
 )
+"""A tqdm bar: ``NN%|bar| i/n [elapsed<remaining, rate, postfix]``; the description is the text before."""
 EPOCH_DESC_RE = re.compile(r"Epoch\s+(\d+)")
 KERAS_BAR_RE = re.compile(r"^\s*(?P<i>\d+)/(?P<n>\d+)\s+(?:\[[=>.]*\]|[━─]+)")
 KERAS_EPOCH_RE = re.compile(r"^\s*Epoch (\d+)/(\d+)\s*$")
@@ -67,7 +68,7 @@ class Tqdm(Dialect):
             return None
         i = int(m.group("i"))
         n = m.group("n")
-        e = EPOCH_DESC_RE.search(m.group("desc"))
+        e = EPOCH_DESC_RE.search(line, 0, m.start())
         if e is not None:
             step = self.clock.step(int(e.group(1)), i, int(n) if n.isdigit() else None)
             self.counts["epoch bars"] += 1
