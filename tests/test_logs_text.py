@@ -143,6 +143,9 @@ def test_unknown_text_and_forced_format_errors(tmp_path: Path) -> None:
     big.write_text(f"step {2**64} loss 1.0\n")
     with pytest.raises(LogFormatError, match=r"big.log:1: step 18446744073709551616 is out of range"):
         load_series(big)
+    big.write_text("step 1 loss 2.0\nstep " + "9" * 5000 + " loss 1.0\n")
+    with pytest.raises(LogFormatError, match=r"big.log:2: cannot read this line as steps"):
+        load_series(big)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -370,3 +373,98 @@ def test_formats_come_from_the_table() -> None:
     assert len(set(FORMATS)) == len(FORMATS)
     for r in READERS:
         assert r.example and callable(r.sniff) and callable(r.read)
+
+
+_KEYS = [
+    "step",
+    "iter",
+    "epoch",
+    "loss",
+    "lm loss",
+    "train/loss",
+    "val loss",
+    "grad_norm",
+    "gnorm",
+    "grad norm",
+    "actor/grad_norm",
+    "critic/grad_norm",
+    "norm",
+    "lr",
+    "learning rate",
+    "time",
+    "tps",
+    "mfu",
+    "number of skipped iterations",
+]
+_NUMS = st.one_of(
+    st.integers(0, 10**9).map(str),
+    st.floats(allow_nan=False, allow_infinity=False, width=32).map(repr),
+    st.sampled_from(["nan", "inf", "-inf", "NaN", "1e-5", "3.0E+02", "007"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.lists(
+        st.tuples(st.sampled_from(_KEYS), st.sampled_from([": ", "=", " ", ":"]), _NUMS, _NUMS),
+        min_size=1,
+        max_size=7,
+    ),
+    join=st.sampled_from(["  ", " | ", ", ", " - "]),
+    avg=st.booleans(),
+)
+def test_the_template_fast_path_reads_like_the_full_scan(fields, join, avg) -> None:
+    """A line of a shape seen before (other numbers) reads exactly as a fresh full scan reads it."""
+    from gradsentry.logs.text.keys import Scanner
+
+    def line(which: int) -> str:
+        parts = [
+            f"{k}{sep}{(a, b)[which]}" + (f" ({b})" if avg and k == "loss" else "") for k, sep, a, b in fields
+        ]
+        return "[2024-01-01 00:00:00] INFO " + join.join(parts) + "\n"
+
+    warm = Scanner()
+    warm.scan(line(0))
+    fast, full = warm.scan(line(1)), Scanner().scan(line(1))
+    assert repr(fast) == repr(full)  # repr: NaN compares equal as text
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(
+        st.sampled_from(
+            ["loss", "grad_norm", "learning_rate", "epoch", "step", "eval_loss", "train_loss", "note"]
+        ),
+        min_size=1,
+        max_size=5,
+        unique=True,
+    ),
+    values=st.lists(st.tuples(_NUMS, _NUMS, st.booleans()), min_size=5, max_size=5),
+)
+def test_hf_console_fast_path_reads_like_a_fresh_reader(keys, values) -> None:
+    from gradsentry.logs.text.hf_console import HfConsole
+
+    def line(which: int) -> str:
+        items = [
+            f"'{k}': " + (f"'{v[which]}'" if quoted else v[which])
+            for k, v in zip(keys, [(a, b, q) for a, b, q in values], strict=False)
+            for quoted in [v[2]]
+        ]
+        return "{" + ", ".join(items) + "}\n"
+
+    warm = HfConsole()
+    warm.parse(line(0))
+    warm.last = 0
+    assert repr(warm.parse(line(1))) == repr(HfConsole().parse(line(1)))
+
+
+def test_a_line_without_end_is_read_in_bounded_pieces(tmp_path: Path) -> None:
+    from gradsentry.logs.text.engine import MAX_LINE
+
+    p = tmp_path / "one_line.log"
+    p.write_text("x" * (3 * MAX_LINE) + " step 5 loss 1.0\nstep 6 loss 0.9\n")
+    s = load_series(p)
+    assert s.steps == [5, 6]
+    p.write_text("step 1 loss 2.0\n" + "y" * (2 * MAX_LINE) + "\nstep " + "9" * 5000 + " loss 1.0\n")
+    with pytest.raises(LogFormatError, match=r"one_line.log:3: cannot read this line"):
+        load_series(p)  # line numbers count physical lines, not pieces

@@ -180,12 +180,18 @@ def _sniff_further(p: Path, tags: dict[str, str]) -> str | None:
     read = 0
     with p.open("r", encoding="utf-8", errors="replace", newline="\n") as fh:
         while read < _SNIFF_TEXT_MAX:
-            chunk = fh.readlines(_SNIFF_BYTES)
+            chunk: list[str] = []
+            size = 0
+            while size < _SNIFF_BYTES:
+                line = fh.readline(_SNIFF_BYTES)  # a line without end is read in bounded pieces
+                if not line:
+                    break
+                chunk.append(line if line.endswith("\n") else line + "\n")
+                size += len(line)
             if not chunk:
                 return None
-            text = "".join(chunk)
-            read += len(text)
-            fmt = _best(p, text, tags, TEXT_FORMATS)
+            read += size
+            fmt = _best(p, "".join(chunk), tags, TEXT_FORMATS)
             if fmt is not None:
                 return fmt
     return None

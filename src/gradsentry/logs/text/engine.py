@@ -3,7 +3,7 @@
 A text reader is a :class:`Dialect`: it turns one line into an entry ``(step, loss, grad_norm, lr)``
 or None. The driver does everything the dialects share:
 
-- reads the file line by line (never whole), as UTF-8 with undecodable bytes replaced, skipping
+- reads the file line by line (never whole; a line longer than :data:`MAX_LINE` in pieces), as UTF-8 with undecodable bytes replaced, skipping
   lines that start with ``#`` (comments, e.g. the source notes of the test fixtures);
 - splits a physical line at carriage returns and backspaces (progress-bar redraws: each fragment
   is read on its own) and removes ANSI colour codes;
@@ -51,6 +51,9 @@ OVERFLOW_RE = re.compile(
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 RANK_RE = re.compile(r"^\[rank(\d+)\]:")
 _STEP_MIN, _STEP_END = -(2**63), 2**63
+MAX_LINE = 1 << 20
+"""Longer physical lines are read in pieces of this many characters (memory stays bounded on a
+file without newlines); each piece is parsed on its own."""
 SNIFF_LINES = 400
 """How many fragments of a file's head :func:`sniff_text` parses."""
 
@@ -211,8 +214,8 @@ def read_text(path: str | os.PathLike[str], dialect: Dialect) -> Series:
         A :class:`~gradsentry.logs.series.Series` with ``source=dialect.name``.
 
     Raises:
-        LogFormatError: ``path`` is a directory, a step does not fit in 64 bits (the message names the
-            line), a tag that was asked for never appears, or no line of the file is a training line
+        LogFormatError: ``path`` is a directory, a step does not fit in 64 bits or a number cannot be
+            read (the message names the line), a tag that was asked for never appears, or no line of the file is a training line
             of this format.
     """
     p = Path(path)
@@ -229,8 +232,13 @@ def read_text(path: str | os.PathLike[str], dialect: Dialect) -> Series:
     lineno = 0
     hint = dialect.split_hint or "\r"
     parse = dialect.parse
+    cont = False  # the piece before was cut at MAX_LINE, not at a newline
     with p.open("r", encoding="utf-8", errors="replace", newline="\n") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        readline = fh.readline
+        for raw in iter(lambda: readline(MAX_LINE), ""):
+            if not cont:
+                lineno += 1
+            cont = raw[-1:] != "\n"
             first = raw[:1]
             if first == "#":
                 continue
@@ -252,7 +260,12 @@ def read_text(path: str | os.PathLike[str], dialect: Dialect) -> Series:
                         pending_skips += 1
                 if fatal is None and ("scale already" in line or "inimum loss scale" in line):
                     fatal = f"line {lineno}: {line.strip()[:160]}"
-                entry = parse(line)
+                try:
+                    entry = parse(line)
+                except (ValueError, OverflowError) as exc:  # e.g. a counter beyond int()'s digit limit
+                    raise LogFormatError(
+                        f"{p}:{lineno}: cannot read this line as {dialect.name} ({exc})"
+                    ) from None
                 if entry is None:
                     continue
                 step, loss, grad, lr = entry

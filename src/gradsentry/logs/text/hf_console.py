@@ -19,6 +19,7 @@ gradient norm when ``grad_norm`` is absent.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, ClassVar
 
@@ -107,7 +108,7 @@ class HfConsole(Dialect):
             return None
         self.use_keys(vals[5])
         raw_step = vals[3]
-        if raw_step is not None and raw_step == int(raw_step) and raw_step >= 0:
+        if raw_step is not None and math.isfinite(raw_step) and raw_step == int(raw_step) and raw_step >= 0:
             step = int(raw_step)
         else:
             step = self.last + 1

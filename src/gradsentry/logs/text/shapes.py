@@ -34,6 +34,10 @@ TOKEN_RE = re.compile(
 """The variable parts of a line's shape: numbers (not inside a word) and runs of white space."""
 WILD = r"[-+]?+(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][-+]?+\d++)?+|[-+]?(?:[Nn]a[Nn]|NAN|[Ii]nf(?:inity)?|INF)(?![a-z])"
 """A number in a template: exactly what ``float`` reads (possessive, so failing lines fail fast)."""
+INT_WILD = r"\d++"
+NONINT_WILD = r"(?!\d++(?!\.|[eE][-+]?\d))(?:" + WILD + ")"
+"""A plain integer stays a plain integer and any other number stays one that is not: the readers
+treat ``step: 7`` (a counter) and ``step: 7.0`` (not one) differently, so a shape keeps the kind."""
 
 MAX_TEMPLATES = 8
 """Shapes kept per file (most recently used first)."""
@@ -74,13 +78,17 @@ class Template:
         pos = 0
         for m in TOKEN_RE.finditer(line):
             parts.append(re.escape(line[pos : m.start()]))
-            if m.group("num") is None:
+            num = m.group("num")
+            if num is None:
                 parts.append(r"\s++")
-            elif m.span() in used:
+                pos = m.end()
+                continue
+            wild = INT_WILD if num.isdigit() else NONINT_WILD
+            if m.span() in used:
                 groups[m.span()] = len(groups)
-                parts.append(f"({WILD})")
+                parts.append(f"({wild})")
             else:
-                parts.append(f"(?:{WILD})")
+                parts.append(f"(?:{wild})")
             pos = m.end()
         parts.append(re.escape(line[pos:]))
         if len(groups) != len(used):
