@@ -298,18 +298,18 @@ def read_text(path: str | os.PathLike[str], dialect: Dialect) -> Series:
     if overflow_lines:
         shown = ", ".join(map(str, overflow_lines[:5])) + (", ..." if len(overflow_lines) > 5 else "")
         notes.append(
-            f"{len(overflow_lines)} loss-scaler overflow lines (optimizer step skipped; lines {shown}), "
-            "each counted at the last step read before it (the next one before the first)"
+            f"loss-scaler overflow lines (an optimizer step skipped): {len(overflow_lines)}, at lines {shown}; "
+            "each is counted at the last step read before it (the next one before the first)"
         )
     if fatal is not None:
         notes.append(f"the loss scaler gave up ({fatal})")
     if pts.repeats:
         notes.append(
-            f"{pts.repeats} lines repeat a step already read (one line per rank, a redrawn progress "
+            f"lines repeating a step already read: {pts.repeats} (one line per rank, a redrawn progress "
             "bar or a summary line): merged, later values kept, a NaN/inf on any of them kept"
         )
     if other_ranks:
-        notes.append(f"{other_ranks} lines of other ranks skipped: rank {rank}'s lines are read")
+        notes.append(f"lines of other ranks skipped: {other_ranks} (rank {rank}'s lines are read)")
     for r in pts.restarts[:3]:
         notes.append(f"restart at {r}: the later segment is kept")
     if len(pts.restarts) > 3:

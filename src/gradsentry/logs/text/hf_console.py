@@ -150,15 +150,15 @@ class HfConsole(Dialect):
     def finish(self) -> None:
         if self.counts["numbered"]:
             self.note(
-                f"console lines carry no step: {self.counts['numbered']} were numbered 1, 2, ... in order "
-                "(one per logging_steps optimizer steps)"
+                "console lines carry no step: they are numbered 1, 2, ... in order (one per logging_steps "
+                f"optimizer steps; {self.counts['numbered']} numbered)"
             )
         self.note(
             "grad_norm is the global norm before clipping (HF Trainer); the loss is a mean over the logging "
             "window after the Trainer's NaN/Inf filter"
         )
         if self.counts["eval"]:
-            self.note(f"{self.counts['eval']} evaluation entries skipped")
+            self.note(f"evaluation entries skipped: {self.counts['eval']}")
         if self.counts["summary"]:
             self.note("the final train_loss summary is not a training point: skipped")
 

@@ -62,7 +62,7 @@ class Megatron(Dialect):
                     "interval that had some is marked skipped (which iterations of the interval is not logged)"
                 )
         if self.counts["bad norm"]:
-            self.note(f"{self.counts['bad norm']} 'Bad grad_norm detected' warnings")
+            self.note(f"'Bad grad_norm detected' warnings: {self.counts['bad norm']}")
 
     def missing_tags(self, seen: set[str]) -> list[str]:
         return [f"{k}={v}" for k, v in self.tags.items() if v not in self.scanner.seen_tags]

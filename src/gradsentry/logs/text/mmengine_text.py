@@ -69,7 +69,7 @@ class MmengineText(Dialect):
             "one-iteration spike appears about window_size times smaller and a NaN poisons its window"
         )
         if self.counts["eval"]:
-            self.note(f"{self.counts['eval']} validation/test lines skipped")
+            self.note(f"validation/test lines skipped: {self.counts['eval']}")
 
     def missing_tags(self, seen: set[str]) -> list[str]:
         return [f"{k}={v}" for k, v in self.tags.items() if v not in self.scanner.seen_tags]

@@ -107,9 +107,9 @@ class StepLines(Dialect):
                 "number, is read; the average can be NaN while the current value is finite"
             )
         if self.counts["eval"]:
-            self.note(f"{self.counts['eval']} validation lines skipped")
+            self.note(f"validation lines skipped: {self.counts['eval']}")
         if self.counts["no step"]:
-            self.note(f"{self.counts['no step']} lines with a loss or norm but no step counter ignored")
+            self.note(f"lines with a loss or norm but no step counter, ignored: {self.counts['no step']}")
         if "grad_norm" in self.fields and self.fields["grad_norm"].lower() == "norm":
             self.note("the gradient norm is read from a bare 'norm' key (no better-named norm on the lines)")
 
