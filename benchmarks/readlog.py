@@ -32,6 +32,9 @@ LINE_FORMATS = {
     "grad norm: {gn:.3f} | number of skipped iterations:   0 | number of nan iterations:   0 |\n",
     "mmengine-text": "10/30 22:19:57 - mmengine - INFO - Epoch(train) [{ep:d}][{it:d}/10000]  lr: {lr:.4e}  "
     "eta: 2:44:49  time: 2.8874  data_time: 0.0042  memory: 10762  loss: {loss:.4f}  grad_norm: {gn:.4f}\n",
+    "tqdm": "Steps:   2%|▍         | {step}/5900000 [19:15:43<1185:20:02,  1.36it/s, backward=0.177, "
+    "loss={loss:.4f}, lr=4.99e-5, grad_norm={gn:.4f}]\n",
+    "keras": "{kb:3d}/500 [==============================] - ETA: 1s - loss: {loss:.4f} - acc: 0.5000\n",
 }
 OVERFLOW = (
     "[2024-09-11 17:52:18,030] [INFO] [loss_scaler.py:183:update_scale] [deepspeed] OVERFLOW! Rank 0 "
@@ -60,6 +63,7 @@ def write_log(path: Path, lines: int, fmt: str) -> None:
                     ep=(i - 1) // 10000 + 1,
                     it=(i - 1) % 10000 + 1,
                     samples=8 * i,
+                    kb=(i - 1) % 500 + 1,
                 )
             )
             if i % 10000 == 0:

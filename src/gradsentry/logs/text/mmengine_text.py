@@ -40,23 +40,25 @@ class MmengineText(Dialect):
         self.clock = EpochClock(base=1)
 
     def parse(self, line: str) -> Entry | None:
-        if "Epoch" not in line and "Iter" not in line:
-            return None
-        m = MM_RE.search(line)
+        at = line.find("Epoch")
+        if at < 0:
+            at = line.find("Iter")
+            if at < 0:
+                return None
+        m = MM_RE.match(line, at) or MM_RE.search(line, at + 1)
         if m is None:
             return None
-        phase = m.group("phase")
+        mode, phase, x, _, i, n = m.groups()
         if phase is not None and phase != "train":
             self.counts["eval"] += 1
             return None
-        if m.group("mode") == "Epoch":
-            if m.group("i") is None:  # mmcv 1.x "Epoch(val) [1][500]" or an epoch summary
+        if mode == "Epoch":
+            if i is None:  # mmcv 1.x "Epoch(val) [1][500]" or an epoch summary
                 self.counts["eval"] += 1
                 return None
-            n = m.group("n")
-            step = self.clock.step(int(m.group("x")), int(m.group("i")), int(n) if n else None)
+            step = self.clock.step(int(x), int(i), int(n) if n else None)
         else:
-            step = int(m.group("x"))
+            step = int(x)
         s = self.scanner.scan(line[m.end() :])
         if s.loss is None and s.grad_norm is None:
             return None
