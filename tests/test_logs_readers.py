@@ -388,3 +388,86 @@ def test_sparkline() -> None:
     assert sparkline([]) == ""
     with pytest.raises(ValueError, match="width must be >= 1"):
         sparkline([1.0], width=0)
+
+
+def test_gradsentry_callback_key_is_the_gradient_norm(tmp_path: Path) -> None:
+    """gradsentry's HF callback adds gradsentry/global_norm; older transformers log no grad_norm."""
+    entries = [
+        {"loss": 2.5, "gradsentry/global_norm": 3.0, "gradsentry/grad_norm/fc": 2.0, "step": 10},
+        {"loss": 2.4, "grad_norm": 2.5, "gradsentry/global_norm": 2.6, "step": 20},
+        {"gradsentry/global_norm": float("nan"), "gradsentry/nonfinite_steps": 1.0, "step": 30},
+    ]
+    s = load_series(write_hf(tmp_path / "trainer_state.json", entries))
+    assert s.steps == [10, 20, 30] and s.grad_norm[:2] == [3.0, 2.5] and math.isnan(s.grad_norm[2])
+    assert s.fields["grad_norm"] == "grad_norm | gradsentry/global_norm"
+    assert any("2 gradient norms read from gradsentry/global_norm" in n for n in s.notes)
+    # Lightning's CSVLogger with gradsentry's callback
+    p = tmp_path / "metrics.csv"
+    p.write_text(
+        "epoch,gradsentry/global_norm,gradsentry/grad_norm/fc,step,train_loss\n0,1.5,9.0,0,2.0\n0,nan,9.0,1,1.9\n"
+    )
+    s = load_series(p)
+    assert s.fields == {"loss": "train_loss", "grad_norm": "gradsentry/global_norm"}
+    assert s.grad_norm[0] == 1.5 and math.isnan(s.grad_norm[1])
+
+
+def test_csvsink_file_gives_the_global_norm_not_a_layers(tmp_path: Path) -> None:
+    from gradsentry.records import LayerStats
+    from gradsentry.sinks import CsvSink
+
+    def layer(name: str, depth: int, g: float) -> LayerStats:
+        return LayerStats(name, depth, 4, g, g / 2, None, 0, None, None, True)
+
+    path = tmp_path / "run.csv"
+    sink = CsvSink(path)
+    sink.open(RunHeader())
+    for step, (g0, g1) in enumerate([(3.0, 4.0), (6.0, 8.0), (float("nan"), 1.0)]):
+        glob = math.sqrt(g0 * g0 + g1 * g1)
+        sink.write(
+            StepRecord(step=step, global_norm=glob, layers=[layer("a", 0, g0), layer("b", 1, g1)], loss=1.0)
+        )
+    sink.close()
+    s = load_series(path)
+    assert s.source == "csv" and s.steps == [0, 1, 2]
+    assert s.grad_norm[:2] == [5.0, 10.0] and math.isnan(s.grad_norm[2])  # not layer b's 4.0, 8.0, 1.0
+    assert s.fields["grad_norm"] == "global_norm" and any("CsvSink" in n for n in s.notes)
+    assert load_series(path, tags={"grad_norm": "grad_norm"}).grad_norm == [4.0, 8.0, 1.0]  # asked for
+
+
+def _lightning_tb(folder: Path, steps: range) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(folder))
+    for s in steps:
+        w.add_scalar("train_loss", 2.0 - s / 100, s)
+    w.close()
+
+
+@pytest.mark.parametrize(("tb_points", "expect"), [(3, "csv"), (5, "tensorboard"), (2, "csv")])
+def test_lightning_dir_with_csv_and_tensorboard_loggers_reads_one(
+    tmp_path: Path, tb_points: int, expect: str
+) -> None:
+    """Trainer(logger=[TensorBoardLogger("logs"), CSVLogger("logs")]) writes both into one version folder."""
+    version = tmp_path / "logs" / "lightning_logs" / "version_0"
+    version.mkdir(parents=True)
+    (version / "metrics.csv").write_text("epoch,step,train_loss\n0,0,2.0\n0,1,1.99\n0,2,1.98\n")
+    _lightning_tb(version, range(tb_points))
+    for where in (version, tmp_path / "logs"):
+        s = load_series(where)
+        assert s.source == expect
+        note = [n for n in s.notes if n.startswith("also found")]
+        assert len(note) == 1 and "one run logged through several loggers" in note[0]
+        assert sniff_format(where) == expect
+
+
+def test_lightning_loggers_in_sibling_folders_and_two_runs(tmp_path: Path) -> None:
+    """CSVLogger("logs", name="csv") + TensorBoardLogger("logs", name="tb"): csv/version_0, tb/version_0."""
+    (tmp_path / "csv" / "version_0").mkdir(parents=True)
+    (tmp_path / "csv" / "version_0" / "metrics.csv").write_text("step,train_loss\n0,2.0\n5,1.5\n")
+    _lightning_tb(tmp_path / "tb" / "version_0", range(0, 10, 5))
+    s = load_series(tmp_path)
+    assert s.source == "csv" and any("tb/version_0 (tensorboard, 2 points)" in n for n in s.notes)
+    # two versions are two runs: still an error naming both
+    _lightning_tb(tmp_path / "tb" / "version_1", range(3))
+    with pytest.raises(LogFormatError, match=r"3 logs found"):
+        load_series(tmp_path)

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
     from gradsentry.analyze import LogAnalysis
 
-FORMAT_HELP = "auto | hf | tensorboard | csv | mmengine | jsonl"
+FORMAT_HELP = "auto | hf | tensorboard | csv | mmengine | jsonl | hf-console | mmengine-text | megatron | keras | tqdm | steps"
+"""The formats of ``gradsentry.logs.registry.FORMATS`` (a test keeps them equal; kept literal so that
+``--help`` does not import the readers)."""
 
 
 def _fmt(x: float | None) -> str:
@@ -31,7 +33,8 @@ def register(app: typer.Typer) -> None:
             ...,
             metavar="path",
             help="trainer_state.json, TensorBoard run dir/event file, metrics.csv, "
-            "vis_data/scalars.json or a gradsentry .jsonl",
+            "vis_data/scalars.json, a gradsentry .jsonl or a console text log (HF, mmengine, Megatron, "
+            "step lines, tqdm, Keras)",
         ),
         format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
         grad_tag: str | None = typer.Option(None, "--grad-tag", help="tag/column/key of the gradient norm"),
@@ -47,7 +50,8 @@ def register(app: typer.Typer) -> None:
         Exit code 0: healthy; 1: a problem was found; 2: unreadable or unrecognised input.
 
         Examples: gradsentry analyze out/checkpoint-500/trainer_state.json;
-        gradsentry analyze lightning_logs/version_0 --grad-tag grad_2.0_norm_total --plot run.png
+        gradsentry analyze lightning_logs/version_0 --grad-tag grad_2.0_norm_total --plot run.png;
+        gradsentry analyze train.log  (a console log: HF dict lines, mmengine, Megatron, step lines)
         """
         from rich.console import Console
         from rich.text import Text

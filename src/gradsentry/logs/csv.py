@@ -37,8 +37,17 @@ def find_step_column(columns: list[str]) -> str | None:
     return None
 
 
+def is_csvsink_header(columns: list[str]) -> bool:
+    """True for the header of a file written by :class:`gradsentry.sinks.CsvSink` (one row per step
+    and layer: ``grad_norm`` is the layer's norm, ``global_norm`` the step's)."""
+    return {"layer", "global_norm", "grad_norm", "step"} <= set(columns)
+
+
 def read_csv(path: str | os.PathLike[str], *, tags: dict[str, str] | None = None) -> Series:
-    """Read a CSV metrics file.
+    """Read a CSV metrics file, row by row (the file is never held whole).
+
+    A gradsentry :class:`~gradsentry.sinks.CsvSink` file (a ``layer`` column, one row per step and
+    layer) gives the step's ``global_norm`` as the gradient norm, not a layer's ``grad_norm``.
 
     Args:
         path: the file, or a Lightning version folder holding ``metrics.csv``.
@@ -48,29 +57,37 @@ def read_csv(path: str | os.PathLike[str], *, tags: dict[str, str] | None = None
         A :class:`~gradsentry.logs.series.Series` with ``source="csv"``.
 
     Raises:
-        LogFormatError: no header, no step column, a non-numeric cell in a used column, or neither a
-            loss nor a gradient-norm column.
+        LogFormatError: not UTF-8 text, no header, no step column, a row with more or fewer cells
+            than the header, a non-numeric cell in a used column, or neither a loss nor a
+            gradient-norm column; the message names the file and line.
     """
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.csv"
     try:
-        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the header
+        # utf-8-sig: a byte-order mark is not part of the header
+        with p.open(encoding="utf-8-sig", newline="") as fh:
+            return _read_rows(p, csv.DictReader(fh), tags or {})
     except UnicodeDecodeError as exc:
         raise LogFormatError(f"{p}: not a text file; expected {EXPECTED_FORMATS}") from exc
-    if not text.strip():
-        raise LogFormatError(f"{p}: empty file; expected a CSV header with a step column")
-    reader = csv.DictReader(text.splitlines())
+
+
+def _read_rows(p: Path, reader: csv.DictReader[str], tags: dict[str, str]) -> Series:
     columns = [c for c in (reader.fieldnames or []) if c is not None]
+    if not columns or not any(c.strip() for c in columns):
+        raise LogFormatError(f"{p}: empty file; expected a CSV header with a step column")
     step_col = find_step_column(columns)
     if step_col is None:
         raise LogFormatError(
             f"{p}: no step column (expected one of {', '.join(STEP_COLUMNS)}); "
             f"columns: {', '.join(columns[:30])}"
         )
-    tags = tags or {}
+    sink = is_csvsink_header(columns)
+    defaults = dict(DEFAULT_KEYS)
+    if sink:
+        defaults["grad_norm"] = ("global_norm",)
     chosen: dict[FieldName, str | None] = {
-        name: pick_key(columns, tags.get(name), DEFAULT_KEYS[name], f"{name} column", str(p))
+        name: pick_key(columns, tags.get(name), defaults[name], f"{name} column", str(p))
         for name in ("loss", "grad_norm", "lr")
     }
     if chosen["loss"] is None and chosen["grad_norm"] is None:
@@ -79,8 +96,8 @@ def read_csv(path: str | os.PathLike[str], *, tags: dict[str, str] | None = None
             f"grad_2.0_norm_total); columns: {', '.join(columns[:30])}"
         )
     points: dict[FieldName, dict[int, float]] = {"loss": {}, "grad_norm": {}, "lr": {}}
-    for lineno, row in enumerate(reader, start=2):
-        where = f"{p}:{lineno}"
+    for row in reader:
+        where = f"{p}:{reader.line_num}"
         if None in row or any(v is None for v in row.values()):  # more or fewer cells than the header
             extra = len(row.get(None) or [])  # type: ignore[call-overload]
             missing = sum(v is None for k, v in row.items() if k is not None)
@@ -98,6 +115,13 @@ def read_csv(path: str | os.PathLike[str], *, tags: dict[str, str] | None = None
                 points[name][step] = value
     found = {name: col for name, col in chosen.items() if col is not None and points[name]}
     notes = []
+    if sink:
+        notes.append(
+            "a gradsentry CsvSink file (one row per step and layer): the gradient norm is the step's "
+            "global_norm (before clipping), not a layer's grad_norm"
+        )
     if "grad_2.0_norm_total" in found.values():
         notes.append("grad_2.0_norm_total is Lightning's pre-clip global norm (grad_norm utility)")
+    if "gradsentry/global_norm" in found.values():
+        notes.append("gradsentry/global_norm is gradsentry's callback's global norm before clipping")
     return build_series(points, source="csv", path=str(p), fields=found, notes=notes)

@@ -5,7 +5,8 @@
 and a final summary (``train_loss``, ``train_runtime``). Python's ``json`` writes non-finite values
 as the literals ``NaN``, ``Infinity`` and ``-Infinity``; they are parsed with ``json`` (never
 evaluated) and kept. The logged ``grad_norm`` is the global norm *before* clipping
-(``max_grad_norm``), and the logged ``loss`` is a mean over the logging window after the Trainer's
+(``max_grad_norm``); where an entry has no ``grad_norm``, gradsentry's callback key
+``gradsentry/global_norm`` is read instead. The logged ``loss`` is a mean over the logging window after the Trainer's
 ``logging_nan_inf_filter`` (see transformers PR #13619).
 """
 
@@ -27,6 +28,9 @@ from gradsentry.logs.series import (
 from gradsentry.sinks.jsonl import LogFormatError
 
 HF_FIELDS: dict[FieldName, str] = {"loss": "loss", "grad_norm": "grad_norm", "lr": "learning_rate"}
+GRADSENTRY_NORM = "gradsentry/global_norm"
+"""The key gradsentry's HF callback adds to the log entries: read as the gradient norm where the
+entry has no ``grad_norm`` (transformers before 4.38, or a step the Trainer did not log)."""
 
 
 def parse_json_text(text: str, where: str) -> Any:
@@ -76,11 +80,12 @@ def read_hf(path: str | os.PathLike[str], *, data: Any = None) -> Series:
     points: dict[FieldName, dict[int, float]] = {"loss": {}, "grad_norm": {}, "lr": {}}
     skipped_eval = 0
     duplicates = 0
+    from_callback = trainer_norms = 0
     for i, entry in enumerate(data["log_history"]):
         where = f"{p}: log_history[{i}]"
         if not isinstance(entry, dict):
             raise LogFormatError(f"{where}: expected an object, got {type(entry).__name__}")
-        if not any(key in entry for key in HF_FIELDS.values()):
+        if not any(key in entry for key in (*HF_FIELDS.values(), GRADSENTRY_NORM)):
             if any(str(k).startswith(("eval_", "test_")) for k in entry):
                 skipped_eval += 1
             continue
@@ -88,8 +93,12 @@ def read_hf(path: str | os.PathLike[str], *, data: Any = None) -> Series:
             raise LogFormatError(f"{where}: training entry without a 'step'")
         step = to_step(entry["step"], where)
         for name, key in HF_FIELDS.items():
+            if name == "grad_norm" and entry.get(key) is None and entry.get(GRADSENTRY_NORM) is not None:
+                key = GRADSENTRY_NORM  # the gradsentry callback's global norm, where the Trainer logged none
+                from_callback += 1
             value = to_float(entry.get(key), f"{where}.{key}")
             if value is not None:
+                trainer_norms += name == "grad_norm" and key == "grad_norm"
                 if step in points[name]:
                     duplicates += 1
                 points[name][step] = value
@@ -103,6 +112,12 @@ def read_hf(path: str | os.PathLike[str], *, data: Any = None) -> Series:
     if duplicates:
         notes.append(f"{duplicates} values logged twice for one step (resumed run?): the last one is kept")
     found = {name: key for name, key in HF_FIELDS.items() if points[name]}
+    if from_callback:
+        found["grad_norm"] = f"grad_norm | {GRADSENTRY_NORM}" if trainer_norms else GRADSENTRY_NORM
+        notes.append(
+            f"{from_callback} gradient norms read from {GRADSENTRY_NORM} (gradsentry's callback: the global "
+            "norm before clipping of the step before the entry's step), where the entry has no grad_norm"
+        )
     if not points["loss"] and not points["grad_norm"]:
         raise LogFormatError(
             f"{p}: log_history holds no training entries (no 'loss' or 'grad_norm'); "

@@ -27,7 +27,9 @@ EXPECTED_FORMATS = (
     "a TensorBoard event file (events.out.tfevents.*) or a run directory of them, "
     "a CSV file with a step column (e.g. Lightning's CSVLogger metrics.csv), "
     "mmengine JSON scalar lines (vis_data/scalars.json), "
-    "or a gradsentry .jsonl run"
+    "a gradsentry .jsonl run, "
+    "or a console text log (HF Trainer log dicts, mmengine/mmcv, Megatron, tqdm postfixes, Keras, "
+    "or lines with a step counter and a loss or gradient norm)"
 )
 """What ``load_series`` can read, for error messages (shared by every reader)."""
 
@@ -41,8 +43,10 @@ GRAD_NORM_KEYS: tuple[str, ...] = (
     "grad_norm_total",
     "global_norm",
     "gradient_norm",
+    "gradsentry/global_norm",
 )
-"""Names under which trainers log the global gradient norm (HF, Lightning's ``grad_norm`` util, mmengine)."""
+"""Names under which trainers log the global gradient norm (HF, Lightning's ``grad_norm`` util, mmengine,
+gradsentry's own Lightning/HF callbacks: ``gradsentry/global_norm``), best first."""
 
 LOSS_KEYS: tuple[str, ...] = (
     "loss",
@@ -86,7 +90,9 @@ class Series:
         grad_norm: global gradient L2 norm at each step (length N, same units as the gradient),
             ``None`` where not logged. Trainers log it before clipping.
         lr: learning rate at each step (length N), ``None`` where not logged.
-        source: the format read: ``"hf"``, ``"tensorboard"``, ``"csv"``, ``"mmengine"`` or ``"jsonl"``.
+        source: the format read, a name of ``gradsentry.logs.registry.FORMATS``: ``"hf"``,
+            ``"tensorboard"``, ``"csv"``, ``"mmengine"``, ``"jsonl"`` or a console text format
+            (``"hf-console"``, ``"mmengine-text"``, ``"megatron"``, ``"keras"``, ``"tqdm"``, ``"steps"``).
         path: the file or directory read.
         fields: for each field found, the key, tag or column it came from, e.g. ``{"loss": "train/loss"}``.
         notes: facts about the log a reader of the analysis should know (e.g. window means, skipped
