@@ -233,3 +233,15 @@ def test_a_slow_finetune_away_from_chance_is_not_a_stall() -> None:
     assert problems(detect(series(None, slow))) == []
     flat_long = 0.55 + rng.normal(0, 0.002, 40)  # 40 points, not even 1 % better: stalled
     assert problems(detect(series(None, flat_long))) == [("vanishing", "stalled")]
+
+
+def test_a_step_change_is_a_spike_not_growth_and_steady_growth_is_growth() -> None:
+    rng = np.random.default_rng(3)
+    n = 120
+    loss = np.r_[np.linspace(3.0, 2.0, 60), np.full(60, 6.0)] + rng.normal(0, 0.01, n)
+    step_up = np.exp(rng.normal(0, 0.1, n)) * np.where(np.arange(n) >= 60, 50.0, 1.0)
+    found = detect(series(step_up, loss))
+    assert [f.evidence.get("pattern") for f in found if f.kind == "exploding"] == ["spike"]
+    steady = np.exp(rng.normal(0, 0.1, n)) * np.exp(np.maximum(0, np.arange(n) - 60) * 0.08)
+    patterns = {f.evidence.get("pattern") for f in detect(series(steady, loss)) if f.kind == "exploding"}
+    assert "growth" in patterns

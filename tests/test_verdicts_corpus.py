@@ -83,3 +83,16 @@ def test_benchmark_scores_a_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert "jsonl-nan_batch_mlp" in out and "Monitor floors" in out
     assert rc in (0, 1)
     assert vd.tolerance([0, 5, 10, 15, 100]) == 10.0
+
+
+def test_the_labeled_corpus_meets_the_trust_floors() -> None:
+    """Issue 12's floors on the 72 real runs: recall >= 95 % with the right kind, no false alarm on the
+    healthy controls, every file read; the Monitor's own diagnose() on the JSONL runs likewise."""
+    vd = _load("verdicts_bench", ROOT / "benchmarks" / "verdicts.py")
+    labels = vd.read_labels()
+    analyze = [vd.run_analyze(label) for label in labels]
+    ok, text = vd.floors(analyze)
+    assert ok, text
+    monitor = [vd.run_monitor(label) for label in labels if label.format == "jsonl"]
+    ok, text = vd.floors(monitor)
+    assert ok, text

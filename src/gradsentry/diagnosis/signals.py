@@ -194,7 +194,9 @@ def find_growth(steps: np.ndarray, values: np.ndarray, t: Thresholds) -> dict[st
     The centred rolling median (``smooth_window``) removes isolated spikes; the segment runs from the
     lowest smoothed point before the highest rise to that rise's top. It counts when the smoothed value
     rises by ``growth_factor`` above both the segment start and the median before it, spans
-    ``growth_min_points`` points and a log-linear fit reaches ``growth_min_r2``.
+    ``growth_min_points`` points and a log-linear fit reaches ``growth_min_r2``. A step change (one
+    smoothed increment holding over a third of the rise: a spike or jump that stayed, the spike test's
+    business) is not growth; only the part before or after the step can be, on its own.
 
     Returns:
         ``start_step``, ``end_step``, ``start_norm``, ``end_norm`` (logged values), ``rate_per_step``
@@ -222,6 +224,18 @@ def find_growth(steps: np.ndarray, values: np.ndarray, t: Thresholds) -> dict[st
     ref = max(m[i_best], float(np.median(m[: i_best + 1])))
     if m[j] - ref < math.log(t.growth_factor) or j - i + 1 < t.growth_min_points:
         return None
+    # steady growth spreads its rise; a step change (a spike or jump that stayed, which the spike test
+    # reports) puts much of it into one smoothed increment (a median filter keeps edges sharp): then only
+    # the part before or after the step can be growth, if it rises by growth_factor on its own
+    inc = np.diff(m[i : j + 1])
+    k = int(np.argmax(inc))
+    if inc[k] > float(m[j] - m[i]) / 3:
+        parts = [(i, i + k), (i + k + 1, j)]
+        rises = [(float(m[b] - m[a]), a, b) for a, b in parts if b - a + 1 >= t.growth_min_points]
+        rises = [r for r in rises if r[0] >= math.log(t.growth_factor)]
+        if not rises:
+            return None
+        _, i, j = max(rises)
     rate, _, r2 = loglinear_fit(steps[i : j + 1], values[i : j + 1])
     if rate <= 0 or r2 < t.growth_min_r2:
         return None
