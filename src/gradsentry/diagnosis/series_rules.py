@@ -61,8 +61,8 @@ class RunSignals:
         meta: dict[str, Any] | None = None,
     ) -> RunSignals:
         def col(values: list[float | None]) -> tuple[np.ndarray, np.ndarray]:
-            has = np.array([v is not None for v in values], dtype=bool)
-            arr = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+            arr = np.array(values, dtype=np.float64)  # None becomes NaN
+            has = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
             return arr, has
 
         lo, hl = col(loss)

@@ -33,6 +33,10 @@ MAD_TO_SIGMA = 1.4826
 """Scale turning a median absolute deviation into a standard deviation for Gaussian data (1 / Φ⁻¹(3/4))."""
 
 
+_BLOCK = 65536
+"""Rows of the sliding window processed at once by :func:`robust_z` (bounds its temporary memory)."""
+
+
 def rnd(x: float) -> float:
     """Round for evidence (6 significant digits), keeping NaN/inf."""
     return float(f"{x:.6g}") if math.isfinite(x) else float(x)
@@ -75,8 +79,12 @@ def robust_z(logx: np.ndarray, t: Thresholds) -> tuple[np.ndarray, np.ndarray, n
         med[i], scale[i] = m, max(MAD_TO_SIGMA * float(np.median(np.abs(ref - m))), t.mad_floor)
     if n > w:
         win = np.lib.stride_tricks.sliding_window_view(logx[:-1], w)  # row k: points k .. k+w-1
-        m = np.median(win, axis=1)
-        mad = np.median(np.abs(win - m[:, None]), axis=1)
+        m = np.empty(win.shape[0])
+        mad = np.empty(win.shape[0])
+        for a in range(0, win.shape[0], _BLOCK):  # blocks bound the temporary copies (1M-point logs)
+            block = win[a : a + _BLOCK]
+            m[a : a + _BLOCK] = np.median(block, axis=1)
+            mad[a : a + _BLOCK] = np.median(np.abs(block - m[a : a + _BLOCK, None]), axis=1)
         start = max(w, t.spike_min_history)
         med[start:] = m[start - w :]
         scale[start:] = np.maximum(MAD_TO_SIGMA * mad[start - w :], t.mad_floor)
