@@ -35,4 +35,10 @@ def read_gradsentry_jsonl(path: str | os.PathLike[str]) -> Series:
         path=str(Path(path)),
         fields=found,
         notes=["global_norm is the Monitor's global norm before clipping"],
+        skipped=[
+            r.step
+            for r in run.records
+            if any(isinstance(a, dict) and a.get("skipped") is True for a in r.actions)
+        ],
+        meta={k: run.header.meta[k] for k in ("optimizer", "lr", "max_grad_norm") if k in run.header.meta},
     )
