@@ -60,6 +60,29 @@ def test_sq_norms_of_many_mixed_tensors_keep_their_order() -> None:
         assert g == pytest.approx(_ref(t), rel=2e-6, abs=0.0)
 
 
+def test_sq_norms_are_within_2e7_whatever_the_size_dtype_layout_and_thread_count() -> None:
+    """Every CPU path (small tensors, rows, row tails, upcast chunks, strided views) against float64,
+    at 1 thread and at the default count: float32 dot products and torch's CPU norm accumulate
+    differently per SIMD width and thread count (MKL's dot on AVX512: 3e-6 on 256K entries)."""
+    sizes = [1, 255, 256, 257, 8192, 8193, 8192 + 256, 200_000, 2 * 65_536 + 7, 3_000_000]
+    ts: list[torch.Tensor] = []
+    for i, n in enumerate(sizes):
+        ts += [_heavy_tailed(n, i), _heavy_tailed(n, i, torch.bfloat16), _heavy_tailed(n, i, torch.float16)]
+        ts += [_heavy_tailed(n, i, torch.float64), _heavy_tailed(2 * n, i)[::2]]
+    ts.append(torch.nn.Parameter(_heavy_tailed(1_000_000, 99).reshape(1000, 1000)))  # requires grad
+    refs = [_ref(t.detach()) for t in ts]
+    default = torch.get_num_threads()
+    try:
+        for threads in sorted({1, default}):
+            torch.set_num_threads(threads)
+            got = stats.sq_norms(ts)
+            assert not got.requires_grad
+            for g, r, t in zip(got.tolist(), refs, ts, strict=True):
+                assert g == pytest.approx(r, rel=2e-7, abs=0.0), (threads, tuple(t.shape), t.dtype)
+    finally:
+        torch.set_num_threads(default)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("n", [100, 200_000, 700_000])
 def test_sq_norms_propagate_nan_and_inf(n: int, bad: float) -> None:

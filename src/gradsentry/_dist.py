@@ -320,8 +320,7 @@ def global_sq_norm(grads: Sequence[Tensor], group: Any = None) -> Tensor:
         return torch.zeros((), dtype=torch.float64)
     ctx = context_for(grads, group)
     if ctx is None or not ctx.sharded:
-        norms = stats.foreach_norms([local(g) for g in grads])
-        return norms.to(stats.reduce_dtype(norms.device)).square().sum()
+        return stats.sq_norms([local(g) for g in grads]).sum()
     return ctx.all_reduce_(sq_norms(ctx, grads).sum().reshape(1), "sum")[0]
 
 

@@ -3,8 +3,9 @@
 Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`Monitor.step` only
 increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one pass
 over the gradients for the L2 norms (:func:`gradsentry.stats.sq_norms`: a fused ``torch._foreach_norm``
-on accelerators, chunked BLAS dots on CPU), one for max |g| (``aminmax`` on CPU), one L2 pass over
-the weights, reduces them into layers on the device, and moves one small tensor to the host.
+on accelerators, per-row norms summed in float64 on CPU), one for max |g| (``aminmax`` on CPU), one
+L2 pass over the weights, reduces them into layers on the device, and moves one small tensor to the
+host.
 ``max_abs=False, weight_norms=False`` leaves a single read of the gradients, whose per-tensor norms
 a norm-based remedy (e.g. ``ClipGlobalNorm``) given as ``remedy=`` then reuses.
 

@@ -58,6 +58,9 @@ def foreach_norms(
 ) -> Tensor:
     """Norm of every tensor in one fused call per device.
 
+    These are torch's own norms (those of ``clip_grad_norm_``): on CPU their float32 sums accumulate
+    sequentially (~1e-3 relative on a 16M-entry tensor); :func:`sq_norms` is the accurate L2 one.
+
     Args:
         tensors: N tensors of any shapes and floating dtypes, possibly on several devices.
         ord: the vector norm order (2.0 for L2, ``math.inf`` for max-abs).
@@ -102,31 +105,36 @@ def foreach_norms(
 _UPCAST = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
-#: On CPU, :func:`sq_norms` reduces tensors of more entries than this with BLAS dot products (on
-#: chunks of :data:`CPU_CHUNK`); smaller ones share one fused ``_foreach_norm`` call, whose float32
-#: sequential accumulation is within ~4e-7 relative at this size (measured on heavy-tailed data:
-#: 1.4e-6 at 32K entries, 3.6e-6 at 64K).
+#: On CPU, :func:`sq_norms` reduces tensors of at most this many entries (and the tails of larger
+#: ones) in one fused ``_foreach_norm`` call in float64: each is upcast whole (~1 us per tensor), so
+#: its squares and their sum are exact to ~1e-15.
 CPU_SMALL = 1 << 13
-#: Chunk length of the dot products: 1 MiB of float32, so that a chunk's float32 accumulation stays
-#: within ~4e-7 relative (measured on heavy-tailed data; ~5e-8 typical) and the per-call cost
-#: (~10 us) is small beside the chunk's read.
-CPU_CHUNK = 1 << 18
-#: Chunk length for fp16/bf16 tensors (upcast chunk by chunk): 3.6e-7 relative on uniformly
-#: initialised bf16 weights, against 2.9e-6 with :data:`CPU_CHUNK`.
-CPU_CHUNK_LOW_PRECISION = 1 << 16
+#: Row length of the per-row float32 norms of larger tensors on CPU (whose squares are then summed
+#: in float64): a row's float32 accumulation is short whatever the SIMD width or thread count, so
+#: it stays within ~1e-7 relative even if done one entry at a time (measured: ~1e-9 on heavy-tailed
+#: data, against 5e-8 for rows of 4096), and the rows' norms (1/256 of the entries) cost little.
+CPU_ROW = 256
+#: fp16/bf16 tensors are upcast to float32 in chunks of this many entries (256 KiB: the upcast
+#: chunk stays in cache), not whole.
+CPU_UPCAST_CHUNK = 1 << 16
 
 
 def sq_norms(tensors: Sequence[Tensor], *, same_device: bool = False, all_float32: bool = False) -> Tensor:
-    """Squared L2 norm of every tensor, accurate to ~4e-7 relative whatever its size, and fast.
+    """Squared L2 norm of every tensor, accurate to ~1e-7 relative whatever its size, and fast.
 
     On accelerators this is one fused ``torch._foreach_norm`` (a tree reduction), squared in float64.
     On CPU, ``torch._foreach_norm`` and ``torch.linalg.vector_norm`` (hence ``clip_grad_norm_``)
-    accumulate float32 squares sequentially per SIMD lane on one thread: on a 16M-entry tensor they
-    are off by ~1e-3 relative and take ~2x as long as reading the tensor. Here tensors of more than
-    :data:`CPU_SMALL` entries are summed with multithreaded BLAS ``torch.dot`` on chunks of
-    :data:`CPU_CHUNK` (fp16/bf16 chunks upcast to float32 first) and the chunk sums are added in
-    float64: ~2x faster on large tensors, accurate to ~4e-7 relative on any size
-    (``benchmarks/RESULTS.md`` has the measurements). Smaller tensors share one ``_foreach_norm``.
+    accumulate float32 squares sequentially in a few SIMD lanes, so their error grows with the size
+    (~1e-3 relative on a 16M-entry tensor), and a BLAS float32 ``torch.dot`` is no better where its
+    kernel keeps few partial sums (MKL on an AVX512 AMD CPU: 3e-6 on 256K entries at 2 threads, 9e-6
+    at 1). Here a tensor of more than :data:`CPU_SMALL` entries is viewed (without a copy) as rows of
+    :data:`CPU_ROW` entries, whose float32 norms come from one ``vector_norm(rows, dim=1)`` (one read
+    of the tensor, split among the threads), and the squares of the row norms are summed in float64;
+    fp16/bf16 tensors are upcast in chunks of :data:`CPU_UPCAST_CHUNK`. Smaller tensors, the last
+    ``numel % CPU_ROW`` entries of larger ones and the row norms share one ``_foreach_norm`` in
+    float64. Measured (``benchmarks/RESULTS.md``): within ~1e-8 of a float64 recomputation on
+    tensors of any size; 0.55-0.8x the time of torch's norm on large tensors with 2 threads (~1.1x
+    with 1), ~1x on a transformer's gradients, ~1.9x on many 32K-entry tensors (per-call overhead).
 
     Args:
         tensors: N tensors of any shapes and floating dtypes, possibly on several devices.
@@ -135,9 +143,11 @@ def sq_norms(tensors: Sequence[Tensor], *, same_device: bool = False, all_float3
 
     Returns:
         ``[N]`` in :func:`reduce_dtype` precision on the first tensor's device: entry i is
-        ``sum(tensors[i] ** 2)`` (units: the tensor's, squared). NaN/inf entries propagate, as does
-        float32 overflow of a sum of squares beyond ~3.4e38 (a norm beyond ~1.8e19), exactly as in
-        ``torch.nn.utils.clip_grad_norm_``.
+        ``sum(tensors[i] ** 2)`` (units: the tensor's, squared). NaN/inf entries propagate. As in
+        ``torch.nn.utils.clip_grad_norm_``, squares are float32 (float64 for float64 tensors, and on
+        CPU for tensors of at most :data:`CPU_SMALL` entries): a norm beyond ~1.8e19 may overflow to
+        inf (on CPU, where a row of :data:`CPU_ROW` entries does) and entries below ~1e-19 may be
+        lost; the Monitor recomputes such layers in float64.
 
     Raises:
         ValueError: if ``tensors`` is empty.
@@ -151,46 +161,60 @@ def sq_norms(tensors: Sequence[Tensor], *, same_device: bool = False, all_float3
     device = tensors[0].device
     dt = reduce_dtype(device)
     one_device = same_device or all(t.device == device for t in tensors)
-    if device.type != "cpu" or not one_device or all(t.numel() <= CPU_SMALL for t in tensors):
+    if device.type != "cpu" or not one_device:
         return foreach_norms(tensors, same_device=one_device, all_float32=all_float32).to(dt).square()
-    small: list[int] = []
-    dots: list[Tensor] = []
+    with torch.no_grad():  # weights may require grad: no graph (cheaper than a detach per tensor)
+        return _cpu_sq_norms(tensors)
+
+
+def _cpu_sq_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """:func:`sq_norms` on CPU (float64 ``[N]``), all tensors on the CPU."""
+    # One fused float64 norm of the small tensors, the tails of large ones and the per-row norms of
+    # large ones (the norm of a tensor's row norms is its norm).
+    pieces: list[Tensor] = []
     owners: list[int] = []
-    dot = torch.dot
+    other: list[int] = []  # not floating point (e.g. complex): foreach_norms
+    vector_norm = torch.linalg.vector_norm
     for i, t in enumerate(tensors):
         if t.layout != torch.strided:
             t = entries(t)
+        if not t.is_floating_point():
+            other.append(i)
+            continue
         n = t.numel()
-        if n <= CPU_SMALL or not t.is_floating_point():
-            small.append(i)
-            continue
-        t = t.detach()
-        if n <= CPU_CHUNK and t.is_contiguous() and t.dtype in _DOT_DTYPES:
-            flat = t.view(-1)
-            dots.append(dot(flat, flat))
+        if n <= CPU_SMALL:
+            pieces.append(t)
             owners.append(i)
-            continue
-        flat = _memory_order(t).reshape(-1)  # a view (maybe strided) unless the tensor has gaps
-        upcast = flat.dtype not in _DOT_DTYPES
-        # fp16/bf16 values are coarse, so float32 rounding of their running sum is biased: shorter chunks
-        for chunk in flat.split(CPU_CHUNK_LOW_PRECISION if upcast else CPU_CHUNK):
-            if upcast:
-                chunk = chunk.float()
-            elif not chunk.is_contiguous():
-                chunk = chunk.contiguous()  # BLAS on a strided vector accumulates ~10x less accurately
-            dots.append(dot(chunk, chunk))
+        elif n % CPU_ROW == 0 and t.is_contiguous() and t.dtype not in _LOW_PRECISION:
+            pieces.append(vector_norm(t.view(-1, CPU_ROW), dim=1))
             owners.append(i)
-    parts = [torch.stack(dots).to(dt)] if dots else []
-    if small:
-        small_sq = foreach_norms([tensors[i] for i in small], same_device=True, all_float32=all_float32)
-        parts.append(small_sq.to(dt).square())
-        owners += small
+        else:
+            flat = _memory_order(t).reshape(-1)  # a view (maybe strided) unless the tensor has gaps
+            upcast = flat.dtype in _LOW_PRECISION
+            for piece in flat.split(CPU_UPCAST_CHUNK) if upcast else (flat,):
+                if upcast:
+                    piece = piece.float()
+                k = piece.numel()
+                m = k - k % CPU_ROW
+                if m:
+                    pieces.append(vector_norm((piece if m == k else piece[:m]).view(-1, CPU_ROW), dim=1))
+                    owners.append(i)
+                if m < k:
+                    pieces.append(piece[m:])
+                    owners.append(i)
+    parts: list[Tensor] = []
+    if pieces:
+        parts.append(torch.stack(torch._foreach_norm(pieces, dtype=torch.float64)).square())
+        if not other and len(pieces) == len(tensors):  # one piece per tensor, in order
+            return parts[0]
+    if other:
+        parts.append(foreach_norms([tensors[i] for i in other], same_device=True).double().square())
+        owners += other
     values = torch.cat(parts) if len(parts) > 1 else parts[0]
-    out = torch.zeros(len(tensors), dtype=dt, device=device)
-    return out.index_add_(0, torch.tensor(owners, device=device), values)
+    return torch.zeros(len(tensors), dtype=torch.float64).index_add_(0, torch.tensor(owners), values)
 
 
-_DOT_DTYPES = (torch.float32, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _memory_order(t: Tensor) -> Tensor:
