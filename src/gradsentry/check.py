@@ -38,9 +38,9 @@ __all__ = [
 logger = logging.getLogger("gradsentry")
 
 LossName = Literal["ce", "mse", "sum"]
-FixName = Literal["he", "xavier", "lsuv"]
+FixName = Literal["he", "xavier", "xavier_gain", "lsuv"]
 LOSSES: tuple[str, ...] = ("ce", "mse", "sum")
-FIXES: tuple[str, ...] = ("he", "xavier", "lsuv")
+FIXES: tuple[str, ...] = ("he", "xavier", "xavier_gain", "lsuv")
 
 EXPLODING_RATIO = 1e3
 """First-layer over last-layer gradient RMS above which the gradient explodes towards the input at init
@@ -142,7 +142,7 @@ class CheckReport:
         findings: diagnosed problems (see :mod:`gradsentry.diagnose`).
         theory: None when the mean-field prediction applies, else why it does not.
         record: the Monitor's step record.
-        fix: the fix applied before ``fixed`` (``he``, ``xavier``, ``lsuv``), if any.
+        fix: the fix applied before ``fixed`` (``he``, ``xavier``, ``xavier_gain``, ``lsuv``), if any.
         fix_report: what the fix did (per layer), if any.
         fixed: the same check after the fix, if any.
     """
@@ -460,7 +460,7 @@ def check_model(
         batch_size: rows of the random batch.
         loss: ``ce`` (cross-entropy on the last dimension), ``mse`` or ``sum`` (of the output).
         seed: seeds the random batch and targets.
-        fix: ``he`` / ``xavier`` (:func:`gradsentry.remedies.init.reinit`) or ``lsuv``
+        fix: ``he`` / ``xavier`` / ``xavier_gain`` (:func:`gradsentry.remedies.init.reinit`) or ``lsuv``
             (:func:`gradsentry.remedies.init.lsuv` on the batch); the check is then run again into
             ``report.fixed``.
 

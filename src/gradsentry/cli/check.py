@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         fix: str | None = typer.Option(
             None,
             "--fix",
-            help="he | xavier | lsuv: re-initialise, then check again and show the table after the fix",
+            help="he | xavier | xavier_gain | lsuv: re-initialise (xavier: Glorot & Bengio's gain-1 uniform init; xavier_gain: times the activation's gain), then check again and show the table after the fix",
         ),
     ) -> None:
         """One forward and backward pass at init: per-layer gradient table, mean-field prediction, findings.
