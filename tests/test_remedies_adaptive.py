@@ -177,7 +177,9 @@ def _first_nonfinite_step(remedy, steps: int = 40, lr: float = 0.2, seed: int = 
         loss = nn.functional.mse_loss(net(x), y)
         opt.zero_grad()
         loss.backward()
-        if not math.isfinite(float(loss.detach())) or not all(torch.isfinite(p.grad).all() for p in net.parameters()):
+        if not math.isfinite(float(loss.detach())) or not all(
+            torch.isfinite(p.grad).all() for p in net.parameters()
+        ):
             return step
         if remedy is not None:
             remedy(net.parameters())

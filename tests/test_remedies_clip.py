@@ -250,7 +250,9 @@ def test_agc_clips_a_bias_vector_as_one_unit_like_the_reference():
         torch.testing.assert_close(p.grad.double(), e, rtol=1e-5, atol=1e-9)
     # the whole bias vector is scaled by one factor: its direction is kept
     b_before = expected[3] / expected[3].norm()
-    torch.testing.assert_close(lin.bias.grad.double() / lin.bias.grad.double().norm(), b_before, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        lin.bias.grad.double() / lin.bias.grad.double().norm(), b_before, rtol=1e-5, atol=0
+    )
     # the old per-entry rule gives a different gradient (it changes the bias gradient's direction)
     assert float((lin.bias.grad.double() - elementwise_bias).norm() / elementwise_bias.norm()) > 0.1
     # every unit ends within the bound

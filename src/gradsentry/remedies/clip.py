@@ -360,13 +360,17 @@ class AGC:
             return RemedyResult("AGC", threshold=self.clip_factor)
         sharded = any(_dist.is_dtensor(g) for g in grads)  # FSDP2: each rank clips its whole rows
         vectors = [
-            i for i, (p, g) in enumerate(zip(ps, grads, strict=True)) if id(p) not in self._exclude and g.ndim <= 1
+            i
+            for i, (p, g) in enumerate(zip(ps, grads, strict=True))
+            if id(p) not in self._exclude and g.ndim <= 1
         ]
         vec_norms: dict[int, tuple[Tensor, Tensor]] = {}
         if vectors:  # a bias is one unit: the norm of the whole vector, over every rank's shard
             both = [ps[i].detach() for i in vectors] + [grads[i] for i in vectors]
             norms_v = (
-                _dist.global_per_tensor_norms(both) if sharded else stats.foreach_norms([_dist.local(t) for t in both])
+                _dist.global_per_tensor_norms(both)
+                if sharded
+                else stats.foreach_norms([_dist.local(t) for t in both])
             )
             k = len(vectors)
             vec_norms = {i: (norms_v[j], norms_v[k + j]) for j, i in enumerate(vectors)}
