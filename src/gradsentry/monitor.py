@@ -208,6 +208,22 @@ def _optimizer_meta(optimizer: Any) -> dict[str, Any]:
     return meta
 
 
+def _depth_key(
+    name: str, module: nn.Module, depth: int, rank: Mapping[int, int], model: nn.Module, big: int
+) -> tuple[int, int, int]:
+    """Sort key of a layer: its first-call rank; uncalled, the rank of its nearest called ancestor (just
+    after it); else ``big`` (last). Ties keep module order (``depth`` before sorting)."""
+    r = rank.get(id(module))
+    if r is not None:
+        return r, 0, depth
+    while name:
+        name = name.rpartition(".")[0]
+        owner = model.get_submodule(name) if name else model
+        if id(owner) in rank:
+            return rank[id(owner)], 1, depth
+    return big, 0, depth
+
+
 class Monitor:
     """Watch a model's gradients and diagnose vanishing and exploding gradients.
 
@@ -464,7 +480,9 @@ class Monitor:
             self._seen.append(module)
 
     def _fix_depth(self) -> None:
-        """Sort layers by first forward call; layers never called keep their module order, last."""
+        """Sort layers by first forward call. A layer never called whose parameters its owner uses
+        functionally (``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``) goes
+        right after its nearest called ancestor; other layers never called keep their module order, last."""
         if self._depth_fixed:
             return
         if not self._seen and self._dist is None:  # no forward pass yet: keep watching for the order
@@ -477,7 +495,9 @@ class Monitor:
             self._seen = self._agree_order(self._seen, ctx)
         rank = {id(m): i for i, m in enumerate(self._seen)}
         big = len(self._seen)
-        self._layers.sort(key=lambda L: (rank.get(id(L.module), big), L.info.depth))
+        self._layers.sort(
+            key=lambda L: _depth_key(L.info.name, L.module, L.info.depth, rank, self.model, big)
+        )
         for depth, layer in enumerate(self._layers):
             layer.info.depth = depth
         self._sites.sort(key=lambda s: rank.get(id(s.module), big))
