@@ -44,6 +44,7 @@ __all__ = [
     "digits_batch",
     "load_factory",
     "load_model",
+    "per_example_rms",
 ]
 
 logger = logging.getLogger("gradsentry")

@@ -284,7 +284,9 @@ class Finding:
 
     Attributes:
         kind: one of ``vanishing``, ``exploding``, ``nonfinite``, ``saturation``, ``dead_units``,
-            ``stalled_layer``.
+            ``stalled_layer`` (and the series kinds of :mod:`gradsentry.diagnosis.series_rules`);
+            ``gradsentry check`` adds ``gradient_concentration`` (info: the per-block profile of
+            normalized blocks).
         severity: ``info``, ``warning`` or ``error``.
         steps: the logged steps concerned (first is where it starts).
         layers: the layers concerned, most implicated first.
