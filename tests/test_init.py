@@ -34,7 +34,13 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("activation", "scheme", "gain"),
-    [("relu", "he", math.sqrt(2)), ("tanh", "xavier", 5 / 3), ("sigmoid", "he", 1.0), ("tanh", "he", 5 / 3)],
+    [
+        ("relu", "he", math.sqrt(2)),
+        ("tanh", "xavier_gain", 5 / 3),
+        ("relu", "xavier_gain", math.sqrt(2)),
+        ("sigmoid", "he", 1.0),
+        ("tanh", "he", 5 / 3),
+    ],
 )
 def test_reinit_gain_follows_activation(activation: str, scheme: str, gain: float) -> None:
     torch.manual_seed(0)
@@ -82,7 +88,48 @@ def test_forward_order_needs_example_input() -> None:
     assert [(n, a) for n, _, a in by_registration] == [("fc1", None), ("fc2", None)]
     traced = layers_with_activations(model, torch.randn(2, 16))
     assert traced[0][0] == "fc1" and isinstance(traced[0][2], nn.Tanh) and traced[1][2] is None
-    assert reinit(model, "xavier", example_input=torch.randn(2, 16))[0].gain == pytest.approx(5 / 3)
+    assert reinit(model, "xavier_gain", example_input=torch.randn(2, 16))[0].gain == pytest.approx(5 / 3)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
+def test_xavier_is_glorots_normalized_init_whatever_the_activation(activation: str) -> None:
+    # Glorot & Bengio 2010, eq. 16: W ~ U[-sqrt(6)/sqrt(n_j + n_j+1), +sqrt(6)/sqrt(n_j + n_j+1)], no gain
+    torch.manual_seed(0)
+    model = mlp(activation, depth=3, width=512)
+    report = reinit(model, "xavier")
+    assert [r.gain for r in report] == [1.0] * 4
+    for m in (m for m in model if isinstance(m, nn.Linear)):
+        w = m.weight.detach().double()
+        fan_out, fan_in = w.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        assert float(w.abs().max()) <= bound
+        assert float(w.abs().max()) > 0.99 * bound  # uniform: the draws reach the bound
+        # variance 2 / (fan_in + fan_out); 4-sigma tolerance of a sample variance of n uniform draws
+        n = w.numel()
+        var = 2.0 / (fan_in + fan_out)
+        assert float(w.var()) == pytest.approx(var, abs=4 * var * math.sqrt(0.8 / n))
+        # uniform, not normal: excess kurtosis -1.2 (normal: 0)
+        k = float(((w - w.mean()) ** 4).mean() / w.var() ** 2) - 3.0
+        assert k == pytest.approx(-1.2, abs=0.1)
+
+
+def test_xavier_reproduces_he_et_al_xavier_baseline_on_relu() -> None:
+    # He et al. 2015, sec. 2.2: with n Var[w] = 1 (their "Xavier") a ReLU layer halves the forward
+    # second moment, so 30 square layers shrink it by 2^-30 (~9e-10); He init keeps it (eq. 10)
+    torch.manual_seed(0)
+    width, depth = 512, 30
+    model = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())])
+    reinit(model, "xavier")
+    model = model.double()
+    x = torch.randn(256, width, dtype=torch.float64)
+    with torch.no_grad():
+        h = model(x)
+    ratio = float(h.pow(2).mean() / x.pow(2).mean()) * 2  # E[relu(z)^2] = q/2 at the last layer
+    assert math.log10(ratio) == pytest.approx(math.log10(2.0**-29), abs=0.5)
+    reinit(model, "he")
+    with torch.no_grad():
+        h = model(x)
+    assert math.log10(float(h.pow(2).mean() / x.pow(2).mean())) == pytest.approx(0.0, abs=0.5)
 
 
 def test_reinit_rejects_unknown_scheme() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradsentry.remedies import AutoClip, ZClip
+from gradsentry.remedies import AutoClip, ClipGlobalNorm, ZClip
 
 
 def _param(norm: float, n: int = 4) -> nn.Parameter:
@@ -68,10 +68,13 @@ def test_autoclip_ignores_nonfinite_and_state_round_trip():
 
 
 class _RefZClip:
-    """Plain-float transcription of the ZClip rule (Kumar et al. 2025, zscore + adaptive_scaling)."""
+    """Plain-float transcription of the ZClip rule (Kumar et al. 2025, zscore + adaptive_scaling), with
+    the reference implementation's warm-up: the raw norms fill the buffer, the gradient is clipped to
+    ``max_grad_norm`` (default 1.0) until the statistics exist."""
 
-    def __init__(self, alpha=0.97, z=2.5, warmup=25, eps=1e-6):
+    def __init__(self, alpha=0.97, z=2.5, warmup=25, eps=1e-6, max_grad_norm=1.0):
         self.alpha, self.z_thresh, self.warmup, self.eps = alpha, z, warmup, eps
+        self.max_grad_norm = max_grad_norm
         self.buf: list[float] = []
         self.mean = self.var = None
 
@@ -82,7 +85,8 @@ class _RefZClip:
             if len(self.buf) >= self.warmup:
                 self.mean = sum(self.buf) / len(self.buf)
                 self.var = sum((x - self.mean) ** 2 for x in self.buf) / len(self.buf)
-            return g
+            cap = self.max_grad_norm
+            return g * cap / (g + 1e-6) if cap is not None and g > cap else g
         std = self.var**0.5
         z = (g - self.mean) / (std + self.eps)
         clip = None
@@ -97,18 +101,102 @@ class _RefZClip:
 
 def test_zclip_matches_reference_rule_step_by_step():
     z, ref = ZClip(warmup_steps=25), _RefZClip()
-    spikes = 0
-    for x in _norms(2, 80):
+    spikes = warm_clipped = 0
+    for i, x in enumerate(_norms(2, 80)):
         p = _param(x)
         res = z([p])
         expected = ref.step(x)
         assert _clipped_norm(p) == pytest.approx(expected, rel=1e-5)
         d = res.to_dict()
-        assert d["spike"] is d["clipped"]  # no cap: clipping happens exactly on spikes
-        spikes += d["clipped"]
+        if i < 25:  # warm-up: clipped to 1.0 whenever the norm is above it
+            assert d["clipped"] is (x > 1.0) and not d["spike"]
+            warm_clipped += d["clipped"]
+        else:  # after warm-up no cap: clipping happens exactly on spikes
+            assert d["spike"] is d["clipped"]
+            spikes += d["clipped"]
+    assert warm_clipped >= 5  # log-normal(0, 0.3) norms: about half are above 1
     assert spikes >= 3  # the injected spikes at 30, 31, 45, 70 (31 may be absorbed)
     assert z.state_dict()["mean"] == pytest.approx(ref.mean, rel=1e-5)
     assert z.state_dict()["var"] == pytest.approx(ref.var, rel=1e-4)
+
+
+def test_zclip_without_warmup_cap_matches_the_purely_adaptive_rule():
+    z, ref = ZClip(warmup_steps=10, max_grad_norm=None), _RefZClip(warmup=10, max_grad_norm=None)
+    for x in _norms(4, 40):
+        p = _param(x * 7.0)
+        z([p])
+        assert _clipped_norm(p) == pytest.approx(ref.step(x * 7.0), rel=1e-5)
+
+
+def test_zclip_cap_after_warmup_is_a_ceiling():
+    z = ZClip(warmup_steps=3, max_grad_norm=2.0, cap_after_warmup=True)
+    for x in (1.0, 1.1, 0.9, 3.0, 3.1, 3.0):  # 3.0 is a spike at first, then just above the ceiling
+        p = _param(x)
+        z([p])
+        assert _clipped_norm(p) <= 2.0 * (1 + 1e-6)
+    free = ZClip(warmup_steps=3, max_grad_norm=2.0)
+    for x in (1.0, 1.1, 0.9):
+        free([_param(x)])
+    p = _param(2.5)  # z = (2.5 - 1) / 0.08 ~ 18: a spike, clipped adaptively (not to the cap)
+    free([p])
+    assert _clipped_norm(p) < 2.0
+
+
+class _TanhRNN(nn.Module):
+    """A vanilla tanh RNN (Pascanu et al. 2013) on the adding problem, recurrent weights with spectral
+    radius ~2 (std 2/sqrt(h)): the regime where the gradient explodes."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(2, hidden, nonlinearity="tanh", batch_first=True)
+        self.out = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.normal_(0.0, 2.0 / math.sqrt(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(x)[0][:, -1])  # type: ignore[no-any-return]
+
+
+def _adding_batch(gen: torch.Generator, n: int = 32, length: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hochreiter & Schmidhuber's adding problem: sum the two marked values of a random sequence."""
+    values = torch.rand(n, length, generator=gen)
+    marks = torch.zeros(n, length)
+    rows = torch.arange(n)
+    marks[rows, torch.randint(0, length // 2, (n,), generator=gen)] = 1.0
+    marks[rows, torch.randint(length // 2, length, (n,), generator=gen)] = 1.0
+    return torch.stack([values, marks], -1), (values * marks).sum(1, keepdim=True)
+
+
+def _first_nonfinite_step(remedy, steps: int = 40, lr: float = 0.2, seed: int = 0) -> int | None:
+    torch.manual_seed(seed)
+    net = _TanhRNN()
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x, y = _adding_batch(gen)
+        loss = nn.functional.mse_loss(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if not math.isfinite(float(loss.detach())) or not all(
+            torch.isfinite(p.grad).all() for p in net.parameters()
+        ):
+            return step
+        if remedy is not None:
+            remedy(net.parameters())
+        opt.step()
+    return None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_zclip_defaults_protect_the_warmup_of_pascanus_tanh_rnn(seed: int) -> None:
+    # unclipped (and with the old uncapped warm-up) the run overflows inside ZClip's 25 warm-up steps
+    bad = _first_nonfinite_step(None, seed=seed)
+    assert bad is not None and bad < 25
+    assert _first_nonfinite_step(ZClip(max_grad_norm=None), seed=seed) == bad
+    # ZClip() caps the warm-up at 1.0 like the reference, and global-norm clipping (Pascanu et al.)
+    # keeps it finite
+    assert _first_nonfinite_step(ZClip(), seed=seed) is None
+    assert _first_nonfinite_step(ClipGlobalNorm(1.0), seed=seed) is None
 
 
 def test_zclip_state_round_trip_is_exact():

@@ -184,9 +184,11 @@ def test_clip_layer_norm_mapping_and_per_tensor_default():
 
 
 def _agc_oracle(p, g, clip, eps):
+    """Brock et al. 2021, eq. 3, with the NFNet reference's units: output rows of a weight, the whole
+    tensor for a bias, a gain or a scalar (float64)."""
     w, g = p.double(), g.double()
     if w.ndim <= 1:
-        wn, gn = w.abs(), g.abs()
+        wn, gn = w.norm(), g.norm()
     else:
         dims = tuple(range(1, w.ndim))
         wn, gn = w.pow(2).sum(dim=dims, keepdim=True).sqrt(), g.pow(2).sum(dim=dims, keepdim=True).sqrt()
@@ -210,6 +212,51 @@ def test_agc_equals_float64_oracle_and_excludes_classifier():
         assert torch.equal(p.grad, k)
     assert res.to_dict()["clipped"]
     assert set(res.to_dict()["layers"]) <= {"0", "2"} and res.to_dict()["layers"]  # never the classifier
+
+
+def _timm_style_agc(parameters, clip_factor=0.01, eps=1e-3):
+    """An independent transcription of timm's ``adaptive_clip_grad`` (timm/utils/agc.py), element by
+    element in Python floats: unit = output row for ndim > 1, the whole tensor for ndim <= 1."""
+    out = []
+    for p in parameters:
+        w = p.detach().double().reshape(p.shape[0], -1) if p.ndim > 1 else p.detach().double().reshape(1, -1)
+        g = p.grad.double().reshape(w.shape)
+        rows = []
+        for wr, gr in zip(w.tolist(), g.tolist(), strict=True):
+            wn = math.sqrt(math.fsum(v * v for v in wr))
+            gn = math.sqrt(math.fsum(v * v for v in gr))
+            max_norm = max(wn, eps) * clip_factor
+            scale = max_norm / max(gn, 1e-6) if gn > max_norm else 1.0
+            rows.append([v * scale for v in gr])
+        out.append(torch.tensor(rows, dtype=torch.float64).reshape(p.shape))
+    return out
+
+
+def test_agc_clips_a_bias_vector_as_one_unit_like_the_reference():
+    # a normalizer-free block: Conv (4-D), its bias (1-D), a Linear and its bias, a scalar gain
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(3, 8, 3), nn.Linear(16, 4)
+    gain = nn.Parameter(torch.tensor(0.5))
+    params = [conv.weight, conv.bias, lin.weight, lin.bias, gain]
+    g = torch.Generator().manual_seed(1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 0.05
+    expected = _timm_style_agc(params, clip_factor=0.02)
+    elementwise_bias = lin.bias.grad.double() * torch.minimum(
+        torch.ones(()), 0.02 * lin.bias.detach().double().abs().clamp_min(1e-3) / lin.bias.grad.double().abs()
+    )
+    AGC(0.02)(params)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad.double(), e, rtol=1e-5, atol=1e-9)
+    # the whole bias vector is scaled by one factor: its direction is kept
+    b_before = expected[3] / expected[3].norm()
+    torch.testing.assert_close(
+        lin.bias.grad.double() / lin.bias.grad.double().norm(), b_before, rtol=1e-5, atol=0
+    )
+    # the old per-entry rule gives a different gradient (it changes the bias gradient's direction)
+    assert float((lin.bias.grad.double() - elementwise_bias).norm() / elementwise_bias.norm()) > 0.1
+    # every unit ends within the bound
+    assert float(lin.bias.grad.norm()) <= 0.02 * float(lin.bias.detach().norm()) * (1 + 1e-6)
 
 
 def test_agc_all_zero_grads_and_none():
@@ -268,7 +315,7 @@ def test_property_agc_unit_ratio_bounded(case):
     for p in ps:
         w, g = p.detach().double(), p.grad.double()
         if w.ndim <= 1:
-            ratio = g.abs() / w.abs().clamp_min(1e-3)
+            ratio = g.norm() / w.norm().clamp_min(1e-3)
         else:
             dims = tuple(range(1, w.ndim))
             ratio = g.pow(2).sum(dim=dims).sqrt() / w.pow(2).sum(dim=dims).sqrt().clamp_min(1e-3)

@@ -6,6 +6,15 @@ runs one forward and backward pass on a batch, reads the per-layer statistics fr
 :mod:`gradsentry.theory` where the model is a plain chain, and diagnoses the record with
 :func:`gradsentry.diagnose.diagnose` plus one init-time rule (a gradient that *grows* towards the input by
 more than :data:`EXPLODING_RATIO`, or a relative gradient above :data:`REL_GRAD_MAX`).
+
+Like with like: mean-field theory predicts the gradient of *one example* (samples independent), weight
+and bias entries together (:attr:`gradsentry.theory.LayerPrediction.grad_rms`); the check measures
+exactly that (:attr:`CheckRow.example_rms`, per-example gradients by ``torch.func``) and compares the two,
+beside the batch gradient (:attr:`CheckRow.grad_rms`) that training sees, whose profile also carries the
+correlations between the examples of the batch. The fitted slope is over the hidden layers only: the
+output head (the last layer in forward order) receives the loss gradient directly and is left out.
+Models made of repeated blocks holding a normalization layer (transformers) get their per-block gradient
+profile and its LayerNorm placement reported (:class:`BlockProfile`: Xiong et al. 2020; NormFormer).
 :func:`gradsentry.targets.load_factory` (re-exported here) imports a user's model factory.
 """
 
@@ -21,10 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradsentry.diagnosis.thresholds import Thresholds
 from gradsentry.records import Finding, StepRecord
 from gradsentry.targets import TargetError, load_factory, load_model
 
 __all__ = [
+    "BlockProfile",
     "CheckReport",
     "CheckRow",
     "InputFitError",
@@ -33,14 +44,15 @@ __all__ = [
     "digits_batch",
     "load_factory",
     "load_model",
+    "per_example_rms",
 ]
 
 logger = logging.getLogger("gradsentry")
 
 LossName = Literal["ce", "mse", "sum"]
-FixName = Literal["he", "xavier", "lsuv"]
+FixName = Literal["he", "xavier", "xavier_gain", "lsuv"]
 LOSSES: tuple[str, ...] = ("ce", "mse", "sum")
-FIXES: tuple[str, ...] = ("he", "xavier", "lsuv")
+FIXES: tuple[str, ...] = ("he", "xavier", "xavier_gain", "lsuv")
 
 EXPLODING_RATIO = 1e3
 """First-layer over last-layer gradient RMS above which the gradient explodes towards the input at init
@@ -61,6 +73,19 @@ LSUV_THEORY_NOTE = (
     "not applied after LSUV: its data-dependent, orthonormal weights and centring biases break the "
     "mean-field assumption of i.i.d. weights and biases independent of the signal"
 )
+
+MAX_EXAMPLES = 256
+"""At most this many examples of the batch (the first ones) get per-example gradients; the RMS over
+examples is an average, which 256 examples already pin down to a few per cent."""
+
+PER_EXAMPLE_FLOATS = 2**25
+"""Per-example gradients are computed in chunks of examples holding at most this many floats (128 MiB)."""
+
+MIN_BLOCKS = 3
+"""Fewest repeated blocks for a per-block gradient profile."""
+
+NORM_TYPES = frozenset({"LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"})
+"""Layer types counted as the normalization of a block (by class name, so that e.g. a custom RMSNorm counts)."""
 
 PROBLEM_KINDS = frozenset({"vanishing", "exploding", "nonfinite"})
 """Finding kinds that make ``gradsentry check`` exit with 1 (a NaN/inf gradient at init counts: it is the
@@ -107,8 +132,13 @@ class CheckRow:
         saturated_frac: fraction in [0, 1] of that activation's outputs in its flat region (bounded
             activations), else None.
         dead_frac: fraction in [0, 1] of its units dead on the whole batch (ReLU family), else None.
-        predicted_rms: mean-field prediction of ``grad_rms`` (:func:`gradsentry.theory.predict`, anchored to
-            the measured value at the last Linear/Conv layer), None where the theory does not apply.
+        example_rms: RMS of the layer's *per-example* gradient (weight and bias entries together), the root
+            of the mean over up to :data:`MAX_EXAMPLES` examples of ``||g_n||^2 / numel``, same units as the
+            gradient: the quantity mean-field theory predicts (no correlation between examples). Computed
+            where the theory applies; else None.
+        predicted_rms: mean-field prediction of ``example_rms`` (:attr:`gradsentry.theory.LayerPrediction.grad_rms`,
+            weight and bias entries, anchored to the measured ``example_rms`` of the last Linear/Conv
+            layer), None where the theory does not apply.
         has_grad: False when the layer got no gradient at all (frozen, or not called in forward): its
             gradient figures are then 0 and mean "no gradient", not a vanishing one.
     """
@@ -123,8 +153,35 @@ class CheckRow:
     activation: str | None = None
     saturated_frac: float | None = None
     dead_frac: float | None = None
+    example_rms: float | None = None
     predicted_rms: float | None = None
     has_grad: bool = True
+
+
+@dataclass
+class BlockProfile:
+    """The gradient profile over a model's repeated blocks (e.g. ``encoder.layers.0`` ... ``.11``).
+
+    Attributes:
+        container: qualified name of the ``ModuleList``/``Sequential`` holding the blocks.
+        blocks: number of blocks (>= :data:`MIN_BLOCKS`).
+        norm_placement: ``"pre"`` when a block calls its first normalization layer before its first other
+            parameter layer (pre-LN), ``"post"`` when after (post-LN), None without normalization layers.
+        norms: per role (a layer's name inside a block, e.g. ``linear2``), its gradient norm in each block,
+            first block first; same units as the gradient.
+        ratios: per role, last block's gradient norm over the first's (dimensionless).
+        ratio: median of ``ratios`` over the roles that are not normalization layers: below 1 the gradient
+            falls from the input side to the output side, above 1 it concentrates near the output.
+        norm_roles: the roles that are normalization layers (:data:`NORM_TYPES`).
+    """
+
+    container: str
+    blocks: int
+    norm_placement: str | None
+    norms: dict[str, list[float]] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    ratio: float | None = None
+    norm_roles: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -137,12 +194,17 @@ class CheckReport:
         loss_kind: ``ce``, ``mse`` or ``sum``.
         input_shape: shape of the input batch.
         first_last_ratio: first over last layer gradient RMS (layers with a usable gradient).
-        log_slope: least-squares slope of log10 gradient RMS over depth, decades per layer (positive: the
-            gradient shrinks towards the input).
+        log_slope: least-squares slope of log10 gradient RMS over depth, over the hidden layers (the output
+            head, ``head``, left out), decades per layer (positive: the gradient shrinks towards the input).
+        head: the output head (last layer in forward order) left out of ``log_slope``; None with fewer
+            than three layers (then every layer is fitted).
+        theory_max_dev: largest ``|log10(predicted_rms / example_rms)|`` over the layers, in decades (how far
+            the mean-field prediction is from what it predicts); None without a prediction.
+        blocks: the per-block gradient profile of a model made of repeated blocks, else None.
         findings: diagnosed problems (see :mod:`gradsentry.diagnose`).
         theory: None when the mean-field prediction applies, else why it does not.
         record: the Monitor's step record.
-        fix: the fix applied before ``fixed`` (``he``, ``xavier``, ``lsuv``), if any.
+        fix: the fix applied before ``fixed`` (``he``, ``xavier``, ``xavier_gain``, ``lsuv``), if any.
         fix_report: what the fix did (per layer), if any.
         fixed: the same check after the fix, if any.
     """
@@ -153,6 +215,9 @@ class CheckReport:
     input_shape: list[int]
     first_last_ratio: float | None
     log_slope: float | None
+    head: str | None = None
+    theory_max_dev: float | None = None
+    blocks: BlockProfile | None = None
     findings: list[Finding] = field(default_factory=list)
     theory: str | None = None
     record: StepRecord | None = None
@@ -230,7 +295,10 @@ def _forward(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, list[str]]
     return out, order
 
 
-def _loss(out: torch.Tensor, loss: str, targets: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+def _loss(
+    out: torch.Tensor, loss: str, targets: torch.Tensor | None, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss and the targets it used (drawn with ``gen`` when None; None for ``sum``)."""
     try:
         if loss == "ce":
             if out.dim() < 2:
@@ -239,20 +307,20 @@ def _loss(out: torch.Tensor, loss: str, targets: torch.Tensor | None, gen: torch
                 )
             logits = out.reshape(-1, out.shape[-1]).float()
             if targets is None:
-                targets = torch.randint(0, out.shape[-1], (logits.shape[0],), generator=gen)
-            targets = targets.reshape(-1).to(out.device)
-            if targets.numel() != logits.shape[0] or int(targets.max()) >= out.shape[-1]:
+                targets = torch.randint(0, out.shape[-1], out.shape[:-1], generator=gen)
+            flat = targets.reshape(-1).to(out.device)
+            if flat.numel() != logits.shape[0] or int(flat.max()) >= out.shape[-1]:
                 raise InputFitError(
-                    f"--loss ce: {targets.numel()} labels up to {int(targets.max())} do not fit the model "
+                    f"--loss ce: {flat.numel()} labels up to {int(flat.max())} do not fit the model "
                     f"output of shape {list(out.shape)} (classes on the last dimension)"
                 )
-            return nn.functional.cross_entropy(logits, targets)
+            return nn.functional.cross_entropy(logits, flat), targets
         if loss == "mse":
             if targets is None or targets.shape != out.shape:
                 targets = torch.randn(out.shape, generator=gen)
-            return nn.functional.mse_loss(out.float(), targets.to(out.device).float())
+            return nn.functional.mse_loss(out.float(), targets.to(out.device).float()), targets
         if loss == "sum":
-            return out.float().sum()
+            return out.float().sum(), None
     except InputFitError:
         raise
     except Exception as exc:
@@ -260,14 +328,87 @@ def _loss(out: torch.Tensor, loss: str, targets: torch.Tensor | None, gen: torch
     raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
 
 
-def _fit_slope(rows: Sequence[CheckRow]) -> tuple[float | None, float | None]:
+def _example_loss(out: torch.Tensor, loss: str, target: torch.Tensor) -> torch.Tensor:
+    """One example's loss (``out`` and ``target`` with a batch dimension of 1), reduced like the batch's."""
+    if loss == "ce":
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), target.reshape(-1))
+    if loss == "mse":
+        return nn.functional.mse_loss(out.float(), target.float())
+    return out.float().sum()
+
+
+def per_example_rms(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss: str,
+    targets: torch.Tensor | None,
+    *,
+    max_examples: int = MAX_EXAMPLES,
+) -> dict[str, float]:
+    """RMS of each layer's per-example gradient, the quantity mean-field theory predicts.
+
+    For every example n of the first ``max_examples`` of the batch, the gradient ``g_n`` of that example's
+    loss (reduced like the batch loss: the batch's gradient is the mean of the ``g_n`` for ``ce``/``mse``
+    and their sum for ``sum``) is computed with ``torch.func.vmap(grad(...))``, in chunks of at most
+    :data:`PER_EXAMPLE_FLOATS` floats. A layer is a module owning parameters directly.
+
+    Args:
+        model: the model (a single positional input).
+        x: the batch ``[N, ...]``.
+        loss: ``ce``, ``mse`` or ``sum``.
+        targets: the batch's targets (``[N, ...]`` labels for ``ce``, ``x``-batched targets for ``mse``), or
+            None for ``sum``.
+        max_examples: at most this many examples are used.
+
+    Returns:
+        ``{layer name: sqrt(mean_n ||g_n||^2 / numel)}`` over the trainable parameters, same units as the
+        gradient.
+
+    Raises:
+        Exception: whatever ``torch.func`` raises on a model it cannot transform (callers catch it).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    n = min(int(x.shape[0]), max_examples)
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    params = {k: p.detach() for k, p in named.items()}
+    buffers = {k: b.detach() for k, b in model.named_buffers()}
+    dummy = torch.zeros(n, device=x.device)
+    tgt = dummy if targets is None else targets[:n].to(x.device)
+
+    def one(p: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
+        out = _output_tensor(functional_call(model, (p, buffers), (xi.unsqueeze(0),)))
+        return _example_loss(out, loss, ti.unsqueeze(0))
+
+    total = sum(p.numel() for p in params.values())
+    chunk = max(1, min(n, PER_EXAMPLE_FLOATS // max(1, total)))
+    sq = {k: torch.zeros((), dtype=torch.float64) for k in params}
+    per = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")
+    for start in range(0, n, chunk):
+        grads = per(params, x[start : start + chunk], tgt[start : start + chunk])
+        for k, g in grads.items():
+            sq[k] += g.detach().double().pow(2).sum().cpu()
+    layer_sq: dict[str, float] = {}
+    layer_n: dict[str, int] = {}
+    for k, p in params.items():
+        owner = k.rpartition(".")[0]
+        layer_sq[owner] = layer_sq.get(owner, 0.0) + float(sq[k])
+        layer_n[owner] = layer_n.get(owner, 0) + p.numel()
+    return {name: math.sqrt(layer_sq[name] / (n * layer_n[name])) for name in layer_sq if layer_n[name]}
+
+
+def _fit_slope(rows: Sequence[CheckRow]) -> tuple[float | None, float | None, str | None]:
+    """First/last gradient RMS ratio (all usable layers), the log10-RMS slope over the hidden layers (the
+    output head, the last usable layer, left out when three or more remain) and the head's name."""
     usable = [r for r in rows if math.isfinite(r.grad_rms) and r.grad_rms > 0]
     if len(usable) < 2:
-        return None, None
-    x = np.array([r.depth for r in usable], dtype=np.float64)
-    y = np.log10([r.grad_rms for r in usable])
+        return None, None, None
+    head = usable[-1].name if len(usable) >= 3 else None
+    hidden = usable[:-1] if head is not None else usable
+    x = np.array([r.depth for r in hidden], dtype=np.float64)
+    y = np.log10([r.grad_rms for r in hidden])
     slope = float(np.polyfit(x, y, 1)[0])
-    return usable[0].grad_rms / usable[-1].grad_rms, slope
+    return usable[0].grad_rms / usable[-1].grad_rms, slope, head
 
 
 def _exploding_at_init(
@@ -346,6 +487,91 @@ def _make_inputs(
     return (place(torch.randn(shape, generator=gen)),)
 
 
+def _block_profile(model: nn.Module, rows: Sequence[CheckRow]) -> BlockProfile | None:
+    """The gradient profile over the largest set of repeated blocks (a ``ModuleList``/``Sequential`` whose
+    numbered children hold layers), or None when the model has fewer than :data:`MIN_BLOCKS` such blocks."""
+    modules = dict(model.named_modules())
+    groups: dict[str, dict[int, dict[str, CheckRow]]] = {}
+    for row in rows:
+        parts = row.name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            prefix = ".".join(parts[:i])
+            if part.isdigit() and isinstance(modules.get(prefix), nn.ModuleList | nn.Sequential):
+                role = ".".join(parts[i + 1 :])
+                groups.setdefault(prefix, {}).setdefault(int(part), {})[role] = row
+                break
+    best = max(groups, key=lambda k: len(groups[k]), default=None)
+    if best is None or len(groups[best]) < MIN_BLOCKS:
+        return None
+    blocks = [groups[best][i] for i in sorted(groups[best])]
+    roles = [r for r in blocks[0] if all(r in b and b[r].has_grad for b in blocks)]
+    norms = {role: [b[role].grad_norm for b in blocks] for role in roles}
+    ratios = {
+        role: v[-1] / v[0]
+        for role, v in norms.items()
+        if v[0] > 0 and math.isfinite(v[0]) and math.isfinite(v[-1])
+    }
+    first = sorted(blocks[0].values(), key=lambda r: r.depth)
+    norm_rows = [r for r in first if r.type in NORM_TYPES]
+    other_rows = [r for r in first if r.type not in NORM_TYPES]
+    placement = None
+    if norm_rows and other_rows:
+        placement = "pre" if norm_rows[0].depth < other_rows[0].depth else "post"
+    norm_roles = [role for role in roles if blocks[0][role].type in NORM_TYPES]
+    main = [v for role, v in ratios.items() if role not in norm_roles]
+    return BlockProfile(
+        container=best,
+        blocks=len(blocks),
+        norm_placement=placement,
+        norms=norms,
+        ratios=ratios,
+        ratio=float(np.median(main)) if main else None,
+        norm_roles=norm_roles,
+    )
+
+
+def _concentration_finding(profile: BlockProfile, step: int) -> Finding | None:
+    """An info finding on the per-block gradient profile of normalized blocks (pre-LN vs post-LN)."""
+    if profile.norm_placement is None or profile.ratio is None:
+        return None
+    n, ratio = profile.blocks, profile.ratio
+    last = f"{profile.container}.{n - 1}"
+    main = [role for role in profile.ratios if role not in profile.norm_roles]
+    head = (
+        f"{n} {profile.norm_placement}-LN blocks in {profile.container}: from the first block to the last the "
+        f"gradient norm changes by a factor of {ratio:.2f} (median over {len(main)} parameter layers per "
+        "block, normalization layers left out)"
+    )
+    if profile.norm_placement == "post":
+        text = (
+            f"{head}. Post-LN blocks do not damp the gradient near the output: Xiong et al. 2020 (Theorem 1) "
+            f"show that at init the gradient of a post-LN transformer's last layers is about sqrt(L) = "
+            f"{math.sqrt(n):.1f} times that of the same pre-LN model, which is why post-LN training needs a "
+            "learning-rate warm-up (or pre-LN) to stay stable."
+        )
+    else:
+        text = (
+            f"{head}. In pre-LN blocks the residual stream grows with depth and each block's LayerNorm "
+            "divides by it, so the early blocks get the larger gradients (NormFormer, Shleifer et al. 2021) and "
+            "the gradient near the output is about 1/sqrt(L) of a post-LN model's (Xiong et al. 2020)."
+        )
+    return Finding(
+        kind="gradient_concentration",
+        severity="info",
+        steps=[step],
+        layers=[f"{last}.{role}" for role in sorted(main, key=lambda r: -profile.ratios[r])][:5],
+        evidence={
+            "container": profile.container,
+            "blocks": n,
+            "norm_placement": profile.norm_placement,
+            "last_first_ratio": ratio,
+            "role_ratios": dict(profile.ratios),
+        },
+        explanation=text,
+        remedies=[],
+    )
+
+
 def _run_once(
     model: nn.Module,
     inputs: tuple[Any, ...],
@@ -353,6 +579,7 @@ def _run_once(
     targets: torch.Tensor | None,
     seed: int,
     theory_note: str | None = None,
+    thresholds: Thresholds | None = None,
 ) -> CheckReport:
     from gradsentry import theory
     from gradsentry.diagnose import diagnose
@@ -369,10 +596,10 @@ def _run_once(
             note = f"not computed ({type(exc).__name__})"
     gen = torch.Generator().manual_seed(seed + 1)
     model.zero_grad(set_to_none=True)
-    mon = Monitor(model, every=1)
+    mon = Monitor(model, every=1, thresholds=thresholds)
     try:
         out, order = _forward(model, inputs)
-        value = _loss(_output_tensor(out), loss, targets, gen)
+        value, used_targets = _loss(_output_tensor(out), loss, targets, gen)
         if not value.requires_grad:
             raise InputFitError(
                 "the loss does not depend on any trainable parameter (every parameter is frozen, or the "
@@ -411,19 +638,38 @@ def _run_once(
                 dead_frac=follow.dead_frac if follow else None,
             )
         )
+    max_dev = None
     if pred is not None:
         by_name = {r.name: r for r in rows}
+        try:
+            example = per_example_rms(model, inputs[0], loss, used_targets)
+        except Exception as exc:  # a model torch.func cannot transform: keep the measurement, say why
+            example = {}
+            note = f"per-example gradients not computed ({type(exc).__name__}: {exc})"
+        for name, value_rms in example.items():
+            if name in by_name:
+                by_name[name].example_rms = value_rms
         anchor = by_name.get(pred.layers[-1].name)
-        if anchor is not None and anchor.grad_rms > 0:
-            scale = anchor.grad_rms / pred.layers[-1].weight_grad_rms
+        if anchor is not None and anchor.example_rms:
+            scale = anchor.example_rms / pred.layers[-1].grad_rms
+            devs = []
             for lp in pred.layers:
-                if lp.name in by_name:
-                    by_name[lp.name].predicted_rms = lp.weight_grad_rms * scale
-    ratio, slope = _fit_slope([r for r, st in zip(rows, rec.layers, strict=True) if st.has_grad])
-    findings = diagnose([rec], layers=layers)
+                row = by_name.get(lp.name)
+                if row is not None:
+                    row.predicted_rms = lp.grad_rms * scale
+                    if row.example_rms and row.predicted_rms > 0:
+                        devs.append(abs(math.log10(row.predicted_rms / row.example_rms)))
+            max_dev = max(devs) if devs else None
+    ratio, slope, head = _fit_slope([r for r, st in zip(rows, rec.layers, strict=True) if st.has_grad])
+    findings = diagnose([rec], layers=layers, thresholds=thresholds)
     init_finding = _exploding_at_init(ratio, slope, rows, rec.step)
     if init_finding is not None and not any(f.kind == "exploding" for f in findings):
         findings.insert(0, init_finding)
+    profile = _block_profile(model, rows)
+    if profile is not None:
+        concentration = _concentration_finding(profile, rec.step)
+        if concentration is not None:
+            findings.append(concentration)
     shape = list(inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else []
     return CheckReport(
         rows=rows,
@@ -432,6 +678,9 @@ def _run_once(
         input_shape=shape,
         first_last_ratio=ratio,
         log_slope=slope,
+        head=head,
+        theory_max_dev=max_dev,
+        blocks=profile,
         findings=findings,
         theory=note,
         record=rec,
@@ -448,6 +697,7 @@ def check_model(
     loss: LossName = "ce",
     seed: int = 0,
     fix: FixName | None = None,
+    thresholds: Thresholds | None = None,
 ) -> CheckReport:
     """Run one forward and backward pass at init and report the per-layer gradient profile and findings.
 
@@ -460,9 +710,11 @@ def check_model(
         batch_size: rows of the random batch.
         loss: ``ce`` (cross-entropy on the last dimension), ``mse`` or ``sum`` (of the output).
         seed: seeds the random batch and targets.
-        fix: ``he`` / ``xavier`` (:func:`gradsentry.remedies.init.reinit`) or ``lsuv``
+        fix: ``he`` / ``xavier`` / ``xavier_gain`` (:func:`gradsentry.remedies.init.reinit`) or ``lsuv``
             (:func:`gradsentry.remedies.init.lsuv` on the batch); the check is then run again into
             ``report.fixed``.
+        thresholds: a :class:`gradsentry.Thresholds` for the measurement (saturation bands) and the
+            diagnosis; the defaults when None.
 
     Returns:
         A :class:`CheckReport`.
@@ -478,7 +730,7 @@ def check_model(
         raise ValueError(f"unknown fix {fix!r}; valid: {', '.join(FIXES)}")
     gen = torch.Generator().manual_seed(seed)
     inputs = _make_inputs(model, batch, input_shape, batch_size, gen)
-    report = _run_once(model, inputs, loss, targets, seed)
+    report = _run_once(model, inputs, loss, targets, seed, thresholds=thresholds)
     if fix is not None:
         from gradsentry.remedies.init import lsuv, reinit
 
@@ -489,5 +741,5 @@ def check_model(
             report.fix_report = [asdict(x) for x in reinit(model, fix, example_input=example)]
         report.fix = fix
         note = LSUV_THEORY_NOTE if fix == "lsuv" else None
-        report.fixed = _run_once(model, inputs, loss, targets, seed, theory_note=note)
+        report.fixed = _run_once(model, inputs, loss, targets, seed, theory_note=note, thresholds=thresholds)
     return report

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradsentry import _dist, stats
+from gradsentry.diagnosis.thresholds import Thresholds
+from gradsentry.diagnosis.thresholds import resolve as resolve_thresholds
 from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, RunHeader, StepRecord
 from gradsentry.remedies.base import lend_names, param_names
 from gradsentry.sinks.base import SafeSink, Sink
@@ -207,6 +209,22 @@ def _optimizer_meta(optimizer: Any) -> dict[str, Any]:
     return meta
 
 
+def _depth_key(
+    name: str, module: nn.Module, depth: int, rank: Mapping[int, int], model: nn.Module, big: int
+) -> tuple[int, int, int]:
+    """Sort key of a layer: its first-call rank; uncalled, the rank of its nearest called ancestor (just
+    after it); else ``big`` (last). Ties keep module order (``depth`` before sorting)."""
+    r = rank.get(id(module))
+    if r is not None:
+        return r, 0, depth
+    while name:
+        name = name.rpartition(".")[0]
+        owner = model.get_submodule(name) if name else model
+        if id(owner) in rank:
+            return rank[id(owner)], 1, depth
+    return big, 0, depth
+
+
 class Monitor:
     """Watch a model's gradients and diagnose vanishing and exploding gradients.
 
@@ -284,6 +302,9 @@ class Monitor:
         dist_timeout: seconds to wait for a collective before raising
             :class:`gradsentry.DistributedError`; None uses the process group's own timeout
             (``init_process_group(timeout=...)``).
+        thresholds: a :class:`gradsentry.Thresholds` used to measure (its saturation bands,
+            ``sigmoid_saturation`` and ``tanh_saturation``, recorded in the header's
+            ``meta["saturation"]``) and by :meth:`diagnose`; the defaults when None.
 
     Raises:
         ValueError: if the model has no parameters, or ``every`` is not an int >= 1, a histogram or
@@ -329,6 +350,7 @@ class Monitor:
         sync_local: bool = True,
         rank_zero_only_sinks: bool = True,
         dist_timeout: float | None = None,
+        thresholds: Thresholds | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradsentry.Monitor expects an nn.Module, got {type(model).__name__}")
@@ -356,6 +378,7 @@ class Monitor:
             raise TypeError(
                 f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {type(on_nonfinite).__name__}"
             )
+        self.thresholds = resolve_thresholds(thresholds, {})
         self.on_nonfinite = on_nonfinite
         self._in_nonfinite = False  # the previous logged step was non-finite ("warn" once per stretch)
         self.every = int(every)
@@ -458,7 +481,9 @@ class Monitor:
             self._seen.append(module)
 
     def _fix_depth(self) -> None:
-        """Sort layers by first forward call; layers never called keep their module order, last."""
+        """Sort layers by first forward call. A layer never called whose parameters its owner uses
+        functionally (``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``) goes
+        right after its nearest called ancestor; other layers never called keep their module order, last."""
         if self._depth_fixed:
             return
         if not self._seen and self._dist is None:  # no forward pass yet: keep watching for the order
@@ -471,7 +496,9 @@ class Monitor:
             self._seen = self._agree_order(self._seen, ctx)
         rank = {id(m): i for i, m in enumerate(self._seen)}
         big = len(self._seen)
-        self._layers.sort(key=lambda L: (rank.get(id(L.module), big), L.info.depth))
+        self._layers.sort(
+            key=lambda L: _depth_key(L.info.name, L.module, L.info.depth, rank, self.model, big)
+        )
         for depth, layer in enumerate(self._layers):
             layer.info.depth = depth
         self._sites.sort(key=lambda s: rank.get(id(s.module), big))
@@ -507,6 +534,10 @@ class Monitor:
         """The JSONL header: schema version, layers, metadata."""
         meta = {"every": self.every, "model": type(self.model).__name__, **self._meta}
         meta.setdefault("activations", [{"name": s.name, "type": s.kind} for s in self._sites])
+        meta.setdefault(
+            "saturation",
+            {"sigmoid": self.thresholds.sigmoid_saturation, "tanh": self.thresholds.tanh_saturation},
+        )
         return RunHeader(layers=self.layers, meta=meta)
 
     @property
@@ -538,7 +569,14 @@ class Monitor:
             t0 = time.perf_counter()
             x = args[0]
             y = output if isinstance(output, Tensor) else None
-            self._pending.acts[site.name] = stats.activation_stats(site.kind, x, y, module)
+            self._pending.acts[site.name] = stats.activation_stats(
+                site.kind,
+                x,
+                y,
+                module,
+                sigmoid_band=self.thresholds.sigmoid_saturation,
+                tanh_band=self.thresholds.tanh_saturation,
+            )
             if self.histogram_bins > 0:
                 self._pending.hists[site.name] = stats.histogram(x, self.histogram_bins, self.histogram_range)
             self._hook_time += time.perf_counter() - t0
@@ -1192,11 +1230,14 @@ class Monitor:
         """Diagnose the records kept so far; see :func:`gradsentry.diagnose` for the rules.
 
         Args:
-            **overrides: threshold overrides, e.g. ``vanishing_ratio=1e-4``.
+            **overrides: threshold overrides on top of the Monitor's ``thresholds``, e.g.
+                ``vanishing_ratio=1e-4``.
         """
         from gradsentry.diagnose import diagnose
 
-        return diagnose(self.records, layers=self.layers, meta=self.header.meta, **overrides)
+        return diagnose(
+            self.records, layers=self.layers, thresholds=self.thresholds, meta=self.header.meta, **overrides
+        )
 
     def close(self, *, write_findings: bool = True) -> None:
         """Remove every hook this Monitor added and close its sinks (idempotent).

@@ -147,8 +147,10 @@ class ActivationStats:
         pre_mean: mean of the activation's input (the pre-activation), same units as the input.
         pre_std: standard deviation of the pre-activation.
         saturated_frac: fraction in [0, 1] of outputs in the saturated region of a bounded
-            activation (sigmoid: output < 0.01 or > 0.99, i.e. ``|x| > 4.6``; tanh: ``|y| > 0.99``),
-            None for unbounded activations.
+            activation, None for unbounded activations. The band is the Monitor's
+            ``Thresholds.sigmoid_saturation`` / ``tanh_saturation`` (recorded in the run header's
+            ``meta["saturation"]``); by default sigmoid output < 0.01 or > 0.99 (``|x| > 4.6``), tanh
+            ``|y| > 0.99``.
         dead_frac: fraction in [0, 1] of units that output 0 for every sample of the batch
             (ReLU family), None otherwise.
         histogram: optional ``{"edges": [...], "counts": [...]}`` of the pre-activation.
@@ -282,7 +284,9 @@ class Finding:
 
     Attributes:
         kind: one of ``vanishing``, ``exploding``, ``nonfinite``, ``saturation``, ``dead_units``,
-            ``stalled_layer``.
+            ``stalled_layer`` (and the series kinds of :mod:`gradsentry.diagnosis.series_rules`);
+            ``gradsentry check`` adds ``gradient_concentration`` (info: the per-block profile of
+            normalized blocks).
         severity: ``info``, ``warning`` or ``error``.
         steps: the logged steps concerned (first is where it starts).
         layers: the layers concerned, most implicated first.

@@ -15,11 +15,34 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-#: Sigmoid saturation: output < 0.01 or > 0.99, i.e. ``|x| > ln(99) ≈ 4.595`` (LeCun et al. 1998,
-#: "Efficient BackProp": the derivative there is < 0.0099, 4% of its maximum 0.25).
+#: Default sigmoid saturation band: output < 0.01 or > 0.99, i.e. ``|x| > ln(99) ≈ 4.595`` (LeCun et
+#: al. 1998, "Efficient BackProp": the derivative there is < 0.0099, 4% of its maximum 0.25). The
+#: documented, overridable threshold is ``gradsentry.Thresholds.sigmoid_saturation`` (same default).
+SIGMOID_SATURATION = 0.01
 SIGMOID_SATURATION_X = math.log(99.0)
-#: Tanh saturation: ``|tanh(x)| > 0.99``, i.e. ``|x| > atanh(0.99) ≈ 2.647`` (derivative < 0.02).
+#: Default tanh/softsign saturation band: ``|y| > 1 - 0.01``, i.e. ``|x| > atanh(0.99) ≈ 2.647`` for
+#: tanh (derivative < 0.02); ``gradsentry.Thresholds.tanh_saturation``.
+TANH_SATURATION = 0.01
 TANH_SATURATION_Y = 0.99
+
+
+def sigmoid_saturation_x(band: float) -> float:
+    """``|x|`` beyond which ``sigmoid(x)`` is within ``band`` of 0 or 1: ``ln((1 - band) / band)``.
+
+    Args:
+        band: distance of the output from its asymptote, in (0, 0.5).
+
+    Raises:
+        ValueError: ``band`` outside (0, 0.5).
+
+    Example:
+        >>> round(sigmoid_saturation_x(0.01), 4)
+        4.5951
+    """
+    if not 0.0 < band < 0.5:
+        raise ValueError(f"a saturation band must be in (0, 0.5), got {band!r}")
+    return math.log((1.0 - band) / band)
+
 
 #: Activations whose saturated fraction is measured, by class name.
 BOUNDED_ACTIVATIONS = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "ReLU6"})
@@ -278,7 +301,15 @@ def layer_max(values: Tensor, index: Tensor, num_layers: int) -> Tensor:
     return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
 
 
-def activation_stats(kind: str, x: Tensor, y: Tensor | None, module: torch.nn.Module | None = None) -> Tensor:
+def activation_stats(
+    kind: str,
+    x: Tensor,
+    y: Tensor | None,
+    module: torch.nn.Module | None = None,
+    *,
+    sigmoid_band: float = SIGMOID_SATURATION,
+    tanh_band: float = TANH_SATURATION,
+) -> Tensor:
     """On-device statistics of one activation call.
 
     Args:
@@ -286,6 +317,8 @@ def activation_stats(kind: str, x: Tensor, y: Tensor | None, module: torch.nn.Mo
         x: its input (the pre-activation), shape ``[B, F]``, ``[B, C, *spatial]`` or ``[B, T, F]``.
         y: its output, same shape (used for tanh/softsign saturation), or None.
         module: the module (for Hardtanh's bounds), optional.
+        sigmoid_band: a sigmoid output below this or above one minus it is saturated (in (0, 0.5)).
+        tanh_band: a tanh/softsign output with ``|y| > 1 - tanh_band`` is saturated (in (0, 0.5)).
 
     Returns:
         float32 ``[4]``: pre-activation mean, pre-activation std, saturated fraction in [0, 1]
@@ -299,14 +332,17 @@ def activation_stats(kind: str, x: Tensor, y: Tensor | None, module: torch.nn.Mo
     std = xf.std() if xf.numel() > 1 else torch.zeros((), device=xf.device)
     sat = nan
     if kind == "Sigmoid":
-        sat = (xf.abs() > SIGMOID_SATURATION_X).float().mean()
+        limit = (
+            SIGMOID_SATURATION_X if sigmoid_band == SIGMOID_SATURATION else sigmoid_saturation_x(sigmoid_band)
+        )
+        sat = (xf.abs() > limit).float().mean()
     elif kind in ("Tanh", "Softsign"):
         yf = (
             y.detach().float()
             if y is not None
             else (torch.tanh(xf) if kind == "Tanh" else xf / (1 + xf.abs()))
         )
-        sat = (yf.abs() > TANH_SATURATION_Y).float().mean()
+        sat = (yf.abs() > 1.0 - tanh_band).float().mean()
     elif kind == "Hardtanh":
         lo = float(getattr(module, "min_val", -1.0))
         hi = float(getattr(module, "max_val", 1.0))

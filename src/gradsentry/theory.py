@@ -290,6 +290,16 @@ class LayerPrediction:
         backward_rms: predicted RMS of dL/dh (per unit) relative to the last layer (= 1).
         weight_grad_rms: predicted RMS of dL/dW relative to the last layer (= 1): backward RMS times the
             RMS of the layer's input; correlations between the samples of a batch are ignored.
+        input_rms: predicted RMS of the layer's input (``sqrt`` of the second moment that feeds it), in the
+            input's units.
+        n_weight: weight entries of the layer.
+        n_bias: bias entries (0 without bias).
+        grad_rms: predicted RMS of the layer's *whole* per-example gradient (weight and bias entries
+            together), relative to the last layer's (= 1): ``backward_rms * sqrt((n_weight * input_rms^2 +
+            n_bias) / (n_weight + n_bias))``, since a bias entry's gradient is the backward signal itself and
+            a weight entry's is the backward signal times the input. This is what ``gradsentry check``
+            measures per example; where the input shrinks with depth (ReLU with Xavier init) the bias
+            entries dominate and this profile falls while ``weight_grad_rms`` stays flat.
     """
 
     name: str
@@ -305,6 +315,10 @@ class LayerPrediction:
     chi: float | None = None
     backward_rms: float = 1.0
     weight_grad_rms: float = 1.0
+    input_rms: float = 1.0
+    n_weight: int = 0
+    n_bias: int = 0
+    grad_rms: float = 1.0
 
 
 @dataclass
@@ -482,6 +496,9 @@ def predict(
             )
         )
         pred.layers[-1].weight_grad_rms = math.sqrt(m2)  # input RMS, multiplied by backward RMS below
+        pred.layers[-1].input_rms = math.sqrt(m2)
+        pred.layers[-1].n_weight = int(mod.weight.numel())  # type: ignore[operator]
+        pred.layers[-1].n_bias = int(b.numel()) if isinstance(b, torch.Tensor) else 0
         m2 = act_m2
     back2 = 1.0
     inputs_rms = [lp.weight_grad_rms for lp in pred.layers]
@@ -493,4 +510,17 @@ def predict(
             back2 *= lp.chi
         lp.backward_rms = math.sqrt(back2)
         lp.weight_grad_rms = lp.backward_rms * inputs_rms[i] / inputs_rms[-1]
+        lp.grad_rms = lp.backward_rms * _mix(lp)
+    last = _mix(pred.layers[-1])
+    for lp in pred.layers:
+        lp.grad_rms /= last
     return pred
+
+
+def _mix(lp: LayerPrediction) -> float:
+    """RMS over a layer's weight and bias entries of (input RMS, 1): the per-entry gradient scale for a unit
+    backward signal (weight entries: the input; bias entries: 1)."""
+    n = lp.n_weight + lp.n_bias
+    if n == 0:
+        return lp.input_rms
+    return math.sqrt((lp.n_weight * lp.input_rms**2 + lp.n_bias) / n)

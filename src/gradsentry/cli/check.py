@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         fix: str | None = typer.Option(
             None,
             "--fix",
-            help="he | xavier | lsuv: re-initialise, then check again and show the table after the fix",
+            help="he | xavier | xavier_gain | lsuv: re-initialise (xavier: Glorot & Bengio's gain-1 uniform init; xavier_gain: times the activation's gain), then check again and show the table after the fix",
         ),
     ) -> None:
         """One forward and backward pass at init: per-layer gradient table, mean-field prediction, findings.
@@ -174,6 +174,7 @@ def _print_report(report: CheckReport, console: Console, target: str) -> None:
         "params",
         "grad norm",
         "grad RMS",
+        "per-example",
         "predicted",
         "|g|/|w|",
         "activation",
@@ -190,6 +191,7 @@ def _print_report(report: CheckReport, console: Console, target: str) -> None:
             str(r.params),
             _num(r.grad_norm) if r.has_grad else "no grad",
             _num(r.grad_rms) if r.has_grad else "no grad",
+            _num(r.example_rms),
             _num(r.predicted_rms),
             _num(r.rel_grad),
             r.activation or "",
@@ -197,17 +199,38 @@ def _print_report(report: CheckReport, console: Console, target: str) -> None:
             _num(r.dead_frac, pct=True),
         )
     console.print(table)
+    head = f" over the hidden layers (head {report.head} left out)" if report.head is not None else ""
     console.print(
-        f"first/last layer gradient RMS ratio: {_num(report.first_last_ratio)}; log10 RMS slope: "
+        f"first/last layer gradient RMS ratio: {_num(report.first_last_ratio)}; log10 RMS slope{head}: "
         f"{_num(report.log_slope)} decades per layer (positive: shrinks towards the input)",
         highlight=False,
         markup=False,
     )
+    if report.theory_max_dev is not None:
+        console.print(
+            Text(
+                "mean-field prediction of the per-example gradient (weights and biases, anchored at the last "
+                f"layer): within {report.theory_max_dev:.2f} decades of the measurement on every layer; the "
+                "batch gradient (grad RMS) also carries the correlations between examples",
+                style="dim",
+            )
+        )
     if report.theory is not None:
         console.print(Text(f"mean-field prediction: {report.theory}", style="dim"))
+    if report.blocks is not None:
+        b = report.blocks
+        where = f", {b.norm_placement}-LN" if b.norm_placement else ""
+        console.print(
+            f"{b.blocks} repeated blocks in {b.container}{where}: last/first block gradient norm "
+            f"{_num(b.ratio)} (median over roles)",
+            highlight=False,
+            markup=False,
+        )
     if not report.findings:
         console.print(Text("healthy: no finding", style="bold green"))
-    colours = {"error": "red", "warning": "yellow", "info": "dim"}
+    elif all(f.severity == "info" for f in report.findings):
+        console.print(Text("healthy: no problem found (information below)", style="bold green"))
+    colours = {"error": "red", "warning": "yellow", "info": "cyan"}
     for f in report.findings:
         console.print(
             Text.assemble(

@@ -51,6 +51,18 @@ def remedy_context(meta: Mapping[str, Any] | None) -> RemedyContext:
     )
 
 
+def _saturation_band(meta: Mapping[str, Any] | None) -> dict[str, float]:
+    """The saturation bands a run's fractions were measured with (``meta["saturation"]``), if recorded."""
+    band = (meta or {}).get("saturation")
+    if not isinstance(band, Mapping):
+        return {}
+    return {
+        k: float(v)
+        for k, v in band.items()
+        if k in ("sigmoid", "tanh") and isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 0.5
+    }
+
+
 def _skipped(rec: StepRecord) -> bool:
     return any(isinstance(a, Mapping) and a.get("skipped") is True for a in rec.actions)
 
@@ -189,6 +201,7 @@ def diagnose(
         activation_types={a.type for r in recs for a in r.activations if isinstance(a, ActivationStats)},
         nonfinite_idx=[i for i, r in enumerate(recs) if _step_bad(r)],
         remedy=remedy_context(meta),
+        saturation_band=_saturation_band(meta),
     )
     sig = signals_from_records(recs, meta)
     c = RuleContext(t, lctx.advice_context())

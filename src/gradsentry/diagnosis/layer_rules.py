@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gradsentry.diagnosis.signals import MAD_TO_SIGMA
+import numpy as np
+
+from gradsentry.diagnosis.signals import MAD_TO_SIGMA, rolling_median
 from gradsentry.diagnosis.thresholds import Thresholds
 from gradsentry.records import Finding, LayerStats, StepRecord
 from gradsentry.remedies_catalog import (
@@ -67,6 +69,9 @@ class LayerContext:
     activation_types: set[str]
     nonfinite_idx: list[int] = field(default_factory=list)
     remedy: RemedyContext = field(default_factory=RemedyContext)
+    saturation_band: dict[str, float] = field(default_factory=dict)
+    """The bands the saturated fractions were measured with (the run header's ``meta["saturation"]``);
+    empty: the thresholds' own."""
 
     def layer_depth(self, layer: LayerStats) -> int:
         return self.depth.get(layer.name, layer.depth)
@@ -174,6 +179,111 @@ def _vanishing(ctx: LayerContext) -> Finding | None:
     return Finding("vanishing", severity, flagged, implicated, evidence, explanation, remedies)
 
 
+def _forward_std_ratio(rec: StepRecord) -> tuple[float, str, str] | None:
+    """Last over first watched activation's pre-activation std on one record (forward order), with their
+    names; None when fewer than two activations have a finite std > 0."""
+    acts = sorted((a for a in rec.activations if _finite(a.pre_std) and a.pre_std > 0), key=lambda a: a.depth)
+    if len(acts) < 2:
+        return None
+    return acts[-1].pre_std / acts[0].pre_std, acts[0].name, acts[-1].name
+
+
+def _first_last_ratio(ctx: LayerContext, rec: StepRecord) -> tuple[float, list[LayerStats]] | None:
+    pairs = sorted(
+        ((ctx.layer_depth(layer), layer) for layer in rec.layers if _usable_grad(layer)), key=_first
+    )
+    if len(pairs) < 2 or pairs[0][0] == pairs[-1][0]:
+        return None
+    usable = [layer for _, layer in pairs]
+    return usable[0].grad_rms / usable[-1].grad_rms, usable
+
+
+def _stalled_at_init(ctx: LayerContext) -> Finding | None:
+    """Vanishing at the first logged step (first/last gradient RMS or the forward signal) and a loss that
+    never fell by more than ``stall_loss_gain``: the run stalled at init (He et al. 2015, Fig. 3)."""
+    t = ctx.t
+    recs = [r for r in ctx.records if r.loss is not None and math.isfinite(r.loss)]
+    if len(recs) < t.stall_min_points:
+        return None
+    first = ctx.records[0]
+    grad = _first_last_ratio(ctx, first)
+    fwd = _forward_std_ratio(first)
+    by_grad = grad is not None and grad[0] < t.vanishing_ratio
+    by_fwd = fwd is not None and fwd[0] < t.forward_collapse_ratio
+    if not (by_grad or by_fwd):
+        return None
+    loss = np.array([float(r.loss) for r in recs])  # type: ignore[arg-type]
+    start = float(np.median(loss[: min(3, loss.size)]))
+    best = float(rolling_median(loss, t.smooth_window).min())
+    if start <= 0 or best < (1.0 - t.stall_loss_gain) * start:
+        return None
+    level = float(np.median(loss[-max(1, loss.size // 3) :]))
+    classes = round(math.exp(level)) if level < 20 else 0
+    chance = classes >= 2 and abs(level - math.log(classes)) <= 0.01 * math.log(classes)
+    last = _first_last_ratio(ctx, ctx.records[-1])
+    last_fwd = _forward_std_ratio(ctx.records[-1])
+    implicated: list[str] = []
+    if grad is not None:
+        usable = grad[1]
+        top = usable[-1].grad_rms
+        implicated = [layer.name for layer in usable if layer.grad_rms / top < t.vanishing_ratio]
+        implicated = implicated or [usable[0].name]
+    evidence: dict[str, Any] = {
+        "pattern": "stalled_init",
+        "first_step": first.step,
+        "first_last_rms_ratio_init": grad[0] if grad is not None else None,
+        "first_last_rms_ratio_last_step": last[0] if last is not None else None,
+        "forward_std_ratio_init": fwd[0] if fwd is not None else None,
+        "forward_std_ratio_last_step": last_fwd[0] if last_fwd is not None else None,
+        "first_activation": fwd[1] if fwd is not None else None,
+        "last_activation": fwd[2] if fwd is not None else None,
+        "loss_start": start,
+        "loss_best": best,
+        "loss_end": level,
+        "loss_gain": 1.0 - best / start,
+        "points": int(loss.size),
+        "threshold": t.vanishing_ratio,
+        "forward_threshold": t.forward_collapse_ratio,
+        "loss_gain_threshold": t.stall_loss_gain,
+    }
+    if chance:
+        evidence["chance_level_classes"] = classes
+    parts = []
+    if by_grad and grad is not None:
+        parts.append(
+            f"the gradient reaching the first layer ({grad[1][0].name or '<root>'}) was {grad[0]:.2e} times "
+            f"the last layer's ({grad[1][-1].name or '<root>'}), under {t.vanishing_ratio:g}"
+        )
+    if by_fwd and fwd is not None:
+        parts.append(
+            f"the forward signal collapsed: the pre-activation std of {fwd[2]} was {fwd[0]:.2e} times that of "
+            f"{fwd[1]}, under {t.forward_collapse_ratio:g}"
+        )
+    later = ""
+    if last is not None and last[0] >= t.vanishing_ratio:
+        later = (
+            f" Later steps drift above the threshold (first/last ratio {last[0]:.2e} at step "
+            f"{ctx.records[-1].step}), but the loss shows that the early layers never learned."
+        )
+    chance_text = (
+        f" {level:.4g} is ln({classes}), the cross-entropy of guessing among {classes} classes."
+        if chance
+        else ""
+    )
+    explanation = (
+        f"At the first logged step (step {first.step}) "
+        + "; and ".join(parts)
+        + ". The loss then never fell "
+        f"by more than {t.stall_loss_gain:.0%} of its start over {loss.size} logged points (start {start:.4g}, "
+        f"best {best:.4g}, end {level:.4g}).{chance_text} The network stalled at init: a deep net whose "
+        "init shrinks the signal at every layer (He et al. 2015: a 30-layer ReLU net with Xavier init does "
+        f"not learn; Glorot & Bengio 2010 for sigmoid nets).{later}"
+    )
+    severity = "error"
+    remedies = remedies_for("vanishing", ctx.advice_context())
+    return Finding("vanishing", severity, [first.step], implicated, evidence, explanation, remedies)
+
+
 def _update_ratio(ctx: LayerContext) -> Finding | None:
     """A layer's update-to-weight ratio above ``update_ratio_max`` on most of its logged steps, or above
     ``update_ratio_any_step`` on any one."""
@@ -269,14 +379,26 @@ def _activation_rule(ctx: LayerContext, kind: str, attr: str, limit: float) -> F
     }
     label = _fmt_names(ranked)
     if kind == "saturation":
+        band = {
+            "sigmoid": float(ctx.saturation_band.get("sigmoid", ctx.t.sigmoid_saturation)),
+            "tanh": float(ctx.saturation_band.get("tanh", ctx.t.tanh_saturation)),
+        }
+        evidence["band"] = band
+        kind_top = types.get(top, "bounded")
+        where = (
+            f"outputs below {band['sigmoid']:g} or above {1 - band['sigmoid']:g}"
+            if kind_top == "Sigmoid"
+            else f"|output| above {1 - band['tanh']:g}"
+            if kind_top in ("Tanh", "Softsign")
+            else "the flat region of the activation"
+        )
         explanation = (
             f"In {label} more than {limit:.0%} of the outputs sit in the flat region of the activation on "
-            "most "
-            f"logged steps (median {flagged[top]:.0%} in {top or '<root>'}, a {types.get(top, 'bounded')} "
-            "activation). There the derivative is close to zero, so almost no gradient flows back through "
-            "these "
-            "units; pre-activations are too large, usually from the initialization scale or a high learning "
-            "rate."
+            f"most logged steps (median {flagged[top]:.0%} in {top or '<root>'}, a {kind_top} activation: "
+            f"{where}). There the derivative is close to zero, so almost no gradient flows back through "
+            "these units; pre-activations are too large, usually from the initialization scale or a high "
+            "learning rate, or the layer was pushed to an asymptote early in training (Glorot & Bengio "
+            "2010)."
         )
     else:
         explanation = (
@@ -448,10 +570,12 @@ def attribute(findings: list[Finding], ctx: LayerContext) -> None:
 
 
 def layer_findings(ctx: LayerContext) -> list[Finding]:
-    """Every per-layer rule (vanishing by depth, update ratio, saturation, dead units, stalled layers)."""
+    """Every per-layer rule (vanishing by depth or stalled at init, update ratio, saturation, dead units,
+    stalled layers)."""
     t = ctx.t
+    stalled = _stalled_at_init(ctx)  # the more specific verdict when the loss shows the stall
     found = [
-        _vanishing(ctx),
+        stalled if stalled is not None else _vanishing(ctx),
         _update_ratio(ctx),
         _activation_rule(ctx, "saturation", "saturated_frac", t.saturated_frac),
         _activation_rule(ctx, "dead_units", "dead_frac", t.dead_frac),

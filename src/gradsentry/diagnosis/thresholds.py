@@ -25,7 +25,17 @@ _COUNTS = (
     "skipped_min_run",
     "max_listed",
 )
-_FRACTIONS = ("sustained_fraction", "saturated_frac", "dead_frac", "flat_loss_rel", "converged_loss_frac")
+_FRACTIONS = (
+    "sustained_fraction",
+    "saturated_frac",
+    "dead_frac",
+    "flat_loss_rel",
+    "converged_loss_frac",
+    "sigmoid_saturation",
+    "tanh_saturation",
+    "stall_loss_gain",
+)
+_BANDS = ("sigmoid_saturation", "tanh_saturation")
 _FACTORS = (
     "spike_min_factor",
     "spike_error_factor",
@@ -120,10 +130,33 @@ class Thresholds:
             as large as the weights themselves).
         saturated_frac: fraction of a bounded activation's outputs in its flat region above which the layer
             is saturated. Source: gradsentry's specification ("> 50 % of a layer's units").
+        sigmoid_saturation: the saturation band of the sigmoid: an output below this value or above one
+            minus it is in the flat region (dimensionless, in (0, 0.5)). Default 0.01 (output < 0.01 or
+            > 0.99, ``|x| > ln 99 = 4.6``, derivative < 0.0099, 4 % of its maximum; LeCun et al. 1998,
+            "Efficient BackProp"). Glorot & Bengio 2010 (Fig. 2) call a top hidden layer stuck near 0.02
+            saturated: ``sigmoid_saturation=0.05`` (derivative < 0.048, 19 % of its maximum) counts it.
+            The band applies where fractions are *measured*: give it to the Monitor
+            (``Monitor(model, thresholds=Thresholds(sigmoid_saturation=0.05))``) or to ``check_model``;
+            the records keep the measured fractions and the run header the band
+            (``meta["saturation"]``), so overriding it in a later ``diagnose`` cannot re-measure them.
+        tanh_saturation: the same for tanh and softsign: ``|y| > 1 - tanh_saturation`` is saturated.
+            Default 0.01 (``|tanh(x)| > 0.99``, ``|x| > 2.65``, derivative < 0.02).
         dead_frac: fraction of a ReLU-family activation's units zero on the whole batch above which the
             layer has dead units. Source: gradsentry's specification.
         stalled_ratio: update-to-weight ratio below which a layer is not learning (1000x below 1e-3).
         stalled_gap: the model's median update-to-weight ratio must be at least this many times the layer's.
+        forward_collapse_ratio: the last watched activation's pre-activation standard deviation divided by
+            the first's below which the forward signal has collapsed (dimensionless). He et al. 2015
+            (arXiv:1502.01852, sec. 2.2): with ``n Var[w] = 1`` ("Xavier") each ReLU layer halves the second
+            moment, so 30 layers shrink the std by 2^-15 ~ 3e-5 and the net stalls; He init keeps it ~1. The
+            mirror of ``vanishing_ratio`` (1e-3) on the forward pass.
+        stall_loss_gain: a run whose first logged step shows vanishing (first/last-layer gradient RMS
+            under ``vanishing_ratio``) or a collapsed forward signal (``forward_collapse_ratio``), and whose
+            loss never fell by more than this fraction of its start, stalled at init (a ``vanishing``
+            finding, pattern ``stalled_init``), even when later steps drift above the thresholds: He et
+            al.'s 30-layer Xavier ReLU net ends at 14-22 % accuracy on digits with the loss within 2 % of
+            ln 10 while its first/last ratio rises from 2e-4 to 2e-2. 0.1: a healthy run's loss falls far
+            more than 10 % (the lab's runs: > 90 %).
 
     Raises:
         ValueError: from the constructor (and :meth:`replace`) on a non-finite, non-positive or otherwise
@@ -163,6 +196,10 @@ class Thresholds:
     dead_frac: float = 0.5
     stalled_ratio: float = 1e-6
     stalled_gap: float = 1e3
+    sigmoid_saturation: float = 0.01
+    tanh_saturation: float = 0.01
+    forward_collapse_ratio: float = 1e-3
+    stall_loss_gain: float = 0.1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -184,6 +221,12 @@ class Thresholds:
         for name in _FACTORS:
             if getattr(self, name) <= 1:
                 raise ValueError(f"threshold {name} is a factor and must be > 1, got {getattr(self, name)!r}")
+        for name in _BANDS:
+            if getattr(self, name) >= 0.5:
+                raise ValueError(
+                    f"threshold {name} is the distance of a saturated output from its asymptote and must be "
+                    f"< 0.5, got {getattr(self, name)!r}"
+                )
         if self.vanishing_error_ratio > self.vanishing_ratio:
             raise ValueError(
                 f"vanishing_error_ratio ({self.vanishing_error_ratio!r}) must not exceed vanishing_ratio "

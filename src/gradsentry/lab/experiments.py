@@ -166,8 +166,8 @@ class LabConfig:
         log_every: the Monitor logs every ``log_every``-th step after the first :data:`DENSE_START`
             steps, which it logs all.
         oversized_gain: factor on the He standard deviation for the exploding variants (dimensionless).
-        clip_norm: ``max_norm`` of global-norm clipping, same units as the gradient; also the ZClip
-            warm-up cap.
+        clip_norm: ``max_norm`` of global-norm clipping, same units as the gradient; also ZClip's
+            ``max_grad_norm``, its cap during warm-up and (``cap_after_warmup=True``) its ceiling after.
         agc_clip_factor: AGC's λ, the largest ratio of unit gradient norm to unit weight norm.
         weight_decay: L2 weight decay of the ``exploding_wd`` variant.
         hist_bins: bins of the pre-activation histograms.
@@ -305,7 +305,7 @@ def build_remedy(variant: Variant, config: LabConfig, model: DeepMLP) -> Any:
     if variant.remedy == "agc":
         return remedies.AGC(config.agc_clip_factor, exclude=model.head)
     if variant.remedy == "zclip":
-        return remedies.ZClip(max_grad_norm=config.clip_norm)
+        return remedies.ZClip(max_grad_norm=config.clip_norm, cap_after_warmup=True)
     raise ValueError(f"unknown remedy {variant.remedy!r}")
 
 

@@ -120,8 +120,9 @@ class AutoClip:
 class ZClip:
     """Z-score spike clipping of the global L2 norm with EMA statistics (ZClip).
 
-    For ``warmup_steps`` calls the global norms are collected (and clipped to ``max_grad_norm`` if
-    set); then the mean μ and variance σ² are initialised from them and updated each step with
+    For ``warmup_steps`` calls the global norms are collected and the gradient is clipped to
+    ``max_grad_norm`` (1.0 by default, as in the reference implementation: without it the warm-up steps
+    are unprotected, and a vanilla tanh RNN, Pascanu et al.'s case, reaches NaN inside them); then the mean μ and variance σ² are initialised from them and updated each step with
     ``μ ← αμ + (1-α)x``, ``σ² ← ασ² + (1-α)(x-μ)²`` (new μ). With ``z = (g - μ)/(σ + eps)`` and
     ``z > z_thresh``, the norm g is clipped to ``μ + z_thresh·σ / (z / z_thresh)`` times
     ``clip_factor`` (``clip_option="adaptive_scaling"``) or to μ (``"mean"``); ``mode="percentile"``
@@ -133,8 +134,11 @@ class ZClip:
         alpha: EMA smoothing factor in (0, 1).
         z_thresh: z-score threshold (> 0).
         warmup_steps: number of calls used to initialise the statistics (>= 1).
-        max_grad_norm: optional fixed cap applied during warm-up and on top of the adaptive
-            threshold (the reference code defaults to 1.0; here None, i.e. purely adaptive).
+        max_grad_norm: the global-norm cap during warm-up (same units as the gradient; the reference
+            implementation's default 1.0). None: no clipping at all during warm-up.
+        cap_after_warmup: also keep ``max_grad_norm`` as a ceiling on top of the adaptive threshold after
+            warm-up (a gradsentry addition; the reference caps during warm-up only). A z-score follows a
+            *sustained* explosion (the EMA adapts to it), so only a fixed ceiling bounds every step then.
         eps: added to σ in the z-score.
         mode: ``"zscore"`` or ``"percentile"``.
         clip_option: ``"adaptive_scaling"`` or ``"mean"`` (z-score mode only).
@@ -154,7 +158,8 @@ class ZClip:
         z_thresh: float = 2.5,
         warmup_steps: int = 25,
         *,
-        max_grad_norm: float | None = None,
+        max_grad_norm: float | None = 1.0,
+        cap_after_warmup: bool = False,
         eps: float = 1e-6,
         mode: Literal["zscore", "percentile"] = "zscore",
         clip_option: Literal["adaptive_scaling", "mean"] = "adaptive_scaling",
@@ -173,6 +178,7 @@ class ZClip:
         self.z_thresh = check_positive("z_thresh", z_thresh)
         self.warmup_steps = int(warmup_steps)
         self.max_grad_norm = None if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
+        self.cap_after_warmup = bool(cap_after_warmup)
         self.eps = check_positive("eps", eps, allow_zero=True)
         self.mode = mode
         self.clip_option = clip_option
@@ -184,7 +190,10 @@ class ZClip:
         self._var: Tensor | None = None
 
     def __repr__(self) -> str:
-        return f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps})"
+        return (
+            f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps}, "
+            f"max_grad_norm={self.max_grad_norm})"
+        )
 
     @property
     def initialized(self) -> bool:
@@ -203,6 +212,7 @@ class ZClip:
         finite = torch.isfinite(x)
         self.count += 1
         spike: Tensor | bool = False
+        warming = self._mean is None or self._var is None
         if self._mean is None or self._var is None:
             if self._warm is None or self._warm.device != x.device:
                 warm = torch.full((self.warmup_steps,), float("nan"), dtype=torch.float64, device=x.device)
@@ -241,7 +251,7 @@ class ZClip:
             new_var = torch.where(known, new_var, 0.0)
             self._mean = torch.where(update, new_mean, mean)
             self._var = torch.where(update, new_var, var)
-        if self.max_grad_norm is not None:
+        if self.max_grad_norm is not None and (warming or self.cap_after_warmup):
             threshold = torch.clamp(threshold, max=self.max_grad_norm)
         active = finite & (x > threshold)
         coef = torch.where(active, threshold / (x + _EPS), 1.0).to(total.dtype)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from gradsentry import _dist
+from gradsentry import _dist, stats
 from gradsentry.remedies.base import (
     RemedyResult,
     check_positive,
@@ -285,12 +285,19 @@ def unitwise_norm(x: Tensor) -> Tensor:
 
     A unit is one output row of a weight: for ``x`` of shape [O, ...] (Linear [O, I], Conv [O, I, kH,
     kW]) the norm is taken over every dimension but the first, giving shape [O, 1, ...]. Scalars and
-    1-D tensors (biases, norm gains) are treated element-wise (each entry is its own unit), as in the
-    NFNet reference code.
+    1-D tensors (biases, norm gains) are one unit each: their norm is the norm of the whole tensor (0-d),
+    as in the NFNet reference code (``unitwise_norm``: ``axis=None`` for vectors; Brock et al. 2021,
+    arXiv:2102.06171) and timm (``timm.utils.agc.unitwise_norm``: ``x.norm()`` for ``ndim <= 1``).
+
+    Args:
+        x: a parameter or gradient of any shape, any float dtype (fp16/bf16 are upcast).
+
+    Returns:
+        float32 ``[O, 1, ..., 1]`` for ``x.ndim >= 2``, a 0-d tensor otherwise; same units as ``x``.
     """
-    if x.ndim <= 1:
-        return x.abs().to(torch.float32)
     kwargs = {"dtype": torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {}
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x, **kwargs).float()
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, **kwargs).float()
 
 
@@ -303,9 +310,12 @@ AGC_SHARD_MSG = (
 class AGC:
     """Unit-wise adaptive gradient clipping (AGC).
 
-    For every unit i (output row) of every weight W with gradient G (eq. 3 of Brock et al.):
+    For every unit i of every parameter W with gradient G (eq. 3 of Brock et al.):
     ``G_i ← λ · max(‖W_i‖, ε) / ‖G_i‖ · G_i`` if ``‖G_i‖ / max(‖W_i‖, ε) > λ``, else unchanged.
-    Norms are Frobenius norms over the unit (see :func:`unitwise_norm`), computed in float32.
+    A unit is an output row of a weight with two or more dimensions (Linear [O, I], Conv [O, I, k...]) and
+    the *whole* tensor for a bias or norm gain (1-D) or a scalar, as in the NFNet reference code and
+    timm's ``adaptive_clip_grad``; norms are Frobenius norms over the unit (see :func:`unitwise_norm`),
+    computed in float32.
     Brock et al. do not clip the final classifier layer: pass it as ``exclude`` (e.g.
     ``AGC(exclude=model.fc)``). No host sync (``torch.where``-style scaling).
 
@@ -348,17 +358,35 @@ class AGC:
         ps, grads = grads_of(params)
         if not grads:
             return RemedyResult("AGC", threshold=self.clip_factor)
-        flags: list[Tensor] = []
         sharded = any(_dist.is_dtensor(g) for g in grads)  # FSDP2: each rank clips its whole rows
-        for p, g in zip(ps, grads, strict=True):
+        vectors = [
+            i
+            for i, (p, g) in enumerate(zip(ps, grads, strict=True))
+            if id(p) not in self._exclude and g.ndim <= 1
+        ]
+        vec_norms: dict[int, tuple[Tensor, Tensor]] = {}
+        if vectors:  # a bias is one unit: the norm of the whole vector, over every rank's shard
+            both = [ps[i].detach() for i in vectors] + [grads[i] for i in vectors]
+            norms_v = (
+                _dist.global_per_tensor_norms(both)
+                if sharded
+                else stats.foreach_norms([_dist.local(t) for t in both])
+            )
+            k = len(vectors)
+            vec_norms = {i: (norms_v[j], norms_v[k + j]) for j, i in enumerate(vectors)}
+        flags: list[Tensor] = []
+        for i, (p, g) in enumerate(zip(ps, grads, strict=True)):
             if id(p) in self._exclude:
                 flags.append(torch.zeros((), dtype=torch.bool, device=_dist.local(g).device))
                 continue
             if not (_dist.whole_rows(p) and _dist.whole_rows(g)):
                 raise ValueError(AGC_SHARD_MSG)
+            if i in vec_norms:
+                w_norm, g_norm = (t.to(_dist.local(g).device) for t in vec_norms[i])
+            else:
+                w_norm, g_norm = unitwise_norm(_dist.local(p.detach())), unitwise_norm(_dist.local(g))
             g = _dist.local(g)
-            max_norm = unitwise_norm(_dist.local(p.detach())).clamp_min(self.eps) * self.clip_factor
-            g_norm = unitwise_norm(g)
+            max_norm = w_norm.clamp_min(self.eps) * self.clip_factor
             trigger = g_norm > max_norm
             g.mul_(torch.where(trigger, max_norm / g_norm.clamp_min(_EPS), 1.0))
             flags.append(trigger.any())

@@ -1,8 +1,19 @@
 """Init fixes: He/Xavier re-initialisation with per-layer gains, and LSUV.
 
-* :func:`reinit` re-draws every Linear/Conv weight with He (Kaiming, He et al. 2015, arXiv:1502.01852) or
-  Xavier (Glorot & Bengio 2010) normal init, choosing each layer's gain
-  (:func:`torch.nn.init.calculate_gain`) from the activation module that *follows* it, and zeroes biases.
+* :func:`reinit` re-draws every Linear/Conv weight and zeroes biases, with one of three schemes:
+
+  - ``"he"``: He et al. 2015 (arXiv:1502.01852), normal, ``std = gain / sqrt(fan_in)`` with the gain
+    (:func:`torch.nn.init.calculate_gain`) of the activation module that *follows* the layer (sqrt 2 for
+    ReLU);
+  - ``"xavier"``: Glorot & Bengio 2010's normalized initialization (their eq. 16), exactly as the paper
+    defines it: uniform on ``[-a, a]``, ``a = sqrt(6 / (fan_in + fan_out))``, i.e. variance
+    ``2 / (fan_in + fan_out)``, *whatever the activation* (gain 1). This is the init the paper
+    studies for tanh and softsign networks and the "Xavier" baseline of He et al. 2015 (variance
+    ``1 / n`` for square layers), which stalls a 30-layer ReLU net;
+  - ``"xavier_gain"``: Xavier's variance times the following activation's gain squared, normal (PyTorch's
+    recipe ``xavier_normal_(w, gain=calculate_gain(act))``: 5/3 for tanh, sqrt 2 for ReLU, where it
+    equals He init for square layers). It is not Glorot's init: for tanh it puts the network at the
+    mean-field gain chi ~ 1.2 per layer (the ordered/chaotic edge on the chaotic side, Poole et al. 2016).
 * :func:`lsuv` is layer-sequential unit-variance init (Mishkin & Matas 2016, "All you need is a good init",
   arXiv:1511.06422): orthonormal weights (Saxe et al. 2014), then, layer by layer in forward order, the
   weights are rescaled until the layer's output variance on a real batch is 1 within ``tol``.
@@ -29,7 +40,9 @@ from gradsentry.theory import LINEAR_TYPES, NEUTRAL_TYPES, trace_forward
 
 logger = logging.getLogger("gradsentry")
 
-Scheme = Literal["he", "xavier"]
+Scheme = Literal["he", "xavier", "xavier_gain"]
+SCHEMES: tuple[str, ...] = ("he", "xavier", "xavier_gain")
+"""The schemes :func:`reinit` accepts (see the module docstring)."""
 _SKIPPED_TYPES: tuple[type[nn.Module], ...] = (
     *NEUTRAL_TYPES,
     nn.Dropout,
@@ -117,19 +130,23 @@ class ReinitLayer:
 
 
 def reinit(model: nn.Module, scheme: Scheme = "he", *, example_input: Any | None = None) -> list[ReinitLayer]:
-    """Re-initialise every Linear/Conv layer in place with He or Xavier normal init; zero the biases.
+    """Re-initialise every Linear/Conv layer in place; zero the biases.
 
-    He: ``std = gain / sqrt(fan_in)``; Xavier: ``std = gain * sqrt(2 / (fan_in + fan_out))``; ``gain`` is
-    :func:`torch.nn.init.calculate_gain` for the activation that follows the layer (sqrt 2 for ReLU, 5/3
-    for tanh, 1 for sigmoid and for no activation).
+    ``"he"``: normal, ``std = gain / sqrt(fan_in)``, ``gain`` = :func:`torch.nn.init.calculate_gain` of the
+    activation that follows the layer (sqrt 2 for ReLU, 5/3 for tanh, 1 for sigmoid and for no activation).
+    ``"xavier"``: Glorot & Bengio's uniform ``U[-a, a]``, ``a = sqrt(6 / (fan_in + fan_out))`` (std
+    ``sqrt(2 / (fan_in + fan_out))``), gain 1 for every activation, as in the paper. ``"xavier_gain"``: normal,
+    ``std = gain * sqrt(2 / (fan_in + fan_out))`` with the activation's gain (PyTorch's recipe).
 
     Args:
         model: the model (changed in place).
-        scheme: ``"he"`` (He et al. 2015, arXiv:1502.01852) or ``"xavier"`` (Glorot & Bengio 2010).
+        scheme: ``"he"`` (He et al. 2015, arXiv:1502.01852), ``"xavier"`` (Glorot & Bengio 2010, eq. 16) or
+            ``"xavier_gain"`` (Xavier scaled by the activation's gain); see the module docstring.
         example_input: optional batch used to trace forward order (see the module docstring).
 
     Returns:
-        One :class:`ReinitLayer` per re-initialised layer, in order.
+        One :class:`ReinitLayer` per re-initialised layer, in order; ``gain`` is the gain actually used (1 for
+        every layer under ``"xavier"``) and ``std`` the standard deviation of the distribution drawn from.
 
     Raises:
         ValueError: on an unknown scheme.
@@ -138,18 +155,27 @@ def reinit(model: nn.Module, scheme: Scheme = "he", *, example_input: Any | None
         >>> m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> [(r.nonlinearity, round(r.gain, 3)) for r in reinit(m, "he")]
         [('relu', 1.414), ('linear', 1.0)]
+        >>> [round(r.gain, 3) for r in reinit(m, "xavier")]
+        [1.0, 1.0]
     """
-    if scheme not in ("he", "xavier"):
-        raise ValueError(f"unknown init scheme {scheme!r}; valid: 'he', 'xavier'")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(repr(s) for s in SCHEMES)}")
     report = []
     for name, mod, act in layers_with_activations(model, example_input):
         weight: torch.Tensor = mod.weight  # type: ignore[assignment]
         nonlin, slope = _gain_for(act)
-        gain = nn.init.calculate_gain(nonlin, slope if nonlin == "leaky_relu" else None)  # type: ignore[arg-type]
+        gain = (
+            1.0
+            if scheme == "xavier"
+            else nn.init.calculate_gain(nonlin, slope if nonlin == "leaky_relu" else None)  # type: ignore[arg-type]
+        )
         fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
         std = gain / math.sqrt(fan_in) if scheme == "he" else gain * math.sqrt(2.0 / (fan_in + fan_out))
         with torch.no_grad():
-            weight.normal_(0.0, std)
+            if scheme == "xavier":
+                weight.uniform_(-math.sqrt(3.0) * std, math.sqrt(3.0) * std)
+            else:
+                weight.normal_(0.0, std)
             bias = getattr(mod, "bias", None)
             if isinstance(bias, torch.Tensor):
                 bias.zero_()
