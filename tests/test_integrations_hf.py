@@ -107,7 +107,8 @@ def test_pre_clip_norm_equals_trainer_grad_norm(tmp_path, ga):
 
     recs = cb.monitor.records
     assert cb.mode == "backward"
-    assert [r.step for r in recs] == [0, 1, 2]  # once per optimizer step, not per micro-batch
+    # once per optimizer step, not per micro-batch, labelled as the Trainer labels it in its log
+    assert [r.step for r in recs] == [1, 2, 3]
     logs = _train_logs(trainer)
     assert [e["step"] for e in logs] == [1, 2, 3]
     for entry, rec in zip(logs, recs, strict=True):
@@ -232,7 +233,7 @@ def test_stop_on_nonfinite_stops_the_trainer_at_the_nan_step(tmp_path, caplog):
     steps = Steps()
     with caplog.at_level(logging.INFO, logger="gradsentry"):
         trainer = _train(tmp_path, model, cb, extra=[steps], steps=10)
-    assert [r.step for r in cb.monitor.records] == [0, 1, 2, 3, 4, 5]
+    assert [r.step for r in cb.monitor.records] == [1, 2, 3, 4, 5, 6]  # the Trainer's step labels
     assert model.calls == 6  # no batch after the bad one
     # optimizer steps 0..5 were called (global_step counts step 5's) and no further one happened
     assert trainer.state.global_step == 6 and steps.count == 6
@@ -241,12 +242,14 @@ def test_stop_on_nonfinite_stops_the_trainer_at_the_nan_step(tmp_path, caplog):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # the Trainer logged its own (NaN) grad_norm of step 5 before the gradients were dropped
     assert math.isnan(_train_logs(trainer)[-1]["grad_norm"])
-    assert cb.stopped_by is not None and cb.stopped_by.kind == "nonfinite" and cb.stopped_by.steps == [5]
+    # step 6 in the Trainer's numbering, the step of the NaN grad_norm line in trainer_state.json
+    assert _train_logs(trainer)[-1]["step"] == 6
+    assert cb.stopped_by is not None and cb.stopped_by.kind == "nonfinite" and cb.stopped_by.steps == [6]
     stop, summary = _warnings(caplog)
-    assert stop.startswith("gradsentry: NaN/inf gradient at step 5 in net.4, net.2, net.0")
+    assert stop.startswith("gradsentry: NaN/inf gradient at step 6 in net.4, net.2, net.0")
     assert "Stopping the run (stop_on 'nonfinite')" in stop
     assert summary.startswith("gradsentry: 1 finding(s) over 6 logged step(s)")
-    assert read_jsonl(tmp_path / "run.jsonl").records[-1].step == 5
+    assert read_jsonl(tmp_path / "run.jsonl").records[-1].step == 6
 
 
 def test_stop_on_exploding_stops_the_trainer_at_the_spike(tmp_path):
@@ -254,9 +257,9 @@ def test_stop_on_exploding_stops_the_trainer_at_the_spike(tmp_path):
     cb = GradSentryCallback(stop_on=("exploding",))
     steps = Steps()
     trainer = _train(tmp_path, model, cb, extra=[steps], steps=20)  # max_grad_norm=1.0: the Trainer clips
-    assert [r.step for r in cb.monitor.records] == list(range(13))
+    assert [r.step for r in cb.monitor.records] == list(range(1, 14))
     assert trainer.state.global_step == 13 and steps.count == 13 and model.calls == 13
-    assert cb.stopped_by is not None and cb.stopped_by.kind == "exploding" and 12 in cb.stopped_by.steps
+    assert cb.stopped_by is not None and cb.stopped_by.kind == "exploding" and 13 in cb.stopped_by.steps
     assert cb.monitor.records[-1].global_norm > 1e4 * cb.monitor.records[-2].global_norm
     assert all(torch.equal(a, b) for a, b in zip(steps.weights[12], model.parameters(), strict=True))
 
@@ -270,7 +273,7 @@ def test_on_nonfinite_raise_through_the_callback_comes_before_the_optimizer_step
     with pytest.raises(gs.NonFiniteGradientError) as info:
         _train(tmp_path, model, cb, extra=[steps], steps=6)
     cb.close()
-    assert info.value.step == 2 and steps.count == 2
+    assert info.value.step == 3 and steps.count == 2  # the third optimizer step, as the Trainer logs it
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -37,8 +37,10 @@ log) and per layer ``gradsentry/<stat>/<layer>`` for ``stat`` in ``log_stats``. 
 integrations that run before this callback do not see these keys; give gradsentry a
 :class:`~gradsentry.sinks.TensorBoardSink` for TensorBoard.
 
-Record steps are labelled with the Trainer's ``state.global_step`` before the optimizer step, so
-the log entry with ``"step": s`` holds the ``grad_norm`` of record ``s - 1``.
+Record steps are labelled as the Trainer labels the step in its own log (``state.global_step`` after
+the optimizer step, 1-based), so record ``s`` and the log entry with ``"step": s`` are the same
+optimizer step, and a finding's steps read the same live and in ``gradsentry analyze`` of the
+``trainer_state.json``.
 
 Stopping. With ``stop_on=("nonfinite", "exploding")`` each recorded step is judged as it is recorded:
 a NaN/inf gradient or loss (``"nonfinite"``), or an ``exploding`` finding of the diagnosis of the
@@ -315,7 +317,8 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         if self._loss_sum is not None and self._loss_count:
             loss = self._loss_sum / self._loss_count
         self._loss_sum, self._loss_count = None, 0
-        step = int(self._state.global_step) if self._state is not None else None
+        # the step the Trainer is about to take, as it will log it (global_step counts it after the update)
+        step = int(self._state.global_step) + 1 if self._state is not None else None
         try:
             record = mon.step(loss=loss, step=step)
         except NonFiniteGradientError as exc:  # on_nonfinite="raise": raised before the optimizer step
