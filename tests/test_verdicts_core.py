@@ -245,3 +245,75 @@ def test_a_step_change_is_a_spike_not_growth_and_steady_growth_is_growth() -> No
     steady = np.exp(rng.normal(0, 0.1, n)) * np.exp(np.maximum(0, np.arange(n) - 60) * 0.08)
     patterns = {f.evidence.get("pattern") for f in detect(series(steady, loss)) if f.kind == "exploding"}
     assert "growth" in patterns
+
+
+# ---------------------------------------------------------------- defects a new user found
+
+
+def _falling(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return 2.0 * np.exp(-np.arange(n) / 40) + 0.2 + rng.normal(0, 0.005, n)
+
+
+def test_a_huge_spike_the_loss_never_felt_is_info_whatever_its_size() -> None:
+    grad = np.exp(np.random.default_rng(0).normal(0, 0.1, 100))
+    grad[70] = 1500.0  # clipped by the trainer: the loss keeps falling
+    found = detect(series(grad, _falling(100)))
+    assert [(f.kind, f.severity) for f in found] == [("norm_spike", "info")]
+    assert detect(series(grad, None))[0].severity == "error"  # no loss to tell: the size decides
+
+
+def test_an_outlier_batch_the_run_recovered_from_is_a_warning() -> None:
+    grad = np.exp(np.random.default_rng(1).normal(0, 0.1, 100))
+    loss = _falling(100)
+    grad[70], loss[70] = 900.0, 211.0  # the batch itself is bad; the next steps are fine
+    (f,) = [x for x in detect(series(grad, loss)) if x.severity != "info"]
+    assert (f.kind, f.severity, f.steps) == ("exploding", "warning", [71])
+    assert f.evidence["loss_outcome"] == "recovered"
+
+
+def test_a_learning_rate_jump_is_named_as_the_cause_and_lowering_it_comes_first() -> None:
+    n = 120
+    grad = np.exp(np.random.default_rng(2).normal(0, 0.1, n))
+    grad[80:] *= 400.0
+    loss = _falling(n)
+    loss[80:] = 9.0
+    lr = [0.05] * 80 + [20.0] * 40
+    s = series(grad, loss)
+    s.lr = lr
+    (f,) = [x for x in detect(s) if x.severity != "info"]
+    assert f.evidence["lr_jump"] == {"step": 81, "from": 0.05, "to": 20.0, "factor": 400.0}
+    assert "raised from 0.05 to 20" in f.explanation
+    assert f.remedies[0].action.startswith(CATALOG["lower_lr_warmup"].action)
+    assert "was 20" in f.remedies[0].action
+
+
+def test_early_divergence_with_sgd_is_told_to_lower_the_lr_first_and_worse_than_start_is_an_error() -> None:
+    loss = [1.41, 848.0, 300.0, 40.0, 3.0, 2.6, 2.8, 2.5, 2.7, 2.6, 2.9, 2.5]
+    grad = [1.0, 900.0, 300.0, 60.0, 8.0, 6.0, 7.0, 6.5, 6.0, 7.2, 6.1, 6.3]
+    s = series(grad, loss, meta={"optimizer": "SGD"})
+    div = next(f for f in detect(s) if f.evidence.get("pattern") == "divergence")
+    assert div.severity == "error"  # it never got back below its starting loss
+    assert all(f.remedies[0].api != CATALOG["clip_global"].api for f in detect(s) if f.remedies)
+
+
+def test_values_near_the_float_limit_do_not_warn_or_crash() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detect(series([1e308] * 40, [1e308] * 40))
+
+
+def test_a_slow_steady_fall_is_progress_not_a_stall() -> None:
+    rng = np.random.default_rng(4)
+    loss = np.linspace(4.05, 3.96, 60) + rng.normal(0, 0.005, 60)  # 2 % in 60 points, steadily
+    assert problems(detect(series(np.ones(60), loss))) == []
+
+
+def test_growth_after_a_flat_stretch_starts_at_the_knee() -> None:
+    rng = np.random.default_rng(5)
+    grad = np.r_[np.exp(rng.normal(0, 0.1, 60)), 3.0 ** np.arange(1, 41) * 1.0]
+    loss = np.r_[np.linspace(9.8, 3.7, 60), np.linspace(4.5, 1e4, 40)]
+    growth = next(f for f in detect(series(grad, loss)) if f.evidence.get("pattern") == "growth")
+    assert 58 <= growth.evidence["start_step"] <= 63

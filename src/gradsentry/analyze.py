@@ -179,6 +179,11 @@ def analyze_log(
         findings = diagnose(run.records, layers=run.header.layers, thresholds=th, meta=run.header.meta)
     else:
         findings = diagnose_series(series, th)
+    if any(v is not None and math.isfinite(v) and v <= 0 for v in series.loss):
+        series.notes.append(
+            "the loss takes values <= 0 (a negative log-likelihood bound, a reward?): the rules that compare "
+            "loss ratios (harm after a spike, divergence, stall) judge only positive stretches of it"
+        )
     n = sum(1 for v in series.grad_norm if v is not None and math.isfinite(v) and v > 0)
     if 0 < n < 2:
         series.notes.append(

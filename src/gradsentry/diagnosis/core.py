@@ -14,6 +14,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from gradsentry.diagnosis.layer_rules import LayerContext, _step_bad, attribute, layer_findings
 from gradsentry.diagnosis.series_rules import RuleContext, RunSignals, series_findings
 from gradsentry.diagnosis.thresholds import Thresholds, resolve
@@ -123,7 +125,8 @@ def diagnose_series(series: Series, thresholds: Thresholds | None = None, **over
         meta=dict(series.meta),
     )
     c = RuleContext(t, remedy_context(series.meta))
-    return _finish(series_findings(sig, c), sig, c)
+    with np.errstate(all="ignore"):  # values near 1e308 overflow in ratios: inf, judged as such
+        return _finish(series_findings(sig, c), sig, c)
 
 
 def _check_records(records: Iterable[StepRecord]) -> list[StepRecord]:
@@ -205,7 +208,10 @@ def diagnose(
     )
     sig = signals_from_records(recs, meta)
     c = RuleContext(t, lctx.advice_context())
-    found = series_findings(sig, c)
+    with np.errstate(all="ignore"):
+        found = series_findings(sig, c)
+    for f in found:  # the records come from the Monitor: do not advise running one
+        f.remedies = [r for r in f.remedies if r.api != "gradsentry.Monitor(model)"]
     attribute(found, lctx)
     per_layer = layer_findings(lctx)
     if any(f.kind == "vanishing" for f in per_layer):  # the layers show it directly: drop the series guess

@@ -393,7 +393,7 @@ def _activation_rule(ctx: LayerContext, kind: str, attr: str, limit: float) -> F
             else "the flat region of the activation"
         )
         explanation = (
-            f"In {label} more than {limit:.0%} of the outputs sit in the flat region of the activation on "
+            f"In {label}, more than {limit:.0%} of the outputs sit in the flat region of the activation on "
             f"most logged steps (median {flagged[top]:.0%} in {top or '<root>'}, a {kind_top} activation: "
             f"{where}). There the derivative is close to zero, so almost no gradient flows back through "
             "these units; pre-activations are too large, usually from the initialization scale or a high "
@@ -402,7 +402,7 @@ def _activation_rule(ctx: LayerContext, kind: str, attr: str, limit: float) -> F
         )
     else:
         explanation = (
-            f"In {label} more than {limit:.0%} of the units output zero for every sample of the batch on "
+            f"In {label}, more than {limit:.0%} of the units output zero for every sample of the batch on "
             "most "
             f"logged steps (median {flagged[top]:.0%} in {top or '<root>'}). A dead ReLU unit gets no "
             "gradient and "

@@ -125,6 +125,9 @@ class RuleContext:
 
     def advice(self, kind: str, sig: RunSignals, step: int | None = None, **changes: Any) -> list[Remedy]:
         lr = sig.lr_at(step) if step is not None else None
+        if step is not None and "early" not in changes and len(sig):
+            # a problem in the first logged points: the learning rate is the first suspect
+            changes["early"] = int(np.searchsorted(sig.steps, step)) < self.t.spike_min_history
         ctx = replace(self.remedy, lr=lr if lr is not None else self.remedy.lr, **changes)
         return remedies_for(kind, ctx)
 
@@ -379,11 +382,42 @@ def _judge(sig: RunSignals, c: RuleContext, index: int, step: int, factor: float
     ls, lv = sig.loss_points()
     harmed = sg.loss_harmed(ls, lv, step, t)
     big = factor >= t.spike_error_factor
-    if not (leads or big or harmed is None or harmed):
-        return None
+    if not (leads or harmed is None or harmed):
+        return None  # the loss was logged around it and did not rise: absorbed (clipped), whatever its size
     outcome = sg.loss_outcome(ls, lv, step, t) if ls.size else {"outcome": "unknown"}
-    severe = leads or big or outcome["outcome"] == "diverged"
-    return {"leads_to_nonfinite": leads, "loss_harmed": harmed, "loss": outcome, "error": severe}
+    # without any loss the size decides; with one, what the loss did
+    severe = leads or outcome["outcome"] == "diverged" or (big and harmed is None)
+    return {
+        "leads_to_nonfinite": leads,
+        "loss_harmed": harmed,
+        "loss": outcome,
+        "error": severe,
+        "lr_jump": _lr_jump(sig, step),
+    }
+
+
+LR_JUMP_FACTOR = 3.0
+"""A learning rate at least this many times its median over the earlier logged points is a jump worth
+naming as the cause of a spike (a schedule's warm-up rises smoothly, a few percent per step)."""
+
+
+def _lr_jump(sig: RunSignals, step: int) -> dict[str, Any] | None:
+    """The learning rate raised just before ``step`` (at most 3 logged points earlier), if it was."""
+    keep = np.isfinite(sig.lr) & (sig.lr > 0)
+    ls, lr = sig.steps[keep], sig.lr[keep]
+    upto = int(np.searchsorted(ls, step, side="right"))
+    if upto < 2:
+        return None
+    for j in range(max(1, upto - 4), upto):
+        before = float(np.median(lr[:j]))
+        if lr[j] >= LR_JUMP_FACTOR * before:
+            return {
+                "step": int(ls[j]),
+                "from": sg.rnd(before),
+                "to": sg.rnd(float(lr[j])),
+                "factor": sg.rnd(float(lr[j]) / before),
+            }
+    return None
 
 
 def _events_finding(
@@ -463,6 +497,13 @@ def _events_finding(
     }.get(outcome, "")
     if ev["leads_to_nonfinite"]:
         harm += " A NaN/inf followed."
+    jump = first.get("lr_jump")
+    if jump is not None:
+        ev["lr_jump"] = jump
+        harm += (
+            f" The learning rate had just been raised from {jump['from']:.3g} to {jump['to']:.3g} "
+            f"({jump['factor']:.3g}x) at step {jump['step']}: that is the cause."
+        )
     expl = (
         f"At step {first['first_step']} the global gradient norm jumped (to {first['value']:.3g} at step "
         f"{first['step']}), {how}; "
@@ -480,7 +521,12 @@ def _events_finding(
             [],
             ev,
             expl,
-            c.advice("exploding", sig, first["first_step"], early=early),
+            c.advice(
+                "exploding",
+                sig,
+                first["first_step"],
+                early=early or jump is not None or ev["loss_outcome"] == "diverged",
+            ),
         )
     )
     return out
@@ -576,7 +622,7 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
         peak_i = max(range(1, n_early), key=lambda j: lv[j] if fin[j] else math.inf)
         tail = np.where(fin, lv, np.inf)[-min(t.divergence_tail, max(1, ls.size - i)) :]
         tail_med = float(np.median(tail))
-        stays = tail_med > t.divergence_factor * start
+        stays = not tail_med < start  # it never came back below its start (non-finite counts as above)
         growth = _norm_growth(sig, int(ls[0]), int(ls[peak_i]))
         ev: dict[str, Any] = {
             "pattern": "divergence",
@@ -606,9 +652,11 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
                 f"The loss diverged in the first logged steps: from {start:.4g} at step {int(ls[0])} to "
                 f"{float(lv[i]):.4g} at step {int(ls[i])} (at least {t.early_divergence_factor:g}x its start)"
                 + (
-                    f", and it stays at {tail_med:.4g}, {tail_med / start:.3g}x its start."
+                    ", and it ends non-finite."
+                    if not math.isfinite(tail_med)
+                    else f", and it stays at {tail_med:.4g}, {tail_med / start:.3g}x its start."
                     if stays
-                    else ", then came back down."
+                    else ", then came back below its start."
                 )
                 + norm_text
                 + " The learning rate is far too high for this model (clipping, if on, does not prevent it).",
@@ -706,6 +754,8 @@ def vanishing_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
     never_improved = float(sm.min()) >= (1.0 - flat) * start
     if lv.size < min_points or not never_improved or abs(sg.thirds_change(lv)) > flat:
         return out
+    if sg.trend_t(lv) < -3.0:
+        return out  # falling steadily, however slowly: a low learning rate, not a stall
     ev: dict[str, Any] = {
         "pattern": "stalled",
         "first_step": int(ls[0]),

@@ -27,6 +27,7 @@ __all__ = [
     "rolling_median",
     "runs",
     "thirds_change",
+    "trend_t",
 ]
 
 MAD_TO_SIGMA = 1.4826
@@ -228,9 +229,21 @@ def find_growth(steps: np.ndarray, values: np.ndarray, t: Thresholds) -> dict[st
     resid = logv - m
     noise = MAD_TO_SIGMA * float(np.median(np.abs(resid - np.median(resid))))
     within = np.flatnonzero(m[i : j + 1] <= m[i] + 3.0 * noise)
-    i = i + int(within[-1]) if within.size else i
+    k_noise = int(within[-1]) if within.size else 0
+    # ... and not before the knee: the last point still below a tenth of the rise (a flat stretch that
+    # wiggles more than its noise estimate must not pull the start back to the run's beginning)
+    below = np.flatnonzero(m[i : j + 1] <= m[i] + 0.1 * (m[j] - m[i]))
+    k_knee = int(below[-1]) if below.size else 0
+    flat_prefix = k_knee > 0.3 * (j - i)  # the first tenth of the rise took a third of the segment
+    i = i + max(k_noise, k_knee if flat_prefix else 0)
+    gaps = np.diff(steps[i : j + 1]).astype(np.float64)
+    if gaps.size >= 2 and float(gaps.max()) > 100.0 * float(np.median(gaps)):
+        # a restart with a wrong step counter inside the rise: a rate per step cannot span it, so judge
+        # the longer side of the gap alone
+        g = i + int(np.argmax(gaps))
+        i, j = (g + 1, j) if j - g > g - i + 1 else (i, g)
     ref = max(m[i_best], float(np.median(m[: i_best + 1])))
-    if m[j] - ref < math.log(t.growth_factor) or j - i + 1 < t.growth_min_points:
+    if m[j] - max(ref, m[i]) < math.log(t.growth_factor) or j - i + 1 < t.growth_min_points:
         return None
     # steady growth spreads its rise; a step change (a spike or jump that stayed, which the spike test
     # reports) puts much of it into one smoothed increment (a median filter keeps edges sharp): then only
@@ -262,6 +275,25 @@ def find_growth(steps: np.ndarray, values: np.ndarray, t: Thresholds) -> dict[st
         "end_index": j,
         "points": j - i + 1,
     }
+
+
+def trend_t(values: np.ndarray) -> float:
+    """t-statistic of the least-squares slope of ``values`` [N] over their index (N >= 3).
+
+    Negative and large in magnitude (below -3: a one-sided p of about 0.001 for Gaussian noise) means
+    the values fall steadily, however little; near 0 means no trend. 0 when the values are constant.
+    """
+    n = values.size
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+    y = values.astype(np.float64) - float(values.mean())
+    sxx = float(np.dot(x, x))
+    slope = float(np.dot(x, y)) / sxx
+    resid = y - slope * x
+    dof = max(1, n - 2)
+    se = math.sqrt(float(np.dot(resid, resid)) / dof / sxx)
+    if se == 0.0:
+        return 0.0 if slope == 0.0 else math.copysign(math.inf, slope)
+    return slope / se
 
 
 def thirds_change(v: np.ndarray) -> float:
