@@ -76,8 +76,8 @@ def robust_z(logx: np.ndarray, t: Thresholds) -> tuple[np.ndarray, np.ndarray, n
     w = t.spike_window
     for i in range(t.spike_min_history, min(w, n)):
         ref = logx[:i]
-        m = float(np.median(ref))
-        med[i], scale[i] = m, max(MAD_TO_SIGMA * float(np.median(np.abs(ref - m))), t.mad_floor)
+        mi = float(np.median(ref))
+        med[i], scale[i] = mi, max(MAD_TO_SIGMA * float(np.median(np.abs(ref - mi))), t.mad_floor)
     if n > w:
         win = np.lib.stride_tricks.sliding_window_view(logx[:-1], w)  # row k: points k .. k+w-1
         m = np.empty(win.shape[0])
