@@ -151,3 +151,22 @@ def test_cli_report_renders_a_lightning_callback_run(
     html = (tmp_path / "pl.html").read_text()
     assert "net.0" in html and html.count("data:image/svg+xml;base64,") == 3
     assert "lightning" in html  # the header's source
+
+
+def test_run_report_shows_the_update_to_weight_ratio_not_a_method_repr(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.jsonl"
+    with gs.Monitor(model, optimizer=opt, sinks=[gs.JsonlSink(path)]) as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            mon.step()
+            opt.step()
+    html = render_run_report(gs.read_jsonl(path))
+    assert "built-in method" not in html
+    from gradsentry.report.html import fmt
+
+    ratio = gs.read_jsonl(path).records[-1].layers[0].update_ratio
+    assert ratio is not None and f'<td class="num">{fmt(ratio)}</td></tr>' in html
