@@ -186,6 +186,7 @@ class _Pending:
     """Device tensors gathered between two logged steps, read with the next transfer."""
 
     update_sq: Tensor | None = None
+    before_sq: Tensor | None = None  # squared weight norms per layer before that optimizer step
     update_layers: frozenset[int] | None = None  # layers with a gradient at that optimizer step
     acts: dict[str, Tensor] = field(default_factory=dict)
     hists: dict[str, Tensor] = field(default_factory=dict)
@@ -221,8 +222,8 @@ class Monitor:
             layers are reported with ``has_grad=False``; a model whose parameters are all frozen
             gives records whose layers all have ``has_grad=False`` and a global norm of 0.
         every: log every ``every``-th step (step 0 is always logged).
-        optimizer: when given, the update-to-weight ratio ``||Δw|| / ||w||`` of the optimizer step
-            before each logged step is recorded (weights are copied only before those steps) and
+        optimizer: when given, the update-to-weight ratio ``||Δw|| / ||w||`` (``w`` before the update)
+            of the optimizer step before each logged step is recorded (weights are copied only before those steps) and
             the learning rate of its first parameter group is recorded. The header's metadata then
             also names it (``"optimizer"``: the lower-case class name, e.g. ``"adamw"``) and holds
             ``"lr"``, its first group's base learning rate at construction (a scheduler's
@@ -629,9 +630,13 @@ class Monitor:
         snap = self._snapshot
         if snap is not None:
             params, index = self._all_params()
+            # ||w|| before the update: the ratio's denominator. After it, a blow-up caps the ratio near
+            # 1 (||dw|| / ||w + dw|| -> 1 as dw grows), so an update 2,500x the weights would read 1.0.
+            before = _dist.sq_norms(self._dist, snap, like=params)
             torch._foreach_sub_(snap, [_dist.local(p).detach() for p in params])
             sq = _dist.sq_norms(self._dist, snap, like=params)
             self._pending.update_sq = stats.layer_sum(sq, index.to(sq.device), len(self._layers))
+            self._pending.before_sq = stats.layer_sum(before, index.to(before.device), len(self._layers))
             self._pending.update_layers = self._update_layers
             self._snapshot = None
         self._disarm_optimizer()
@@ -819,9 +824,10 @@ class Monitor:
                 ctx if shard_op else None, [p.detach() for p in all_params], like=all_params
             )
             parts.append((stats.layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
-        has_update = self._pending.update_sq is not None
+        has_update = self._pending.update_sq is not None and self._pending.before_sq is not None
         if has_update:
             parts.append((self._pending.update_sq.to(device, dt), shard_op))  # type: ignore[union-attr]
+            parts.append((self._pending.before_sq.to(device, dt), shard_op))  # type: ignore[union-attr]
         if isinstance(loss, Tensor) and loss.numel() != 1:
             raise ValueError(
                 f"Monitor.step(loss=...) expects a scalar loss, got a tensor of shape {list(loss.shape)}; "
@@ -881,6 +887,7 @@ class Monitor:
         numel = [round(n) for n in take(L)] if shard_op is not None else self._grad_set(positions)[1]
         w_sq_l: list[float | None] = list(take(L)) if self.weight_norms else [None] * L
         u_sq = take(L) if has_update else None
+        before_sq = take(L) if has_update else None
         loss_value: float | None
         if has_loss_tensor:
             loss_value = take(1)[0]
@@ -935,13 +942,13 @@ class Monitor:
         gnorms = [sqrt(x) for x in g_sq_l]
         wnorms = [None if x is None else sqrt(x) for x in w_sq_l]
         ratios: list[float | None] = [None] * L
-        if u_sq is not None:
+        if u_sq is not None and before_sq is not None:
             updated = self._pending.update_layers
             ratios = [
                 None
-                if wn is None or not n or (updated is not None and i not in updated)
-                else (sqrt(u) / wn if wn > 0 else (math.inf if u > 0 else 0.0))
-                for i, (u, wn, n) in enumerate(zip(u_sq, wnorms, numel, strict=True))
+                if not n or (updated is not None and i not in updated)
+                else (sqrt(u) / sqrt(wb) if wb > 0 else (math.inf if u > 0 else 0.0))
+                for i, (u, wb, n) in enumerate(zip(u_sq, before_sq, numel, strict=True))
             ]
         maxes = [(m if n else 0.0) for m, n in zip(g_max_l, numel, strict=True)] if self.max_abs else g_max_l
         layer_stats = [

@@ -96,8 +96,9 @@ class LayerStats:
         nonfinite: number of NaN/inf gradient entries (0 when the norm is finite).
         weight_norm: L2 norm of the layer's parameters, same units as the weights, None when not
             measured (``Monitor(weight_norms=False)``).
-        update_ratio: ``||Δw|| / ||w||`` of the last optimizer step (dimensionless), or None when
-            unknown (no optimizer given, or the first step).
+        update_ratio: ``||Δw|| / ||w||`` of the last optimizer step, ``w`` being the weights before
+            that update (dimensionless; not capped: an update 2,500x the weights reads 2500), or None
+            when unknown (no optimizer given, or the first step).
         has_grad: False when every parameter of the layer had ``.grad is None`` (frozen or unused):
             its gradient figures are then 0 and must not be read as a vanishing gradient.
     """
