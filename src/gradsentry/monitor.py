@@ -19,6 +19,7 @@ import itertools
 import logging
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -421,6 +422,15 @@ class Monitor:
         self._remedy_names: dict[int, tuple[str, str]] | None = None
         self._warned_no_grad = False
         self._remedy_params: set[str] | None = None
+        # Detecting step() called twice for one optimizer step: a trainable parameter whose gradient
+        # object and version are compared between calls, and (with an optimizer) a count of its steps.
+        self._probe = next((p for layer in self._layers for p in layer.params if p.requires_grad), None)
+        self._last_call: tuple[int, weakref.ref[Tensor] | None, int] | None = None
+        self._opt_steps = 0
+        self._warned_double = False
+        self._count_handle: RemovableHandle | None = None
+        if optimizer is not None:
+            self._count_handle = optimizer.register_step_post_hook(self._count_opt_step)
         self._arm_for(self._next_log)
 
     # ------------------------------------------------------------------ layers and order
@@ -625,6 +635,40 @@ class Monitor:
             self._all_float32 = all(p.dtype == torch.float32 for p in params)
         return self._params_cache
 
+    def _count_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._opt_steps += 1
+
+    def _check_double_call(self) -> None:
+        """Warn (once) when :meth:`step` is called again for the same optimizer step.
+
+        A second call is recognised when nothing happened in between: the gradient is the same tensor
+        object, and either no ``optimizer.step()`` ran (with ``optimizer=``) or, without an optimizer,
+        the gradient was not even written (same version). A new ``backward()`` after
+        ``zero_grad(set_to_none=True)`` (the default) makes a new gradient object, so a step a loss
+        scaler skipped is not mistaken for a second call.
+        """
+        probe = self._probe
+        grad = probe.grad if probe is not None else None
+        last = self._last_call
+        if grad is None:
+            self._last_call = None
+            return
+        version = grad._version
+        if last is not None and not self._warned_double:
+            opt_steps, ref, last_version = last
+            same = ref is not None and ref() is grad
+            if same and (
+                opt_steps == self._opt_steps if self.optimizer is not None else version == last_version
+            ):
+                self._warned_double = True
+                log.warning(
+                    "gradsentry.Monitor.step() was called again for the same optimizer step (no "
+                    "optimizer.step() and no new gradient since the previous call): every call makes a "
+                    "record, so the log now holds two records for one step. Call step() once per "
+                    "optimizer step (under gradient accumulation, after the last micro-batch only)."
+                )
+        self._last_call = (self._opt_steps, weakref.ref(grad), version)
+
     def _opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         snap = self._snapshot
@@ -664,6 +708,7 @@ class Monitor:
         """
         if self._closed:
             raise RuntimeError("gradsentry.Monitor.step() called after close()")
+        self._check_double_call()
         current = self.step_count
         self.step_count += 1
         record: StepRecord | None = None
@@ -1215,6 +1260,9 @@ class Monitor:
         self._closed = True
         for h in [*self._order_handles, *self._act_handles, *self._opt_handles]:
             h.remove()
+        if self._count_handle is not None:
+            self._count_handle.remove()
+            self._count_handle = None
         self._order_handles.clear()
         self._act_handles.clear()
         self._opt_handles.clear()

@@ -37,3 +37,41 @@ def test_update_ratio_divides_by_the_weights_before_the_update() -> None:
     findings = mon.diagnose()
     upd = [f for f in findings if f.evidence.get("pattern") == "update_ratio"]
     assert upd and upd[0].evidence["max_update_ratio"] == pytest.approx(want, rel=1e-5)
+
+
+def _loop(model: nn.Module, mon: gs.Monitor, opt: torch.optim.Optimizer | None, calls: int) -> None:
+    model(torch.randn(4, 4)).sum().backward()
+    for _ in range(calls):
+        mon.step()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad()
+    else:
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_step_called_twice_per_optimizer_step_warns_once(caplog, with_optimizer: bool) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if with_optimizer else None
+    with caplog.at_level("WARNING", logger="gradsentry"), gs.Monitor(model, optimizer=opt) as mon:
+        for _ in range(3):
+            _loop(model, mon, opt, calls=1)
+        assert "called again for the same optimizer step" not in caplog.text
+        for _ in range(3):
+            _loop(model, mon, opt, calls=2)
+    assert caplog.text.count("called again for the same optimizer step") == 1
+
+
+def test_a_skipped_optimizer_step_is_not_taken_for_a_second_call(caplog) -> None:
+    """A loss scaler that skips optimizer.step() (then zero_grad) makes a new gradient: no warning."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level("WARNING", logger="gradsentry"), gs.Monitor(model, optimizer=opt) as mon:
+        for i in range(6):
+            model(torch.randn(4, 4)).sum().backward()
+            mon.step()
+            if i % 2:
+                opt.step()
+            opt.zero_grad()
+    assert "called again" not in caplog.text
