@@ -75,3 +75,22 @@ def test_a_skipped_optimizer_step_is_not_taken_for_a_second_call(caplog) -> None
                 opt.step()
             opt.zero_grad()
     assert "called again" not in caplog.text
+
+
+def test_device_guard_flag_does_not_outlive_its_optimizer_step() -> None:
+    """NonFiniteGuard(sync=False) on a NaN step, then a fused step without the guard: it must update."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    guard = gs.NonFiniteGuard(opt, sync=False)
+    model(torch.randn(4, 3)).sum().backward()
+    model.weight.grad[0, 0] = math.nan
+    before = model.weight.detach().clone()
+    guard(model.parameters())
+    opt.step()  # skipped on the device flag
+    assert torch.equal(model.weight, before) and guard.skips == 1
+    assert getattr(opt, "found_inf", None) is None
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()  # no guard call this time: a plain fused step that must move the weights
+    assert not torch.equal(model.weight, before)
