@@ -416,6 +416,7 @@ class Monitor:
         self._raw_grads: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._single_device = False
         self._all_float32 = False
+        self._param_kinds: set[tuple[torch.dtype, torch.device]] = set()
         self._snapshot: list[Tensor] | None = None
         self._snapshot_buffer: list[Tensor] | None = None  # CPU only: reused across logged steps
         self._update_layers: frozenset[int] | None = None
@@ -633,7 +634,24 @@ class Monitor:
             self._owners_all = idx
             self._single_device = all(p.device == params[0].device for p in params)
             self._all_float32 = all(p.dtype == torch.float32 for p in params)
+            self._param_kinds = self._kinds(params)
         return self._params_cache
+
+    @staticmethod
+    def _kinds(params: list[Tensor]) -> set[tuple[torch.dtype, torch.device]]:
+        return {(p.dtype, p.device) for p in params}
+
+    def _revalidate_params(self) -> None:
+        """Drop the cached parameter facts when a parameter changed dtype or device since they were
+        taken (``model.to(torch.bfloat16)`` or ``.cuda()`` after the first logged step converts the
+        parameters in place): a stale float32 fast path computes bf16 norms in bf16 (1e-3 errors),
+        and cached index tensors would sit on the old device. One pass over the parameters' dtype
+        and device per logged step."""
+        cache = self._params_cache
+        if cache is not None and self._kinds(cache[0]) != self._param_kinds:
+            self._params_cache = None
+            self._grad_set_cache = {}
+            self._snapshot_buffer = None
 
     def _count_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._opt_steps += 1
@@ -812,6 +830,7 @@ class Monitor:
     def _log_step(self, label: int, loss: Tensor | float | None, lr: float | None) -> StepRecord:
         t_start = time.perf_counter()
         self._fix_depth()
+        self._revalidate_params()
         L = len(self._layers)
         params_with_grad, g, owners, positions = self._grad_params()
         if not g and not self._warned_no_grad and any(p.requires_grad for p in self._all_params()[0]):

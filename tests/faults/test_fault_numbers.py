@@ -94,3 +94,22 @@ def test_device_guard_flag_does_not_outlive_its_optimizer_step() -> None:
     model(torch.randn(4, 3)).sum().backward()
     opt.step()  # no guard call this time: a plain fused step that must move the weights
     assert not torch.equal(model.weight, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_converted_to_low_precision_after_the_first_logged_step(dtype: torch.dtype) -> None:
+    """Norms after model.to(bf16/fp16) equal float64 norms of the same gradients (no stale fp32 path)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+    with gs.Monitor(model, activations=False) as mon:
+        model(torch.randn(8, 64)).pow(2).mean().backward()
+        mon.step()
+        model.zero_grad()
+        model.to(dtype)
+        model(torch.randn(8, 64, dtype=dtype)).pow(2).mean().backward()
+        rec = mon.step()
+    assert rec is not None
+    for layer, name in zip(rec.layers, ["0", "2"], strict=True):
+        m = model.get_submodule(name)
+        want = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in m.parameters()))
+        assert layer.grad_norm == pytest.approx(want, rel=1e-5), layer.name
