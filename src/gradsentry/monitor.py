@@ -404,12 +404,14 @@ class Monitor:
         self._order_handles: list[RemovableHandle] = []
         self._act_handles: list[RemovableHandle] = []
         self._opt_handles: list[RemovableHandle] = []
-        self._seen: list[nn.Module] = []
         self._depth_fixed = False
-        for layer in self._layers:
-            self._order_handles.append(layer.module.register_forward_pre_hook(self._order_hook))
-        for site in self._sites:
-            self._order_handles.append(site.module.register_forward_pre_hook(self._order_hook))
+        # First-forward call order: when each module's first call begins and ends (event numbers).
+        self._called_at: dict[int, int] = {}
+        self._ended_at: dict[int, int] = {}
+        self._events = 0
+        for _, module in model.named_modules():
+            self._order_handles.append(module.register_forward_pre_hook(self._order_hook))
+            self._order_handles.append(module.register_forward_hook(self._order_end_hook))
         self._grad_set_cache: dict[tuple[int, ...], tuple[Tensor, list[int]]] = {}
         self._params_cache: tuple[list[Tensor], Tensor] | None = None
         self._owners_all: list[int] = []
@@ -465,23 +467,62 @@ class Monitor:
         return layers
 
     def _order_hook(self, module: nn.Module, args: Any) -> None:
-        if not self._depth_fixed and all(module is not m for m in self._seen):
-            self._seen.append(module)
+        self._called_at.setdefault(id(module), self._events)
+        self._events += 1
+
+    def _order_end_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._ended_at.setdefault(id(module), self._events)
+        self._events += 1
+
+    def _call_order(self) -> list[nn.Module]:
+        """Layers and activation sites in depth order, from the first forward's calls.
+
+        A module is placed where its first call began. A layer that is never called as a module but
+        whose parameters its owner uses directly (``nn.MultiheadAttention.out_proj``: the attention
+        calls ``F.multi_head_attention_forward`` with ``out_proj.weight``) is placed where its nearest
+        called ancestor's first call ended, i.e. after everything that ancestor called: the output
+        projection sits after the attention, not after the model's output head. Layers with no called
+        ancestor but the root land at the end of the forward (last), as do layers whose ancestors
+        were never called at all.
+        """
+        called, ended = self._called_at, self._ended_at
+        named = list(self.model.named_modules())
+        by_name = dict(named)
+        wanted = {id(layer.module) for layer in self._layers} | {id(site.module) for site in self._sites}
+        keyed: list[tuple[tuple[int, int, int], nn.Module]] = []
+        for index, (name, module) in enumerate(named):
+            if id(module) not in wanted:
+                continue
+            if id(module) in called:
+                keyed.append(((called[id(module)], 0, index), module))
+                continue
+            parts = name.split(".") if name else []
+            while parts:
+                parts.pop()
+                owner = by_name.get(".".join(parts))
+                if owner is not None and id(owner) in called:
+                    if id(owner) in ended:  # just before the owner's call ended
+                        keyed.append(((ended[id(owner)], -1, index), module))
+                    break
+        keyed.sort(key=lambda km: km[0])
+        return [m for _, m in keyed]
 
     def _fix_depth(self) -> None:
-        """Sort layers by first forward call; layers never called keep their module order, last."""
+        """Sort layers and activation sites by the first forward's calls (see :meth:`_call_order`);
+        layers never placed keep their module order, last."""
         if self._depth_fixed:
             return
-        if not self._seen and self._dist is None:  # no forward pass yet: keep watching for the order
+        if not self._called_at and self._dist is None:  # no forward pass yet: keep watching for the order
             return
         for h in self._order_handles:
             h.remove()
         self._order_handles.clear()
+        seen = self._call_order()
         ctx = self._dist
         if ctx is not None and (ctx.sharded or self.sync_local or self.overhead_budget is not None):
-            self._seen = self._agree_order(self._seen, ctx)
-        rank = {id(m): i for i, m in enumerate(self._seen)}
-        big = len(self._seen)
+            seen = self._agree_order(seen, ctx)
+        rank = {id(m): i for i, m in enumerate(seen)}
+        big = len(seen)
         self._layers.sort(key=lambda L: (rank.get(id(L.module), big), L.info.depth))
         for depth, layer in enumerate(self._layers):
             layer.info.depth = depth
@@ -491,7 +532,7 @@ class Monitor:
         self._grad_set_cache = {}
         self._params_cache = None
         self._depth_fixed = True
-        self._seen = []
+        self._called_at, self._ended_at = {}, {}
 
     def _agree_order(self, seen: list[nn.Module], ctx: _dist.DistContext) -> list[nn.Module]:
         """Rank 0's first-call order of the modules, on every rank (one all-reduce, once per run).

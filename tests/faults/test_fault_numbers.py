@@ -113,3 +113,52 @@ def test_model_converted_to_low_precision_after_the_first_logged_step(dtype: tor
         m = model.get_submodule(name)
         want = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in m.parameters()))
         assert layer.grad_norm == pytest.approx(want, rel=1e-5), layer.name
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 11)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)))
+
+
+def test_attention_out_proj_is_placed_after_the_attention_not_after_the_head() -> None:
+    """nn.MultiheadAttention never calls out_proj as a module: it goes where the attention's call ends."""
+    model = _Encoder()
+    with gs.Monitor(model) as mon:
+        model(torch.randint(0, 11, (2, 5))).sum().backward()
+        mon.step()
+    names = [layer.name for layer in mon.layers]
+    assert names == [
+        "emb",
+        "enc.self_attn",
+        "enc.self_attn.out_proj",
+        "enc.norm1",
+        "enc.linear1",
+        "enc.linear2",
+        "enc.norm2",
+        "head",
+    ]
+    assert [layer.depth for layer in mon.layers] == list(range(len(names)))
+
+
+def test_layers_never_called_still_go_last() -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spare = nn.Linear(3, 3)  # never used
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    model = Unused()
+    with gs.Monitor(model) as mon:
+        model(torch.randn(2, 3)).sum().backward()
+        mon.step()
+    assert [layer.name for layer in mon.layers] == ["a", "b", "spare"]
