@@ -36,7 +36,7 @@ from gradsentry.sinks.base import SafeSink, Sink
 
 log = logging.getLogger("gradsentry")
 
-_EARLY = 1e12  # larger than the number of module calls of one forward (see Monitor._pack_local)
+_EARLY = 1e12  # larger than the number of module calls between two logged steps (see Monitor._finite_post)
 #: A layer whose mean squared gradient is below this (RMS < 1e-15) may hold entries under ~1e-19,
 #: whose float32 squares lose precision or flush to zero: its norm is recomputed in float64.
 _TINY_MEAN_SQUARE = 1e-30
@@ -191,7 +191,12 @@ class _Pending:
     update_layers: frozenset[int] | None = None  # layers with a gradient at that optimizer step
     acts: dict[str, Tensor] = field(default_factory=dict)
     hists: dict[str, Tensor] = field(default_factory=dict)
-    finite_flags: list[tuple[str, Tensor]] = field(default_factory=list)
+    # locate_nonfinite: one score per module (named_modules order), max-folded in place on the device
+    # at each call, so that forwards that never reach step() (eval with grad, RL rollouts, GAN passes)
+    # keep the memory and the next step's work fixed (see Monitor._finite_post).
+    flag_scores: Tensor | None = None
+    calls: int = 0
+    inputs_ok: dict[int, list[Tensor | None]] = field(default_factory=dict)
 
 
 def _optimizer_meta(optimizer: Any) -> dict[str, Any]:
@@ -241,8 +246,13 @@ class Monitor:
             With ``max_abs=False, weight_norms=False`` a logged step reads the gradients once.
         histogram_bins: if > 0, also record a histogram of each activation's input over
             ``[-histogram_range, histogram_range]``.
-        locate_nonfinite: on logged steps, flag the first module (forward order) whose output is
-            non-finite, to name where a NaN/inf came from (costs one ``isfinite`` per module call).
+        locate_nonfinite: on logged steps, name the module where a NaN/inf came from: the first
+            module call (in the order calls end) whose output is non-finite although its inputs held
+            no NaN, so a NaN made by tensor code inside a module is blamed on that module and not on
+            a child that merely received it; else the first call with a non-finite output. Costs an
+            ``isnan`` of each module call's inputs and an ``isfinite`` of its output, folded on the
+            device into one score per module: memory stays fixed however many forward passes run
+            before the next :meth:`step` (eval with gradients, RL rollouts, GAN passes).
         overhead_budget: if set (e.g. 0.01), raise ``every`` so that the Monitor's amortized time
             stays under this fraction of the training step time.
         max_records: how many records to keep in memory (oldest dropped first).
@@ -576,8 +586,11 @@ class Monitor:
                 for site in self._sites:
                     self._act_handles.append(site.module.register_forward_hook(self._make_act_hook(site)))
             if self.locate_nonfinite:
-                for name, module in self.model.named_modules():
-                    self._act_handles.append(module.register_forward_hook(self._make_finite_hook(name)))
+                for i, (_, module) in enumerate(self.model.named_modules()):
+                    self._act_handles.append(
+                        module.register_forward_pre_hook(self._finite_pre, with_kwargs=True)
+                    )
+                    self._act_handles.append(module.register_forward_hook(self._make_finite_hook(i)))
         elif not want_acts and self._act_handles:
             for h in self._act_handles:
                 h.remove()
@@ -597,17 +610,64 @@ class Monitor:
 
         return hook
 
-    def _make_finite_hook(self, name: str) -> Callable[..., None]:
+    def _finite_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Note whether the module's floating-point inputs are free of NaN (on the device, no sync).
+
+        Only NaN counts against an input: ``-inf`` is a normal attention-mask value, and an inf made
+        upstream was already flagged where it was made."""
+        if not torch.is_grad_enabled():
+            return
+        t0 = time.perf_counter()
+        inputs = [
+            t
+            for t in itertools.chain(args, kwargs.values())
+            if isinstance(t, Tensor) and t.is_floating_point() and t.numel()
+        ]
+        ok: Tensor | None = None  # None: no floating-point input, nothing received
+        if len(inputs) == 1:
+            ok = ~torch.isnan(inputs[0]).any()
+        elif inputs:
+            ok = ~torch.stack([torch.isnan(t).any() for t in inputs]).any()
+        stack = self._pending.inputs_ok.setdefault(id(module), [])
+        if len(stack) > 64:  # calls that raised before their end hook: never let them pile up
+            del stack[0]
+        stack.append(ok)
+        self._hook_time += time.perf_counter() - t0
+
+    def _make_finite_hook(self, index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
+            t0 = time.perf_counter()
+            stack = self._pending.inputs_ok.get(id(module))
+            inputs_ok = stack.pop() if stack else None
             out = output[0] if isinstance(output, (tuple, list)) and output else output
             if isinstance(out, Tensor) and out.is_floating_point():
-                t0 = time.perf_counter()
-                self._pending.finite_flags.append((name, torch.isfinite(out).all()))
-                self._hook_time += time.perf_counter() - t0
+                self._finite_post(index, out, inputs_ok)
+            self._hook_time += time.perf_counter() - t0
 
         return hook
+
+    def _finite_post(self, index: int, out: Tensor, inputs_ok: Tensor | None) -> None:
+        """Fold one module call into the module's score: ``_EARLY - k`` when call ``k`` (counted since
+        the last logged step) gave a NaN/inf output, plus ``_EARLY`` when its inputs held no NaN (the
+        module *made* it, rather than passed on what it received); the score keeps its maximum. The
+        origin is then the module with the highest score: the earliest call that made a non-finite
+        value, else the earliest call that output one. Calls end inner modules first, so a NaN made
+        by tensor code inside a module (a fully masked attention row) is blamed on that module, not on
+        the child it was handed to (whose input already held it).
+        """
+        pending = self._pending
+        if pending.flag_scores is None:
+            n = sum(1 for _ in self.model.modules())
+            pending.flag_scores = torch.zeros(n, dtype=stats.reduce_dtype(out.device), device=out.device)
+        scores = pending.flag_scores
+        bad = ~torch.isfinite(out).all()
+        made = bad if inputs_ok is None else bad & inputs_ok.to(bad.device)
+        value = bad.to(scores.dtype) * (_EARLY - pending.calls) + made.to(scores.dtype) * _EARLY
+        pending.calls += 1
+        slot = scores.narrow(0, index, 1)
+        torch.maximum(slot, value.to(scores.device).reshape(1), out=slot)
 
     def _arm_optimizer(self) -> None:
         """Snapshot the weights now and measure ``||Δw||`` when the coming optimizer step ends.
@@ -1007,12 +1067,7 @@ class Monitor:
                 act_values[name] = [x / v[0] for x in v[1:]]
         hist_values = {name: take(self.histogram_bins) for name in hist_names}
         hist_values = {name: h for name, h in hist_values.items() if name in act_values}
-        flags = [1.0 - b for b in take(len(flag_names))]
-        if sync and flag_names:  # scores: earliest non-finite call first, then as finite (see _pack_local)
-            scores = [1.0 - f for f in flags]
-            ranked = sorted(zip(scores, flag_names, strict=True), key=lambda t: -t[0])
-            flag_names = [n for _, n in ranked]
-            flags = [0.0 if sc > 0 else 1.0 for sc, _ in ranked]
+        flag_scores = take(len(flag_names))
         if agree_every:
             self._agree_every(int(take(1)[0]))
 
@@ -1097,7 +1152,8 @@ class Monitor:
             )
         origin = None
         if flag_names and not math.isfinite(global_norm):
-            origin = next((n for n, f in zip(flag_names, flags, strict=True) if f < 0.5), None)
+            best = max(range(len(flag_scores)), key=flag_scores.__getitem__)
+            origin = flag_names[best] if flag_scores[best] > 0 else None
             if origin is None:  # forward was finite: the deepest layer whose gradient is not
                 origin = next((s.name for s in reversed(layer_stats) if not math.isfinite(s.grad_norm)), None)
         if lr is None and self.optimizer is not None and self.optimizer.param_groups:
@@ -1141,9 +1197,8 @@ class Monitor:
         Under ``sync`` (reduced over ranks) the layout is fixed — every watched site and every module,
         whether or not it ran on this rank — so that ranks whose forward took different paths still
         reduce matching entries: each site carries the count of ranks where it ran, and its statistics
-        are averaged over those ranks. A module's flag is then a score, ``_EARLY - i`` for its first
-        non-finite output at call ``i`` of its rank's forward (0 if none), max-reduced, so that the
-        earliest non-finite module of any rank wins.
+        are averaged over those ranks. The modules' non-finite scores (see :meth:`_finite_post`) are
+        max-reduced, so that the earliest module of any rank that made a NaN/inf wins.
         """
         pending = self._pending
         if not sync:
@@ -1151,11 +1206,10 @@ class Monitor:
             hists = [n for n in acts if n in pending.hists]
             parts.extend((pending.acts[n].to(device, dt), None) for n in acts)
             parts.extend((pending.hists[n].to(device, dt), None) for n in hists)
-            flag_names = [n for n, _ in pending.finite_flags]
-            if flag_names:  # 1 where the module's output was NaN/inf
-                bad = (~torch.stack([f for _, f in pending.finite_flags])).to(device, dt)
-                parts.append((bad, None))
-            return acts, hists, flag_names
+            if pending.flag_scores is None:
+                return acts, hists, []
+            parts.append((pending.flag_scores.to(device, dt), None))
+            return acts, hists, [n for n, _ in self.model.named_modules()]
         acts = [s.name for s in self._sites] if self.activations else []
         one = torch.ones(1, dtype=dt, device=device)
         for n in acts:
@@ -1168,14 +1222,8 @@ class Monitor:
         if not self.locate_nonfinite:
             return acts, hists, []
         names = [n for n, _ in self.model.named_modules()]
-        bad = one.new_zeros(len(names))
-        if pending.finite_flags:
-            where = {n: i for i, n in enumerate(names)}
-            idx = torch.tensor([where[n] for n, _ in pending.finite_flags], device=device)
-            calls = (~torch.stack([f for _, f in pending.finite_flags])).to(device, dt)
-            order = torch.arange(len(pending.finite_flags), dtype=dt, device=device)
-            bad.scatter_reduce_(0, idx, calls * (_EARLY - order), reduce="amax")
-        parts.append((bad, "max"))
+        scores = pending.flag_scores
+        parts.append((scores.to(device, dt) if scores is not None else one.new_zeros(len(names)), "max"))
         return acts, hists, names
 
     def _grad_set(self, positions: list[int]) -> tuple[Tensor, list[int]]:

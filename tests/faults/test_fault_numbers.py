@@ -162,3 +162,73 @@ def test_layers_never_called_still_go_last() -> None:
         model(torch.randn(2, 3)).sum().backward()
         mon.step()
     assert [layer.name for layer in mon.layers] == ["a", "b", "spare"]
+
+
+class _MaskedAttention(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = (self.q(x) @ self.k(x).transpose(-1, -2)).masked_fill(~mask, -math.inf)
+        return self.proj(torch.softmax(scores, dim=-1) @ self.v(x))  # a fully masked row: NaN
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.attn, self.head = nn.Linear(4, 8), _MaskedAttention(), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.inp(x), mask))
+
+
+def test_nan_made_by_tensor_code_inside_a_module_is_blamed_on_that_module() -> None:
+    torch.manual_seed(0)
+    model = _Masked()
+    mask = torch.ones(2, 5, 5, dtype=torch.bool)
+    mask[0, 3] = False  # query 3 of sample 0 may attend to nothing
+    with gs.Monitor(model, locate_nonfinite=True) as mon:
+        model(torch.randn(2, 5, 4), mask).sum().backward()
+        rec = mon.step()
+    assert rec is not None and not rec.finite
+    assert rec.nonfinite_origin == "attn"  # not attn.proj, which only received the NaN
+
+
+def test_a_nan_layer_is_still_its_own_origin() -> None:
+    torch.manual_seed(0)
+    model = _Masked()
+    with torch.no_grad():
+        model.attn.v.weight[0, 0] = math.nan
+    with gs.Monitor(model, locate_nonfinite=True) as mon:
+        model(torch.randn(2, 5, 4), torch.ones(2, 5, 5, dtype=torch.bool)).sum().backward()
+        rec = mon.step()
+    assert rec is not None and rec.nonfinite_origin == "attn.v"
+
+
+def test_forward_passes_that_never_reach_step_keep_memory_bounded() -> None:
+    """locate_nonfinite with 3,000 forwards (with gradients) before the next step(): no growth."""
+    import gc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(2, 4)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    with gs.Monitor(model, locate_nonfinite=True) as mon:
+        model(x).sum().backward()
+        mon.step()
+        model(x)
+        start = live_tensors()
+        for i in range(3000):
+            out = model(x)
+            if i == 1500:
+                out = out * math.nan  # outside every module: not an origin
+        grown = live_tensors() - start
+        model(x).sum().backward()
+        rec = mon.step()
+    assert grown < 50, f"{grown} tensors kept by 3,000 forwards"
+    assert rec is not None and rec.finite
