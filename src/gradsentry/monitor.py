@@ -289,7 +289,11 @@ class Monitor:
             ranks, so that every rank gets the same records and findings. Under sharded gradients
             they ride on the same two collectives; under DDP this costs one small
             ``all_reduce(SUM)`` (and one ``all_reduce(MAX)`` with ``locate_nonfinite``) per logged
-            step. False: no collective at all under DDP; records then hold each rank's own loss.
+            step, which also carries one non-finite indicator per layer: a NaN/inf in one rank's
+            copy of a replicated gradient (written after DDP's reduction) is recorded by every rank,
+            rank 0 included (its count is then max-reduced, one more collective on that rare step).
+            False: no collective at all under DDP; records then hold each rank's own loss and
+            gradient, and a NaN local to one rank is seen by that rank only.
         rank_zero_only_sinks: write the sinks on rank 0 only (the other ranks keep the records in
             memory). False: every rank writes its sinks.
         dist_timeout: seconds to wait for a collective before raising
@@ -1003,6 +1007,16 @@ class Monitor:
             loss_t = torch.as_tensor(loss).detach().reshape(-1)[:1].to(device, dt)
             parts.append((loss_t, local_op("mean")))
         act_names, hist_names, flag_names = self._pack_local(parts, sync, device, dt)
+        # Replicated gradients (DDP) are identical on every rank after DDP's all-reduce, so their norms
+        # need no collective; but a NaN/inf written into one rank's copy afterwards (a rank-local bug,
+        # a hook) stays on that rank. When syncing, one indicator per layer rides on the SUM, so that
+        # rank 0 (the writer) records the NaN too.
+        check_replicas = sync and ctx is not None and not ctx.sharded
+        if check_replicas:
+            bad_here = (
+                ~torch.isfinite(stats.layer_sum(g_sq, index, L)) if g else torch.zeros(L, dtype=torch.bool)
+            )
+            parts.append((bad_here.to(device, dt), "sum"))
         nan_pos = len(parts) if shard_max and self.max_abs else None  # a MAX may drop NaN: flag it
         if nan_pos is not None:
             parts.append((torch.isnan(parts[1][0]).to(dt), shard_max))
@@ -1068,6 +1082,21 @@ class Monitor:
         hist_values = {name: take(self.histogram_bins) for name in hist_names}
         hist_values = {name: h for name, h in hist_values.items() if name in act_values}
         flag_scores = take(len(flag_names))
+        elsewhere: list[int] = []  # layers non-finite on another rank only
+        replicas_differ = False  # decided from reduced figures: the same on every rank
+        if check_replicas:
+            assert ctx is not None
+            ranks_bad = take(L)
+            replicas_differ = any(0 < n < ctx.world_size for n in ranks_bad)
+            elsewhere = [
+                i
+                for i, (n, sq) in enumerate(zip(ranks_bad, g_sq_l, strict=True))
+                if n > 0 and math.isfinite(sq)
+            ]
+            for i in elsewhere:
+                g_sq_l[i] = math.nan
+                if self.max_abs:
+                    g_max_l[i] = math.nan
         if agree_every:
             self._agree_every(int(take(1)[0]))
 
@@ -1082,13 +1111,16 @@ class Monitor:
                 if numel[i] and not (math.isfinite(sq) and (mx is None or math.isfinite(mx)))
             ]
         )
-        nonfinite_counts = self._count_nonfinite(bad_layers) if bad_layers else {}
+        nonfinite_counts = (
+            self._count_nonfinite(bad_layers, across_replicas=replicas_differ) if bad_layers else {}
+        )
         # float32 squares underflow for entries below ~1e-19 (deep vanishing gradients) and overflow
         # for norms above ~1.8e19 with every entry finite: recompute those layers in float64.
         at_risk = [
             i
             for i, (sq, mx) in enumerate(zip(g_sq_l, g_max_l, strict=True))
             if numel[i]
+            and i not in elsewhere
             and (
                 (not math.isfinite(sq) and i in nonfinite_counts and nonfinite_counts[i] == 0)
                 or (sq < numel[i] * _TINY_MEAN_SQUARE and (mx is None or mx > 0))
@@ -1242,7 +1274,9 @@ class Monitor:
             self._grad_set_cache = {key: cached}
         return cached
 
-    def _layer_totals(self, layers: list[int], per_grad: Callable[[Tensor], Tensor]) -> list[float]:
+    def _layer_totals(
+        self, layers: list[int], per_grad: Callable[[Tensor], Tensor], op: str | None = None
+    ) -> list[float]:
         """``sum(per_grad(g))`` over the raw gradients (this rank's counted parts, sparse ones as their
         entries) of each of these layers, summed over ranks when sharded; one more transfer.
 
@@ -1264,6 +1298,8 @@ class Monitor:
         total = torch.stack(totals)
         if self._dist is not None and self._dist.sharded:
             total = self._dist.all_reduce_(total, "sum")
+        elif self._dist is not None and op is not None:
+            total = self._dist.all_reduce_(total, op)
         return total.cpu().tolist()
 
     def _exact_sq(self, layers: list[int]) -> dict[int, float]:
@@ -1271,9 +1307,14 @@ class Monitor:
         dt = stats.reduce_dtype(self._all_params()[0][0].device)
         return dict(zip(layers, self._layer_totals(layers, lambda g: g.to(dt).square().sum()), strict=True))
 
-    def _count_nonfinite(self, layers: list[int]) -> dict[int, int]:
-        """Count NaN/inf gradient entries of these layers (called for layers whose norm is not finite)."""
-        counts = self._layer_totals(layers, lambda g: (~torch.isfinite(g)).sum())
+    def _count_nonfinite(self, layers: list[int], across_replicas: bool = False) -> dict[int, int]:
+        """Count NaN/inf gradient entries of these layers (called for layers whose norm is not finite).
+
+        ``across_replicas``: replicated copies differ (a NaN on one rank only); the counts are then the
+        largest over ranks (one more ``all_reduce(MAX)``, on every rank alike: the decision comes from
+        reduced figures), so that every rank records the same count."""
+        op = "max" if across_replicas else None
+        counts = self._layer_totals(layers, lambda g: (~torch.isfinite(g)).sum(), op)
         return dict(zip(layers, (int(c) for c in counts), strict=True))
 
     def _agree_every(self, agreed: int) -> None:
