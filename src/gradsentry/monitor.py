@@ -46,6 +46,8 @@ NO_PARAMS_MSG = (
     "Pass the module that owns the trainable parameters."
 )
 
+_MAX_LISTED_SKIPS = 1000  # labels of skipped unlogged steps listed in one record (all are counted)
+
 ALERT_WINDOW = 200
 """How many of the most recent records a live alert diagnoses (:func:`alert_finding`): enough for the
 spike test's trailing window (20) and the growth window (50), and a bounded cost per alert however long
@@ -439,6 +441,9 @@ class Monitor:
         self._remedy_names: dict[int, tuple[str, str]] | None = None
         self._warned_no_grad = False
         self._remedy_params: set[str] | None = None
+        self._skipped_steps: list[int] = []  # unlogged steps the remedy skipped since the last record
+        self._skipped_count = 0
+        self._skips_dev: Tensor | None = None  # the same, from device flags
         # Detecting step() called twice for one optimizer step: a trainable parameter whose gradient
         # object and version are compared between calls, and (with an optimizer) a count of its steps.
         self._probe = next((p for layer in self._layers for p in layer.params if p.requires_grad), None)
@@ -843,7 +848,8 @@ class Monitor:
                     self._next_log = current + self.every
                     self._pending = _Pending()
             elif self.remedy is not None:
-                self._call_remedy(self._all_params()[0], loss=loss)
+                result = self._call_remedy(self._all_params()[0], loss=loss)
+                self._note_unlogged_skip(result, current if step is None else int(step))
         finally:  # arm (or disarm) the hooks for the coming step even after an error
             if self.step_count == self._next_log:  # the coming optimizer step precedes a logged step
                 self._arm_optimizer()
@@ -884,6 +890,46 @@ class Monitor:
             )
         elif callable(action):
             action(finding)
+
+    def _note_unlogged_skip(self, result: Any, label: int) -> None:
+        """Remember that the remedy skipped this unlogged step, for the next record's actions.
+
+        A host flag (``NonFiniteGuard()``, ``Rollback``: already copied by the remedy) keeps the
+        step's label; a device flag (``NonFiniteGuard(sync=False)``) is added to a device counter,
+        read with the next logged step's transfer: no sync here.
+        """
+        pending: list[Any] = [result]
+        while pending:
+            r = pending.pop()
+            flag = getattr(r, "skipped", None)
+            if isinstance(flag, Tensor):
+                if self._skips_dev is None or self._skips_dev.device != flag.device:
+                    self._skips_dev = torch.zeros(
+                        (),
+                        dtype=torch.float64 if flag.device.type == "cpu" else torch.float32,
+                        device=flag.device,
+                    )
+                self._skips_dev.add_(flag.detach().reshape(-1)[:1].sum().to(self._skips_dev.dtype))
+            elif flag is True:
+                self._skipped_steps.append(label)
+                if len(self._skipped_steps) > _MAX_LISTED_SKIPS:
+                    self._skipped_steps.pop(0)
+                self._skipped_count += 1
+                return
+            pending.extend(getattr(r, "children", None) or [])
+
+    def _skip_action(self, device_skips: int) -> dict[str, Any] | None:
+        """The action telling which unlogged steps since the previous logged step a remedy skipped."""
+        count = self._skipped_count + device_skips
+        if count == 0:
+            return None
+        action = {
+            "remedy": type(self.remedy).__name__,
+            "skipped_unlogged": count,  # steps between the previous logged step and this one
+            "skipped_unlogged_steps": list(self._skipped_steps),  # their labels, when known on the host
+        }
+        self._skipped_steps, self._skipped_count = [], 0
+        return action
 
     def _flush_sinks(self) -> None:
         """Push what the sinks buffered to disk (sinks with a ``flush`` method), e.g. before raising."""
@@ -1035,6 +1081,10 @@ class Monitor:
             reduced[0] = stats.layer_sum(reduced[0], index, L)
         if nan_pos is not None:
             reduced[1] = torch.where(reduced.pop(nan_pos) > 0, torch.nan, reduced[1])
+        device_skips = self._skips_dev
+        self._skips_dev = None
+        if device_skips is not None:
+            reduced.append(device_skips.reshape(1).to(device, dt))
         # The remedy runs now: after every gradient statistic above was computed from the raw
         # gradients, before the transfer, so that its figures travel in the same copy.
         remedy_result: Any = None
@@ -1099,6 +1149,7 @@ class Monitor:
                     g_max_l[i] = math.nan
         if agree_every:
             self._agree_every(int(take(1)[0]))
+        skip_action = self._skip_action(round(take(1)[0]) if device_skips is not None else 0)
 
         total_sq = math.fsum(g_sq_l)
         all_finite = math.isfinite(total_sq) and (not self.max_abs or math.isfinite(math.fsum(g_max_l)))  # type: ignore[arg-type]
@@ -1202,6 +1253,8 @@ class Monitor:
             activations=acts,
             nonfinite_origin=origin,
         )
+        if skip_action is not None:
+            record.actions.append(skip_action)
         if remedy_finalize is not None:
             record.actions.extend(remedy_finalize(remedy_values))
         elif remedy_result is not None:  # a user remedy without pack_dicts: its own copy to the host

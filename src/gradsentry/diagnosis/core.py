@@ -55,17 +55,31 @@ def _skipped(rec: StepRecord) -> bool:
     return any(isinstance(a, Mapping) and a.get("skipped") is True for a in rec.actions)
 
 
+def _skipped_between(rec: StepRecord) -> list[int]:
+    """Unlogged steps a remedy skipped before this record (the Monitor's ``skipped_unlogged_steps``)."""
+    out: list[int] = []
+    for a in rec.actions:
+        steps = a.get("skipped_unlogged_steps") if isinstance(a, Mapping) else None
+        if isinstance(steps, list):
+            out += [s for s in steps if isinstance(s, int) and not isinstance(s, bool)]
+    return out
+
+
 def signals_from_records(records: Sequence[StepRecord], meta: Mapping[str, Any] | None = None) -> RunSignals:
-    """The series of a Monitor run: steps, loss, global norm, lr and the steps a guard skipped.
+    """The series of a Monitor run: steps, loss, global norm, lr and the steps a guard skipped
+    (logged ones, and unlogged ones the next record lists in ``skipped_unlogged_steps``).
 
     Equal, point for point, to what ``gradsentry.logs.load_series`` reads back from the run's JSONL.
     """
+    skipped = {r.step for r in records if _skipped(r)}
+    for r in records:
+        skipped.update(_skipped_between(r))
     return RunSignals.from_lists(
         [r.step for r in records],
         [r.loss for r in records],
         [r.global_norm for r in records],
         [r.lr for r in records],
-        skipped=[r.step for r in records if _skipped(r)],
+        skipped=sorted(skipped),
         meta=dict(meta or {}),
     )
 
