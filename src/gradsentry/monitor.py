@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradsentry import _dist, stats
+from gradsentry.diagnosis.history import RunHistory
 from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, RunHeader, StepRecord
 from gradsentry.remedies.base import lend_names, param_names
 from gradsentry.sinks.base import SafeSink, Sink
@@ -385,7 +386,10 @@ class Monitor:
         self.histogram_range = float(histogram_range)
         self.locate_nonfinite = locate_nonfinite
         self.overhead_budget = overhead_budget
-        self._records: deque[StepRecord] = deque(maxlen=max_records)
+        self.max_records = max_records
+        self._records: deque[StepRecord] = deque()
+        # What leaves the window: its series and the records the verdict needs (diagnosis/history.py).
+        self._history = RunHistory(sample_size=max_records)
         self._sinks = [SafeSink(s) for s in sinks]
         self._meta = {**_optimizer_meta(optimizer), **(meta or {})}
         self.step_count = 0
@@ -1268,9 +1272,15 @@ class Monitor:
         cost = time.perf_counter() - t_start + self._hook_time
         self._hook_time = 0.0
         record.overhead = self._overhead(cost)
-        self._records.append(record)
+        self._keep(record)
         self._emit(record)
         return record
+
+    def _keep(self, record: StepRecord) -> None:
+        """Keep the record in the window; the one it pushes out goes to the run's history."""
+        self._records.append(record)
+        while len(self._records) > self.max_records:
+            self._history.absorb(self._records.popleft())
 
     def _pack_local(
         self, parts: list[tuple[Tensor, str | None]], sync: bool, device: torch.device, dt: torch.dtype
@@ -1442,14 +1452,31 @@ class Monitor:
             self._records[-1].actions.append(dict(action))
 
     def diagnose(self, **overrides: Any) -> list[Finding]:
-        """Diagnose the records kept so far; see :func:`gradsentry.diagnose` for the rules.
+        """Diagnose the whole run so far; see :func:`gradsentry.diagnose` for the rules.
+
+        Covers every logged step, not only the ``max_records`` records kept: the series rules (NaN/inf,
+        spikes, growth, skipped steps, the loss) read the run's full series, and the per-layer rules
+        the kept records plus those pinned for them (the first NaN/inf record, the largest update
+        ratios) and a uniform sample of the older ones (see :mod:`gradsentry.diagnosis.history`).
+        The findings :meth:`close` writes are these.
 
         Args:
             **overrides: threshold overrides, e.g. ``vanishing_ratio=1e-4``.
         """
         from gradsentry.diagnose import diagnose
 
-        return diagnose(self.records, layers=self.layers, meta=self.header.meta, **overrides)
+        live = list(self._records)
+        history = self._history
+        if not history.absorbed:
+            return diagnose(live, layers=self.layers, meta=self.header.meta, **overrides)
+        meta = self.header.meta
+        return diagnose(
+            history.records(live),
+            layers=self.layers,
+            meta=meta,
+            signals=history.signals(live, meta),
+            **overrides,
+        )
 
     def close(self, *, write_findings: bool = True) -> None:
         """Remove every hook this Monitor added and close its sinks (idempotent).
@@ -1470,7 +1497,7 @@ class Monitor:
         self._opt_handles.clear()
         self._snapshot = self._snapshot_buffer = None
         if self._sinks and self._sinks_opened:
-            if write_findings and self._records:
+            if write_findings and (self._records or self._history.absorbed):
                 try:
                     findings = self.diagnose()
                 except Exception as exc:  # diagnosis must never lose the log

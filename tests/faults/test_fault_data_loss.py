@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -52,3 +53,67 @@ def test_steps_a_guard_skipped_between_logged_steps_leave_a_trace(tmp_path: Path
         found = {f.kind: f for f in run.findings}
         assert found["skipped_steps"].steps == [2, 3]
         assert {f.kind: f.steps for f in gs.diagnose(run.records)}["skipped_steps"] == [2, 3]
+
+
+def _verdict(findings: list) -> str:
+    """Findings as text (NaN evidence compares equal)."""
+    return json.dumps([f.to_dict() for f in findings], default=str)
+
+
+def _nan_run(path: Path, max_records: int) -> tuple[gs.Monitor, list]:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gs.NonFiniteGuard()
+    with gs.Monitor(
+        model, optimizer=opt, remedy=guard, max_records=max_records, sinks=[JsonlSink(path)]
+    ) as mon:
+        for step in range(200):
+            x, y = _batch(step)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if step == 50:
+                model[2].weight.grad[0, 0] = math.nan
+            mon.step(loss=loss)
+            opt.step()
+            opt.zero_grad()
+        live = mon.diagnose()
+    return mon, live
+
+
+def test_findings_at_close_cover_the_whole_run_beyond_max_records(tmp_path: Path) -> None:
+    """A NaN at step 50 of 200 with max_records=5 is in the findings written at close."""
+    mon, live = _nan_run(tmp_path / "small.jsonl", max_records=5)
+    assert len(mon.records) == 5
+    run = read_jsonl(tmp_path / "small.jsonl")
+    found = {f.kind: f for f in run.findings}
+    assert found["nonfinite"].steps[0] == 50
+    assert found["nonfinite"].layers[0] == "2"
+    assert found["skipped_steps"].steps == [50]
+    # the same verdict as a Monitor that kept every record, and as the log read back
+    _, full = _nan_run(tmp_path / "full.jsonl", max_records=1000)
+    summary = _verdict(full)
+    assert _verdict(run.findings) == summary
+    assert _verdict(live) == summary
+    assert _verdict(gs.diagnose(run.records, run.header.layers, meta=run.header.meta)) == summary
+
+
+def test_an_early_update_blow_up_is_kept_beyond_max_records() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    records = []
+    with gs.Monitor(model, optimizer=opt, max_records=3) as mon:
+        for step in range(60):
+            x, y = _batch(step)
+            nn.functional.mse_loss(model(x), y).backward()
+            records.append(mon.step())
+            if step == 2:
+                model[0].weight.grad = -5000.0 * model[0].weight.detach() / 1e-3  # update 5,000x w
+            opt.step()
+            opt.zero_grad()
+    upd = [f for f in mon.diagnose() if f.evidence.get("pattern") == "update_ratio"]
+    assert upd and upd[0].evidence["first_step"] == 3
+    full = [f for f in gs.diagnose(records, mon.layers) if f.evidence.get("pattern") == "update_ratio"]
+    assert upd[0].evidence["max_update_ratio"] == full[0].evidence["max_update_ratio"]
+    at3 = next(r for r in records if r.step == 3).layer("0").update_ratio
+    assert at3 == pytest.approx(5000.0, rel=1e-4)  # SGD: dw = -lr * g = 5000 w
