@@ -117,3 +117,72 @@ def test_an_early_update_blow_up_is_kept_beyond_max_records() -> None:
     assert upd[0].evidence["max_update_ratio"] == full[0].evidence["max_update_ratio"]
     at3 = next(r for r in records if r.step == 3).layer("0").update_ratio
     assert at3 == pytest.approx(5000.0, rel=1e-4)  # SGD: dw = -lr * g = 5000 w
+
+
+def _train(mon: gs.Monitor, model: nn.Module, steps: range) -> None:
+    for step in steps:
+        x, y = _batch(step)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        mon.step(loss=loss, step=step)
+        model.zero_grad()
+
+
+def test_a_resumed_run_appends_to_its_logs_and_reads_back_as_one_run(tmp_path: Path, caplog) -> None:
+    from gradsentry.logs import load_series
+    from gradsentry.sinks import CsvSink
+
+    jsonl, csv_path = tmp_path / "run.jsonl", tmp_path / "run.csv"
+    model = _model()
+    mon = gs.Monitor(model, sinks=[JsonlSink(jsonl), CsvSink(csv_path)])
+    _train(mon, model, range(10))
+    mon.close(write_findings=False)
+    for path in (jsonl, csv_path):  # the kill cut the last line of each file
+        data = path.read_bytes()
+        path.write_bytes(data[:-7])
+    first_part = read_jsonl(jsonl)  # the cut last line is skipped
+    assert [r.step for r in first_part.records] == list(range(9))
+    # restart from the checkpoint of step 6: steps 6.. are redone
+    model = _model()
+    with caplog.at_level("WARNING", logger="gradsentry"):
+        with gs.Monitor(model, sinks=[JsonlSink(jsonl), CsvSink(csv_path)]) as mon:
+            _train(mon, model, range(6, 15))
+            resumed = mon.records
+    assert caplog.text.count("cut short") == 2
+    run = read_jsonl(jsonl)
+    assert [r.step for r in run.records] == list(range(15))
+    assert [r.to_dict() for r in run.records[6:]] == [r.to_dict() for r in resumed]
+    assert [r.to_dict() for r in run.records[:6]] == [r.to_dict() for r in first_part.records[:6]]
+    lines = jsonl.read_text().splitlines()
+    assert sum('"kind":"header"' in ln for ln in lines) == 2 and '"resumed":true' in lines[10]
+    # the CSV keeps one header row; the redone steps' rows come later and win when read per step
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("step,layer,") and sum(r.startswith("step,") for r in rows) == 1
+    steps = [int(r.split(",")[0]) for r in rows[1:]]
+    assert steps == [s for s in range(10) for _ in range(2)][:-1] + [s for s in range(6, 15) for _ in range(2)]
+    series = load_series(jsonl)
+    assert series.steps == list(range(15))
+
+
+def test_resume_false_replaces_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.jsonl"
+    for _ in range(2):
+        model = _model()
+        with gs.Monitor(model, sinks=[JsonlSink(path, resume=False)]) as mon:
+            _train(mon, model, range(3))
+    assert path.read_text().count('"kind":"header"') == 1
+
+
+def test_two_monitors_on_one_jsonl_path_refuse_the_second_writer(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "run.jsonl"
+    a, b = _model(), _model()
+    with caplog.at_level("ERROR", logger="gradsentry"):
+        with gs.Monitor(a, sinks=[JsonlSink(path)]) as mon_a, gs.Monitor(b, sinks=[JsonlSink(path)]) as mon_b:
+            for step in range(4):
+                _train(mon_a, a, range(step, step + 1))
+                _train(mon_b, b, range(step, step + 1))
+    assert "is being written by another gradsentry sink" in caplog.text
+    assert str(path) in caplog.text
+    run = read_jsonl(path)  # readable, and only the first Monitor's lines
+    assert [r.step for r in run.records] == [0, 1, 2, 3]
+    assert [r.to_dict() for r in run.records] == [r.to_dict() for r in mon_a.records]
