@@ -144,10 +144,10 @@ def test_a_resumed_run_appends_to_its_logs_and_reads_back_as_one_run(tmp_path: P
     assert [r.step for r in first_part.records] == list(range(9))
     # restart from the checkpoint of step 6: steps 6.. are redone
     model = _model()
-    with caplog.at_level("WARNING", logger="gradsentry"):
-        with gs.Monitor(model, sinks=[JsonlSink(jsonl), CsvSink(csv_path)]) as mon:
-            _train(mon, model, range(6, 15))
-            resumed = mon.records
+    sinks = [JsonlSink(jsonl), CsvSink(csv_path)]
+    with caplog.at_level("WARNING", logger="gradsentry"), gs.Monitor(model, sinks=sinks) as mon:
+        _train(mon, model, range(6, 15))
+        resumed = mon.records
     assert caplog.text.count("cut short") == 2
     run = read_jsonl(jsonl)
     assert [r.step for r in run.records] == list(range(15))
@@ -159,7 +159,9 @@ def test_a_resumed_run_appends_to_its_logs_and_reads_back_as_one_run(tmp_path: P
     rows = csv_path.read_text().splitlines()
     assert rows[0].startswith("step,layer,") and sum(r.startswith("step,") for r in rows) == 1
     steps = [int(r.split(",")[0]) for r in rows[1:]]
-    assert steps == [s for s in range(10) for _ in range(2)][:-1] + [s for s in range(6, 15) for _ in range(2)]
+    assert steps == [s for s in range(10) for _ in range(2)][:-1] + [
+        s for s in range(6, 15) for _ in range(2)
+    ]
     series = load_series(jsonl)
     assert series.steps == list(range(15))
 
@@ -176,11 +178,14 @@ def test_resume_false_replaces_the_file(tmp_path: Path) -> None:
 def test_two_monitors_on_one_jsonl_path_refuse_the_second_writer(tmp_path: Path, caplog) -> None:
     path = tmp_path / "run.jsonl"
     a, b = _model(), _model()
-    with caplog.at_level("ERROR", logger="gradsentry"):
-        with gs.Monitor(a, sinks=[JsonlSink(path)]) as mon_a, gs.Monitor(b, sinks=[JsonlSink(path)]) as mon_b:
-            for step in range(4):
-                _train(mon_a, a, range(step, step + 1))
-                _train(mon_b, b, range(step, step + 1))
+    with (
+        caplog.at_level("ERROR", logger="gradsentry"),
+        gs.Monitor(a, sinks=[JsonlSink(path)]) as mon_a,
+        gs.Monitor(b, sinks=[JsonlSink(path)]) as mon_b,
+    ):
+        for step in range(4):
+            _train(mon_a, a, range(step, step + 1))
+            _train(mon_b, b, range(step, step + 1))
     assert "is being written by another gradsentry sink" in caplog.text
     assert str(path) in caplog.text
     run = read_jsonl(path)  # readable, and only the first Monitor's lines

@@ -168,7 +168,9 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, EntryKind, A
                     return
                 raise LogFormatError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from exc
             except RecursionError:
-                raise LogFormatError(f"{p}:{lineno}: JSON nested too deeply to be a gradsentry record") from None
+                raise LogFormatError(
+                    f"{p}:{lineno}: JSON nested too deeply to be a gradsentry record"
+                ) from None
             try:
                 if not header_seen:
                     header_seen = True
@@ -191,7 +193,9 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, EntryKind, A
             except RecordError as exc:
                 raise LogFormatError(f"{p}:{lineno}: {exc}") from exc
             except RecursionError:
-                raise LogFormatError(f"{p}:{lineno}: JSON nested too deeply to be a gradsentry record") from None
+                raise LogFormatError(
+                    f"{p}:{lineno}: JSON nested too deeply to be a gradsentry record"
+                ) from None
     if not header_seen:
         raise LogFormatError(f"{p}: empty file, expected a gradsentry JSONL header line")
 
