@@ -81,7 +81,7 @@ class LayerInfo:
             raise RecordError(f"layer entry is missing {exc}") from exc
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerStats:
     """Gradient and weight statistics of one layer at one step.
 
@@ -137,7 +137,7 @@ class LayerStats:
             raise RecordError(f"layer statistics are missing {exc}") from exc
 
 
-@dataclass
+@dataclass(slots=True)
 class ActivationStats:
     """Statistics of one activation module (Sigmoid, Tanh, ReLU, ...) on one forward pass.
 
@@ -185,7 +185,7 @@ class ActivationStats:
             raise RecordError(f"activation statistics are missing {exc}") from exc
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     """Everything measured at one logged optimizer step.
 
