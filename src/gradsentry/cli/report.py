@@ -55,7 +55,11 @@ def register(app: typer.Typer) -> None:
         target = out if out is not None else path.with_suffix(".html")
         if target.suffix.lower() not in (".html", ".htm"):
             raise fail(f"--out must end in .html (the report is an HTML page), got {target.name!r}")
-        if target.resolve() == path.resolve():
+        try:
+            same = target.resolve() == path.resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13), ELOOP
+            raise fail(f"{str(path)[:200]!r} cannot be resolved: {exc}") from None
+        if same:
             raise fail(f"--out {str(target)!r} would overwrite the input; choose another file")
         lab_result = run = None
         try:
