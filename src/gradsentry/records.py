@@ -41,10 +41,15 @@ def _num(value: Any) -> float | None:
         raise RecordError(f"expected a number, got {value!r}") from exc
 
 
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 def _from_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise RecordError(f"expected an object for {cls.__name__}, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
     return {k: v for k, v in data.items() if k in names}
 
 

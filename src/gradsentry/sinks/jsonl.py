@@ -12,12 +12,18 @@ import json
 import logging
 import math
 import os
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from gradsentry.records import Finding, RecordError, Run, RunHeader, StepRecord
 from gradsentry.sinks._file import LogInUseError, open_log
+
+if TYPE_CHECKING:
+    from gradsentry.diagnosis.history import RunHistory
+    from gradsentry.diagnosis.series_rules import RunSignals
 
 log = logging.getLogger("gradsentry")
 
@@ -127,6 +133,9 @@ def _parse_constant(name: str) -> float:
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
 
 
+_DECODE = json.JSONDecoder(parse_constant=_parse_constant).decode  # one decoder for every line
+
+
 EntryKind = Literal["header", "resumed", "step", "findings"]
 
 
@@ -158,10 +167,10 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, EntryKind, A
                     f"{p}:{lineno}: not a text file (byte {exc.start} of the line is not UTF-8); "
                     "expected gradsentry JSONL"
                 ) from exc
-            if not line.strip():
+            if len(line) < 4 and not line.strip():
                 continue
             try:
-                obj = json.loads(line, parse_constant=_parse_constant)
+                obj = _DECODE(line)
             except json.JSONDecodeError as exc:
                 if not raw.endswith(b"\n") and header_seen:
                     log.warning("%s:%d: truncated last line skipped (the run was probably killed)", p, lineno)
@@ -248,4 +257,85 @@ def read_jsonl(path: str | os.PathLike[str]) -> Run:
     return Run(header=header, records=records, findings=findings)
 
 
-__all__ = ["JsonlSink", "LogFormatError", "LogInUseError", "iter_jsonl", "read_jsonl"]
+@dataclass
+class ScannedRun:
+    """A JSONL run read in one pass with bounded memory (:func:`scan_jsonl`).
+
+    Attributes:
+        header: the latest header (a resumed part's when there is one).
+        history: the compact series of every step before the last ``window`` ones, and the records kept
+            from them (see :class:`gradsentry.diagnosis.history.RunHistory`).
+        window: the last ``window`` step records, in full.
+        findings: the findings stored in the file (after its last resume).
+    """
+
+    header: RunHeader
+    history: RunHistory
+    window: list[StepRecord]
+    findings: list[Finding]
+
+    @property
+    def records(self) -> list[StepRecord]:
+        """The records kept: those the history holds, then the window (see :meth:`RunHistory.records`)."""
+        return self.history.records(self.window)
+
+    def signals(self) -> RunSignals:
+        """The whole run's series (every step line of the file)."""
+        return self.history.signals(self.window, self.header.meta)
+
+
+def scan_jsonl(path: str | os.PathLike[str], *, window: int = 4096, sample: int = 1024) -> ScannedRun:
+    """Read a gradsentry JSONL run in one pass, keeping the last ``window`` records in full and, of the
+    older ones, their series points and a few records (the :class:`~gradsentry.diagnosis.history.RunHistory`
+    a Monitor keeps): memory stays bounded however long the run (a 1e6-step log: ~34 MB of series).
+    Records leaving the window are only turned into :class:`StepRecord` objects when kept. Resumed parts
+    join as in :func:`read_jsonl`. With no more than ``window`` step lines, the records are all of them.
+
+    Raises:
+        FileNotFoundError, LogFormatError: as :func:`read_jsonl`.
+    """
+    from gradsentry.diagnosis.history import RunHistory
+
+    header: RunHeader | None = None
+    history = RunHistory(sample_size=sample)
+    live: deque[tuple[int, Any]] = deque()  # (line number, step dict): built into records at the end
+    findings: list[Finding] = []
+    resumed = False
+    for lineno, kind, value in iter_jsonl(path):
+        if kind == "header":
+            header = value
+        elif kind == "resumed":
+            header, findings, resumed = value, [], True
+        elif kind == "step":
+            if resumed:  # the resumed part redoes the steps from its first one on
+                first = value.get("step")
+                if isinstance(first, int):
+                    live = deque(
+                        (n, o) for n, o in live if not (isinstance(o.get("step"), int) and o["step"] >= first)
+                    )
+                    history.truncate_from(first)
+                resumed = False
+            live.append((lineno, value))
+            if len(live) > window:
+                n, obj = live.popleft()
+                try:
+                    history.absorb_raw(obj, lambda n=n, obj=obj: step_record(path, n, obj))  # type: ignore[misc]
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    step_record(path, n, obj)  # raises LogFormatError naming the line
+                    raise
+        else:
+            findings = value
+    assert header is not None  # iter_jsonl raises on a file without one
+    records = [step_record(path, n, obj) for n, obj in live]
+    return ScannedRun(header=header, history=history, window=records, findings=findings)
+
+
+__all__ = [
+    "JsonlSink",
+    "LogFormatError",
+    "LogInUseError",
+    "ScannedRun",
+    "iter_jsonl",
+    "read_jsonl",
+    "scan_jsonl",
+]
