@@ -1,4 +1,5 @@
-"""Rollback on disk must survive the crash it exists for: restart, killed writes, a full disk."""
+"""On disk, through the crashes it exists for: Rollback snapshots across restarts, killed writes and a
+full disk; the sinks on a full disk."""
 
 from __future__ import annotations
 
@@ -152,3 +153,56 @@ def test_a_full_disk_keeps_the_old_snapshot_and_warns(tmp_path: Path) -> None:
     assert out["rescue"]["skipped"] and out["rescue"]["restored_step"] == 0 and out["restored"]
     assert "could not write the snapshot of step 1" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot-00000000.pt"]  # no temp file left
+
+
+SINKS_FULL_DISK = textwrap.dedent(
+    """
+    import json, os, resource, signal, sys
+    import torch
+    from torch import nn
+    import gradsentry as gs
+    from gradsentry.sinks import CsvSink, JsonlSink
+
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    sinks = [JsonlSink(out + "/run.jsonl"), CsvSink(out + "/run.csv")]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    with gs.Monitor(model, sinks=sinks) as mon:
+        for step in range(30):
+            if step == 5:  # the disk fills up: no file may grow past 4 KB from here
+                resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            mon.step(loss=float(step))
+            model.zero_grad()
+        kept = [r.to_dict() for r in mon.records]
+    for r in kept:
+        r.pop("overhead")
+    print(json.dumps({"steps": mon.step_count, "records": kept}))
+    """
+)
+
+
+def test_a_full_disk_disables_the_sinks_keeps_training_and_every_complete_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-c", SINKS_FULL_DISK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["steps"] == 30 and len(out["records"]) == 30  # training and the Monitor went on
+    assert "sink JsonlSink failed" in proc.stderr and "sink CsvSink failed" in proc.stderr
+    assert os.path.getsize(tmp_path / "run.jsonl") <= 4096
+    run = gs.read_jsonl(tmp_path / "run.jsonl")  # a cut last line is skipped
+    got = [r.to_dict() for r in run.records]
+    for r in got:
+        r.pop("overhead")
+    assert 5 <= len(got) < 30
+    assert json.dumps(got) == json.dumps(out["records"][: len(got)])
+    rows = (tmp_path / "run.csv").read_text().splitlines()
+    complete = [r for r in rows[1:] if r.count(",") == 12]
+    assert len(complete) >= 2 * 5 - 1  # two layers per step, the rows before the limit
