@@ -114,3 +114,15 @@ def test_every_public_name_resolves_to_its_home_object() -> None:
             continue
         assert value is getattr(importlib.import_module(gs._HOME[name]), name), name
     assert callable(gs.diagnose) and gs.diagnose.__module__ == "gradsentry.diagnosis.core"
+
+
+def test_report_of_a_run_longer_than_the_window_counts_every_step(tmp_path: Path, capsys) -> None:
+    from gradsentry.cli import main
+
+    path = tmp_path / "run.jsonl"
+    write_log(path, 12_000)
+    assert main(["report", str(path), "--out", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "12000 (steps 0–11999)" in html
+    assert ">1</span>, first at step 4000" in html
+    assert "the plots show" in html
