@@ -100,3 +100,37 @@ def test_metrics_csv_cut_mid_row_reads_back_every_complete_row(tmp_path: Path) -
         assert series.loss[:complete] == [1.0 / (s + 1) for s in range(complete)], n
         assert len(series.steps) <= complete + 1, n
     assert not failures, f"{len(failures)} cut points unreadable, e.g. {failures[:2]}"
+
+
+def _tb_events(path: Path) -> list[tuple[str, int, float]]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out = []
+    for event in EventFileLoader(str(path)).Load():
+        for value in event.summary.value:
+            if value.HasField("tensor") and value.metadata.plugin_data.plugin_name == "scalars":
+                out.append((value.tag, event.step, repr(value.tensor.float_val[0])))
+            elif value.HasField("simple_value"):
+                out.append((value.tag, event.step, repr(value.simple_value)))
+    return out
+
+
+def test_tensorboard_file_cut_at_every_byte_reads_a_prefix_of_its_events(tmp_path: Path) -> None:
+    from gradsentry.sinks import TensorBoardSink
+
+    pytest.importorskip("tensorboard")
+    _run([TensorBoardSink(tmp_path / "tb")], steps=3)
+    full = next((tmp_path / "tb").glob("events.out.tfevents.*"))
+    want = _tb_events(full)
+    assert len(want) > 20 and any(tag.endswith("global_norm") for tag, _, _ in want)
+    data = full.read_bytes()
+    cut = tmp_path / "cut" / full.name
+    cut.parent.mkdir()
+    seen = 0
+    for n in range(len(data) + 1):
+        cut.write_bytes(data[:n])
+        got = _tb_events(cut)
+        assert got == want[: len(got)], n  # only whole events, the file's first ones
+        assert len(got) >= seen, n
+        seen = len(got)
+    assert seen == len(want)
