@@ -232,3 +232,32 @@ def test_forward_passes_that_never_reach_step_keep_memory_bounded() -> None:
         rec = mon.step()
     assert grown < 50, f"{grown} tensors kept by 3,000 forwards"
     assert rec is not None and rec.finite
+
+
+def test_an_lstm_wrecked_at_step_0_is_diagnosed_by_its_update_not_only_as_stalled() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gs.Monitor(model, optimizer=opt) as mon:
+        for step in range(60):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(16, 5, 8, generator=g), torch.randn(16, 1, generator=g)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            mon.step(loss=loss)
+            if step == 0:  # the wreck: SGD moves the LSTM by 3,000x its weights
+                for p in model.lstm.parameters():
+                    p.grad = -3000.0 * p.detach() / 0.05
+            opt.step()
+            opt.zero_grad()
+    upd = next(f for f in mon.diagnose() if f.evidence.get("pattern") == "update_ratio")
+    assert upd.layers[0] == "lstm" and upd.steps[0] == 1
+    assert upd.evidence["layer_max_update_ratio"]["lstm"] == pytest.approx(3000.0, rel=1e-4)
