@@ -1,7 +1,9 @@
 """The Monitor: per-layer gradient, weight, update and activation statistics during training.
 
 Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`Monitor.step` only
-increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one pass
+increments a counter and compares one gradient tensor's identity and version with the previous call's
+(to warn about a second call for one optimizer step); no module hook is armed, no device→host copy
+(with ``optimizer=`` a step post-hook counts optimizer steps, one Python increment each). On a logged step it makes one pass
 over the gradients for the L2 norms (:func:`gradsentry.stats.sq_norms`: a fused ``torch._foreach_norm``
 on accelerators, chunked BLAS dots on CPU), one for max |g| (``aminmax`` on CPU), one L2 pass over
 the weights, reduces them into layers on the device, and moves one small tensor to the host.

@@ -190,7 +190,9 @@ def render_run_report(
         bad = signals.steps[bad_mask].tolist()
     else:
         steps = [r.step for r in run.records]
-        bad = [r.step for r in run.records if not r.finite or (r.loss is not None and not math.isfinite(r.loss))]
+        bad = [
+            r.step for r in run.records if not r.finite or (r.loss is not None and not math.isfinite(r.loss))
+        ]
     meta_rows = [(str(k), _fmt_evidence(v)) for k, v in meta.items() if k not in ("activations", "config")]
     layer_rows = []
     if run.records:

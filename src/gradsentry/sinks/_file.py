@@ -43,12 +43,20 @@ def _lock(fd: int, path: Path) -> None:
         log.debug("gradsentry: no lock on %s (%s)", path, exc)
 
 
+def read_at(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset`` (``os.pread`` where it exists, else a seek and a read)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # pragma: no cover - Windows
+    return os.read(fd, size)  # pragma: no cover
+
+
 def complete_prefix(fd: int, size: int) -> int:
     """Length of the file up to and including its last newline (0 when it holds none)."""
     end = size
     while end > 0:
         start = max(0, end - _CHUNK)
-        chunk = os.pread(fd, end - start, start)
+        chunk = read_at(fd, end - start, start)
         at = chunk.rfind(b"\n")
         if at >= 0:
             return start + at + 1

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gradsentry.records import Finding, LayerStats, RunHeader, StepRecord
-from gradsentry.sinks._file import open_log
+from gradsentry.sinks._file import open_log, read_at
 
 CSV_COLUMNS: tuple[str, ...] = (
     "step",
@@ -81,7 +81,7 @@ class CsvSink:
     def open(self, header: RunHeader) -> None:
         fd, kept = open_log(self.path, resume=self.resume)
         if kept:
-            first = os.pread(fd, 4096, 0).split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+            first = read_at(fd, 4096, 0).split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
             if first.lstrip("\ufeff") != ",".join(CSV_COLUMNS):
                 os.close(fd)
                 raise ValueError(
