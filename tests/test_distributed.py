@@ -83,7 +83,7 @@ def _reference(steps: int = 1) -> list[dict[str, Any]]:
             w = torch.cat([p.detach().double().flatten() for p in ps])
             ratio = None
             if before is not None:
-                ratio = ((w - before[name]).norm() / w.norm()).item()
+                ratio = ((w - before[name]).norm() / before[name].norm()).item()
             layers[name] = {
                 "numel": g.numel(),
                 "grad_norm": g.norm().item(),

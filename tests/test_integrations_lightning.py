@@ -122,11 +122,11 @@ def test_records_are_unscaled_pre_clip_and_logged(tmp_path):
         )
         assert r.loss == pytest.approx(module.losses[r.step], rel=1e-6)
         assert r.lr == pytest.approx(0.05)
-    # update-to-weight ratio of net.0 at step s: ||w_s - w_{s-1}|| / ||w_s||, from the oracle's snapshots
+    # update-to-weight ratio of net.0 at step s: ||w_s - w_{s-1}|| / ||w_{s-1}||, from the oracle's snapshots
     assert recs[0].layers[0].update_ratio is None  # no earlier optimizer step
     for s in (1, 2, 3):
         w_prev, w = oracle.first_layer[s - 1], oracle.first_layer[s]
-        want = float((w - w_prev).norm() / w.norm())
+        want = float((w - w_prev).norm() / w_prev.norm())
         assert recs[s].layers[0].name == "net.0"
         assert recs[s].layers[0].update_ratio == pytest.approx(want, rel=1e-4)
     # Every hook is removed and the sink closed at the end of fit

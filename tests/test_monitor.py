@@ -106,7 +106,7 @@ def test_update_to_weight_ratio_of_the_last_optimizer_step() -> None:
         for layer in rec.layers:
             names = [n for n in b if n.rsplit(".", 1)[0] == layer.name]
             du = math.sqrt(sum((a[n].double() - b[n].double()).pow(2).sum().item() for n in names))
-            w = math.sqrt(sum(a[n].double().pow(2).sum().item() for n in names))
+            w = math.sqrt(sum(b[n].double().pow(2).sum().item() for n in names))  # before the update
             assert layer.update_ratio == pytest.approx(du / w, rel=1e-5)
     assert records[1].lr == pytest.approx(1e-2)
 

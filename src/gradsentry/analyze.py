@@ -15,7 +15,8 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,8 +24,11 @@ from gradsentry.diagnosis.core import diagnose, diagnose_series
 from gradsentry.diagnosis.signals import find_growth, find_jumps, find_spikes, loglinear_fit, robust_z
 from gradsentry.diagnosis.thresholds import Thresholds, resolve
 from gradsentry.logs import Series, load_series
-from gradsentry.logs.series import json_safe
+from gradsentry.logs.series import LogFormatError, json_safe, largest_gap
 from gradsentry.records import SEVERITY_ORDER, Finding
+
+if TYPE_CHECKING:
+    from gradsentry.diagnosis.series_rules import RunSignals
 
 __all__ = [
     "AnalyzeThresholds",
@@ -171,13 +175,23 @@ def analyze_log(
         ValueError: an unknown threshold name or an invalid value.
     """
     th = resolve(thresholds, overrides)
-    series = load_series(path, format=format, tags=tags)
-    if series.source == "jsonl":  # a gradsentry run: the Monitor's own verdict, from its records
-        from gradsentry.sinks.jsonl import read_jsonl
+    target = _gradsentry_jsonl(path, format, tags)
+    if target is not None:  # a gradsentry run: the Monitor's own verdict, from its records, in one pass
+        from gradsentry.sinks.jsonl import scan_jsonl
 
-        run = read_jsonl(series.path)
-        findings = diagnose(run.records, layers=run.header.layers, thresholds=th, meta=run.header.meta)
+        scanned = scan_jsonl(target)
+        whole = scanned.signals()
+        series = _jsonl_series(whole, target)
+        signals = whole if scanned.history.absorbed else None
+        findings = diagnose(
+            scanned.records,
+            layers=scanned.header.layers,
+            thresholds=th,
+            meta=scanned.header.meta,
+            signals=signals,
+        )
     else:
+        series = load_series(path, format=format, tags=tags)
         findings = diagnose_series(series, th)
     if any(v is not None and math.isfinite(v) and v <= 0 for v in series.loss):
         series.notes.append(
@@ -190,3 +204,57 @@ def analyze_log(
             "only one finite gradient norm was logged: spikes, jumps and growth could not be judged"
         )
     return LogAnalysis(series=series, findings=findings, thresholds=th)
+
+
+def _gradsentry_jsonl(path: str | os.PathLike[str], format: str, tags: dict[str, str] | None) -> Path | None:
+    """The file when ``path`` is a gradsentry JSONL run read with its fixed keys, else None."""
+    p = Path(path)
+    if tags or format not in ("auto", "jsonl") or not p.is_file():
+        return None  # the readers give the errors (tags on a fixed-key log, a directory, no file)
+    if format == "jsonl":
+        return p
+    from gradsentry.logs.detect import sniff_format
+
+    try:
+        return p if sniff_format(p) == "jsonl" else None
+    except LogFormatError:
+        return None
+
+
+def _jsonl_series(sig: RunSignals, path: Path) -> Series:
+    """The run's loss, global norm and lr as a :class:`Series`, as ``load_series`` reads a JSONL run, built
+    from a scan's series (no per-step dictionaries: a 1e6-step run stays ~100 MB)."""
+    from gradsentry.logs.series import build_series
+
+    steps = sig.steps.tolist()
+    fields = {
+        name: key
+        for name, key, has in (
+            ("loss", "loss", sig.has_loss),
+            ("grad_norm", "global_norm", sig.has_grad),
+            ("lr", "lr", ~np.isnan(sig.lr)),
+        )
+        if bool(has.any())
+    }
+    notes = ["global_norm is the Monitor's global norm before clipping"]
+    if not steps or bool((np.diff(sig.steps) <= 0).any()):
+        points: dict[Any, dict[int, float]] = {
+            "loss": {
+                s: v for s, v, h in zip(steps, sig.loss.tolist(), sig.has_loss.tolist(), strict=True) if h
+            },
+            "grad_norm": dict(zip(steps, sig.grad.tolist(), strict=True)),
+            "lr": {s: v for s, v in zip(steps, sig.lr.tolist(), strict=True) if v == v},
+        }
+        return build_series(points, source="jsonl", path=str(path), fields=fields, notes=notes)
+    cache: dict[float, float] = {}  # one float object per distinct lr (usually a handful)
+    gap = largest_gap(steps)
+    return Series(
+        steps=steps,
+        loss=[v if h else None for v, h in zip(sig.loss.tolist(), sig.has_loss.tolist(), strict=True)],
+        grad_norm=sig.grad.tolist(),
+        lr=[None if v != v else cache.setdefault(v, v) for v in sig.lr.tolist()],
+        source="jsonl",
+        path=str(path),
+        fields=fields,
+        notes=notes + ([gap] if gap is not None else []),
+    )

@@ -1,7 +1,9 @@
 """The Monitor: per-layer gradient, weight, update and activation statistics during training.
 
 Cost model (see ``benchmarks/overhead.py``): on a step it does not log, :meth:`Monitor.step` only
-increments a counter (no hooks are armed, no device→host copy). On a logged step it makes one pass
+increments a counter and compares one gradient tensor's identity and version with the previous call's
+(to warn about a second call for one optimizer step); no module hook is armed, no device→host copy
+(with ``optimizer=`` a step post-hook counts optimizer steps, one Python increment each). On a logged step it makes one pass
 over the gradients for the L2 norms (:func:`gradsentry.stats.sq_norms`: a fused ``torch._foreach_norm``
 on accelerators, per-row norms summed in float64 on CPU), one for max |g| (``aminmax`` on CPU), one
 L2 pass over the weights, reduces them into layers on the device, and moves one small tensor to the
@@ -20,6 +22,7 @@ import itertools
 import logging
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradsentry import _dist, stats
+from gradsentry.diagnosis.history import RunHistory
 from gradsentry.diagnosis.thresholds import Thresholds
 from gradsentry.diagnosis.thresholds import resolve as resolve_thresholds
 from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, RunHeader, StepRecord
@@ -38,7 +42,7 @@ from gradsentry.sinks.base import SafeSink, Sink
 
 log = logging.getLogger("gradsentry")
 
-_EARLY = 1e12  # larger than the number of module calls of one forward (see Monitor._pack_local)
+_EARLY = 1e12  # larger than the number of module calls between two logged steps (see Monitor._finite_post)
 #: A layer whose mean squared gradient is below this (RMS < 1e-15) may hold entries under ~1e-19,
 #: whose float32 squares lose precision or flush to zero: its norm is recomputed in float64.
 _TINY_MEAN_SQUARE = 1e-30
@@ -47,6 +51,23 @@ NO_PARAMS_MSG = (
     "gradsentry.Monitor: the model has no parameters, so there is no gradient to watch. "
     "Pass the module that owns the trainable parameters."
 )
+
+_MAX_LISTED_SKIPS = 1000  # labels of skipped unlogged steps listed in one record (all are counted)
+
+RECORDS_BUDGET_BYTES = 64 << 20
+"""Host memory the records kept by a Monitor with ``max_records=None`` may take (64 MiB)."""
+
+SAMPLE_RECORDS = 1024
+"""The most records of older steps a Monitor keeps as a uniform sample for the per-layer rules."""
+
+
+def record_bytes(layers: int, activation_sites: int = 0, histogram_bins: int = 0) -> int:
+    """Host memory of one :class:`StepRecord` (Python objects), in bytes, as measured with
+    ``tracemalloc`` on CPython 3.11 (records of 10 and 50 layers, 100 steps each): about 2,000 bytes
+    per record, 256 per layer, 180 per activation site, and 64 + 34 per histogram bin per site."""
+    per_site = 180 + (64 + 34 * histogram_bins if histogram_bins > 0 else 0)
+    return 2000 + 256 * layers + per_site * activation_sites
+
 
 ALERT_WINDOW = 200
 """How many of the most recent records a live alert diagnoses (:func:`alert_finding`): enough for the
@@ -189,10 +210,16 @@ class _Pending:
     """Device tensors gathered between two logged steps, read with the next transfer."""
 
     update_sq: Tensor | None = None
+    before_sq: Tensor | None = None  # squared weight norms per layer before that optimizer step
     update_layers: frozenset[int] | None = None  # layers with a gradient at that optimizer step
     acts: dict[str, Tensor] = field(default_factory=dict)
     hists: dict[str, Tensor] = field(default_factory=dict)
-    finite_flags: list[tuple[str, Tensor]] = field(default_factory=list)
+    # locate_nonfinite: one score per module (named_modules order), max-folded in place on the device
+    # at each call, so that forwards that never reach step() (eval with grad, RL rollouts, GAN passes)
+    # keep the memory and the next step's work fixed (see Monitor._finite_post).
+    flag_scores: Tensor | None = None
+    calls: int = 0
+    inputs_ok: dict[int, list[Tensor | None]] = field(default_factory=dict)
 
 
 def _optimizer_meta(optimizer: Any) -> dict[str, Any]:
@@ -207,22 +234,6 @@ def _optimizer_meta(optimizer: Any) -> dict[str, Any]:
     except (TypeError, ValueError, RuntimeError):  # an lr that is not a number (or a multi-element tensor)
         meta["lr"] = None
     return meta
-
-
-def _depth_key(
-    name: str, module: nn.Module, depth: int, rank: Mapping[int, int], model: nn.Module, big: int
-) -> tuple[int, int, int]:
-    """Sort key of a layer: its first-call rank; uncalled, the rank of its nearest called ancestor (just
-    after it); else ``big`` (last). Ties keep module order (``depth`` before sorting)."""
-    r = rank.get(id(module))
-    if r is not None:
-        return r, 0, depth
-    while name:
-        name = name.rpartition(".")[0]
-        owner = model.get_submodule(name) if name else model
-        if id(owner) in rank:
-            return rank[id(owner)], 1, depth
-    return big, 0, depth
 
 
 class Monitor:
@@ -240,8 +251,8 @@ class Monitor:
             layers are reported with ``has_grad=False``; a model whose parameters are all frozen
             gives records whose layers all have ``has_grad=False`` and a global norm of 0.
         every: log every ``every``-th step (step 0 is always logged).
-        optimizer: when given, the update-to-weight ratio ``||Δw|| / ||w||`` of the optimizer step
-            before each logged step is recorded (weights are copied only before those steps) and
+        optimizer: when given, the update-to-weight ratio ``||Δw|| / ||w||`` (``w`` before the update)
+            of the optimizer step before each logged step is recorded (weights are copied only before those steps) and
             the learning rate of its first parameter group is recorded. The header's metadata then
             also names it (``"optimizer"``: the lower-case class name, e.g. ``"adamw"``) and holds
             ``"lr"``, its first group's base learning rate at construction (a scheduler's
@@ -258,11 +269,23 @@ class Monitor:
             With ``max_abs=False, weight_norms=False`` a logged step reads the gradients once.
         histogram_bins: if > 0, also record a histogram of each activation's input over
             ``[-histogram_range, histogram_range]``.
-        locate_nonfinite: on logged steps, flag the first module (forward order) whose output is
-            non-finite, to name where a NaN/inf came from (costs one ``isfinite`` per module call).
+        locate_nonfinite: on logged steps, name the module where a NaN/inf came from: the first
+            module call (in the order calls end) whose output is non-finite although its inputs held
+            no NaN, so a NaN made by tensor code inside a module is blamed on that module and not on
+            a child that merely received it; else the first call with a non-finite output. Costs an
+            ``isnan`` of each module call's inputs and an ``isfinite`` of its output, folded on the
+            device into one score per module: memory stays fixed however many forward passes run
+            before the next :meth:`step` (eval with gradients, RL rollouts, GAN passes).
         overhead_budget: if set (e.g. 0.01), raise ``every`` so that the Monitor's amortized time
             stays under this fraction of the training step time.
-        max_records: how many records to keep in memory (oldest dropped first).
+        max_records: how many records to keep in memory (oldest dropped first; :attr:`records`).
+            None (default): as many as fit in :data:`RECORDS_BUDGET_BYTES` (64 MiB) by the measured
+            size of one record of this model (:func:`record_bytes`; between 100 and 100,000): e.g.
+            ~2,800 for 50 layers and 50 activation sites, ~21,000 for a 3-layer MLP. Findings
+            (:meth:`diagnose`, and the ones :meth:`close` writes) cover the whole run whatever this
+            is: a record leaving the window leaves its series point (34 bytes) and, for a few
+            records and a uniform sample of at most :data:`SAMPLE_RECORDS` of them, the record
+            itself (see :mod:`gradsentry.diagnosis.history`).
         meta: free-form metadata written into the JSONL header; its keys override the ones the
             Monitor fills in (``every``, ``model``, ``optimizer``, ``lr``, ``activations``).
         on_nonfinite: what to do, at that step, when a logged step holds a NaN/inf: a non-finite
@@ -296,7 +319,11 @@ class Monitor:
             ranks, so that every rank gets the same records and findings. Under sharded gradients
             they ride on the same two collectives; under DDP this costs one small
             ``all_reduce(SUM)`` (and one ``all_reduce(MAX)`` with ``locate_nonfinite``) per logged
-            step. False: no collective at all under DDP; records then hold each rank's own loss.
+            step, which also carries one non-finite indicator per layer: a NaN/inf in one rank's
+            copy of a replicated gradient (written after DDP's reduction) is recorded by every rank,
+            rank 0 included (its count is then max-reduced, one more collective on that rare step).
+            False: no collective at all under DDP; records then hold each rank's own loss and
+            gradient, and a NaN local to one rank is seen by that rank only.
         rank_zero_only_sinks: write the sinks on rank 0 only (the other ranks keep the records in
             memory). False: every rank writes its sinks.
         dist_timeout: seconds to wait for a collective before raising
@@ -342,7 +369,7 @@ class Monitor:
         histogram_range: float = 8.0,
         locate_nonfinite: bool = False,
         overhead_budget: float | None = None,
-        max_records: int = 100_000,
+        max_records: int | None = None,
         meta: dict[str, Any] | None = None,
         on_nonfinite: OnNonFinite = None,
         process_group: Any = None,
@@ -367,8 +394,10 @@ class Monitor:
             and histogram_range > 0
         ):
             raise ValueError(f"histogram_range must be a finite number > 0, got {histogram_range!r}")
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
-            raise ValueError(f"max_records must be an int >= 0, got {max_records!r}")
+        if max_records is not None and (
+            isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0
+        ):
+            raise ValueError(f"max_records must be None or an int >= 0, got {max_records!r}")
         if isinstance(on_nonfinite, str):
             if on_nonfinite not in ("warn", "raise"):
                 raise ValueError(
@@ -391,7 +420,7 @@ class Monitor:
         self.histogram_range = float(histogram_range)
         self.locate_nonfinite = locate_nonfinite
         self.overhead_budget = overhead_budget
-        self._records: deque[StepRecord] = deque(maxlen=max_records)
+        self._records: deque[StepRecord] = deque()
         self._sinks = [SafeSink(s) for s in sinks]
         self._meta = {**_optimizer_meta(optimizer), **(meta or {})}
         self.step_count = 0
@@ -423,27 +452,51 @@ class Monitor:
             for name, m in model.named_modules()
             if type(m).__name__ in stats.ACTIVATIONS
         ]
+        if max_records is None:  # what fits in the budget, by the measured size of this model's records
+            size = record_bytes(
+                len(self._layers), len(self._sites) if activations else 0, self.histogram_bins
+            )
+            max_records = min(100_000, max(100, RECORDS_BUDGET_BYTES // size))
+        self.max_records: int = max_records
+        # What leaves the window: its series and the records the verdict needs (diagnosis/history.py).
+        self._history = RunHistory(sample_size=min(max_records, SAMPLE_RECORDS))
         self._order_handles: list[RemovableHandle] = []
         self._act_handles: list[RemovableHandle] = []
         self._opt_handles: list[RemovableHandle] = []
-        self._seen: list[nn.Module] = []
         self._depth_fixed = False
-        for layer in self._layers:
-            self._order_handles.append(layer.module.register_forward_pre_hook(self._order_hook))
-        for site in self._sites:
-            self._order_handles.append(site.module.register_forward_pre_hook(self._order_hook))
+        # First-forward call order: when each module's first call begins and ends (event numbers).
+        self._called_at: dict[int, int] = {}
+        self._ended_at: dict[int, int] = {}
+        self._events = 0
+        for _, module in model.named_modules():
+            self._order_handles.append(module.register_forward_pre_hook(self._order_hook))
+            self._order_handles.append(module.register_forward_hook(self._order_end_hook))
         self._grad_set_cache: dict[tuple[int, ...], tuple[Tensor, list[int]]] = {}
         self._params_cache: tuple[list[Tensor], Tensor] | None = None
         self._owners_all: list[int] = []
         self._raw_grads: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._single_device = False
         self._all_float32 = False
+        self._param_kinds: set[tuple[torch.dtype, torch.device]] = set()
         self._snapshot: list[Tensor] | None = None
         self._snapshot_buffer: list[Tensor] | None = None  # CPU only: reused across logged steps
         self._update_layers: frozenset[int] | None = None
         self._remedy_names: dict[int, tuple[str, str]] | None = None
         self._warned_no_grad = False
         self._remedy_params: set[str] | None = None
+        self._hist_edges: list[float] | None = None
+        self._skipped_steps: list[int] = []  # unlogged steps the remedy skipped since the last record
+        self._skipped_count = 0
+        self._skips_dev: Tensor | None = None  # the same, from device flags
+        # Detecting step() called twice for one optimizer step: a trainable parameter whose gradient
+        # object and version are compared between calls, and (with an optimizer) a count of its steps.
+        self._probe = next((p for layer in self._layers for p in layer.params if p.requires_grad), None)
+        self._last_call: tuple[int, weakref.ref[Tensor] | None, int] | None = None
+        self._opt_steps = 0
+        self._warned_double = False
+        self._count_handle: RemovableHandle | None = None
+        if optimizer is not None:
+            self._count_handle = optimizer.register_step_post_hook(self._count_opt_step)
         self._arm_for(self._next_log)
 
     # ------------------------------------------------------------------ layers and order
@@ -477,28 +530,63 @@ class Monitor:
         return layers
 
     def _order_hook(self, module: nn.Module, args: Any) -> None:
-        if not self._depth_fixed and all(module is not m for m in self._seen):
-            self._seen.append(module)
+        self._called_at.setdefault(id(module), self._events)
+        self._events += 1
+
+    def _order_end_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._ended_at.setdefault(id(module), self._events)
+        self._events += 1
+
+    def _call_order(self) -> list[nn.Module]:
+        """Layers and activation sites in depth order, from the first forward's calls.
+
+        A module is placed where its first call began. A layer that is never called as a module but
+        whose parameters its owner uses directly (``nn.MultiheadAttention.out_proj``: the attention
+        calls ``F.multi_head_attention_forward`` with ``out_proj.weight``) is placed where its nearest
+        called ancestor's first call ended, i.e. after everything that ancestor called: the output
+        projection sits after the attention, not after the model's output head. Layers with no called
+        ancestor but the root land at the end of the forward (last), as do layers whose ancestors
+        were never called at all.
+        """
+        called, ended = self._called_at, self._ended_at
+        named = list(self.model.named_modules())
+        by_name = dict(named)
+        wanted = {id(layer.module) for layer in self._layers} | {id(site.module) for site in self._sites}
+        keyed: list[tuple[tuple[int, int, int], nn.Module]] = []
+        for index, (name, module) in enumerate(named):
+            if id(module) not in wanted:
+                continue
+            if id(module) in called:
+                keyed.append(((called[id(module)], 0, index), module))
+                continue
+            parts = name.split(".") if name else []
+            while parts:
+                parts.pop()
+                owner = by_name.get(".".join(parts))
+                if owner is not None and id(owner) in called:
+                    if id(owner) in ended:  # just before the owner's call ended
+                        keyed.append(((ended[id(owner)], -1, index), module))
+                    break
+        keyed.sort(key=lambda km: km[0])
+        return [m for _, m in keyed]
 
     def _fix_depth(self) -> None:
-        """Sort layers by first forward call. A layer never called whose parameters its owner uses
-        functionally (``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``) goes
-        right after its nearest called ancestor; other layers never called keep their module order, last."""
+        """Sort layers and activation sites by the first forward's calls (see :meth:`_call_order`);
+        layers never placed keep their module order, last."""
         if self._depth_fixed:
             return
-        if not self._seen and self._dist is None:  # no forward pass yet: keep watching for the order
+        if not self._called_at and self._dist is None:  # no forward pass yet: keep watching for the order
             return
         for h in self._order_handles:
             h.remove()
         self._order_handles.clear()
+        seen = self._call_order()
         ctx = self._dist
         if ctx is not None and (ctx.sharded or self.sync_local or self.overhead_budget is not None):
-            self._seen = self._agree_order(self._seen, ctx)
-        rank = {id(m): i for i, m in enumerate(self._seen)}
-        big = len(self._seen)
-        self._layers.sort(
-            key=lambda L: _depth_key(L.info.name, L.module, L.info.depth, rank, self.model, big)
-        )
+            seen = self._agree_order(seen, ctx)
+        rank = {id(m): i for i, m in enumerate(seen)}
+        big = len(seen)
+        self._layers.sort(key=lambda L: (rank.get(id(L.module), big), L.info.depth))
         for depth, layer in enumerate(self._layers):
             layer.info.depth = depth
         self._sites.sort(key=lambda s: rank.get(id(s.module), big))
@@ -507,7 +595,7 @@ class Monitor:
         self._grad_set_cache = {}
         self._params_cache = None
         self._depth_fixed = True
-        self._seen = []
+        self._called_at, self._ended_at = {}, {}
 
     def _agree_order(self, seen: list[nn.Module], ctx: _dist.DistContext) -> list[nn.Module]:
         """Rank 0's first-call order of the modules, on every rank (one all-reduce, once per run).
@@ -555,8 +643,11 @@ class Monitor:
                 for site in self._sites:
                     self._act_handles.append(site.module.register_forward_hook(self._make_act_hook(site)))
             if self.locate_nonfinite:
-                for name, module in self.model.named_modules():
-                    self._act_handles.append(module.register_forward_hook(self._make_finite_hook(name)))
+                for i, (_, module) in enumerate(self.model.named_modules()):
+                    self._act_handles.append(
+                        module.register_forward_pre_hook(self._finite_pre, with_kwargs=True)
+                    )
+                    self._act_handles.append(module.register_forward_hook(self._make_finite_hook(i)))
         elif not want_acts and self._act_handles:
             for h in self._act_handles:
                 h.remove()
@@ -583,17 +674,64 @@ class Monitor:
 
         return hook
 
-    def _make_finite_hook(self, name: str) -> Callable[..., None]:
+    def _finite_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Note whether the module's floating-point inputs are free of NaN (on the device, no sync).
+
+        Only NaN counts against an input: ``-inf`` is a normal attention-mask value, and an inf made
+        upstream was already flagged where it was made."""
+        if not torch.is_grad_enabled():
+            return
+        t0 = time.perf_counter()
+        inputs = [
+            t
+            for t in itertools.chain(args, kwargs.values())
+            if isinstance(t, Tensor) and t.is_floating_point() and t.numel()
+        ]
+        ok: Tensor | None = None  # None: no floating-point input, nothing received
+        if len(inputs) == 1:
+            ok = ~torch.isnan(inputs[0]).any()
+        elif inputs:
+            ok = ~torch.stack([torch.isnan(t).any() for t in inputs]).any()
+        stack = self._pending.inputs_ok.setdefault(id(module), [])
+        if len(stack) > 64:  # calls that raised before their end hook: never let them pile up
+            del stack[0]
+        stack.append(ok)
+        self._hook_time += time.perf_counter() - t0
+
+    def _make_finite_hook(self, index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not torch.is_grad_enabled():
                 return
+            t0 = time.perf_counter()
+            stack = self._pending.inputs_ok.get(id(module))
+            inputs_ok = stack.pop() if stack else None
             out = output[0] if isinstance(output, (tuple, list)) and output else output
             if isinstance(out, Tensor) and out.is_floating_point():
-                t0 = time.perf_counter()
-                self._pending.finite_flags.append((name, torch.isfinite(out).all()))
-                self._hook_time += time.perf_counter() - t0
+                self._finite_post(index, out, inputs_ok)
+            self._hook_time += time.perf_counter() - t0
 
         return hook
+
+    def _finite_post(self, index: int, out: Tensor, inputs_ok: Tensor | None) -> None:
+        """Fold one module call into the module's score: ``_EARLY - k`` when call ``k`` (counted since
+        the last logged step) gave a NaN/inf output, plus ``_EARLY`` when its inputs held no NaN (the
+        module *made* it, rather than passed on what it received); the score keeps its maximum. The
+        origin is then the module with the highest score: the earliest call that made a non-finite
+        value, else the earliest call that output one. Calls end inner modules first, so a NaN made
+        by tensor code inside a module (a fully masked attention row) is blamed on that module, not on
+        the child it was handed to (whose input already held it).
+        """
+        pending = self._pending
+        if pending.flag_scores is None:
+            n = sum(1 for _ in self.model.modules())
+            pending.flag_scores = torch.zeros(n, dtype=stats.reduce_dtype(out.device), device=out.device)
+        scores = pending.flag_scores
+        bad = ~torch.isfinite(out).all()
+        made = bad if inputs_ok is None else bad & inputs_ok.to(bad.device)
+        value = bad.to(scores.dtype) * (_EARLY - pending.calls) + made.to(scores.dtype) * _EARLY
+        pending.calls += 1
+        slot = scores.narrow(0, index, 1)
+        torch.maximum(slot, value.to(scores.device).reshape(1), out=slot)
 
     def _arm_optimizer(self) -> None:
         """Snapshot the weights now and measure ``||Δw||`` when the coming optimizer step ends.
@@ -661,16 +799,71 @@ class Monitor:
             self._owners_all = idx
             self._single_device = all(p.device == params[0].device for p in params)
             self._all_float32 = all(p.dtype == torch.float32 for p in params)
+            self._param_kinds = self._kinds(params)
         return self._params_cache
+
+    @staticmethod
+    def _kinds(params: list[Tensor]) -> set[tuple[torch.dtype, torch.device]]:
+        return {(p.dtype, p.device) for p in params}
+
+    def _revalidate_params(self) -> None:
+        """Drop the cached parameter facts when a parameter changed dtype or device since they were
+        taken (``model.to(torch.bfloat16)`` or ``.cuda()`` after the first logged step converts the
+        parameters in place): a stale float32 fast path computes bf16 norms in bf16 (1e-3 errors),
+        and cached index tensors would sit on the old device. One pass over the parameters' dtype
+        and device per logged step."""
+        cache = self._params_cache
+        if cache is not None and self._kinds(cache[0]) != self._param_kinds:
+            self._params_cache = None
+            self._grad_set_cache = {}
+            self._snapshot_buffer = None
+
+    def _count_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._opt_steps += 1
+
+    def _check_double_call(self) -> None:
+        """Warn (once) when :meth:`step` is called again for the same optimizer step.
+
+        A second call is recognised when nothing happened in between: the gradient is the same tensor
+        object, and either no ``optimizer.step()`` ran (with ``optimizer=``) or, without an optimizer,
+        the gradient was not even written (same version). A new ``backward()`` after
+        ``zero_grad(set_to_none=True)`` (the default) makes a new gradient object, so a step a loss
+        scaler skipped is not mistaken for a second call.
+        """
+        probe = self._probe
+        grad = probe.grad if probe is not None else None
+        last = self._last_call
+        if grad is None:
+            self._last_call = None
+            return
+        version = grad._version
+        if last is not None and not self._warned_double:
+            opt_steps, ref, last_version = last
+            same = ref is not None and ref() is grad
+            if same and (
+                opt_steps == self._opt_steps if self.optimizer is not None else version == last_version
+            ):
+                self._warned_double = True
+                log.warning(
+                    "gradsentry.Monitor.step() was called again for the same optimizer step (no "
+                    "optimizer.step() and no new gradient since the previous call): every call makes a "
+                    "record, so the log now holds two records for one step. Call step() once per "
+                    "optimizer step (under gradient accumulation, after the last micro-batch only)."
+                )
+        self._last_call = (self._opt_steps, weakref.ref(grad), version)
 
     def _opt_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         snap = self._snapshot
         if snap is not None:
             params, index = self._all_params()
+            # ||w|| before the update: the ratio's denominator. After it, a blow-up caps the ratio near
+            # 1 (||dw|| / ||w + dw|| -> 1 as dw grows), so an update 2,500x the weights would read 1.0.
+            before = _dist.sq_norms(self._dist, snap, like=params)
             torch._foreach_sub_(snap, [_dist.local(p).detach() for p in params])
             sq = _dist.sq_norms(self._dist, snap, like=params)
             self._pending.update_sq = stats.layer_sum(sq, index.to(sq.device), len(self._layers))
+            self._pending.before_sq = stats.layer_sum(before, index.to(before.device), len(self._layers))
             self._pending.update_layers = self._update_layers
             self._snapshot = None
         self._disarm_optimizer()
@@ -698,6 +891,7 @@ class Monitor:
         """
         if self._closed:
             raise RuntimeError("gradsentry.Monitor.step() called after close()")
+        self._check_double_call()
         current = self.step_count
         self.step_count += 1
         record: StepRecord | None = None
@@ -709,7 +903,8 @@ class Monitor:
                     self._next_log = current + self.every
                     self._pending = _Pending()
             elif self.remedy is not None:
-                self._call_remedy(self._all_params()[0], loss=loss)
+                result = self._call_remedy(self._all_params()[0], loss=loss)
+                self._note_unlogged_skip(result, current if step is None else int(step))
         finally:  # arm (or disarm) the hooks for the coming step even after an error
             if self.step_count == self._next_log:  # the coming optimizer step precedes a logged step
                 self._arm_optimizer()
@@ -750,6 +945,46 @@ class Monitor:
             )
         elif callable(action):
             action(finding)
+
+    def _note_unlogged_skip(self, result: Any, label: int) -> None:
+        """Remember that the remedy skipped this unlogged step, for the next record's actions.
+
+        A host flag (``NonFiniteGuard()``, ``Rollback``: already copied by the remedy) keeps the
+        step's label; a device flag (``NonFiniteGuard(sync=False)``) is added to a device counter,
+        read with the next logged step's transfer: no sync here.
+        """
+        pending: list[Any] = [result]
+        while pending:
+            r = pending.pop()
+            flag = getattr(r, "skipped", None)
+            if isinstance(flag, Tensor):
+                if self._skips_dev is None or self._skips_dev.device != flag.device:
+                    self._skips_dev = torch.zeros(
+                        (),
+                        dtype=torch.float64 if flag.device.type == "cpu" else torch.float32,
+                        device=flag.device,
+                    )
+                self._skips_dev.add_(flag.detach().reshape(-1)[:1].sum().to(self._skips_dev.dtype))
+            elif flag is True:
+                self._skipped_steps.append(label)
+                if len(self._skipped_steps) > _MAX_LISTED_SKIPS:
+                    self._skipped_steps.pop(0)
+                self._skipped_count += 1
+                return
+            pending.extend(getattr(r, "children", None) or [])
+
+    def _skip_action(self, device_skips: int) -> dict[str, Any] | None:
+        """The action telling which unlogged steps since the previous logged step a remedy skipped."""
+        count = self._skipped_count + device_skips
+        if count == 0:
+            return None
+        action = {
+            "remedy": type(self.remedy).__name__,
+            "skipped_unlogged": count,  # steps between the previous logged step and this one
+            "skipped_unlogged_steps": list(self._skipped_steps),  # their labels, when known on the host
+        }
+        self._skipped_steps, self._skipped_count = [], 0
+        return action
 
     def _flush_sinks(self) -> None:
         """Push what the sinks buffered to disk (sinks with a ``flush`` method), e.g. before raising."""
@@ -801,6 +1036,7 @@ class Monitor:
     def _log_step(self, label: int, loss: Tensor | float | None, lr: float | None) -> StepRecord:
         t_start = time.perf_counter()
         self._fix_depth()
+        self._revalidate_params()
         L = len(self._layers)
         params_with_grad, g, owners, positions = self._grad_params()
         if not g and not self._warned_no_grad and any(p.requires_grad for p in self._all_params()[0]):
@@ -858,9 +1094,10 @@ class Monitor:
                 ctx if shard_op else None, [p.detach() for p in all_params], like=all_params
             )
             parts.append((stats.layer_sum(w_sq, all_index.to(w_sq.device), L).to(device), shard_op))
-        has_update = self._pending.update_sq is not None
+        has_update = self._pending.update_sq is not None and self._pending.before_sq is not None
         if has_update:
             parts.append((self._pending.update_sq.to(device, dt), shard_op))  # type: ignore[union-attr]
+            parts.append((self._pending.before_sq.to(device, dt), shard_op))  # type: ignore[union-attr]
         if isinstance(loss, Tensor) and loss.numel() != 1:
             raise ValueError(
                 f"Monitor.step(loss=...) expects a scalar loss, got a tensor of shape {list(loss.shape)}; "
@@ -871,6 +1108,16 @@ class Monitor:
             loss_t = torch.as_tensor(loss).detach().reshape(-1)[:1].to(device, dt)
             parts.append((loss_t, local_op("mean")))
         act_names, hist_names, flag_names = self._pack_local(parts, sync, device, dt)
+        # Replicated gradients (DDP) are identical on every rank after DDP's all-reduce, so their norms
+        # need no collective; but a NaN/inf written into one rank's copy afterwards (a rank-local bug,
+        # a hook) stays on that rank. When syncing, one indicator per layer rides on the SUM, so that
+        # rank 0 (the writer) records the NaN too.
+        check_replicas = sync and ctx is not None and not ctx.sharded
+        if check_replicas:
+            bad_here = (
+                ~torch.isfinite(stats.layer_sum(g_sq, index, L)) if g else torch.zeros(L, dtype=torch.bool)
+            )
+            parts.append((bad_here.to(device, dt), "sum"))
         nan_pos = len(parts) if shard_max and self.max_abs else None  # a MAX may drop NaN: flag it
         if nan_pos is not None:
             parts.append((torch.isnan(parts[1][0]).to(dt), shard_max))
@@ -889,6 +1136,10 @@ class Monitor:
             reduced[0] = stats.layer_sum(reduced[0], index, L)
         if nan_pos is not None:
             reduced[1] = torch.where(reduced.pop(nan_pos) > 0, torch.nan, reduced[1])
+        device_skips = self._skips_dev
+        self._skips_dev = None
+        if device_skips is not None:
+            reduced.append(device_skips.reshape(1).to(device, dt))
         # The remedy runs now: after every gradient statistic above was computed from the raw
         # gradients, before the transfer, so that its figures travel in the same copy.
         remedy_result: Any = None
@@ -920,6 +1171,7 @@ class Monitor:
         numel = [round(n) for n in take(L)] if shard_op is not None else self._grad_set(positions)[1]
         w_sq_l: list[float | None] = list(take(L)) if self.weight_norms else [None] * L
         u_sq = take(L) if has_update else None
+        before_sq = take(L) if has_update else None
         loss_value: float | None
         if has_loss_tensor:
             loss_value = take(1)[0]
@@ -934,14 +1186,25 @@ class Monitor:
                 act_values[name] = [x / v[0] for x in v[1:]]
         hist_values = {name: take(self.histogram_bins) for name in hist_names}
         hist_values = {name: h for name, h in hist_values.items() if name in act_values}
-        flags = [1.0 - b for b in take(len(flag_names))]
-        if sync and flag_names:  # scores: earliest non-finite call first, then as finite (see _pack_local)
-            scores = [1.0 - f for f in flags]
-            ranked = sorted(zip(scores, flag_names, strict=True), key=lambda t: -t[0])
-            flag_names = [n for _, n in ranked]
-            flags = [0.0 if sc > 0 else 1.0 for sc, _ in ranked]
+        flag_scores = take(len(flag_names))
+        elsewhere: list[int] = []  # layers non-finite on another rank only
+        replicas_differ = False  # decided from reduced figures: the same on every rank
+        if check_replicas:
+            assert ctx is not None
+            ranks_bad = take(L)
+            replicas_differ = any(0 < n < ctx.world_size for n in ranks_bad)
+            elsewhere = [
+                i
+                for i, (n, sq) in enumerate(zip(ranks_bad, g_sq_l, strict=True))
+                if n > 0 and math.isfinite(sq)
+            ]
+            for i in elsewhere:
+                g_sq_l[i] = math.nan
+                if self.max_abs:
+                    g_max_l[i] = math.nan
         if agree_every:
             self._agree_every(int(take(1)[0]))
+        skip_action = self._skip_action(round(take(1)[0]) if device_skips is not None else 0)
 
         total_sq = math.fsum(g_sq_l)
         all_finite = math.isfinite(total_sq) and (not self.max_abs or math.isfinite(math.fsum(g_max_l)))  # type: ignore[arg-type]
@@ -954,13 +1217,16 @@ class Monitor:
                 if numel[i] and not (math.isfinite(sq) and (mx is None or math.isfinite(mx)))
             ]
         )
-        nonfinite_counts = self._count_nonfinite(bad_layers) if bad_layers else {}
+        nonfinite_counts = (
+            self._count_nonfinite(bad_layers, across_replicas=replicas_differ) if bad_layers else {}
+        )
         # float32 squares underflow for entries below ~1e-19 (deep vanishing gradients) and overflow
         # for norms above ~1.8e19 with every entry finite: recompute those layers in float64.
         at_risk = [
             i
             for i, (sq, mx) in enumerate(zip(g_sq_l, g_max_l, strict=True))
             if numel[i]
+            and i not in elsewhere
             and (
                 (not math.isfinite(sq) and i in nonfinite_counts and nonfinite_counts[i] == 0)
                 or (sq < numel[i] * _TINY_MEAN_SQUARE and (mx is None or mx > 0))
@@ -974,13 +1240,13 @@ class Monitor:
         gnorms = [sqrt(x) for x in g_sq_l]
         wnorms = [None if x is None else sqrt(x) for x in w_sq_l]
         ratios: list[float | None] = [None] * L
-        if u_sq is not None:
+        if u_sq is not None and before_sq is not None:
             updated = self._pending.update_layers
             ratios = [
                 None
-                if wn is None or not n or (updated is not None and i not in updated)
-                else (sqrt(u) / wn if wn > 0 else (math.inf if u > 0 else 0.0))
-                for i, (u, wn, n) in enumerate(zip(u_sq, wnorms, numel, strict=True))
+                if not n or (updated is not None and i not in updated)
+                else (sqrt(u) / sqrt(wb) if wb > 0 else (math.inf if u > 0 else 0.0))
+                for i, (u, wb, n) in enumerate(zip(u_sq, before_sq, numel, strict=True))
             ]
         maxes = [(m if n else 0.0) for m, n in zip(g_max_l, numel, strict=True)] if self.max_abs else g_max_l
         layer_stats = [
@@ -1008,8 +1274,12 @@ class Monitor:
             mean, std, sat, dead = act_values[site.name]
             hist = None
             if site.name in hist_values:
-                edges = torch.linspace(-self.histogram_range, self.histogram_range, self.histogram_bins + 1)
-                hist = {"edges": edges.tolist(), "counts": hist_values[site.name]}
+                if self._hist_edges is None:  # one list shared by every record (never mutated)
+                    edges = torch.linspace(
+                        -self.histogram_range, self.histogram_range, self.histogram_bins + 1
+                    )
+                    self._hist_edges = edges.tolist()
+                hist = {"edges": self._hist_edges, "counts": hist_values[site.name]}
             acts.append(
                 ActivationStats(
                     name=site.name,
@@ -1024,7 +1294,8 @@ class Monitor:
             )
         origin = None
         if flag_names and not math.isfinite(global_norm):
-            origin = next((n for n, f in zip(flag_names, flags, strict=True) if f < 0.5), None)
+            best = max(range(len(flag_scores)), key=flag_scores.__getitem__)
+            origin = flag_names[best] if flag_scores[best] > 0 else None
             if origin is None:  # forward was finite: the deepest layer whose gradient is not
                 origin = next((s.name for s in reversed(layer_stats) if not math.isfinite(s.grad_norm)), None)
         if lr is None and self.optimizer is not None and self.optimizer.param_groups:
@@ -1041,6 +1312,8 @@ class Monitor:
             activations=acts,
             nonfinite_origin=origin,
         )
+        if skip_action is not None:
+            record.actions.append(skip_action)
         if remedy_finalize is not None:
             record.actions.extend(remedy_finalize(remedy_values))
         elif remedy_result is not None:  # a user remedy without pack_dicts: its own copy to the host
@@ -1054,9 +1327,15 @@ class Monitor:
         cost = time.perf_counter() - t_start + self._hook_time
         self._hook_time = 0.0
         record.overhead = self._overhead(cost)
-        self._records.append(record)
+        self._keep(record)
         self._emit(record)
         return record
+
+    def _keep(self, record: StepRecord) -> None:
+        """Keep the record in the window; the one it pushes out goes to the run's history."""
+        self._records.append(record)
+        while len(self._records) > self.max_records:
+            self._history.absorb(self._records.popleft())
 
     def _pack_local(
         self, parts: list[tuple[Tensor, str | None]], sync: bool, device: torch.device, dt: torch.dtype
@@ -1068,9 +1347,8 @@ class Monitor:
         Under ``sync`` (reduced over ranks) the layout is fixed — every watched site and every module,
         whether or not it ran on this rank — so that ranks whose forward took different paths still
         reduce matching entries: each site carries the count of ranks where it ran, and its statistics
-        are averaged over those ranks. A module's flag is then a score, ``_EARLY - i`` for its first
-        non-finite output at call ``i`` of its rank's forward (0 if none), max-reduced, so that the
-        earliest non-finite module of any rank wins.
+        are averaged over those ranks. The modules' non-finite scores (see :meth:`_finite_post`) are
+        max-reduced, so that the earliest module of any rank that made a NaN/inf wins.
         """
         pending = self._pending
         if not sync:
@@ -1078,11 +1356,10 @@ class Monitor:
             hists = [n for n in acts if n in pending.hists]
             parts.extend((pending.acts[n].to(device, dt), None) for n in acts)
             parts.extend((pending.hists[n].to(device, dt), None) for n in hists)
-            flag_names = [n for n, _ in pending.finite_flags]
-            if flag_names:  # 1 where the module's output was NaN/inf
-                bad = (~torch.stack([f for _, f in pending.finite_flags])).to(device, dt)
-                parts.append((bad, None))
-            return acts, hists, flag_names
+            if pending.flag_scores is None:
+                return acts, hists, []
+            parts.append((pending.flag_scores.to(device, dt), None))
+            return acts, hists, [n for n, _ in self.model.named_modules()]
         acts = [s.name for s in self._sites] if self.activations else []
         one = torch.ones(1, dtype=dt, device=device)
         for n in acts:
@@ -1095,14 +1372,8 @@ class Monitor:
         if not self.locate_nonfinite:
             return acts, hists, []
         names = [n for n, _ in self.model.named_modules()]
-        bad = one.new_zeros(len(names))
-        if pending.finite_flags:
-            where = {n: i for i, n in enumerate(names)}
-            idx = torch.tensor([where[n] for n, _ in pending.finite_flags], device=device)
-            calls = (~torch.stack([f for _, f in pending.finite_flags])).to(device, dt)
-            order = torch.arange(len(pending.finite_flags), dtype=dt, device=device)
-            bad.scatter_reduce_(0, idx, calls * (_EARLY - order), reduce="amax")
-        parts.append((bad, "max"))
+        scores = pending.flag_scores
+        parts.append((scores.to(device, dt) if scores is not None else one.new_zeros(len(names)), "max"))
         return acts, hists, names
 
     def _grad_set(self, positions: list[int]) -> tuple[Tensor, list[int]]:
@@ -1121,7 +1392,9 @@ class Monitor:
             self._grad_set_cache = {key: cached}
         return cached
 
-    def _layer_totals(self, layers: list[int], per_grad: Callable[[Tensor], Tensor]) -> list[float]:
+    def _layer_totals(
+        self, layers: list[int], per_grad: Callable[[Tensor], Tensor], op: str | None = None
+    ) -> list[float]:
         """``sum(per_grad(g))`` over the raw gradients (this rank's counted parts, sparse ones as their
         entries) of each of these layers, summed over ranks when sharded; one more transfer.
 
@@ -1143,6 +1416,8 @@ class Monitor:
         total = torch.stack(totals)
         if self._dist is not None and self._dist.sharded:
             total = self._dist.all_reduce_(total, "sum")
+        elif self._dist is not None and op is not None:
+            total = self._dist.all_reduce_(total, op)
         return total.cpu().tolist()
 
     def _exact_sq(self, layers: list[int]) -> dict[int, float]:
@@ -1150,9 +1425,14 @@ class Monitor:
         dt = stats.reduce_dtype(self._all_params()[0][0].device)
         return dict(zip(layers, self._layer_totals(layers, lambda g: g.to(dt).square().sum()), strict=True))
 
-    def _count_nonfinite(self, layers: list[int]) -> dict[int, int]:
-        """Count NaN/inf gradient entries of these layers (called for layers whose norm is not finite)."""
-        counts = self._layer_totals(layers, lambda g: (~torch.isfinite(g)).sum())
+    def _count_nonfinite(self, layers: list[int], across_replicas: bool = False) -> dict[int, int]:
+        """Count NaN/inf gradient entries of these layers (called for layers whose norm is not finite).
+
+        ``across_replicas``: replicated copies differ (a NaN on one rank only); the counts are then the
+        largest over ranks (one more ``all_reduce(MAX)``, on every rank alike: the decision comes from
+        reduced figures), so that every rank records the same count."""
+        op = "max" if across_replicas else None
+        counts = self._layer_totals(layers, lambda g: (~torch.isfinite(g)).sum(), op)
         return dict(zip(layers, (int(c) for c in counts), strict=True))
 
     def _agree_every(self, agreed: int) -> None:
@@ -1227,7 +1507,13 @@ class Monitor:
             self._records[-1].actions.append(dict(action))
 
     def diagnose(self, **overrides: Any) -> list[Finding]:
-        """Diagnose the records kept so far; see :func:`gradsentry.diagnose` for the rules.
+        """Diagnose the whole run so far; see :func:`gradsentry.diagnose` for the rules.
+
+        Covers every logged step, not only the ``max_records`` records kept: the series rules (NaN/inf,
+        spikes, growth, skipped steps, the loss) read the run's full series, and the per-layer rules
+        the kept records plus those pinned for them (the first NaN/inf record, the largest update
+        ratios) and a uniform sample of the older ones (see :mod:`gradsentry.diagnosis.history`).
+        The findings :meth:`close` writes are these.
 
         Args:
             **overrides: threshold overrides on top of the Monitor's ``thresholds``, e.g.
@@ -1235,8 +1521,20 @@ class Monitor:
         """
         from gradsentry.diagnose import diagnose
 
+        live = list(self._records)
+        history = self._history
+        if not history.absorbed:
+            return diagnose(
+                live, layers=self.layers, thresholds=self.thresholds, meta=self.header.meta, **overrides
+            )
+        meta = self.header.meta
         return diagnose(
-            self.records, layers=self.layers, thresholds=self.thresholds, meta=self.header.meta, **overrides
+            history.records(live),
+            layers=self.layers,
+            thresholds=self.thresholds,
+            meta=meta,
+            signals=history.signals(live, meta),
+            **overrides,
         )
 
     def close(self, *, write_findings: bool = True) -> None:
@@ -1250,12 +1548,15 @@ class Monitor:
         self._closed = True
         for h in [*self._order_handles, *self._act_handles, *self._opt_handles]:
             h.remove()
+        if self._count_handle is not None:
+            self._count_handle.remove()
+            self._count_handle = None
         self._order_handles.clear()
         self._act_handles.clear()
         self._opt_handles.clear()
         self._snapshot = self._snapshot_buffer = None
         if self._sinks and self._sinks_opened:
-            if write_findings and self._records:
+            if write_findings and (self._records or self._history.absorbed):
                 try:
                     findings = self.diagnose()
                 except Exception as exc:  # diagnosis must never lose the log

@@ -41,10 +41,15 @@ def _num(value: Any) -> float | None:
         raise RecordError(f"expected a number, got {value!r}") from exc
 
 
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 def _from_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise RecordError(f"expected an object for {cls.__name__}, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
     return {k: v for k, v in data.items() if k in names}
 
 
@@ -81,7 +86,7 @@ class LayerInfo:
             raise RecordError(f"layer entry is missing {exc}") from exc
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerStats:
     """Gradient and weight statistics of one layer at one step.
 
@@ -96,8 +101,9 @@ class LayerStats:
         nonfinite: number of NaN/inf gradient entries (0 when the norm is finite).
         weight_norm: L2 norm of the layer's parameters, same units as the weights, None when not
             measured (``Monitor(weight_norms=False)``).
-        update_ratio: ``||Δw|| / ||w||`` of the last optimizer step (dimensionless), or None when
-            unknown (no optimizer given, or the first step).
+        update_ratio: ``||Δw|| / ||w||`` of the last optimizer step, ``w`` being the weights before
+            that update (dimensionless; not capped: an update 2,500x the weights reads 2500), or None
+            when unknown (no optimizer given, or the first step).
         has_grad: False when every parameter of the layer had ``.grad is None`` (frozen or unused):
             its gradient figures are then 0 and must not be read as a vanishing gradient.
     """
@@ -136,7 +142,7 @@ class LayerStats:
             raise RecordError(f"layer statistics are missing {exc}") from exc
 
 
-@dataclass
+@dataclass(slots=True)
 class ActivationStats:
     """Statistics of one activation module (Sigmoid, Tanh, ReLU, ...) on one forward pass.
 
@@ -186,7 +192,7 @@ class ActivationStats:
             raise RecordError(f"activation statistics are missing {exc}") from exc
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     """Everything measured at one logged optimizer step.
 

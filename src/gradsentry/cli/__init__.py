@@ -18,6 +18,25 @@ EXIT_FOUND = 1
 EXIT_USAGE = 2
 
 
+def _short(name: object, limit: int = 120) -> str:
+    """A file name for a one-line message: a very long one keeps its start and end."""
+    text = str(name)
+    return text if len(text) <= limit else f"{text[: limit - 30]}...{text[-25:]} ({len(text)} characters)"
+
+
+def input_error(exc: BaseException) -> str:
+    """One line saying what was wrong with the input, for an error no command caught itself: a JSON
+    nested too deeply to parse, a file that cannot be opened (a symlink loop, a name too long, no
+    permission, a directory where a file was expected) or text that is not UTF-8."""
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply to be a training log (JSON nesting beyond Python's recursion limit)"
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc) or type(exc).__name__
+        where = f"{_short(exc.filename)}: " if exc.filename is not None else ""
+        return f"{where}{what}".rstrip(".")
+    return f"the input is not readable text ({_short(exc, 200)})"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"gradsentry {__version__}")
@@ -60,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         rv = app(
             args=argv if argv is not None else sys.argv[1:], prog_name="gradsentry", standalone_mode=True
         )
+    except (RecursionError, OSError, UnicodeError) as exc:  # bad input that slipped past a command's checks
+        sys.stderr.write(f"error: {input_error(exc)}\n")
+        return EXIT_USAGE
     except SystemExit as exc:
         code = exc.code
         if code is None:

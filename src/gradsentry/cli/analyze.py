@@ -65,6 +65,14 @@ def register(app: typer.Typer) -> None:
             err.print(Text.assemble(("error: ", "red"), "PATH is empty: give a log file or run directory"))
             raise typer.Exit(EXIT_USAGE)
         path = Path(path_arg)
+        if path.is_symlink() and not path.exists():
+            err.print(
+                Text.assemble(
+                    ("error: ", "red"), f"{path_arg[:200]!r} is a broken symlink or a symlink loop"
+                ),
+                highlight=False,
+            )
+            raise typer.Exit(EXIT_USAGE)
         if path.exists() and not (path.is_file() or path.is_dir()):
             err.print(Text.assemble(("error: ", "red"), f"{path_arg!r} is not a regular file or a directory"))
             raise typer.Exit(EXIT_USAGE)

@@ -42,10 +42,25 @@ def _table(result: LabResult) -> Any:
     return table
 
 
-def _variant_names() -> tuple[str, ...]:
-    from gradsentry.lab.experiments import DEFAULT_VARIANTS
+VARIANT_NAMES: tuple[str, ...] = (
+    "sigmoid_default",
+    "tanh_default",
+    "relu_default",
+    "relu_he",
+    "sigmoid_residual",
+    "sigmoid_batchnorm",
+    "exploding",
+    "exploding_clip",
+    "exploding_wd",
+    "exploding_agc",
+    "exploding_zclip",
+)
+"""``gradsentry.lab.experiments.DEFAULT_VARIANTS``, spelled out so that building the CLI does not import
+PyTorch (``analyze`` and ``report`` never need it; a test keeps the two equal)."""
 
-    return DEFAULT_VARIANTS
+
+def _variant_names() -> tuple[str, ...]:
+    return VARIANT_NAMES
 
 
 def register(app: typer.Typer) -> None:

@@ -39,8 +39,9 @@ def register(app: typer.Typer) -> None:
         from rich.text import Text
 
         from gradsentry._io import write_text_atomic
+        from gradsentry.records import Run
         from gradsentry.report.html import render_lab_report, render_run_report
-        from gradsentry.sinks.jsonl import LogFormatError, read_jsonl
+        from gradsentry.sinks.jsonl import LogFormatError, scan_jsonl
 
         err = Console(stderr=True, soft_wrap=True)
 
@@ -55,23 +56,34 @@ def register(app: typer.Typer) -> None:
         target = out if out is not None else path.with_suffix(".html")
         if target.suffix.lower() not in (".html", ".htm"):
             raise fail(f"--out must end in .html (the report is an HTML page), got {target.name!r}")
-        if target.resolve() == path.resolve():
+        try:
+            same = target.resolve() == path.resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13), ELOOP
+            raise fail(f"{str(path)[:200]!r} cannot be resolved: {exc}") from None
+        if same:
             raise fail(f"--out {str(target)!r} would overwrite the input; choose another file")
-        lab_result = run = None
+        lab_result = run = signals = None
         try:
             if path.suffix == ".json":
                 from gradsentry.lab.results import read_results
 
                 lab_result = read_results(path)
-            else:
-                run = read_jsonl(path)
+            else:  # one bounded pass: a long run keeps its last records, a sample and its series
+                scanned = scan_jsonl(path)
+                kept = sorted(scanned.records, key=lambda r: r.step)
+                run = Run(header=scanned.header, records=kept, findings=scanned.findings)
+                signals = scanned.signals() if scanned.history.absorbed else None
         except FileNotFoundError:
             raise fail(f"{path}: no such file") from None
         except (LogFormatError, ValueError, KeyError, TypeError) as exc:
             raise fail(f"{path}: not a readable gradsentry run: {exc}") from None
         except OSError as exc:
             raise fail(f"{path}: cannot read ({exc.strerror or exc})") from None
-        html = render_lab_report(lab_result) if lab_result is not None else render_run_report(run)  # type: ignore[arg-type]
+        html = (
+            render_lab_report(lab_result)
+            if lab_result is not None
+            else render_run_report(run, signals=signals)  # type: ignore[arg-type]
+        )
         blocking = next((d for d in (target.parent, *target.parent.parents) if d.exists()), None)
         if blocking is not None and not blocking.is_dir():
             raise fail(f"cannot write {str(target)!r}: {str(blocking)!r} is a file, not a directory")

@@ -23,7 +23,7 @@ from gradsentry.logs.series import Series
 from gradsentry.records import SEVERITY_ORDER, ActivationStats, Finding, LayerInfo, StepRecord
 from gradsentry.remedies_catalog import RemedyContext
 
-__all__ = ["diagnose", "diagnose_series", "remedy_context", "signals_from_records"]
+__all__ = ["diagnose", "diagnose_series", "remedy_context", "signals_from_records", "skipped_steps"]
 
 logger = logging.getLogger("gradsentry")
 
@@ -69,17 +69,37 @@ def _skipped(rec: StepRecord) -> bool:
     return any(isinstance(a, Mapping) and a.get("skipped") is True for a in rec.actions)
 
 
+def _skipped_between(rec: StepRecord) -> list[int]:
+    """Unlogged steps a remedy skipped before this record (the Monitor's ``skipped_unlogged_steps``)."""
+    out: list[int] = []
+    for a in rec.actions:
+        steps = a.get("skipped_unlogged_steps") if isinstance(a, Mapping) else None
+        if isinstance(steps, list):
+            out += [s for s in steps if isinstance(s, int) and not isinstance(s, bool)]
+    return out
+
+
+def skipped_steps(rec: StepRecord) -> list[int]:
+    """The steps a remedy skipped that this record tells of: its own step, when an action says
+    ``"skipped": True``, and the unlogged steps before it listed in ``skipped_unlogged_steps``."""
+    return ([rec.step] if _skipped(rec) else []) + _skipped_between(rec)
+
+
 def signals_from_records(records: Sequence[StepRecord], meta: Mapping[str, Any] | None = None) -> RunSignals:
-    """The series of a Monitor run: steps, loss, global norm, lr and the steps a guard skipped.
+    """The series of a Monitor run: steps, loss, global norm, lr and the steps a guard skipped
+    (logged ones, and unlogged ones the next record lists in ``skipped_unlogged_steps``).
 
     Equal, point for point, to what ``gradsentry.logs.load_series`` reads back from the run's JSONL.
     """
+    skipped: set[int] = set()
+    for r in records:
+        skipped.update(skipped_steps(r))
     return RunSignals.from_lists(
         [r.step for r in records],
         [r.loss for r in records],
         [r.global_norm for r in records],
         [r.lr for r in records],
-        skipped=[r.step for r in records if _skipped(r)],
+        skipped=sorted(skipped),
         meta=dict(meta or {}),
     )
 
@@ -148,6 +168,8 @@ def diagnose(
     layers: Sequence[LayerInfo] | None = None,
     thresholds: Thresholds | None = None,
     meta: Mapping[str, Any] | None = None,
+    *,
+    signals: RunSignals | None = None,
     **overrides: Any,
 ) -> list[Finding]:
     """Diagnose a Monitor run: the series rules on its global norm and loss, and the per-layer rules.
@@ -172,6 +194,9 @@ def diagnose(
         thresholds: a :class:`Thresholds`; the defaults when None.
         meta: the run's metadata (``Monitor.header.meta``): ``optimizer``, ``lr`` and ``max_grad_norm``
             tailor the remedies (e.g. no "clip the global norm" first for a run that already clips).
+        signals: the whole run's series when ``records`` are only part of it (a Monitor that kept its last
+            ``max_records`` records; see :class:`gradsentry.diagnosis.history.RunHistory`): the series rules
+            then judge every logged step, the per-layer rules the records given. None: the records' series.
         **overrides: individual thresholds to change, e.g. ``spike_z=8.0``.
 
     Returns:
@@ -190,7 +215,7 @@ def diagnose(
     """
     t = resolve(thresholds, overrides)
     recs = _check_records(records)
-    if not recs:
+    if not recs and (signals is None or len(signals) == 0):
         return []
     infos = list(layers or [])
     for info in infos:
@@ -206,7 +231,7 @@ def diagnose(
         remedy=remedy_context(meta),
         saturation_band=_saturation_band(meta),
     )
-    sig = signals_from_records(recs, meta)
+    sig = signals if signals is not None else signals_from_records(recs, meta)
     c = RuleContext(t, lctx.advice_context())
     with np.errstate(all="ignore"):
         found = series_findings(sig, c)

@@ -43,6 +43,33 @@ def rnd(x: float) -> float:
     return float(f"{x:.6g}") if math.isfinite(x) else float(x)
 
 
+_ROWS = 1 << 15
+"""Windows per chunk of the windowed medians: their copies stay at ``_ROWS * window`` floats (12 MB for
+a window of 50) however long the series (a 1e6-step log would otherwise take 400 MB at once)."""
+
+
+def _window_medians(x: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Median and median absolute deviation of every ``w`` consecutive points of ``x`` (row k: points
+    k .. k+w-1), computed chunk by chunk."""
+    win = np.lib.stride_tricks.sliding_window_view(x, w)
+    med = np.empty(win.shape[0])
+    mad = np.empty(win.shape[0])
+    for a in range(0, win.shape[0], _ROWS):
+        chunk = win[a : a + _ROWS]
+        m = np.median(chunk, axis=1)
+        med[a : a + _ROWS] = m
+        mad[a : a + _ROWS] = np.median(np.abs(chunk - m[:, None]), axis=1)
+    return med, mad
+
+
+def _window_median(x: np.ndarray, w: int) -> np.ndarray:
+    win = np.lib.stride_tricks.sliding_window_view(x, w)
+    out = np.empty(win.shape[0])
+    for a in range(0, win.shape[0], _ROWS):
+        out[a : a + _ROWS] = np.median(win[a : a + _ROWS], axis=1)
+    return out
+
+
 def rolling_median(x: np.ndarray, window: int) -> np.ndarray:
     """Centred rolling median of ``x`` [N] over ``window`` points (shrinking at the edges)."""
     n = x.size
@@ -50,7 +77,7 @@ def rolling_median(x: np.ndarray, window: int) -> np.ndarray:
     out = np.empty(n, dtype=np.float64)
     w = 2 * h + 1
     if n >= w:
-        out[h : n - h] = np.median(np.lib.stride_tricks.sliding_window_view(x, w), axis=1)
+        out[h : n - h] = _window_median(x, w)
         edges = [*range(min(h, n)), *range(max(h, n - h), n)]
     else:
         edges = list(range(n))
@@ -79,15 +106,9 @@ def robust_z(logx: np.ndarray, t: Thresholds) -> tuple[np.ndarray, np.ndarray, n
         mi = float(np.median(ref))
         med[i], scale[i] = mi, max(MAD_TO_SIGMA * float(np.median(np.abs(ref - mi))), t.mad_floor)
     if n > w:
-        win = np.lib.stride_tricks.sliding_window_view(logx[:-1], w)  # row k: points k .. k+w-1
-        m = np.empty(win.shape[0])
-        mad = np.empty(win.shape[0])
-        for a in range(0, win.shape[0], _BLOCK):  # blocks bound the temporary copies (1M-point logs)
-            block = win[a : a + _BLOCK]
-            m[a : a + _BLOCK] = np.median(block, axis=1)
-            mad[a : a + _BLOCK] = np.median(np.abs(block - m[a : a + _BLOCK, None]), axis=1)
+        wmed, mad = _window_medians(logx[:-1], w)  # row k: points k .. k+w-1
         start = max(w, t.spike_min_history)
-        med[start:] = m[start - w :]
+        med[start:] = wmed[start - w :]
         scale[start:] = np.maximum(MAD_TO_SIGMA * mad[start - w :], t.mad_floor)
     return (logx - med) / scale, med, scale
 

@@ -390,7 +390,7 @@ def run_variant(
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     remedy = build_remedy(variant, config, model)
-    sinks = [JsonlSink(jsonl_path)] if jsonl_path is not None else []
+    sinks = [JsonlSink(jsonl_path, resume=False)] if jsonl_path is not None else []
     meta = {
         "source": "gradsentry lab",
         "variant": variant.name,

@@ -10,6 +10,7 @@ kept as non-finite floats. Lightning's ``grad_norm`` utility logs the global nor
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from gradsentry.logs.series import (
     to_step,
 )
 from gradsentry.sinks.jsonl import LogFormatError
+
+log = logging.getLogger("gradsentry")
 
 STEP_COLUMNS: tuple[str, ...] = ("step", "global_step", "Step", "iter", "iteration", "trainer/global_step")
 """Columns accepted as the step counter, best first."""
@@ -72,8 +75,32 @@ def read_csv(path: str | os.PathLike[str], *, tags: dict[str, str] | None = None
         raise LogFormatError(f"{p}: not a text file; expected {EXPECTED_FORMATS}") from exc
 
 
+def _ends_mid_line(p: Path) -> bool:
+    """The file's last byte is not a line end (a writer killed mid-row)."""
+    with p.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) not in (b"\n", b"\r")
+
+
+def _at_end(rows: object) -> bool:
+    """No row follows (the failing row was the last one)."""
+    try:
+        next(rows)  # type: ignore[call-overload]
+    except StopIteration:
+        return True
+    except csv.Error:
+        return False
+    return False
+
+
 def _read_rows(p: Path, reader: csv.DictReader[str], tags: dict[str, str]) -> Series:
-    columns = [c for c in (reader.fieldnames or []) if c is not None]
+    try:
+        columns = [c for c in (reader.fieldnames or []) if c is not None]
+    except csv.Error as exc:  # e.g. a header cell over csv.field_size_limit
+        raise LogFormatError(f"{p}:1: not a readable CSV header ({exc})") from None
     if not columns or not any(c.strip() for c in columns):
         raise LogFormatError(f"{p}: empty file; expected a CSV header with a step column")
     step_col = find_step_column(columns)
@@ -96,23 +123,28 @@ def _read_rows(p: Path, reader: csv.DictReader[str], tags: dict[str, str]) -> Se
             f"grad_2.0_norm_total); columns: {', '.join(columns[:30])}"
         )
     points: dict[FieldName, dict[int, float]] = {"loss": {}, "grad_norm": {}, "lr": {}}
-    for row in reader:
-        where = f"{p}:{reader.line_num}"
-        if None in row or any(v is None for v in row.values()):  # more or fewer cells than the header
-            extra = len(row.get(None) or [])  # type: ignore[call-overload]
-            missing = sum(v is None for k, v in row.items() if k is not None)
-            raise LogFormatError(
-                f"{where}: {len(columns) + extra - missing} cells for {len(columns)} header columns; "
-                "a CSV log needs one cell per column on every row"
-            )
-        cells = {name: row.get(col) if col is not None else None for name, col in chosen.items()}
-        if all(c is None or c.strip() == "" for c in cells.values()):
-            continue  # a validation-only row
-        step = to_step(row.get(step_col), f"{where} column {step_col!r}")
-        for name, cell in cells.items():
-            value = to_float(cell, f"{where} column {chosen[name]!r}")
-            if value is not None:
-                points[name][step] = value
+    cut = _ends_mid_line(p)  # a kill mid-row leaves the last row short
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # a cell over csv.field_size_limit, an unterminated quote
+            if cut and _at_end(rows):
+                log.warning(
+                    "%s:%d: last row cut short skipped (the run was probably killed)", p, reader.line_num
+                )
+                break
+            raise LogFormatError(f"{p}:{reader.line_num}: not a readable CSV row ({exc})") from None
+        lineno = reader.line_num
+        try:
+            _read_row(row, str(p), lineno, columns, chosen, step_col, points)
+        except LogFormatError:
+            if cut and _at_end(rows):
+                log.warning("%s:%d: last row cut short skipped (the run was probably killed)", p, lineno)
+                break
+            raise
     found = {name: col for name, col in chosen.items() if col is not None and points[name]}
     notes = []
     if sink:
@@ -125,3 +157,31 @@ def _read_rows(p: Path, reader: csv.DictReader[str], tags: dict[str, str]) -> Se
     if "gradsentry/global_norm" in found.values():
         notes.append("gradsentry/global_norm is gradsentry's callback's global norm before clipping")
     return build_series(points, source="csv", path=str(p), fields=found, notes=notes)
+
+
+def _read_row(
+    row: dict[str | None, str | None],
+    p: str,
+    lineno: int,
+    columns: list[str],
+    chosen: dict[FieldName, str | None],
+    step_col: str,
+    points: dict[FieldName, dict[int, float]],
+) -> None:
+    """Add one CSV row's values to ``points``; raises :class:`LogFormatError` naming the line."""
+    where = f"{p}:{lineno}"
+    if None in row or any(v is None for v in row.values()):  # more or fewer cells than the header
+        extra = len(row.get(None) or [])  # type: ignore[call-overload]
+        missing = sum(v is None for k, v in row.items() if k is not None)
+        raise LogFormatError(
+            f"{where}: {len(columns) + extra - missing} cells for {len(columns)} header columns; "
+            "a CSV log needs one cell per column on every row"
+        )
+    cells = {name: row.get(col) if col is not None else None for name, col in chosen.items()}
+    if all(c is None or c.strip() == "" for c in cells.values()):
+        return  # a validation-only row
+    step = to_step(row.get(step_col), f"{where} column {step_col!r}")
+    for name, cell in cells.items():
+        value = to_float(cell, f"{where} column {chosen[name]!r}")
+        if value is not None:
+            points[name][step] = value

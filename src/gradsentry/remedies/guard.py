@@ -63,7 +63,9 @@ class NonFiniteGuard:
     * ``sync=False`` (fused optimizers only, e.g. ``AdamW(fused=True)``): no host copy. The guard sets
       ``optimizer.found_inf`` to a device flag, the same tensor ``GradScaler`` hands to fused kernels,
       which then leave weights, moments and step counts untouched on a bad step. Call
-      ``optimizer.step()`` as usual; the skip count is kept on the device (``skips`` copies it).
+      ``optimizer.step()`` as usual; the flag is taken off the optimizer when that step ends (a step
+      hook), so it never outlives the step it was set for. The skip count is kept on the device
+      (``skips`` copies it).
 
     Under ``torch.distributed`` with more than one rank, the decision is OR-ed over ranks (one
     ``all_reduce(MAX)`` of one flag per call), so every rank skips the step or none does, even when only
@@ -129,6 +131,9 @@ class NonFiniteGuard:
         self._skips = 0
         self._skips_dev: Tensor | None = None
         self._found_inf: Tensor | None = None
+        if not sync:  # the flag is for the coming optimizer step only (see _forget_found_inf)
+            assert optimizer is not None
+            optimizer.register_step_post_hook(self._forget_found_inf)
 
     def __repr__(self) -> str:
         return f"NonFiniteGuard(sync={self.sync}, backoff_after={self.backoff_after})"
@@ -242,6 +247,13 @@ class NonFiniteGuard:
             names=names,
             extra={"by": "found_inf"},
         )
+
+    def _forget_found_inf(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """After the optimizer step the flag was set for, take it off the optimizer (as GradScaler
+        does with its own): left there, a bad step's 1 would make every later fused step a no-op
+        whenever the guard is not called again before it."""
+        if self._found_inf is not None and getattr(optimizer, "found_inf", None) is self._found_inf:
+            del optimizer.found_inf
 
     def state_dict(self) -> dict[str, int]:
         """Counters as plain ints: ``skips``, ``scaler_skips``, ``consecutive``, ``backoffs``."""

@@ -2,7 +2,11 @@
 
 Snapshots are deep copies of ``model.state_dict()`` and ``optimizer.state_dict()`` kept in memory, or
 ``torch.save`` files in a directory, read back with ``torch.load(weights_only=True)`` (never
-unpickling arbitrary objects).
+unpickling arbitrary objects). On disk they survive the crash they exist for: each is written to a
+temporary file, ``fsync``-ed and renamed (never a torn file under a snapshot's name); a new
+``Rollback`` on the same directory takes over the snapshots there, removes the temporary files of
+killed writes and goes on numbering from the newest step; a failed write (a full disk) keeps the older
+snapshots and warns instead of stopping training.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsentry import _dist
-from gradsentry._io import write_atomic
+from gradsentry._io import stale_temp_files, write_atomic
 from gradsentry.remedies.base import RemedyResult, check_positive, grads_of, per_tensor_norms, total_norm
 from gradsentry.remedies.guard import scale_lr_
 
@@ -110,7 +114,12 @@ class Rollback:
         optimizer: its optimizer (state and learning rates are saved and restored).
         every: steps between snapshots (>= 1).
         keep: snapshots kept (>= 1); older ones are dropped (files deleted).
-        directory: write snapshots there with ``torch.save`` instead of keeping them in memory.
+        directory: write snapshots there with ``torch.save`` instead of keeping them in memory. The
+            directory belongs to this Rollback: snapshots already there (a run restarted after a crash)
+            are taken over (the newest ``keep``; older ones are deleted), ``restore`` can load them,
+            the step counter goes on from the newest one, and temporary files left by killed writes
+            are removed. A snapshot that cannot be written (disk full, file-size limit) is logged as
+            a warning; the older snapshots stay and training goes on.
         loss_factor: divergence threshold as a multiple of the recent median loss (> 1).
         window: number of recent good losses for the median.
         min_history: losses needed before the median test applies.
@@ -163,6 +172,36 @@ class Rollback:
         self.retries = 0
         self.losses: deque[float] = deque(maxlen=int(window))
         self._snapshots: deque[dict[str, Any] | Path] = deque()
+        self.failed_snapshots = 0
+        self._retry_at: int | None = None  # after a failed write: the next due step, not every step
+        if self.directory is not None:
+            self._take_over(self.directory)
+
+    def _take_over(self, directory: Path) -> None:
+        """Adopt the snapshots a previous run left in ``directory`` (see ``directory`` above)."""
+        for tmp in stale_temp_files(directory, "snapshot-*.pt"):
+            log.warning("Rollback: removing %s, left by a snapshot write that was killed", tmp)
+            tmp.unlink(missing_ok=True)
+        found: list[tuple[int, Path]] = []
+        for path in directory.glob("snapshot-*.pt"):
+            try:
+                found.append((int(path.stem.split("-")[-1]), path))
+            except ValueError:
+                continue
+        found.sort()
+        for _, old in found[: max(0, len(found) - self.keep)]:
+            old.unlink(missing_ok=True)
+        kept = found[-self.keep :]
+        self._snapshots.extend(path for _, path in kept)
+        if kept:
+            self.step = kept[-1][0] + 1
+            log.info(
+                "Rollback: took over %d snapshot(s) in %s (steps %s); counting on from step %d",
+                len(kept),
+                directory,
+                ", ".join(str(s) for s, _ in kept),
+                self.step,
+            )
 
     def __repr__(self) -> str:
         return f"Rollback(every={self.every}, keep={self.keep}, directory={self.directory})"
@@ -176,8 +215,13 @@ class Rollback:
             out.append(int(s.stem.split("-")[-1]) if isinstance(s, Path) else int(s["step"]))
         return out
 
-    def snapshot(self, step: int | None = None) -> None:
-        """Save the current model and optimizer state now (``step`` defaults to the call counter)."""
+    def snapshot(self, step: int | None = None) -> bool:
+        """Save the current model and optimizer state now (``step`` defaults to the call counter).
+
+        Returns:
+            True when saved. False when the file could not be written (disk full, a file-size limit,
+            an I/O error): a warning is logged, the older snapshots are kept and nothing is raised.
+        """
         snap = {
             SNAPSHOT_KEY: SNAPSHOT_VERSION,
             "step": self.step if step is None else int(step),
@@ -188,7 +232,19 @@ class Rollback:
             self._snapshots.append(snap)
         else:
             path = self.directory / f"snapshot-{snap['step']:08d}.pt"
-            write_atomic(path, lambda tmp: torch.save(snap, tmp))
+            try:
+                write_atomic(path, lambda tmp: torch.save(snap, tmp), durable=True)
+            except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+                self.failed_snapshots += 1
+                log.warning(
+                    "Rollback: could not write the snapshot of step %d to %s (%s); the older snapshot(s) "
+                    "%s are kept and training goes on",
+                    snap["step"],
+                    path,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    self.snapshot_steps or "(none yet)",
+                )
+                return False
             if path in self._snapshots:
                 self._snapshots.remove(path)
             self._snapshots.append(path)
@@ -197,6 +253,7 @@ class Rollback:
             if isinstance(old, Path):
                 old.unlink(missing_ok=True)
         self.retries = 0
+        return True
 
     def restore(self, back: int = 1) -> int:
         """Load the ``back``-th latest snapshot into the model and optimizer; returns its step.
@@ -235,11 +292,14 @@ class Rollback:
         """Record a good step (its loss, and a snapshot when due); returns True if it snapshotted."""
         if loss is not None:
             self.losses.append(loss)
-        due = self.step % self.every == 0 or not self._snapshots
+        due = self.step % self.every == 0 or (not self._snapshots and self._retry_at is None)
+        saved = False
         if due:
-            self.snapshot()
+            saved = self.snapshot()
+            # after a failed write, the next try waits for the next multiple of `every`
+            self._retry_at = None if saved else self.step + self.every - self.step % self.every
         self.step += 1
-        return due
+        return saved
 
     def rescue(self, params: list[Tensor], reason: str) -> dict[str, Any]:
         """Replay, restore, lower the learning rate and drop the gradients; returns the action record."""

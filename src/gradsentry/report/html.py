@@ -13,12 +13,16 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
+import numpy as np
 
 from gradsentry.records import Finding, LayerInfo, Run
 from gradsentry.report import plots
+
+if TYPE_CHECKING:
+    from gradsentry.diagnosis.series_rules import RunSignals
 
 _SIZE = re.compile(r'<svg[^>]*?\swidth="([\d.]+)pt"[^>]*?\sheight="([\d.]+)pt"', re.S)
 
@@ -121,7 +125,11 @@ def finding_view(f: Finding | dict[str, Any], max_layers: int = 6) -> dict[str, 
 
 
 def render_run_report(
-    run: Run, *, title: str | None = None, findings: Sequence[Finding] | None = None
+    run: Run,
+    *,
+    title: str | None = None,
+    findings: Sequence[Finding] | None = None,
+    signals: RunSignals | None = None,
 ) -> str:
     """Render the HTML report of one logged run (e.g. read with :func:`gradsentry.read_jsonl`).
 
@@ -134,6 +142,9 @@ def render_run_report(
         title: page title (default: from the header's metadata).
         findings: findings to show; default: the findings stored with the run, or, if none were stored,
             :func:`gradsentry.diagnose` over its records.
+        signals: the whole run's series when ``run.records`` are only the records kept of a long run
+            (:func:`gradsentry.sinks.jsonl.scan_jsonl`): the counts (logged steps, non-finite steps) and
+            the diagnosis then cover every step, and the page says the plots show the records kept.
 
     Returns:
         The HTML document as a string (UTF-8 text, no external resources).
@@ -144,7 +155,7 @@ def render_run_report(
         if not findings and run.records:
             from gradsentry.diagnose import diagnose
 
-            findings = diagnose(run.records, layers=run.header.layers)
+            findings = diagnose(run.records, layers=run.header.layers, meta=meta, signals=signals)
     name = meta.get("variant") or meta.get("model") or "run"
     page_title = title or f"gradsentry report: {name}"
     figures: list[FigureView] = []
@@ -173,8 +184,15 @@ def render_run_report(
                 "Dark rows are layers that receive almost no gradient; magenta cells are NaN/inf.",
             ),
         ]
-    steps = [r.step for r in run.records]
-    bad = [r.step for r in run.records if not r.finite or (r.loss is not None and not math.isfinite(r.loss))]
+    if signals is not None:  # counts over every step of the run, not only the records kept
+        steps = signals.steps.tolist()
+        bad_mask = ~np.isfinite(signals.grad) | (signals.has_loss & ~np.isfinite(signals.loss))
+        bad = signals.steps[bad_mask].tolist()
+    else:
+        steps = [r.step for r in run.records]
+        bad = [
+            r.step for r in run.records if not r.finite or (r.loss is not None and not math.isfinite(r.loss))
+        ]
     meta_rows = [(str(k), _fmt_evidence(v)) for k, v in meta.items() if k not in ("activations", "config")]
     layer_rows = []
     if run.records:
@@ -201,7 +219,8 @@ def render_run_report(
         "version": _version(),
         "title": page_title,
         "subtitle": "Gradient flow of a logged run, recorded by gradsentry.Monitor.",
-        "n_records": len(run.records),
+        "n_records": len(steps),
+        "n_plotted": len(run.records) if signals is not None and len(run.records) < len(steps) else None,
         "step_range": f"{steps[0]}–{steps[-1]}" if steps else "",
         "n_layers": len(run.header.layers) or (len(run.records[0].layers) if run.records else 0),
         "n_nonfinite": len(bad),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gradsentry.records import Finding, LayerStats, RunHeader, StepRecord
+from gradsentry.sinks._file import open_log, read_at
 
 CSV_COLUMNS: tuple[str, ...] = (
     "step",
@@ -49,26 +50,49 @@ class CsvSink:
     """Write a run as CSV rows (one per step and layer) to ``path``.
 
     Args:
-        path: file to write; parent folders are created. An existing file is replaced.
+        path: file to write; parent folders are created.
+        resume: True (default): an existing CsvSink file is appended to, so a run restarted from a
+            checkpoint keeps its earlier rows (a last row cut short by a kill is dropped first; the
+            header row is not repeated, so the file stays one table, and the rows of the steps a
+            restart redid appear twice, the later ones being the resumed run's). False: an existing
+            file is replaced.
+
+    While open, the file is locked (``flock``): a second sink on the same path fails to open with a
+    clear error instead of interleaving rows.
 
     Raises:
         OSError: on ``open`` when the file cannot be created (e.g. ``path`` is a folder).
+        LogInUseError: on ``open`` when another sink is writing the file.
+        ValueError: on ``open`` with ``resume=True`` when the existing file is not a CsvSink table
+            (another header row): it is left as it is.
 
     Example:
         >>> sink = CsvSink("run.csv")  # doctest: +SKIP
         >>> mon = gradsentry.Monitor(model, sinks=[sink])  # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, resume: bool = True) -> None:
         self.path = Path(path)
+        self.resume = resume
+        self.resumed = False
         self._fh: IO[str] | None = None
         self._writer: Any = None
 
     def open(self, header: RunHeader) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("w", encoding="utf-8", newline="")
+        fd, kept = open_log(self.path, resume=self.resume)
+        if kept:
+            first = read_at(fd, 4096, 0).split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+            if first.lstrip("\ufeff") != ",".join(CSV_COLUMNS):
+                os.close(fd)
+                raise ValueError(
+                    f"{self.path} exists and is not a CsvSink table (its first row is {first[:80]!r}); "
+                    "not appending to it: choose another file, or CsvSink(path, resume=False) to replace it"
+                )
+        self._fh = os.fdopen(fd, "a", encoding="utf-8", newline="")
         self._writer = csv.writer(self._fh)
-        self._writer.writerow(CSV_COLUMNS)
+        self.resumed = kept > 0
+        if not self.resumed:
+            self._writer.writerow(CSV_COLUMNS)
         self._fh.flush()
 
     def write(self, record: StepRecord) -> None:
@@ -101,7 +125,9 @@ class CsvSink:
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
-            self._fh.close()
-            self._fh = None
-            self._writer = None
+            try:
+                self._fh.flush()
+            finally:
+                self._fh.close()  # releases the lock
+                self._fh = None
+                self._writer = None

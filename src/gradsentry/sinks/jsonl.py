@@ -1,7 +1,9 @@
 """JSONL sink and reader: one header line, then one line per logged step, flushed per line.
 
 A run killed at any point leaves a file whose complete lines all parse; :func:`read_jsonl` skips a
-truncated last line with a warning. Reading never executes file content (plain ``json``).
+truncated last line with a warning. A run restarted from a checkpoint appends to its file: a header line
+marked ``"resumed": true`` starts each resumed part (see :func:`read_jsonl` for how the parts join).
+Reading streams the file line by line and never executes file content (plain ``json``).
 """
 
 from __future__ import annotations
@@ -10,10 +12,18 @@ import json
 import logging
 import math
 import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from gradsentry.records import Finding, RecordError, Run, RunHeader, StepRecord
+from gradsentry.sinks._file import LogInUseError, open_log
+
+if TYPE_CHECKING:
+    from gradsentry.diagnosis.history import RunHistory
+    from gradsentry.diagnosis.series_rules import RunSignals
 
 log = logging.getLogger("gradsentry")
 
@@ -44,25 +54,46 @@ class JsonlSink:
     """Write a run as JSON lines to ``path``.
 
     Args:
-        path: file to write; parent folders are created. An existing file is replaced.
+        path: file to write; parent folders are created.
         flush_every: flush (and ``fsync`` when ``fsync=True``) after this many lines (default 1).
         fsync: also ``os.fsync`` on flush, so a machine crash loses at most the last line.
+        resume: True (default): an existing file is appended to, so a run restarted from a checkpoint
+            keeps its earlier log: a last line cut short by a kill is dropped first, then a header line
+            marked ``"resumed": true`` starts the new part (:func:`read_jsonl` joins the parts).
+            False: an existing file is replaced.
+
+    While open, the file is locked (``flock``): a second sink on the same path (another Monitor or
+    process) fails to open with a clear error naming the file, instead of interleaving lines.
 
     Raises:
         OSError: on ``open`` when the file cannot be created.
+        LogInUseError: on ``open`` when another sink is writing the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, flush_every: int = 1, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        flush_every: int = 1,
+        fsync: bool = False,
+        resume: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.flush_every = max(1, int(flush_every))
         self.fsync = fsync
+        self.resume = resume
+        self.resumed = False
         self._fh: IO[str] | None = None
         self._pending = 0
 
     def open(self, header: RunHeader) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("w", encoding="utf-8")
-        self._line(header.to_dict(), force=True)
+        fd, kept = open_log(self.path, resume=self.resume)
+        self._fh = os.fdopen(fd, "a", encoding="utf-8")
+        self.resumed = kept > 0
+        first = header.to_dict()
+        if self.resumed:
+            first["resumed"] = True
+        self._line(first, force=True)
 
     def _line(self, obj: dict[str, Any], force: bool = False) -> None:
         if self._fh is None:
@@ -91,27 +122,34 @@ class JsonlSink:
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
-            self._fh.close()
-            self._fh = None
+            try:
+                self._fh.flush()
+            finally:
+                self._fh.close()  # releases the lock
+                self._fh = None
 
 
 def _parse_constant(name: str) -> float:
     return {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}[name]
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> Run:
-    """Load a gradsentry JSONL run.
+_DECODE = json.JSONDecoder(parse_constant=_parse_constant).decode  # one decoder for every line
 
-    Args:
-        path: a file written by :class:`JsonlSink`.
 
-    Returns:
-        The :class:`~gradsentry.records.Run`: header, step records in file order, stored findings.
+EntryKind = Literal["header", "resumed", "step", "findings"]
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, EntryKind, Any]]:
+    """Stream a gradsentry JSONL run: ``(line number, kind, value)`` per line, in file order.
+
+    ``kind`` is ``"header"`` (the first line: a :class:`RunHeader`), ``"resumed"`` (the header of a
+    resumed part: a :class:`RunHeader`), ``"step"`` (the line's dict, not yet a :class:`StepRecord`,
+    so that a caller may skip building it) or ``"findings"`` (a list of :class:`Finding`). Memory is
+    one line at a time.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        LogFormatError: the file is not a gradsentry log (empty, binary, another JSON shape, or a
+        LogFormatError: not a gradsentry log (empty, binary, another JSON shape, nested too deeply, or a
             malformed line other than a truncated last line); the message names the file and line.
     """
     p = Path(path)
@@ -119,47 +157,185 @@ def read_jsonl(path: str | os.PathLike[str]) -> Run:
         raise FileNotFoundError(f"{p}: no such file")
     if p.is_dir():
         raise LogFormatError(f"{p}: is a directory, expected a gradsentry .jsonl file")
-    raw = p.read_bytes()
+    header_seen = False
+    with p.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark: tolerated
+            except UnicodeDecodeError as exc:
+                raise LogFormatError(
+                    f"{p}:{lineno}: not a text file (byte {exc.start} of the line is not UTF-8); "
+                    "expected gradsentry JSONL"
+                ) from exc
+            if len(line) < 4 and not line.strip():
+                continue
+            try:
+                obj = _DECODE(line)
+            except json.JSONDecodeError as exc:
+                if not raw.endswith(b"\n") and header_seen:
+                    log.warning("%s:%d: truncated last line skipped (the run was probably killed)", p, lineno)
+                    return
+                raise LogFormatError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from exc
+            except RecursionError:
+                raise LogFormatError(
+                    f"{p}:{lineno}: JSON nested too deeply to be a gradsentry record"
+                ) from None
+            try:
+                if not header_seen:
+                    header_seen = True
+                    yield lineno, "header", RunHeader.from_dict(obj)
+                    continue
+                kind = obj.get("kind") if isinstance(obj, dict) else None
+                if kind == "step":
+                    yield lineno, "step", obj
+                elif kind == "findings":
+                    items = obj.get("findings", [])
+                    if not isinstance(items, list):
+                        raise RecordError(f"'findings' must be a list, got {type(items).__name__}")
+                    yield lineno, "findings", [Finding.from_dict(f) for f in items]
+                elif kind == "header":
+                    if obj.get("resumed") is not True:
+                        raise RecordError("a second header line (two runs concatenated?)")
+                    yield lineno, "resumed", RunHeader.from_dict(obj)
+                else:
+                    raise RecordError(f"unknown line kind {kind!r}")
+            except RecordError as exc:
+                raise LogFormatError(f"{p}:{lineno}: {exc}") from exc
+            except RecursionError:
+                raise LogFormatError(
+                    f"{p}:{lineno}: JSON nested too deeply to be a gradsentry record"
+                ) from None
+    if not header_seen:
+        raise LogFormatError(f"{p}: empty file, expected a gradsentry JSONL header line")
+
+
+def step_record(path: str | os.PathLike[str], lineno: int, obj: Any) -> StepRecord:
+    """A step line's dict as a :class:`StepRecord`; a malformed one raises :class:`LogFormatError`."""
     try:
-        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark (some editors add one)
-    except UnicodeDecodeError as exc:
-        raise LogFormatError(
-            f"{p}: not a text file (byte {exc.start} is not UTF-8); expected gradsentry JSONL"
-        ) from exc
-    lines = text.split("\n")
-    complete_end = text.endswith("\n")
+        return StepRecord.from_dict(obj)
+    except RecordError as exc:
+        raise LogFormatError(f"{path}:{lineno}: {exc}") from exc
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Run:
+    """Load a gradsentry JSONL run.
+
+    A file with resumed parts (``JsonlSink(resume=True)`` after a restart) reads as one run: each part
+    replaces what the earlier ones logged from its first step on (the steps a restart from a checkpoint
+    redid), the header is the latest part's, and only the findings written after the last resume count.
+
+    Args:
+        path: a file written by :class:`JsonlSink`.
+
+    Returns:
+        The :class:`~gradsentry.records.Run`: header, step records in step order of the joined parts,
+        stored findings.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        LogFormatError: the file is not a gradsentry log (empty, binary, another JSON shape, or a
+            malformed line other than a truncated last line); the message names the file and line.
+    """
     header: RunHeader | None = None
     records: list[StepRecord] = []
     findings: list[Finding] = []
-    nonempty = [(i, ln) for i, ln in enumerate(lines, start=1) if ln.strip()]
-    if not nonempty:
-        raise LogFormatError(f"{p}: empty file, expected a gradsentry JSONL header line")
-    last_no = nonempty[-1][0]
-    for lineno, line in nonempty:
-        try:
-            obj = json.loads(line, parse_constant=_parse_constant)
-        except json.JSONDecodeError as exc:
-            if lineno == last_no and not complete_end and header is not None:
-                log.warning("%s:%d: truncated last line skipped (the run was probably killed)", p, lineno)
-                break
-            raise LogFormatError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from exc
-        try:
-            if header is None:
-                header = RunHeader.from_dict(obj)
-                continue
-            kind = obj.get("kind") if isinstance(obj, dict) else None
-            if kind == "step":
-                records.append(StepRecord.from_dict(obj))
-            elif kind == "findings":
-                items = obj.get("findings", [])
-                if not isinstance(items, list):
-                    raise RecordError(f"'findings' must be a list, got {type(items).__name__}")
-                findings = [Finding.from_dict(f) for f in items]
-            elif kind == "header":
-                raise RecordError("a second header line (two runs concatenated?)")
-            else:
-                raise RecordError(f"unknown line kind {kind!r}")
-        except RecordError as exc:
-            raise LogFormatError(f"{p}:{lineno}: {exc}") from exc
-    assert header is not None  # nonempty guarantees the loop ran
+    resumed = False
+    for lineno, kind, value in iter_jsonl(path):
+        if kind == "header":
+            header = value
+        elif kind == "resumed":
+            header, findings, resumed = value, [], True
+        elif kind == "step":
+            rec = step_record(path, lineno, value)
+            if resumed:  # the resumed part redoes the steps from its first one on
+                records = [r for r in records if r.step < rec.step]
+                resumed = False
+            records.append(rec)
+        else:
+            findings = value
+    assert header is not None  # iter_jsonl raises on a file without one
     return Run(header=header, records=records, findings=findings)
+
+
+@dataclass
+class ScannedRun:
+    """A JSONL run read in one pass with bounded memory (:func:`scan_jsonl`).
+
+    Attributes:
+        header: the latest header (a resumed part's when there is one).
+        history: the compact series of every step before the last ``window`` ones, and the records kept
+            from them (see :class:`gradsentry.diagnosis.history.RunHistory`).
+        window: the last ``window`` step records, in full.
+        findings: the findings stored in the file (after its last resume).
+    """
+
+    header: RunHeader
+    history: RunHistory
+    window: list[StepRecord]
+    findings: list[Finding]
+
+    @property
+    def records(self) -> list[StepRecord]:
+        """The records kept: those the history holds, then the window (see :meth:`RunHistory.records`)."""
+        return self.history.records(self.window)
+
+    def signals(self) -> RunSignals:
+        """The whole run's series (every step line of the file)."""
+        return self.history.signals(self.window, self.header.meta)
+
+
+def scan_jsonl(path: str | os.PathLike[str], *, window: int = 4096, sample: int = 1024) -> ScannedRun:
+    """Read a gradsentry JSONL run in one pass, keeping the last ``window`` records in full and, of the
+    older ones, their series points and a few records (the :class:`~gradsentry.diagnosis.history.RunHistory`
+    a Monitor keeps): memory stays bounded however long the run (a 1e6-step log: ~34 MB of series).
+    Records leaving the window are only turned into :class:`StepRecord` objects when kept. Resumed parts
+    join as in :func:`read_jsonl`. With no more than ``window`` step lines, the records are all of them.
+
+    Raises:
+        FileNotFoundError, LogFormatError: as :func:`read_jsonl`.
+    """
+    from gradsentry.diagnosis.history import RunHistory
+
+    header: RunHeader | None = None
+    history = RunHistory(sample_size=sample)
+    live: deque[tuple[int, Any]] = deque()  # (line number, step dict): built into records at the end
+    findings: list[Finding] = []
+    resumed = False
+    for lineno, kind, value in iter_jsonl(path):
+        if kind == "header":
+            header = value
+        elif kind == "resumed":
+            header, findings, resumed = value, [], True
+        elif kind == "step":
+            if resumed:  # the resumed part redoes the steps from its first one on
+                first = value.get("step")
+                if isinstance(first, int):
+                    live = deque(
+                        (n, o) for n, o in live if not (isinstance(o.get("step"), int) and o["step"] >= first)
+                    )
+                    history.truncate_from(first)
+                resumed = False
+            live.append((lineno, value))
+            if len(live) > window:
+                n, obj = live.popleft()
+                try:
+                    history.absorb_raw(obj, lambda n=n, obj=obj: step_record(path, n, obj))  # type: ignore[misc]
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    step_record(path, n, obj)  # raises LogFormatError naming the line
+                    raise
+        else:
+            findings = value
+    assert header is not None  # iter_jsonl raises on a file without one
+    records = [step_record(path, n, obj) for n, obj in live]
+    return ScannedRun(header=header, history=history, window=records, findings=findings)
+
+
+__all__ = [
+    "JsonlSink",
+    "LogFormatError",
+    "LogInUseError",
+    "ScannedRun",
+    "iter_jsonl",
+    "read_jsonl",
+    "scan_jsonl",
+]
