@@ -461,13 +461,16 @@ def test_layers_that_run_on_alternate_steps_are_not_stalled() -> None:
 
 
 def test_analyze_judges_early_points_by_the_jump_test(tmp_path: Path, capsys) -> None:
-    history = [{"step": s, "loss": 2.0 - 0.01 * s, "grad_norm": 1e6 if s == 5 else 1.0} for s in range(40)]
+    history = [
+        {"step": s, "loss": 2.0 - 0.01 * s if s < 6 else 9.0, "grad_norm": 1e6 if s == 5 else 1.0}
+        for s in range(40)
+    ]
     state = tmp_path / "trainer_state.json"
     state.write_text(json.dumps({"log_history": history, "global_step": 40}))
     assert main(["analyze", str(state), "--json"]) == 1  # a 1e6x jump at step 5: judged, not "too early"
     out = json.loads(capsys.readouterr().out)
-    (f,) = out["findings"]
-    assert (f["kind"], f["evidence"]["pattern"], f["steps"]) == ("exploding", "jump", [5])
+    jumps = [f for f in out["findings"] if f["evidence"].get("pattern") == "jump"]
+    assert [(f["kind"], f["steps"]) for f in jumps] == [("exploding", [5])]
     one = tmp_path / "one" / "trainer_state.json"
     one.parent.mkdir()
     one.write_text(json.dumps({"log_history": history[:1], "global_step": 1}))
