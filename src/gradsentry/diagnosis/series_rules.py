@@ -659,7 +659,12 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
                     else ", then came back below its start."
                 )
                 + norm_text
-                + " The learning rate is far too high for this model (clipping, if on, does not prevent it).",
+                + (
+                    " The learning rate is far too high for this model (clipping, if on, does not prevent it)."
+                    if stays
+                    else " The learning rate is too high for the first steps of this model: a warm-up (or a "
+                    "lower rate) avoids the excursion."
+                ),
                 c.advice("exploding", sig, int(ls[i]), early=True),
             )
         )
