@@ -317,3 +317,47 @@ def test_growth_after_a_flat_stretch_starts_at_the_knee() -> None:
     loss = np.r_[np.linspace(9.8, 3.7, 60), np.linspace(4.5, 1e4, 40)]
     growth = next(f for f in detect(series(grad, loss)) if f.evidence.get("pattern") == "growth")
     assert 58 <= growth.evidence["start_step"] <= 63
+
+
+def test_a_nan_step_the_guard_skipped_is_a_warning_without_guard_advice() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randn(64, 2)
+    with gs.Monitor(model, every=1, optimizer=opt, remedy=gs.NonFiniteGuard(opt)) as mon:
+        for s in range(40):
+            xb = x.clone()
+            if s == 20:
+                xb[0, 0] = math.nan
+            loss = nn.functional.mse_loss(model(xb), y)
+            opt.zero_grad()
+            loss.backward()
+            rec = mon.step(loss=loss)
+            if not (rec is not None and any(a.get("skipped") for a in rec.actions)):
+                opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    (nf,) = [f for f in mon.diagnose() if f.kind == "nonfinite"]
+    assert (nf.severity, nf.steps, nf.evidence["skipped_by_guard"]) == ("warning", [20], True)
+    assert all(r.api != CATALOG["guard"].api for r in nf.remedies)
+
+
+def test_a_large_vocabulary_embedding_is_not_read_as_vanishing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(200_000, 32), nn.Flatten(), nn.Linear(4 * 32, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with gs.Monitor(model, every=1) as mon:
+        for _ in range(8):
+            tokens = torch.randint(0, 200_000, (16, 4))
+            loss = nn.functional.cross_entropy(model(tokens), torch.randint(0, 10, (16,)))
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss=loss)
+            opt.step()
+    emb = mon.records[0].layer("0")
+    head = mon.records[0].layer("4")
+    assert emb.grad_rms / head.grad_rms < 1e-3  # what the old rule read as vanishing
+    assert [f.kind for f in mon.diagnose() if f.kind == "vanishing"] == []
+    # without the layer types the lookup table cannot be told apart, and reads as vanishing
+    assert "vanishing" in [f.kind for f in gs.diagnose(mon.records)]

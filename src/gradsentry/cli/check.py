@@ -199,7 +199,9 @@ def _print_report(report: CheckReport, console: Console, target: str) -> None:
             _num(r.dead_frac, pct=True),
         )
     console.print(table)
-    head = f" over the hidden layers (head {report.head} left out)" if report.head is not None else ""
+    head = (
+        f" over the hidden layers (output head {report.head!r} left out)" if report.head is not None else ""
+    )
     console.print(
         f"first/last layer gradient RMS ratio: {_num(report.first_last_ratio)}; log10 RMS slope{head}: "
         f"{_num(report.log_slope)} decades per layer (positive: shrinks towards the input)",

@@ -95,6 +95,17 @@ def _leads_to_nonfinite(ctx: LayerContext, first_index: int) -> bool:
     return any(first_index <= j <= first_index + ctx.t.nonfinite_link_window for j in ctx.nonfinite_idx)
 
 
+EMBEDDING_LAYERS = frozenset({"Embedding", "EmbeddingBag"})
+"""Lookup tables: a batch touches only the rows of its tokens, so their per-entry gradient RMS is
+diluted by every untouched row (a 50,000-token vocabulary reads 1e-3 of a dense layer's) and says
+nothing about the gradient flowing back through depth; the depth-profile rules leave them out."""
+
+
+def _profile_layer(ctx: LayerContext, layer: LayerStats) -> bool:
+    """A layer the first/last-layer gradient profile reads: a usable gradient, not a lookup table."""
+    return _usable_grad(layer) and ctx.types.get(layer.name, "") not in EMBEDDING_LAYERS
+
+
 def _usable_grad(layer: LayerStats) -> bool:
     """A layer whose gradient RMS can be read on a log scale: it has a gradient, elements, finite RMS > 0."""
     return layer.has_grad and layer.numel > 0 and _finite(layer.grad_rms) and layer.grad_rms > 0
@@ -122,7 +133,8 @@ def _vanishing(ctx: LayerContext) -> Finding | None:
     first_pair: tuple[str, str] | None = None
     for rec in ctx.records:
         pairs = sorted(
-            ((ctx.layer_depth(layer), layer) for layer in rec.layers if _usable_grad(layer)), key=_first
+            ((ctx.layer_depth(layer), layer) for layer in rec.layers if _profile_layer(ctx, layer)),
+            key=_first,
         )
         if len(pairs) < 2 or pairs[0][0] == pairs[-1][0]:
             continue
@@ -190,7 +202,7 @@ def _forward_std_ratio(rec: StepRecord) -> tuple[float, str, str] | None:
 
 def _first_last_ratio(ctx: LayerContext, rec: StepRecord) -> tuple[float, list[LayerStats]] | None:
     pairs = sorted(
-        ((ctx.layer_depth(layer), layer) for layer in rec.layers if _usable_grad(layer)), key=_first
+        ((ctx.layer_depth(layer), layer) for layer in rec.layers if _profile_layer(ctx, layer)), key=_first
     )
     if len(pairs) < 2 or pairs[0][0] == pairs[-1][0]:
         return None

@@ -190,6 +190,34 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
         and not _loss_rose_after(sig, first, c)
     )
     nf_steps = [int(s) for s in steps[loss_nf | grad_nf][: t.max_listed]]
+    skipped_set = set(sig.skipped)
+    guarded = (
+        bool(skipped_set)
+        and all(int(x) in skipped_set for x in steps[loss_nf | grad_nf])
+        and bool(np.isfinite(grad[-1]) if sig.has_grad[-1] else True)
+        and bool(np.isfinite(loss[-1]) if sig.has_loss[-1] else True)
+        and not _loss_rose_after(sig, first, c)
+    )
+    ev["skipped_by_guard"] = guarded
+    if guarded:
+        n_nf = int((loss_nf | grad_nf).sum())
+        expl = (
+            f"{n_nf} logged step(s) held NaN/inf (first at step {first}), and each was skipped (a guard such "
+            "as gradsentry.NonFiniteGuard, or a loss scaler, left the weights untouched): training went on "
+            "with finite values. The cause is still worth finding (a bad batch, an overflow)."
+        )
+        out.append(
+            Finding(
+                "nonfinite",
+                "warning",
+                nf_steps,
+                [],
+                ev,
+                expl,
+                [r for r in c.advice("nonfinite", sig, first) if r.api != CATALOG["guard"].api],
+            )
+        )
+        return out
     if isolated_only:
         expl = (
             f"{int(grad_nf.sum())} of {len(sig)} logged gradient norms are non-finite (first at step {first}) "
@@ -306,8 +334,9 @@ def _scaler_skips(sig: RunSignals, c: RuleContext) -> list[Finding]:
                 [int(s) for s in skipped[: t.max_listed]],
                 [],
                 ev,
-                f"A loss scaler skipped {skipped.size} step(s) on overflow (first at step {int(skipped[0])}); "
-                "occasional skips while the scale calibrates are normal in fp16 training.",
+                f"{skipped.size} step(s) were skipped (a loss scaler's overflow, or a NaN/inf guard; first at "
+                f"step {int(skipped[0])}); occasional skips (an fp16 scale calibrating, a rare bad batch) are "
+                "harmless.",
                 [],
             )
         ]
