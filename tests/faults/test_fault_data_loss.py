@@ -175,19 +175,34 @@ def test_resume_false_replaces_the_file(tmp_path: Path) -> None:
     assert path.read_text().count('"kind":"header"') == 1
 
 
-def test_two_monitors_on_one_jsonl_path_refuse_the_second_writer(tmp_path: Path, caplog) -> None:
+def test_two_monitors_on_one_jsonl_path_refuse_the_second_writer(tmp_path: Path) -> None:
+    from gradsentry.sinks._file import LogInUseError
+
     path = tmp_path / "run.jsonl"
     a, b = _model(), _model()
-    with (
-        caplog.at_level("ERROR", logger="gradsentry"),
-        gs.Monitor(a, sinks=[JsonlSink(path)]) as mon_a,
-        gs.Monitor(b, sinks=[JsonlSink(path)]) as mon_b,
-    ):
-        for step in range(4):
+    with gs.Monitor(a, sinks=[JsonlSink(path)]) as mon_a:
+        second = gs.Monitor(b, sinks=[JsonlSink(path)])  # created while the first has not written yet
+        _train(mon_a, a, range(0, 1))  # the first writer takes the file
+        with pytest.raises(LogInUseError, match="being written by another gradsentry sink"):
+            _train(second, b, range(0, 1))  # refused loudly at its first logged step
+        second.close()
+        with pytest.raises(LogInUseError, match=str(path.name)):
+            JsonlSink(path)  # a sink created while the file is being written is refused at once
+        for step in range(1, 4):
             _train(mon_a, a, range(step, step + 1))
-            _train(mon_b, b, range(step, step + 1))
-    assert "is being written by another gradsentry sink" in caplog.text
-    assert str(path) in caplog.text
     run = read_jsonl(path)  # readable, and only the first Monitor's lines
     assert [r.step for r in run.records] == [0, 1, 2, 3]
     assert [r.to_dict() for r in run.records] == [r.to_dict() for r in mon_a.records]
+
+
+def test_a_resumed_run_restarting_at_step_0_warns_that_it_replaces_the_earlier_records(
+    tmp_path: Path, caplog
+) -> None:
+    path = tmp_path / "run.jsonl"
+    a = _model()
+    with gs.Monitor(a, sinks=[JsonlSink(path)]) as mon:
+        _train(mon, a, range(0, 5))
+    with caplog.at_level("WARNING", logger="gradsentry"), gs.Monitor(a, sinks=[JsonlSink(path)]) as mon:
+        _train(mon, a, range(0, 2))  # the README's loop without step=: labels restart at 0
+    assert "reached step 4, but this run's first logged step is 0" in caplog.text
+    assert "step=global_step" in caplog.text

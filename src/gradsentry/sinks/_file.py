@@ -43,6 +43,24 @@ def _lock(fd: int, path: Path) -> None:
         log.debug("gradsentry: no lock on %s (%s)", path, exc)
 
 
+def probe_lock(path: Path) -> None:
+    """Refuse now, when a sink is created, a file that another sink is already writing.
+
+    Raises:
+        LogInUseError: another sink (this process or another) holds the file's lock.
+    """
+    if fcntl is None or not path.is_file():  # pragma: no cover - Windows
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # unreadable here: open() will say why
+    try:
+        _lock(fd, path)
+    finally:
+        os.close(fd)  # closing drops the probe's own lock
+
+
 def read_at(fd: int, size: int, offset: int) -> bytes:
     """``size`` bytes at ``offset`` (``os.pread`` where it exists, else a seek and a read)."""
     if hasattr(os, "pread"):

@@ -6,6 +6,7 @@ import logging
 from typing import Protocol, runtime_checkable
 
 from gradsentry.records import Finding, RunHeader, StepRecord
+from gradsentry.sinks._file import LogInUseError
 
 log = logging.getLogger("gradsentry")
 
@@ -39,6 +40,8 @@ class SafeSink:
             return
         try:
             getattr(self.sink, method)(*args)
+        except LogInUseError:
+            raise  # a second writer on one file: refused loudly, never a silently missing log
         except Exception as exc:
             self.error = exc
             log.error(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gradsentry.records import Finding, LayerStats, RunHeader, StepRecord
-from gradsentry.sinks._file import open_log, read_at
+from gradsentry.sinks._file import open_log, probe_lock, read_at
 
 CSV_COLUMNS: tuple[str, ...] = (
     "step",
@@ -73,6 +73,7 @@ class CsvSink:
 
     def __init__(self, path: str | os.PathLike[str], *, resume: bool = True) -> None:
         self.path = Path(path)
+        probe_lock(self.path)  # another sink writing it: refused here, not at the first step
         self.resume = resume
         self.resumed = False
         self._fh: IO[str] | None = None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from gradsentry.records import Finding, RecordError, Run, RunHeader, StepRecord
-from gradsentry.sinks._file import LogInUseError, open_log
+from gradsentry.sinks._file import LogInUseError, open_log, probe_lock
 
 if TYPE_CHECKING:
     from gradsentry.diagnosis.history import RunHistory
@@ -79,12 +79,14 @@ class JsonlSink:
         resume: bool = True,
     ) -> None:
         self.path = Path(path)
+        probe_lock(self.path)  # another sink writing it: refused here, not at the first step
         self.flush_every = max(1, int(flush_every))
         self.fsync = fsync
         self.resume = resume
         self.resumed = False
         self._fh: IO[str] | None = None
         self._pending = 0
+        self._last_step: int | None = None  # the resumed log's last step, until the first write
 
     def open(self, header: RunHeader) -> None:
         fd, kept = open_log(self.path, resume=self.resume)
@@ -93,6 +95,7 @@ class JsonlSink:
         first = header.to_dict()
         if self.resumed:
             first["resumed"] = True
+            self._last_step = _last_step(self.path, kept)
         self._line(first, force=True)
 
     def _line(self, obj: dict[str, Any], force: bool = False) -> None:
@@ -107,6 +110,15 @@ class JsonlSink:
             self._pending = 0
 
     def write(self, record: StepRecord) -> None:
+        last, self._last_step = self._last_step, None
+        if last is not None and record.step <= last and record.step == 0:
+            log.warning(
+                "gradsentry: %s resumes a log that reached step %d, but this run's first logged step is 0: "
+                "its records will replace the earlier ones from step 0 on. When resuming from a checkpoint, "
+                "pass the trainer's global step: Monitor.step(loss, step=global_step)",
+                self.path,
+                last,
+            )
         self._line(record.to_dict())
 
     def write_findings(self, findings: list[Finding]) -> None:
@@ -127,6 +139,24 @@ class JsonlSink:
             finally:
                 self._fh.close()  # releases the lock
                 self._fh = None
+
+
+def _last_step(path: Path, size: int) -> int | None:
+    """The step of the last complete step line within the first ``size`` bytes of ``path``, if any."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, size - (1 << 16)))
+            tail = fh.read(min(size, 1 << 16)).splitlines()
+    except OSError:
+        return None
+    for raw in reversed(tail):
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict) and obj.get("kind") == "step" and isinstance(obj.get("step"), int):
+            return int(obj["step"])
+    return None
 
 
 def _parse_constant(name: str) -> float:
