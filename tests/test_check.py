@@ -376,3 +376,14 @@ def test_library_errors() -> None:
         check_model(small_mlp())
     with pytest.raises(ValueError, match=r"digits batch size must be in \[1, 1797\]"):
         digits_batch(0)
+
+
+def test_dead_units_are_not_judged_on_a_batch_of_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(32, 32), nn.ReLU())], nn.Linear(32, 4))
+    one = check_model(model, input_shape=(32,), batch_size=1)
+    assert [f.kind for f in one.findings if f.kind == "dead_units"] == []
+    row = next(r for r in one.rows if r.dead_frac is not None)
+    assert row.dead_frac > 0.3  # about half of a ReLU layer is zero on any one example: chance, not death
+    many = check_model(model, input_shape=(32,), batch_size=64)
+    assert [f.kind for f in many.findings if f.kind == "dead_units"] == []

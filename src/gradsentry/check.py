@@ -97,6 +97,11 @@ class InputFitError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ data
+DEAD_UNITS_MIN_BATCH = 8
+"""Fewest examples in the check's batch for the dead-unit rule: a unit zero "for every sample" of one or
+two samples is chance (half of a ReLU layer's units are zero on any one example), not a dead unit."""
+
+
 def digits_batch(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A real batch from scikit-learn's bundled digits (no download): ``x [n, 64]`` in [0, 1], ``y [n]``.
 
@@ -550,10 +555,18 @@ def _concentration_finding(profile: BlockProfile, step: int) -> Finding | None:
             "learning-rate warm-up (or pre-LN) to stay stable."
         )
     else:
+        agrees = ratio < 1.0
         text = (
             f"{head}. In pre-LN blocks the residual stream grows with depth and each block's LayerNorm "
-            "divides by it, so the early blocks get the larger gradients (NormFormer, Shleifer et al. 2021) and "
-            "the gradient near the output is about 1/sqrt(L) of a post-LN model's (Xiong et al. 2020)."
+            "divides by it, so the early blocks are expected to get the larger gradients (NormFormer, Shleifer "
+            "et al. 2021) and the gradient near the output about 1/sqrt(L) of a post-LN model's (Xiong et al. "
+            "2020). "
+            + (
+                "This model shows that: its gradient falls towards the output."
+                if agrees
+                else "This model does not show it at init: the last block's gradient is not smaller than the "
+                "first's (measured here, whatever the papers' picture)."
+            )
         )
     return Finding(
         kind="gradient_concentration",
@@ -662,6 +675,9 @@ def _run_once(
             max_dev = max(devs) if devs else None
     ratio, slope, head = _fit_slope([r for r, st in zip(rows, rec.layers, strict=True) if st.has_grad])
     findings = diagnose([rec], layers=layers, thresholds=thresholds)
+    n_examples = int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 0
+    if n_examples < DEAD_UNITS_MIN_BATCH:  # "zero for every sample" means little on a few samples
+        findings = [f for f in findings if f.kind != "dead_units"]
     init_finding = _exploding_at_init(ratio, slope, rows, rec.step)
     if init_finding is not None and not any(f.kind == "exploding" for f in findings):
         findings.insert(0, init_finding)
