@@ -144,3 +144,16 @@ def test_snapshot_files_cut_short_or_foreign_give_clear_errors(tmp_path):
     good.write_bytes(data[:100])
     with pytest.raises(SnapshotError, match="cut short"):
         rb.restore()
+
+
+def test_a_corrupt_newest_snapshot_falls_back_to_the_one_before(tmp_path, caplog):
+    model, opt = _setup()
+    rb = Rollback(model, opt, every=1, directory=tmp_path, keep=3)
+    for step in range(3):
+        _train_step(model, opt, rb, step)
+    newest = sorted(tmp_path.glob("snapshot-*.pt"))[-1]
+    newest.write_bytes(b"garbage, not a snapshot")
+    with caplog.at_level("WARNING", logger="gradsentry"):
+        assert rb.restore() == 1  # step 2's file is garbage: step 1's snapshot is restored
+    assert "restoring the snapshot before it instead" in caplog.text
+    assert "weights_only set to False" not in caplog.text  # torch's unsafe advice is not passed on

@@ -68,10 +68,11 @@ def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
     except Exception as exc:  # torch.load raises many types on bad input (RuntimeError, KeyError, ...)
         if magic == b"PK\x03\x04":
             raise SnapshotError(
-                f"snapshot file {str(p)!r} is cut short or corrupt (not a complete torch.save archive): {exc}"
+                f"snapshot file {str(p)!r} is cut short or corrupt (not a complete torch.save archive): "
+                f"{_first_line(exc)}"
             ) from exc
         raise SnapshotError(
-            f"{str(p)!r} is not a gradsentry snapshot (not a torch.save file): {exc}"
+            f"{str(p)!r} is not a gradsentry snapshot (not a torch.save file): {_first_line(exc)}"
         ) from exc
     if not isinstance(obj, dict) or SNAPSHOT_KEY not in obj:
         raise SnapshotError(
@@ -84,6 +85,12 @@ def load_snapshot(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{str(p)!r}: unsupported snapshot version {version!r} or missing model/optimizer"
         )
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    """torch.load's error without its advice to retry with ``weights_only=False`` (unsafe on a file that
+    is not ours: it would run pickled code)."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 class Rollback:
@@ -264,8 +271,19 @@ class Rollback:
         """
         if not self._snapshots:
             raise RollbackError("training diverged before the first snapshot; nothing to roll back to")
-        entry = self._snapshots[-min(back, len(self._snapshots))]
-        snap = load_snapshot(entry) if isinstance(entry, Path) else entry
+        pos = len(self._snapshots) - min(back, len(self._snapshots))
+        errors: list[str] = []
+        while True:
+            entry = self._snapshots[pos]
+            try:
+                snap = load_snapshot(entry) if isinstance(entry, Path) else entry
+                break
+            except SnapshotError as exc:  # a corrupt file (a disk fault): fall back to an older snapshot
+                errors.append(str(exc))
+                if pos == 0:
+                    raise SnapshotError("no readable snapshot: " + "; ".join(errors)) from None
+                log.warning("gradsentry: Rollback: %s; restoring the snapshot before it instead", exc)
+                pos -= 1
         self.model.load_state_dict(snap["model"])
         # optimizer.load_state_dict keeps same-device tensors by reference: hand it a copy.
         self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
