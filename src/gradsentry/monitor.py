@@ -48,7 +48,7 @@ _EARLY = 1e12  # larger than the number of module calls between two logged steps
 _TINY_MEAN_SQUARE = 1e-30
 
 NO_PARAMS_MSG = (
-    "gradsentry.Monitor: the model has no parameters, so there is no gradient to watch. "
+    "gradsentry: the model has no parameters, so there is no gradient to watch. "
     "Pass the module that owns the trainable parameters."
 )
 

@@ -566,7 +566,12 @@ def _nonfinite_layers(ctx: LayerContext, f: Finding) -> None:
         f.evidence["origin"] = origin
         f.explanation += f" The first module to produce a non-finite value was {origin or '<root>'}."
     if names:
-        f.explanation += f" The first non-finite gradient is in {_fmt_names(names)} (deepest first)."
+        order = (
+            "the origin first, then deepest first"
+            if origin is not None and origin in names
+            else "deepest first"
+        )
+        f.explanation += f" The first non-finite gradient is in {_fmt_names(names)} ({order})."
 
 
 def attribute(findings: list[Finding], ctx: LayerContext) -> None:
