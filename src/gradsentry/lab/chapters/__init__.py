@@ -15,7 +15,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-CHAPTERS: tuple[str, ...] = ("mlp", "rnn")
+CHAPTERS: tuple[str, ...] = ("mlp", "rnn", "cnn")
 """Every chapter, in report order (``mlp`` is the deep-MLP variant table)."""
 EXTRA_CHAPTERS: tuple[str, ...] = CHAPTERS[1:]
 
