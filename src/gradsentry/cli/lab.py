@@ -59,7 +59,7 @@ VARIANT_NAMES: tuple[str, ...] = (
 PyTorch (``analyze`` and ``report`` never need it; a test keeps the two equal)."""
 
 
-CHAPTER_NAMES: tuple[str, ...] = ("mlp", "rnn", "cnn")
+CHAPTER_NAMES: tuple[str, ...] = ("mlp", "rnn", "cnn", "attention")
 """``gradsentry.lab.chapters.CHAPTERS``, spelled out for the same reason (a test keeps the two equal)."""
 
 

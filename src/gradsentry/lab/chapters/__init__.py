@@ -15,7 +15,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-CHAPTERS: tuple[str, ...] = ("mlp", "rnn", "cnn")
+CHAPTERS: tuple[str, ...] = ("mlp", "rnn", "cnn", "attention")
 """Every chapter, in report order (``mlp`` is the deep-MLP variant table)."""
 EXTRA_CHAPTERS: tuple[str, ...] = CHAPTERS[1:]
 
