@@ -28,12 +28,20 @@ def chapter_module(name: str) -> ModuleType:
 
 
 def run_chapter(name: str, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run one chapter beyond MLPs; its result object with ``claims`` and ``time_s`` added."""
+    """Run one chapter beyond MLPs on one torch thread; its result object with ``claims`` and ``time_s``
+    added."""
     import time
+
+    import torch
 
     t0 = time.perf_counter()
     mod = chapter_module(name)
-    data: dict[str, Any] = mod.run(quick=quick, seed=seed)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the fastest for these small tensors (as in run_lab)
+    try:
+        data: dict[str, Any] = mod.run(quick=quick, seed=seed)
+    finally:
+        torch.set_num_threads(old_threads)
     data["claims"] = mod.claims(data)
     data["time_s"] = time.perf_counter() - t0
     return data
