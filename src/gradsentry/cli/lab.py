@@ -59,6 +59,10 @@ VARIANT_NAMES: tuple[str, ...] = (
 PyTorch (``analyze`` and ``report`` never need it; a test keeps the two equal)."""
 
 
+CHAPTER_NAMES: tuple[str, ...] = ("mlp", "rnn", "cnn", "attention")
+"""``gradsentry.lab.chapters.CHAPTERS``, spelled out for the same reason (a test keeps the two equal)."""
+
+
 def _variant_names() -> tuple[str, ...]:
     return VARIANT_NAMES
 
@@ -86,6 +90,14 @@ def register(app: typer.Typer) -> None:
             help="Comma-separated subset of variants to run (default: all): "
             + ", ".join(_variant_names())
             + ".",
+        ),
+        chapters: str | None = typer.Option(
+            None,
+            "--chapters",
+            help="Comma-separated chapters to run (default: all; only mlp when --variants is given): "
+            + ", ".join(CHAPTER_NAMES)
+            + " (mlp: the deep-MLP variants; rnn: through time; cnn: deep plain vs residual vs batch-norm "
+            "CNNs; attention: post-LN vs pre-LN transformers).",
         ),
         seed: int = typer.Option(
             0, "--seed", min=0, max=2**32 - 1, help="Seed of the initial weights and the batch order."
@@ -123,7 +135,14 @@ def register(app: typer.Typer) -> None:
         if not names:
             err.print(Text.assemble(("error: ", "red"), "--variants is empty: name at least one variant"))
             raise typer.Exit(EXIT_USAGE)
-        overrides: dict[str, Any] = {"seed": seed, "variants": names}
+        chapter_names = (
+            tuple(c.strip() for c in chapters.split(",") if c.strip())
+            if chapters is not None
+            else ("mlp",)
+            if variants is not None  # MLP variants named: the MLP chapter only
+            else CHAPTER_NAMES
+        )
+        overrides: dict[str, Any] = {"seed": seed, "variants": names, "chapters": chapter_names}
         for key, value in (("depth", depth), ("width", width), ("epochs", epochs)):
             if value is not None:
                 overrides[key] = value
@@ -165,7 +184,17 @@ def register(app: typer.Typer) -> None:
 
             result = run_lab(config, out_dir=out, progress=on_progress)
         paths = write_outputs(result, out)
-        console.print(_table(result))
+        if result.runs:
+            console.print(_table(result))
+        for name, chapter in result.chapters.items():
+            claims = chapter.get("claims", {})
+            holds = [k for k, v in claims.items() if k.endswith("_holds")]
+            ok = sum(1 for k in holds if claims[k])
+            console.print(
+                f"chapter {name}: {chapter.get('title', name)}: {ok}/{len(holds)} claims hold "
+                f"({', '.join(k.removesuffix('_holds') + ('' if claims[k] else ' [red]NOT[/red]') for k in holds)}); "
+                f"{chapter.get('time_s', 0.0):.1f} s"
+            )
         console.print(
             f"{len(result.runs)} runs in {result.wall_time_s:.1f} s; re-render with: gradsentry report "
             f"{paths['results']}"

@@ -174,6 +174,13 @@ class LabConfig:
         hist_range: the histograms cover ``[-hist_range, hist_range]``; values outside fall in the end bins.
         threads: torch intra-op threads during the lab (restored afterwards); None = 1, which is the
             fastest for these small matrices.
+        chapters: the chapters to run, among :data:`gradsentry.lab.chapters.CHAPTERS`: ``"mlp"`` (the
+            variants above) and the chapters beyond MLPs ``"rnn"``, ``"cnn"``, ``"attention"`` (each
+            with its own fixed models and budget, sized by ``quick``; their results go to
+            :attr:`LabResult.chapters`). The library default is ``("mlp",)``; ``gradsentry lab`` runs
+            every chapter unless ``--chapters`` says otherwise.
+        chapter_budget: ``"full"`` or ``"quick"`` (set by :meth:`quick`): the budget of the chapters
+            beyond MLPs.
 
     Raises:
         ValueError: from :meth:`validate` (called by :func:`run_lab`) on an unknown variant name or a
@@ -196,6 +203,8 @@ class LabConfig:
     hist_bins: int = 80
     hist_range: float = 10.0
     threads: int | None = None
+    chapters: tuple[str, ...] = ("mlp",)
+    chapter_budget: str = "full"
 
     @classmethod
     def quick(cls, **overrides: Any) -> LabConfig:
@@ -203,12 +212,26 @@ class LabConfig:
 
         The oversized init gain is raised to 1.5 so that the shallower exploding run still diverges.
         """
-        base: dict[str, Any] = {"depth": 12, "width": 32, "epochs": 3, "log_every": 2, "oversized_gain": 1.5}
+        base: dict[str, Any] = {
+            "depth": 12,
+            "width": 32,
+            "epochs": 3,
+            "log_every": 2,
+            "oversized_gain": 1.5,
+            "chapter_budget": "quick",
+        }
         base.update(overrides)
         return cls(**base)
 
     def validate(self) -> LabConfig:
         """Check every field; return ``self`` (see the class for the errors raised)."""
+        from gradsentry.lab.chapters import CHAPTERS
+
+        bad = [c for c in self.chapters if c not in CHAPTERS]
+        if bad or not self.chapters or len(set(self.chapters)) != len(self.chapters):
+            raise ValueError(
+                f"chapters must be distinct names among {', '.join(CHAPTERS)}, got {', '.join(self.chapters) or 'none'}"
+            )
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(
@@ -230,6 +253,8 @@ class LabConfig:
             raise ValueError(
                 f"need 0 <= momentum < 1 and weight_decay >= 0, got {self.momentum}, {self.weight_decay}"
             )
+        if self.chapter_budget not in ("full", "quick"):
+            raise ValueError(f"chapter_budget must be 'full' or 'quick', got {self.chapter_budget!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         return self
@@ -238,6 +263,7 @@ class LabConfig:
         """The settings as plain JSON-serialisable data (``variants`` as a list)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["variants"] = list(self.variants)
+        d["chapters"] = list(self.chapters)
         return d
 
     @classmethod
@@ -245,8 +271,9 @@ class LabConfig:
         """Inverse of :meth:`to_dict`; unknown keys are ignored (call :meth:`validate` to check values)."""
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in names}
-        if "variants" in kw:
-            kw["variants"] = tuple(kw["variants"])
+        for key in ("variants", "chapters"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
         return cls(**kw)
 
 
@@ -554,11 +581,12 @@ def run_lab(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or 1)
     results: list[VariantResult] = []
+    chapters: dict[str, Any] = {}
     try:
-        count = len(config.variants)
+        count = len(config.variants) if "mlp" in config.chapters else 0
         n = int(data.x_train.shape[0])
         total = config.epochs * math.ceil(n / config.batch_size)
-        for index, name in enumerate(config.variants):
+        for index, name in enumerate(config.variants if "mlp" in config.chapters else ()):
             variant = VARIANTS[name]
 
             def _report(step: int, loss: float | None, _name: str = name, _i: int = index) -> None:
@@ -584,6 +612,16 @@ def run_lab(
                         name, index, count, res.steps_run, total, True, res.loss[-1] if res.loss else None
                     )
                 )
+        from gradsentry.lab.chapters import EXTRA_CHAPTERS, run_chapter
+
+        extra = [c for c in config.chapters if c in EXTRA_CHAPTERS]
+        for i, chapter in enumerate(extra):
+            if progress is not None:
+                progress(ProgressEvent(f"chapter {chapter}", i, len(extra), 0, 1, False, None))
+            chapters[chapter] = run_chapter(chapter, quick=config.chapter_budget == "quick", seed=config.seed)
+            log.info("gradsentry lab: chapter %s done in %.1f s", chapter, chapters[chapter]["time_s"])
+            if progress is not None:
+                progress(ProgressEvent(f"chapter {chapter}", i, len(extra), 1, 1, True, None))
     finally:
         torch.set_num_threads(old_threads)
     return LabResult(
@@ -598,6 +636,7 @@ def run_lab(
         },
         environment={"torch": torch.__version__, "threads": config.threads or 1},
         wall_time_s=time.perf_counter() - t0,
+        chapters=chapters,
     )
 
 

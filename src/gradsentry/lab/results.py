@@ -37,7 +37,13 @@
           "time_s": float,                                # this run, seconds
           "jsonl": str | null                             # its JSONL record file, relative to results.json
         }
-      ]
+      ],
+      "chapters": {                           # the chapters beyond MLPs that ran (absent when none ran)
+        "<rnn|cnn|attention>": {"title", "settings": {...}, "cite": str, "time_s": float,
+                                "claims": {...},  # measured numbers; "*_holds": the claim's direction
+                                "runs": {"<variant>": {"title", "loss": [float], "global_norm": [float],
+                                         "test_accuracy", "findings": [...], ...chapter-specific}}}
+      }
     }
 """
 
@@ -167,6 +173,7 @@ class LabResult:
     data: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float = 0.0
+    chapters: dict[str, Any] = field(default_factory=dict)
 
     def run(self, name: str) -> VariantResult:
         """The result of variant ``name``; raises KeyError if it was not run."""
@@ -177,7 +184,10 @@ class LabResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data with the schema version (see the module docstring); floats may be non-finite."""
-        return {"gradsentry_lab": RESULTS_SCHEMA_VERSION, **asdict(self)}
+        d = {"gradsentry_lab": RESULTS_SCHEMA_VERSION, **asdict(self)}
+        if not d["chapters"]:  # MLP-only labs keep the original set of keys
+            del d["chapters"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LabResult:
@@ -198,6 +208,7 @@ class LabResult:
             data=dict(data.get("data", {})),
             environment=dict(data.get("environment", {})),
             wall_time_s=float(data.get("wall_time_s", 0.0)),
+            chapters=dict(data.get("chapters", {})),
         )
 
 

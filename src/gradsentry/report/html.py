@@ -476,6 +476,15 @@ def _sections(result: Any) -> list[dict[str, Any]]:
     return sections
 
 
+def _chapter_sections(chapters: dict[str, Any]) -> list[dict[str, Any]]:
+    from gradsentry.lab.chapters import chapter_sections
+
+    out: list[dict[str, Any]] = []
+    for name, data in chapters.items():
+        out.extend(chapter_sections(name, data))
+    return out
+
+
 def render_lab_report(result: Any) -> str:
     """Render the lab's HTML report from a :class:`gradsentry.lab.LabResult`.
 
@@ -487,6 +496,7 @@ def render_lab_report(result: Any) -> str:
     """
     cfg = result.config
     data = result.data
+    chapters: dict[str, Any] = dict(getattr(result, "chapters", None) or {})
     overview = []
     for r in result.runs:
         kinds: dict[str, str] = {}
@@ -514,6 +524,13 @@ def render_lab_report(result: Any) -> str:
         f"SGD (lr {fmt(cfg.get('lr'))}, momentum {fmt(cfg.get('momentum'))}, cosine decay), batch "
         f"{cfg.get('batch_size')}, {cfg.get('epochs')} epochs, seed {cfg.get('seed')}; "
         f"{len(result.runs)} runs in {result.wall_time_s:.1f} s."
+        + (
+            " Chapters beyond MLPs: "
+            + ", ".join(f"{v.get('title', k)} ({v.get('time_s', 0):.1f} s)" for k, v in chapters.items())
+            + "."
+            if chapters
+            else ""
+        )
     )
     settings = [(k, _fmt_evidence(v)) for k, v in cfg.items()]
     settings += [(f"environment: {k}", str(v)) for k, v in result.environment.items()]
@@ -529,7 +546,7 @@ def render_lab_report(result: Any) -> str:
             "gradsentry.diagnose reports them; their evidence and remedies are listed further down."
         ),
         "overview": overview,
-        "sections": _sections(result),
+        "sections": (_sections(result) if result.runs or not chapters else []) + _chapter_sections(chapters),
         "findings": [
             {"name": r.name, "title": r.title, "cards": [finding_view(f) for f in r.findings]}
             for r in result.runs

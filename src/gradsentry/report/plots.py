@@ -555,3 +555,39 @@ def run_heatmap_figure(run: Run) -> str:
         ax.set_xlabel("step")
         ax.set_title("Per-layer gradient norm over time")
         return to_svg(fig)
+
+
+def lines_figure(
+    panels: Sequence[tuple[str, dict[str, Sequence[float]]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    logy: bool = True,
+    xs: Sequence[float] | None = None,
+) -> str:
+    """Side-by-side panels of labelled lines (the chapters beyond MLPs): ``panels`` is
+    ``[(title, {label: values})]``; x is ``xs`` or 1, 2, ...; non-finite or (log scale) non-positive
+    values are left out."""
+    n = max(1, len(panels))
+    with _figure(4.6 * n, 3.4, right=0.2, wspace=0.3) as fig:
+        axes = fig.subplots(1, n, squeeze=False)[0]
+        for ax, (title, series) in zip(axes, panels, strict=False):
+            for i, (label, values) in enumerate(series.items()):
+                y = _finite_positive(values) if logy else np.asarray(values, dtype=float)
+                x = np.asarray(xs if xs is not None else range(1, len(y) + 1), dtype=float)[: len(y)]
+                ax.plot(
+                    x,
+                    y,
+                    marker="o" if len(y) <= 24 else None,
+                    ms=3,
+                    lw=1.4,
+                    label=label,
+                    color=_FALLBACK[i % len(_FALLBACK)],
+                )
+            if logy:
+                ax.set_yscale("log")
+            ax.set_title(title)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.legend(loc="best")
+        return to_svg(fig)
