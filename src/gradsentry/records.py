@@ -192,6 +192,22 @@ class ActivationStats:
             raise RecordError(f"activation statistics are missing {exc}") from exc
 
 
+def skipped_steps_of(step: int, actions: Any) -> list[int]:
+    """The steps a remedy skipped that one record's ``actions`` tell of: ``step`` itself when an action says
+    ``"skipped": True``, and the unlogged steps before it an action lists in ``skipped_unlogged_steps``.
+
+    ``actions`` is taken as read from a file (a list of dicts, or anything else, which tells nothing).
+    """
+    if not isinstance(actions, list) or not actions:
+        return []
+    out = [step] if any(isinstance(a, Mapping) and a.get("skipped") is True for a in actions) else []
+    for a in actions:
+        between = a.get("skipped_unlogged_steps") if isinstance(a, Mapping) else None
+        if isinstance(between, list):
+            out += [x for x in between if isinstance(x, int) and not isinstance(x, bool)]
+    return out
+
+
 @dataclass(slots=True)
 class StepRecord:
     """Everything measured at one logged optimizer step.

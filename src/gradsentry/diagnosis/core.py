@@ -20,7 +20,14 @@ from gradsentry.diagnosis.layer_rules import LayerContext, _step_bad, attribute,
 from gradsentry.diagnosis.series_rules import RuleContext, RunSignals, series_findings
 from gradsentry.diagnosis.thresholds import Thresholds, resolve
 from gradsentry.logs.series import Series
-from gradsentry.records import SEVERITY_ORDER, ActivationStats, Finding, LayerInfo, StepRecord
+from gradsentry.records import (
+    SEVERITY_ORDER,
+    ActivationStats,
+    Finding,
+    LayerInfo,
+    StepRecord,
+    skipped_steps_of,
+)
 from gradsentry.remedies_catalog import RemedyContext
 
 __all__ = ["diagnose", "diagnose_series", "remedy_context", "signals_from_records", "skipped_steps"]
@@ -65,24 +72,9 @@ def _saturation_band(meta: Mapping[str, Any] | None) -> dict[str, float]:
     }
 
 
-def _skipped(rec: StepRecord) -> bool:
-    return any(isinstance(a, Mapping) and a.get("skipped") is True for a in rec.actions)
-
-
-def _skipped_between(rec: StepRecord) -> list[int]:
-    """Unlogged steps a remedy skipped before this record (the Monitor's ``skipped_unlogged_steps``)."""
-    out: list[int] = []
-    for a in rec.actions:
-        steps = a.get("skipped_unlogged_steps") if isinstance(a, Mapping) else None
-        if isinstance(steps, list):
-            out += [s for s in steps if isinstance(s, int) and not isinstance(s, bool)]
-    return out
-
-
 def skipped_steps(rec: StepRecord) -> list[int]:
-    """The steps a remedy skipped that this record tells of: its own step, when an action says
-    ``"skipped": True``, and the unlogged steps before it listed in ``skipped_unlogged_steps``."""
-    return ([rec.step] if _skipped(rec) else []) + _skipped_between(rec)
+    """The steps a remedy skipped that this record tells of (see :func:`gradsentry.records.skipped_steps_of`)."""
+    return skipped_steps_of(rec.step, rec.actions)
 
 
 def signals_from_records(records: Sequence[StepRecord], meta: Mapping[str, Any] | None = None) -> RunSignals:

@@ -33,7 +33,7 @@ from gradsentry.diagnosis.core import skipped_steps
 from gradsentry.diagnosis.layer_rules import _step_bad
 from gradsentry.diagnosis.series_rules import RunSignals
 from gradsentry.diagnosis.thresholds import Thresholds
-from gradsentry.records import StepRecord
+from gradsentry.records import StepRecord, skipped_steps_of
 
 __all__ = ["RunHistory"]
 
@@ -110,15 +110,7 @@ class RunHistory:
             r = layer.get("update_ratio")
             if r is not None and r > _ANY_STEP and math.isfinite(r) and layer.get("has_grad", True):
                 ratio = r if ratio is None or r > ratio else ratio
-        skipped: list[int] = []
-        actions = obj.get("actions")
-        if actions:
-            if any(isinstance(a, Mapping) and a.get("skipped") is True for a in actions):
-                skipped.append(step)
-            for a in actions:
-                between = a.get("skipped_unlogged_steps") if isinstance(a, Mapping) else None
-                if isinstance(between, list):
-                    skipped += [x for x in between if isinstance(x, int) and not isinstance(x, bool)]
+        skipped = skipped_steps_of(step, obj.get("actions"))
         self._steps.append(step)
         self._loss.append(math.nan if loss is None else loss)  # type: ignore[arg-type]
         self._has_loss.append(loss is not None)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from gradsentry.logs.series import FieldName, Series, build_series
+from gradsentry.records import skipped_steps_of
 from gradsentry.sinks.jsonl import read_jsonl
 
 
@@ -35,10 +36,6 @@ def read_gradsentry_jsonl(path: str | os.PathLike[str]) -> Series:
         path=str(Path(path)),
         fields=found,
         notes=["global_norm is the Monitor's global norm before clipping"],
-        skipped=[
-            r.step
-            for r in run.records
-            if any(isinstance(a, dict) and a.get("skipped") is True for a in r.actions)
-        ],
+        skipped=[s for r in run.records for s in skipped_steps_of(r.step, r.actions)],
         meta={k: run.header.meta[k] for k in ("optimizer", "lr", "max_grad_norm") if k in run.header.meta},
     )
