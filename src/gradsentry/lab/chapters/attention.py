@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradsentry.lab.chapters.common import block_grad_norms, train
+from gradsentry.lab.chapters.common import block_grad_norms, loss_figure, results_text, train
 from gradsentry.lab.data import load_digits
 
 CITE = "Xiong et al. 2020 (arXiv:2002.04745); Shleifer, Weston & Ott 2021 (arXiv:2110.09456)"
@@ -175,11 +175,8 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
         + "; ".join(f"{r['title']}: {fmt(r['last_first_ratio_init'])}" for r in runs.values())
         + ". Training loss (mean of the last 10 steps): "
         + "; ".join(f"{r['title']}: {fmt(r['final_loss'])}" for r in runs.values())
-        + ". Test accuracy: "
-        + "; ".join(f"{r['title']}: {100 * r['test_accuracy']:.1f}%" for r in runs.values())
-        + ". Findings: "
-        + "; ".join(f"{r['title']}: {', '.join(r['finding_kinds']) or 'none'}" for r in runs.values())
-        + ".",
+        + ". "
+        + results_text(runs),
     ]
     return [
         {
@@ -204,13 +201,8 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "L2 norm of the gradients of each encoder block's parameters (found by name, out_proj "
                     "included), log scale.",
                 ),
-                embed_svg(
-                    plots.lines_figure(
-                        [("training loss", {r["title"]: r["loss"] for r in runs.values()})],
-                        xlabel="step",
-                        ylabel="cross-entropy (nats)",
-                        logy=False,
-                    ),
+                loss_figure(
+                    runs,
                     "fig-attn-loss",
                     "Training loss of post-LN and pre-LN encoders",
                     "Cross-entropy per step at the same warm-up-free learning rate.",

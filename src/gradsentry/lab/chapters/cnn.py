@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradsentry.lab.chapters.common import block_grad_norms, train
+from gradsentry.lab.chapters.common import block_grad_norms, loss_figure, results_text, train
 from gradsentry.lab.data import load_digits
 
 CITE = "He, Zhang, Ren & Sun 2016 (arXiv:1512.03385); Ioffe & Szegedy 2015 (arXiv:1502.03167)"
@@ -158,11 +158,8 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
         "re-standardizes each layer's output, which undoes the shrinking.",
         "First conv / last conv gradient norm at init: "
         + "; ".join(f"{r['title']}: {fmt(r['first_last_ratio_init'])}" for r in runs.values())
-        + ". Test accuracy: "
-        + "; ".join(f"{r['title']}: {100 * r['test_accuracy']:.1f}%" for r in runs.values())
-        + ". Findings: "
-        + "; ".join(f"{r['title']}: {', '.join(r['finding_kinds']) or 'none'}" for r in runs.values())
-        + ".",
+        + ". "
+        + results_text(runs),
     ]
     layers = next(iter(runs.values()))["layers"] if runs else []
     return [
@@ -184,13 +181,8 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "Per-layer gradient norm of the deep CNNs against depth",
                     "Gradient norm of each layer's parameters at step 0 and at the last step, log scale.",
                 ),
-                embed_svg(
-                    plots.lines_figure(
-                        [("training loss", {r["title"]: r["loss"] for r in runs.values()})],
-                        xlabel="step",
-                        ylabel="cross-entropy (nats)",
-                        logy=False,
-                    ),
+                loss_figure(
+                    runs,
                     "fig-cnn-loss",
                     "Training loss of the deep CNNs",
                     "Cross-entropy per step; chance is ln 10 = 2.30 nats.",

@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from gradsentry.report.html import FigureView
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -119,3 +122,33 @@ def block_grad_norms(model: nn.Module, prefixes: list[str]) -> list[float]:
                 sq += float(p.grad.detach().float().pow(2).sum())
         out.append(math.sqrt(sq))
     return out
+
+
+def results_text(runs: dict[str, Any]) -> str:
+    """The report's sentence on every run's test accuracy and Monitor findings (each run a ``train`` result
+    with its ``title``)."""
+    return (
+        "Test accuracy: "
+        + "; ".join(f"{r['title']}: {100 * r['test_accuracy']:.1f}%" for r in runs.values())
+        + ". Findings: "
+        + "; ".join(f"{r['title']}: {', '.join(r['finding_kinds']) or 'none'}" for r in runs.values())
+        + "."
+    )
+
+
+def loss_figure(runs: dict[str, Any], fig_id: str, title: str, caption: str) -> FigureView:
+    """The report's figure of every run's training loss per step (cross-entropy, linear scale), embedded."""
+    from gradsentry.report import plots
+    from gradsentry.report.html import embed_svg
+
+    return embed_svg(
+        plots.lines_figure(
+            [("training loss", {r["title"]: r["loss"] for r in runs.values()})],
+            xlabel="step",
+            ylabel="cross-entropy (nats)",
+            logy=False,
+        ),
+        fig_id,
+        title,
+        caption,
+    )
