@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -75,34 +76,43 @@ class RunSignals:
     def __len__(self) -> int:
         return int(self.steps.size)
 
-    @property
+    # Derived once (the arrays are not changed after construction): every rule and every event reads them.
+
+    @cached_property
     def hidden(self) -> np.ndarray:
         """[N] a loss of exactly 0.0 logged beside a non-finite gradient norm (a hidden non-finite loss)."""
         return self.has_loss & (self.loss == 0.0) & self.has_grad & ~np.isfinite(self.grad)
 
-    def loss_points(self, clean: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """``(steps, values)`` of the logged losses (NaN/inf kept); ``clean`` drops hidden ones."""
-        keep = self.has_loss & ~self.hidden if clean else self.has_loss
+    @cached_property
+    def _clean_loss(self) -> tuple[np.ndarray, np.ndarray]:
+        keep = self.has_loss & ~self.hidden
         return self.steps[keep], self.loss[keep]
+
+    def loss_points(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of the logged losses (NaN/inf kept), hidden non-finite ones left out."""
+        return self._clean_loss
 
     def grad_points(self) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of the logged gradient norms (NaN/inf kept)."""
         return self.steps[self.has_grad], self.grad[self.has_grad]
 
-    def finite_positive(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(steps, values, index into steps)`` of the finite, positive points of ``"grad"``/``"loss"``."""
+    def finite_positive(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of the finite, positive points of ``"grad"`` or ``"loss"``."""
         values = self.grad if name == "grad" else self.loss
         has = self.has_grad if name == "grad" else self.has_loss & ~self.hidden
         keep = has & np.isfinite(values) & (values > 0)
-        idx = np.flatnonzero(keep)
-        return self.steps[idx], values[idx], idx
+        return self.steps[keep], values[keep]
 
-    def first_bad_index(self) -> int | None:
-        """Index of the first step with a non-finite norm or loss (hidden ones included)."""
+    @cached_property
+    def _first_bad(self) -> int | None:
         bad = (self.has_grad & ~np.isfinite(self.grad)) | (self.has_loss & ~np.isfinite(self.loss))
         bad |= self.hidden
         i = np.flatnonzero(bad)
         return int(i[0]) if i.size else None
+
+    def first_bad_index(self) -> int | None:
+        """Index of the first step with a non-finite norm or loss (hidden ones included)."""
+        return self._first_bad
 
     def lr_at(self, step: int) -> float | None:
         """The last learning rate logged at or before ``step`` (or the run's stated one)."""
@@ -589,7 +599,7 @@ def _growth_harm(sig: RunSignals, c: RuleContext, g: dict[str, Any]) -> dict[str
 
 def growth_rule(sig: RunSignals, c: RuleContext) -> Finding | None:
     """Sustained exponential growth of the global norm that did harm (see :func:`signals.find_growth`)."""
-    steps, vals, _ = sig.finite_positive("grad")
+    steps, vals = sig.finite_positive("grad")
     g = sg.find_growth(steps, vals, c.t)
     if g is None:
         return None
@@ -620,7 +630,7 @@ def growth_rule(sig: RunSignals, c: RuleContext) -> Finding | None:
 
 def _norm_growth(sig: RunSignals, lo_step: int, hi_step: int) -> float | None:
     """How many times the largest finite norm in ``[lo_step, hi_step]`` exceeds the norm at ``lo_step``."""
-    gs, gv, _ = sig.finite_positive("grad")
+    gs, gv = sig.finite_positive("grad")
     seg = gv[(gs >= lo_step) & (gs <= hi_step)]
     before = gv[gs <= lo_step]
     if seg.size == 0:
@@ -754,7 +764,7 @@ def vanishing_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
     """A gradient norm collapsed while the loss is flat, or a loss that never improved (stalled)."""
     t = c.t
     out: list[Finding] = []
-    steps, vals, _ = sig.finite_positive("grad")
+    steps, vals = sig.finite_positive("grad")
     ls, lv = sig.loss_points()
     keep = np.isfinite(lv)
     ls, lv = ls[keep], lv[keep]
@@ -926,7 +936,7 @@ def loss_only_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
             ],
         )
     ]
-    steps, vals, _ = sig.finite_positive("loss")
+    steps, vals = sig.finite_positive("loss")
     spikes = sg.find_spikes(steps, vals, t)
     if not spikes:
         return out
@@ -977,7 +987,7 @@ def series_findings(sig: RunSignals, c: RuleContext) -> list[Finding]:
             findings += vanishing_rules(sig, c)  # only the stall can be seen without a norm
         return findings
     findings += zero_rule(sig, c)
-    gs, gv, _ = sig.finite_positive("grad")
+    gs, gv = sig.finite_positive("grad")
     events = _events_finding(sig, c, sg.find_jumps(gs, gv, c.t), "jump")
     events += _events_finding(sig, c, sg.find_spikes(gs, gv, c.t), "spike")
     growth = growth_rule(sig, c)
