@@ -361,3 +361,18 @@ def test_a_large_vocabulary_embedding_is_not_read_as_vanishing() -> None:
     assert [f.kind for f in mon.diagnose() if f.kind == "vanishing"] == []
     # without the layer types the lookup table cannot be told apart, and reads as vanishing
     assert "vanishing" in [f.kind for f in gs.diagnose(mon.records)]
+
+
+def test_advice_to_run_a_monitor_only_where_no_monitor_ran() -> None:
+    rng = np.random.default_rng(6)
+    loss = math.log(10) + rng.normal(0, 0.002, 40)
+    grad = 0.02 * np.exp(rng.normal(0, 0.1, 40))
+    from_log = next(f for f in detect(series(grad, loss)) if f.kind == "vanishing")
+    assert "gradsentry.Monitor(model)" in [r.api for r in from_log.remedies]
+    recs = [
+        gs.StepRecord(step=i + 1, global_norm=float(g), loss=float(lo))
+        for i, (g, lo) in enumerate(zip(grad, loss, strict=True))
+    ]
+    from_monitor = next(f for f in gs.diagnose(recs) if f.kind == "vanishing")
+    assert from_monitor.evidence == from_log.evidence
+    assert "gradsentry.Monitor(model)" not in [r.api for r in from_monitor.remedies]

@@ -213,6 +213,8 @@ class RemedyContext:
         max_grad_norm: the threshold at which the trainer already clips the global norm (HF
             ``max_grad_norm``, Lightning ``gradient_clip_val``), or None when it does not (or unknown).
         early: the problem started in the first logged points (a learning rate far too high).
+        guarded: the non-finite steps were skipped (a guard or loss scaler already does that).
+        monitored: the run was recorded by gradsentry's Monitor (per-layer records exist).
     """
 
     saturating: bool = False
@@ -222,6 +224,8 @@ class RemedyContext:
     lr: float | None = None
     max_grad_norm: float | None = None
     early: bool = False
+    guarded: bool = False
+    monitored: bool = False
 
     @property
     def adam_like(self) -> bool:
@@ -246,8 +250,10 @@ def _rank(kind: str, ctx: RemedyContext) -> list[str]:
         return ["clip_global", "zclip", "lower_lr_warmup", "agc", "normalization", "weight_decay"]
     if kind == "nonfinite":
         if ctx.after_spike:
-            return ["guard", "clip_global", "lower_lr_warmup", "check_numerics"]
-        return ["guard", "check_numerics", "lower_lr_warmup", "clip_global"]
+            order = ["guard", "clip_global", "lower_lr_warmup", "check_numerics"]
+        else:
+            order = ["guard", "check_numerics", "lower_lr_warmup", "clip_global"]
+        return [k for k in order if k != "guard"] if ctx.guarded else order  # not what it already does
     if kind == "saturation":
         return ["relu_he", "normalization", "xavier", "lsuv", "lower_lr_warmup"]
     if kind == "dead_units":

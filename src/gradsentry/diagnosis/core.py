@@ -224,11 +224,9 @@ def diagnose(
         saturation_band=_saturation_band(meta),
     )
     sig = signals if signals is not None else signals_from_records(recs, meta)
-    c = RuleContext(t, lctx.advice_context())
+    c = RuleContext(t, lctx.advice_context(monitored=True))
     with np.errstate(all="ignore"):
         found = series_findings(sig, c)
-    for f in found:  # the records come from the Monitor: do not advise running one
-        f.remedies = [r for r in f.remedies if r.api != "gradsentry.Monitor(model)"]
     attribute(found, lctx)
     per_layer = layer_findings(lctx)
     if any(f.kind == "vanishing" for f in per_layer):  # the layers show it directly: drop the series guess

@@ -133,6 +133,16 @@ class RuleContext:
     t: Thresholds
     remedy: RemedyContext = field(default_factory=RemedyContext)
 
+    def run_monitor(self) -> list[Remedy]:
+        """Advice to record the run with a Monitor, unless it was (its per-layer records exist)."""
+        if self.remedy.monitored:
+            return []
+        return [
+            Remedy(
+                "run gradsentry's Monitor to see which layers' gradients vanish", "gradsentry.Monitor(model)"
+            )
+        ]
+
     def advice(self, kind: str, sig: RunSignals, step: int | None = None, **changes: Any) -> list[Remedy]:
         lr = sig.lr_at(step) if step is not None else None
         if step is not None and "early" not in changes and len(sig):
@@ -224,7 +234,7 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
                 [],
                 ev,
                 expl,
-                [r for r in c.advice("nonfinite", sig, first) if r.api != CATALOG["guard"].api],
+                c.advice("nonfinite", sig, first, guarded=True),
             )
         )
         return out
@@ -829,10 +839,7 @@ def vanishing_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
             "(saturating activations, a poor init in a deep net) are the usual cause, a learning rate of ~0 "
             "or frozen parameters the others. gradsentry's Monitor shows which layers' gradients vanish.",
             [
-                Remedy(
-                    "run gradsentry's Monitor to see which layers' gradients vanish",
-                    "gradsentry.Monitor(model)",
-                ),
+                *c.run_monitor(),
                 *c.advice("vanishing", sig, int(ls[0])),
                 Remedy("check that the learning rate is not ~0 and that the parameters are in the optimizer"),
             ],
@@ -903,9 +910,7 @@ def _collapse(
         ev,
         expl,
         [
-            Remedy(
-                "run gradsentry's Monitor to see which layers' gradients vanish", "gradsentry.Monitor(model)"
-            ),
+            *c.run_monitor(),
             *c.advice("vanishing", sig, int(steps[ci])),
             Remedy("check that the learning-rate schedule did not decay to ~0"),
         ],
