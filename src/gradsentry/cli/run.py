@@ -65,10 +65,10 @@ def register(app: typer.Typer) -> None:
         script: str = typer.Argument(..., metavar="SCRIPT.py", help="the training script, run unmodified"),
         args: list[str] | None = typer.Argument(None, metavar="[ARGS]...", help="the script's own arguments"),
         every: int | None = typer.Option(
-            None, "--every", help="log every N-th optimizer step [env GRADSENTRY_EVERY; default 1]"
+            None, "--every", help="log every N-th optimizer step (env GRADSENTRY_EVERY; default 1)"
         ),
         out_dir: Path | None = typer.Option(
-            None, "--dir", help=f"folder of the JSONL run [env GRADSENTRY_DIR; default {DEFAULT_DIR}]"
+            None, "--dir", help=f"folder of the JSONL run (env GRADSENTRY_DIR; default {DEFAULT_DIR})"
         ),
         stop_on: str | None = typer.Option(
             None,
