@@ -20,10 +20,6 @@ FORMAT_HELP = "auto | hf | tensorboard | csv | mmengine | jsonl | hf-console | m
 ``--help`` does not import the readers)."""
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
-
-
 def register(app: typer.Typer) -> None:
     """Add the ``analyze`` subcommand to ``app``."""
 
@@ -115,11 +111,10 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_summary(result: LogAnalysis, console: Console, plot: Path | None) -> None:
-    from rich.table import Table
     from rich.text import Text
 
     from gradsentry.analyze import unhide_nonfinite_loss
-    from gradsentry.logs.sparkline import sparkline
+    from gradsentry.cli.render import findings_view, series_row
 
     s = unhide_nonfinite_loss(result.series)  # hidden NaN losses shown as '!', not as 0.0
     console.print(Text.assemble(("gradsentry analyze ", "bold"), (s.path, ""), (f"  [{s.source}]", "dim")))
@@ -131,35 +126,12 @@ def _print_summary(result: LogAnalysis, console: Console, plot: Path | None) -> 
     )
     for name, log in (("grad_norm", True), ("loss", False)):
         if s.has(name):  # type: ignore[arg-type]
-            _, v = s.values(name)  # type: ignore[arg-type]
-            line = sparkline(list(getattr(s, name)), max(10, min(60, console.width - 32)), log=log)
-            fin = [x for x in v.tolist() if x == x and abs(x) != float("inf")]
-            rng = f"{_fmt(min(fin) if fin else None)}..{_fmt(max(fin) if fin else None)}"
-            console.print(Text.assemble((f"{name:>9} ", "bold"), (line, "cyan"), (f"  {rng}", "dim")))
+            width = max(10, min(60, console.width - 32))
+            console.print(series_row(name, list(getattr(s, name)), width, log=log))
         else:
             console.print(Text.assemble((f"{name:>9} ", "bold"), ("not logged", "yellow")))
     for note in s.notes:
         console.print(Text(f"note: {note}", style="dim"))
-    if not result.findings:
-        console.print(Text("healthy: no finding", style="bold green"))
-    else:
-        table = Table(show_lines=False, expand=False)
-        for col in ("severity", "kind", "step", "what was found"):
-            table.add_column(col, overflow="fold")
-        colours = {"error": "red", "warning": "yellow", "info": "dim"}
-        for f in result.findings:
-            kind = f.kind + (f" ({f.evidence['pattern']})" if "pattern" in f.evidence else "")
-            table.add_row(
-                Text(f.severity, style=colours.get(f.severity, "")),
-                kind,
-                str(f.steps[0]) if f.steps else "-",
-                Text(f.explanation),
-            )
-        console.print(table)
-        shown: set[str] = set()
-        for f in result.findings:
-            if f.remedies and f.severity != "info" and f.remedies[0].action not in shown:
-                shown.add(f.remedies[0].action)
-                console.print(Text(f"fix ({f.kind}): {f.remedies[0].action}", style="dim"))
+    console.print(findings_view(result.findings))
     if plot is not None:
         console.print(f"plot written to {plot}", highlight=False, markup=False)

@@ -6,11 +6,13 @@ from collections.abc import Callable
 
 import typer
 
-from gradsentry.cli import analyze, check, lab, report
+from gradsentry.cli import analyze, check, lab, report, run, watch
 
 REGISTRY: list[Callable[[typer.Typer], None]] = [
     lab.register,
     check.register,
     analyze.register,
     report.register,
+    watch.register,
+    run.register,
 ]

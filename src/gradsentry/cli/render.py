@@ -1,0 +1,67 @@
+"""Rich renderables the commands share: a series as a sparkline row, findings as a table and their fixes.
+
+``analyze``, ``watch`` and ``run`` print findings through :func:`findings_view`, so a finding reads the
+same wherever it is shown. Rich is imported inside the functions (the CLI starts without it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.text import Text
+
+    from gradsentry.records import Finding
+
+SEVERITY_STYLES = {"error": "red", "warning": "yellow", "info": "dim"}
+
+
+def fmt(x: float | None) -> str:
+    """A number in 4 significant digits, ``-`` for None."""
+    return "-" if x is None else f"{x:.4g}"
+
+
+def series_row(name: str, values: Sequence[float | None], width: int, *, log: bool) -> Text:
+    """``name  ▁▂▅█  lo..hi``: a right-aligned name, the sparkline of ``values`` (at most ``width``
+    characters, :func:`gradsentry.logs.sparkline.sparkline`) and the range of the finite values."""
+    from rich.text import Text
+
+    from gradsentry.logs.sparkline import sparkline
+
+    fin = [float(x) for x in values if x is not None and math.isfinite(x)]
+    rng = f"{fmt(min(fin) if fin else None)}..{fmt(max(fin) if fin else None)}"
+    return Text.assemble(
+        (f"{name:>9} ", "bold"), (sparkline(values, width, log=log), "cyan"), (f"  {rng}", "dim")
+    )
+
+
+def findings_view(findings: Sequence[Finding]) -> RenderableType:
+    """The findings as a table (severity, kind and pattern, first step, explanation) followed by the
+    first remedy of each warning or error (each remedy once); ``healthy: no finding`` when empty."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    if not findings:
+        return Text("healthy: no finding", style="bold green")
+    table = Table(show_lines=False, expand=False)
+    for col in ("severity", "kind", "step", "what was found"):
+        table.add_column(col, overflow="fold")
+    for f in findings:
+        kind = f.kind + (f" ({f.evidence['pattern']})" if "pattern" in f.evidence else "")
+        table.add_row(
+            Text(f.severity, style=SEVERITY_STYLES.get(f.severity, "")),
+            kind,
+            str(f.steps[0]) if f.steps else "-",
+            Text(f.explanation),
+        )
+    fixes: list[RenderableType] = []
+    shown: set[str] = set()
+    for f in findings:
+        if f.remedies and f.severity != "info" and f.remedies[0].action not in shown:
+            shown.add(f.remedies[0].action)
+            fixes.append(Text(f"fix ({f.kind}): {f.remedies[0].action}", style="dim"))
+    return Group(table, *fixes)
