@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gradsentry import _dist, stats
+from gradsentry import _dist, _taxonomy, stats
 from gradsentry.diagnosis.history import RunHistory
 from gradsentry.diagnosis.thresholds import Thresholds
 from gradsentry.diagnosis.thresholds import resolve as resolve_thresholds
@@ -453,10 +453,12 @@ class Monitor:
             self._sinks = []
         self._proposed_every = self.every
         self._sites = [
-            _ActSite(name, type(m).__name__, m)
+            _ActSite(name, kind, m)
             for name, m in model.named_modules()
-            if type(m).__name__ in stats.ACTIVATIONS
+            if (kind := _taxonomy.activation_kind(m)) is not None
         ]
+        if activations and (note := _taxonomy.functional_activation_note(model)):
+            log.info("%s", note)
         if max_records is None:  # what fits in the budget, by the measured size of this model's records
             size = record_bytes(
                 len(self._layers), len(self._sites) if activations else 0, self.histogram_bins
