@@ -22,9 +22,11 @@ modules: no hook can see them, so their saturation and dead units are not measur
 
 from __future__ import annotations
 
-from typing import Final
+import functools
+from typing import TYPE_CHECKING, Final
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported only by the functions that look at modules: log readers never need it
+    from torch import nn
 
 SIGMOID: Final = "sigmoid"
 TANH: Final = "tanh"
@@ -53,7 +55,13 @@ ACTIVATION_RULES: Final[dict[str, tuple[str, bool, bool]]] = {
     "Hardswish": (SMOOTH, False, False),
 }
 
-_TORCH_KINDS: Final[dict[type, str]] = {getattr(nn, kind): kind for kind in ACTIVATION_RULES}
+
+@functools.cache
+def _torch_kinds() -> dict[type, str]:
+    from torch import nn
+
+    return {getattr(nn, kind): kind for kind in ACTIVATION_RULES}
+
 
 #: transformers activation class name -> the kind whose rules apply (transformers/activations.py).
 TRANSFORMERS_ACTIVATIONS: Final[dict[str, str]] = {
@@ -82,13 +90,6 @@ ACTIVATIONS: Final = frozenset(ACTIVATION_RULES)
 #: Bounded activation names whose derivative goes to zero at large inputs (saturation), for the advice.
 SATURATING_ACTIVATIONS: Final = BOUNDED_ACTIVATIONS | {"LogSigmoid", "Tanhshrink"}
 
-NORMALIZATION_TYPES: Final[tuple[type[nn.Module], ...]] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, their Lazy forms
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    nn.LocalResponseNorm,
-)
 #: Normalization module names (records hold class names); when the model has one, other fixes rank first.
 NORMALIZATION_LAYERS: Final = frozenset(
     {
@@ -108,20 +109,20 @@ NORMALIZATION_LAYERS: Final = frozenset(
     }
 )
 
-WEIGHT_TYPES: Final[tuple[type[nn.Module], ...]] = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.modules.conv._ConvNd,  # Conv1d/2d/3d and the transposed and lazy forms
-    nn.Embedding,
-    nn.EmbeddingBag,
-)
-"""Layers whose outputs an activation normally follows (linear, convolution, embedding)."""
+
+@functools.cache
+def weight_types() -> tuple[type[nn.Module], ...]:
+    """Layers whose outputs an activation normally follows (linear, convolution, embedding)."""
+    from torch import nn
+
+    return (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag)
 
 
 def activation_kind(module: nn.Module) -> str | None:
     """The activation kind of ``module`` (a key of :data:`ACTIVATION_RULES`), or None if it is none.
 
     Example:
+        >>> from torch import nn
         >>> activation_kind(nn.ReLU6()), activation_kind(nn.Linear(2, 2))
         ('ReLU6', None)
         >>> class NewGELUActivation(nn.Module): ...
@@ -129,7 +130,7 @@ def activation_kind(module: nn.Module) -> str | None:
         'GELU'
     """
     for cls in type(module).__mro__:
-        kind = _TORCH_KINDS.get(cls) or TRANSFORMERS_ACTIVATIONS.get(cls.__name__)
+        kind = _torch_kinds().get(cls) or TRANSFORMERS_ACTIVATIONS.get(cls.__name__)
         if kind is not None:
             return kind
     return None
@@ -150,7 +151,7 @@ def functional_activation_note(model: nn.Module) -> str | None:
     modules = list(model.modules())
     if any(activation_kind(m) is not None for m in modules):
         return None
-    if not any(isinstance(m, WEIGHT_TYPES) for m in modules):
+    if not any(isinstance(m, weight_types()) for m in modules):
         return None
     return (
         f"gradsentry: {type(model).__name__} has no activation module the Monitor recognises (its "
