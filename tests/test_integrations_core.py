@@ -126,6 +126,19 @@ def test_stop_finding_judges_the_newest_record_only_for_the_kinds_asked():
     mon.close()
 
 
+def _hf_args_state(max_grad_norm: float) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """The TrainingArguments and TrainerState fields on_train_begin reads (no Trainer, no output folder)."""
+    args = SimpleNamespace(
+        max_grad_norm=max_grad_norm,
+        gradient_accumulation_steps=1,
+        output_dir=None,
+        logging_strategy="steps",
+        logging_first_step=False,
+    )
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True, log_history=[], logging_steps=500)
+    return args, state
+
+
 def test_hf_capture_runs_after_final_callbacks_queued_during_backward():
     pytest.importorskip("transformers")
     from gradsentry.integrations.transformers import GradSentryCallback
@@ -136,8 +149,7 @@ def test_hf_capture_runs_after_final_callbacks_queued_during_backward():
     optimizer = SimpleNamespace(
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1), gradient_state=sync, scaler=None
     )
-    args = SimpleNamespace(max_grad_norm=0.0, gradient_accumulation_steps=1)
-    state = SimpleNamespace(global_step=0, is_world_process_zero=True, log_history=[])
+    args, state = _hf_args_state(max_grad_norm=0.0)
     cb.on_train_begin(args, state, None, model=model, optimizer=optimizer)
 
     # A DDP-like finalizer: queued late in the backward (the input layer's gradient comes last) by a
@@ -183,8 +195,7 @@ def test_hf_capture_mode_and_double_clipping_warnings(capture, scaler, mode, cap
 
     model = mlp(2, width=4, act=nn.Tanh)
     optimizer = SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=scaler)
-    args = SimpleNamespace(max_grad_norm=1.0, gradient_accumulation_steps=1)
-    state = SimpleNamespace(global_step=0, is_world_process_zero=True, log_history=[])
+    args, state = _hf_args_state(max_grad_norm=1.0)
     cb = GradSentryCallback(capture=capture, remedy=lambda params, norms=None: None)
     with caplog.at_level(logging.WARNING, logger="gradsentry"):
         cb.on_train_begin(args, state, None, model=model, optimizer=optimizer)

@@ -59,6 +59,7 @@ def _train(
     extra: list[Any] | None = None,
     **kw: Any,
 ) -> Any:
+    settings: dict[str, Any] = {"logging_steps": 1, "report_to": [], **kw}
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=steps,
@@ -67,14 +68,12 @@ def _train(
         learning_rate=0.05,
         optim="sgd",
         lr_scheduler_type="constant",
-        logging_steps=1,
         save_strategy="no",
-        report_to=[],
         use_cpu=True,
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=0,
-        **kw,
+        **settings,
     )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=_data(), callbacks=[cb, *(extra or [])]
@@ -117,7 +116,8 @@ def test_pre_clip_norm_equals_trainer_grad_norm(tmp_path, ga):
         assert rec.global_norm > 10 * 1e-3
         assert entry["gradsentry/global_norm"] == rec.global_norm
         assert entry["gradsentry/nonfinite_steps"] == 0
-        assert entry["gradsentry/grad_norm/net.0"] == rec.layers[0].grad_norm
+        assert "gradsentry/grad_norm/net.0" not in entry  # per-layer keys stay off the console by default
+        assert entry["gradsentry/worst_layer"].startswith("net.")
     # Independent float64 recomputation of the first optimizer step's gradient and loss
     assert recs[0].global_norm == pytest.approx(want0, rel=1e-5)
     assert recs[0].loss == pytest.approx(loss0, rel=1e-5)
@@ -291,3 +291,105 @@ def test_bad_stop_on():
         ValueError, match=r"unknown stop_on \['nan'\]; valid names: \['nonfinite', 'exploding'\]"
     ):
         GradSentryCallback(stop_on=("nan",))
+
+
+# ---------------------------------------------------------------------- where the figures go
+
+
+def _events(folder: Any) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_figures_reach_report_to_tensorboard_on_the_trainer_logging_steps(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    cb = GradSentryCallback(every=3)  # every=3 does not divide logging_steps=2
+    trainer = _train(
+        tmp_path,
+        Regressor(mlp(3, width=16, act=nn.Tanh)),
+        cb,
+        steps=6,
+        logging_steps=2,
+        report_to=["tensorboard"],
+    )
+    # records at the Monitor's cadence (1, 4) and at every step the Trainer logs (2, 4, 6)
+    assert [r.step for r in cb.monitor.records] == [1, 2, 4, 6]
+    by_step = {r.step: r for r in cb.monitor.records}
+    logs = _train_logs(trainer)
+    assert [e["step"] for e in logs] == [2, 4, 6]
+    for entry in logs:  # the figure on a line is that line's step's, equal to the Trainer's grad_norm
+        assert entry["gradsentry/global_norm"] == by_step[entry["step"]].global_norm
+        assert entry["gradsentry/global_norm"] == pytest.approx(entry["grad_norm"], rel=1e-5)
+        assert not [k for k in entry if k.startswith("gradsentry/grad_norm/")]
+    assert cb.norm_mismatches == []
+    # the TensorBoard file written by report_to holds the global and per-layer figures, same steps
+    acc = _events(tmp_path / "tb")
+    tags = set(acc.Tags()["scalars"])
+    assert {
+        "train/gradsentry/global_norm",
+        "train/gradsentry/grad_norm/net.0",
+        "train/gradsentry/grad_norm/net.4",
+    } <= tags
+    tb_global = {e.step: e.value for e in acc.Scalars("train/gradsentry/global_norm")}
+    tb_trainer = {e.step: e.value for e in acc.Scalars("train/grad_norm")}
+    assert sorted(tb_global) == [2, 4, 6]
+    for step, value in tb_global.items():  # TensorBoard stores float32
+        assert value == pytest.approx(by_step[step].global_norm, rel=1e-6)
+        assert value == pytest.approx(tb_trainer[step], rel=1e-5)
+    tb_layer = {e.step: e.value for e in acc.Scalars("train/gradsentry/grad_norm/net.0")}
+    assert tb_layer[4] == pytest.approx(by_step[4].layers[0].grad_norm, rel=1e-6)
+    # the console (PrinterCallback, disable_tqdm) shows the global figures and the worst layer only
+    printed = [line for line in capsys.readouterr().out.splitlines() if "gradsentry/global_norm" in line]
+    assert (
+        len(printed) == 3
+        and "gradsentry/worst_layer" in printed[0]
+        and "gradsentry/grad_norm/" not in printed[0]
+    )
+    # a default JSONL record file in output_dir, which gradsentry report renders
+    run = read_jsonl(tmp_path / "out" / "gradsentry.jsonl")
+    assert [r.step for r in run.records] == [1, 2, 4, 6]
+    assert not any(isinstance(c, type(cb._front)) for c in trainer.callback_handler.callbacks)
+
+
+def test_console_layers_and_no_default_sink(tmp_path):
+    cb = GradSentryCallback(sinks=(), console_layers=True, log_stats=("grad_norm", "weight_norm"))
+    trainer = _train(tmp_path, Regressor(mlp(2, width=8, act=nn.Tanh)), cb, steps=2)
+    entry = _train_logs(trainer)[-1]
+    rec = cb.monitor.records[-1]
+    assert entry["gradsentry/grad_norm/net.0"] == rec.layers[0].grad_norm
+    assert entry["gradsentry/weight_norm/net.2"] == rec.layers[1].weight_norm
+    assert not (tmp_path / "out" / "gradsentry.jsonl").exists()
+
+
+class ShardCountingTrainer(transformers.Trainer):
+    """A Trainer whose logged grad_norm carries the sqrt(shards) bug: the true norm times sqrt(2)."""
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        return super()._get_grad_norm(model, grad_norm) * math.sqrt(2)
+
+
+def test_a_trainer_norm_off_by_sqrt2_is_reported(tmp_path, caplog):
+    cb = GradSentryCallback(sinks=())
+    model = Regressor(mlp(2, width=8, act=nn.Tanh))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=N,
+        learning_rate=0.05,
+        optim="sgd",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    with caplog.at_level(logging.WARNING, logger="gradsentry"):
+        ShardCountingTrainer(model=model, args=args, train_dataset=_data(), callbacks=[cb]).train()
+    assert [s for s, _, _ in cb.norm_mismatches] == [1, 2, 3]
+    for _, theirs, ours in cb.norm_mismatches:
+        assert theirs / ours == pytest.approx(math.sqrt(2), rel=1e-5)
+    (warning,) = _warnings(caplog)[:1]
+    assert "at step 1 the trainer logged grad_norm" in warning and "over 2 shards or replicas" in warning

@@ -415,3 +415,44 @@ def test_bad_stop_on():
     ):
         GradSentryCallback(stop_on=("nonfinite", "vanishing"))
     assert GradSentryCallback(stop_on="nonfinite").stop_on == ("nonfinite",)
+
+
+def test_tensorboard_logger_gets_the_tags_and_the_chart_layout_and_log_dir_the_records(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import metadata
+
+    cb = GradSentryCallback(every=2)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    _fit(Regressor(mlp(3, width=16, act=nn.Tanh)), [cb], steps=5, logger=logger)
+    recs = cb.monitor.records
+    assert [r.step for r in recs] == [0, 2, 4]
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert {"gradsentry/global_norm", "gradsentry/grad_norm/net.0", "gradsentry/grad_norm/net.4"} <= set(
+        acc.Tags()["scalars"]
+    )
+    for tag, want in (
+        ("gradsentry/global_norm", [r.global_norm for r in recs]),
+        ("gradsentry/grad_norm/net.2", [r.layers[1].grad_norm for r in recs]),
+    ):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [0, 2, 4]
+        assert [e.value for e in events] == pytest.approx(want, rel=1e-6)  # float32 in the file
+    # the custom-scalars layout: one chart per statistic matching every layer's tag
+    (layout_event,) = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["grad_norm"] == ["gradsentry/grad_norm/.*"]
+    # the default record file in the logger's version folder, readable by gradsentry report
+    run = read_jsonl(tmp_path / "tb" / "version_0" / "gradsentry.jsonl")
+    assert [r.global_norm for r in run.records] == [r.global_norm for r in recs]
+
+
+def test_without_a_logger_no_default_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cb = GradSentryCallback()
+    _fit(Regressor(mlp(2, width=8, act=nn.Tanh)), [cb], steps=1, default_root_dir=str(tmp_path))
+    assert cb.monitor.records and not list(tmp_path.rglob("gradsentry.jsonl"))

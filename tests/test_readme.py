@@ -25,3 +25,20 @@ def test_quick_start_runs_and_diagnoses_the_deep_sigmoid_net(
     run = gs.read_jsonl(tmp_path / "run.jsonl")
     assert [r.step for r in run.records] == list(range(0, 100, 10))
     assert "vanishing" in {f.kind for f in mon.diagnose()}
+
+
+def test_notebook_example_runs_on_the_quick_start_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("pandas")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    notebook = next(b for b in blocks if "to_dataframe()" in b)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], str(README), "exec"), {"print": lambda *a, **k: None})
+    namespace: dict[str, object] = {}
+    exec(compile(notebook, str(README), "exec"), namespace)
+    df = namespace["df"]
+    assert len(df) == 10 * 10 and "<pre" in namespace["run"]._repr_html_()  # type: ignore[attr-defined]

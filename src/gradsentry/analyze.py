@@ -74,6 +74,35 @@ class LogAnalysis:
         """True when no finding is a problem."""
         return not self.problems
 
+    def __rich__(self) -> Any:
+        """The analysis (what was read, the findings) as rich renderables (terminal)."""
+        from gradsentry.report.views import analysis_renderable
+
+        return analysis_renderable(self)
+
+    def _repr_html_(self) -> str:
+        """The analysis (what was read, the findings) as escaped HTML (notebooks)."""
+        from gradsentry.report.views import analysis_renderable, to_html
+
+        return to_html(analysis_renderable(self))
+
+    def to_dataframe(self) -> Any:
+        """The series read as a ``pandas.DataFrame``: columns ``step``, ``loss``, ``grad_norm``, ``lr``
+        (None/NaN where not logged) and ``skipped`` (the log says the optimizer step was skipped).
+
+        Raises:
+            ModuleNotFoundError: pandas is not installed.
+        """
+        from gradsentry.report.views import dataframe
+
+        s = self.series
+        skipped = set(s.skipped)
+        rows = [
+            {"step": st, "loss": lo, "grad_norm": g, "lr": lr, "skipped": st in skipped}
+            for st, lo, g, lr in zip(s.steps, s.loss, s.grad_norm, s.lr, strict=True)
+        ]
+        return dataframe(rows, ("step", "loss", "grad_norm", "lr", "skipped"))
+
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON-ready dict (non-finite numbers become ``"NaN"``/``"Infinity"`` strings)."""
         s = unhide_nonfinite_loss(self.series)  # a hidden NaN loss counts as non-finite, not as 0.0

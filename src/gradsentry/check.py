@@ -244,6 +244,18 @@ class CheckReport:
         """The report that decides the outcome: after the fix when one was applied."""
         return self.fixed if self.fixed is not None else self
 
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        """The ``gradsentry check`` view (table, depth profile, findings), fitted to the console's width."""
+        from gradsentry.report.views import check_renderable
+
+        yield check_renderable(self, options.max_width)
+
+    def _repr_html_(self) -> str:
+        """The ``gradsentry check`` view as escaped HTML (notebooks)."""
+        from gradsentry.report.views import check_renderable, to_html
+
+        return to_html(check_renderable(self))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("record", None)

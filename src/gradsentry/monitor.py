@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gradsentry import _dist, stats
+from gradsentry import _dist, _taxonomy, stats
 from gradsentry.diagnosis.history import RunHistory
 from gradsentry.diagnosis.thresholds import Thresholds
 from gradsentry.diagnosis.thresholds import resolve as resolve_thresholds
@@ -332,6 +332,9 @@ class Monitor:
         thresholds: a :class:`gradsentry.Thresholds` used to measure (its saturation bands,
             ``sigmoid_saturation`` and ``tanh_saturation``, recorded in the header's
             ``meta["saturation"]``) and by :meth:`diagnose`; the defaults when None.
+        also_log: a predicate on the 0-based index of a :meth:`step` call; the calls it accepts are
+            logged steps too, besides ``every``'s (e.g. a trainer's logging steps). It must be the
+            same on every rank.
 
     Raises:
         ValueError: if the model has no parameters, or ``every`` is not an int >= 1, a histogram or
@@ -378,6 +381,7 @@ class Monitor:
         rank_zero_only_sinks: bool = True,
         dist_timeout: float | None = None,
         thresholds: Thresholds | None = None,
+        also_log: Callable[[int], bool] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradsentry.Monitor expects an nn.Module, got {type(model).__name__}")
@@ -411,6 +415,7 @@ class Monitor:
         self.on_nonfinite = on_nonfinite
         self._in_nonfinite = False  # the previous logged step was non-finite ("warn" once per stretch)
         self.every = int(every)
+        self.also_log = also_log
         self.optimizer = optimizer
         self.remedy = remedy
         self.activations = activations
@@ -448,10 +453,12 @@ class Monitor:
             self._sinks = []
         self._proposed_every = self.every
         self._sites = [
-            _ActSite(name, type(m).__name__, m)
+            _ActSite(name, kind, m)
             for name, m in model.named_modules()
-            if type(m).__name__ in stats.ACTIVATIONS
+            if (kind := _taxonomy.activation_kind(m)) is not None
         ]
+        if activations and (note := _taxonomy.functional_activation_note(model)):
+            log.info("%s", note)
         if max_records is None:  # what fits in the budget, by the measured size of this model's records
             size = record_bytes(
                 len(self._layers), len(self._sites) if activations else 0, self.histogram_bins
@@ -636,7 +643,7 @@ class Monitor:
     # ------------------------------------------------------------------ hooks armed per logged step
     def _arm_for(self, step: int) -> None:
         """Arm activation hooks for the forward of ``step`` when it will be logged; disarm otherwise."""
-        logged = step == self._next_log
+        logged = self._logs_at(step)
         want_acts = logged and (self.activations or self.locate_nonfinite)
         if want_acts and not self._act_handles:
             if self.activations:
@@ -896,17 +903,18 @@ class Monitor:
         self.step_count += 1
         record: StepRecord | None = None
         try:
-            if current == self._next_log:
+            if self._logs_at(current):
                 try:
                     record = self._log_step(current if step is None else int(step), loss, lr)
                 finally:  # an error on a logged step (a bad argument, a raising remedy) must not stop logging
-                    self._next_log = current + self.every
+                    if current == self._next_log:
+                        self._next_log = current + self.every
                     self._pending = _Pending()
             elif self.remedy is not None:
                 result = self._call_remedy(self._all_params()[0], loss=loss)
                 self._note_unlogged_skip(result, current if step is None else int(step))
         finally:  # arm (or disarm) the hooks for the coming step even after an error
-            if self.step_count == self._next_log:  # the coming optimizer step precedes a logged step
+            if self._logs_at(self.step_count):  # the coming optimizer step precedes a logged step
                 self._arm_optimizer()
             else:
                 self._disarm_optimizer()
@@ -914,6 +922,10 @@ class Monitor:
         if record is not None and self.on_nonfinite is not None:
             self._check_nonfinite(record)
         return record
+
+    def _logs_at(self, call: int) -> bool:
+        """Whether the ``call``-th :meth:`step` call (0-based) is a logged step."""
+        return call == self._next_log or (self.also_log is not None and bool(self.also_log(call)))
 
     def recent(self, n: int) -> list[StepRecord]:
         """The last ``n`` records kept, oldest first (costs O(n), not O(records kept))."""

@@ -346,6 +346,18 @@ class Finding:
         layers = f" in {', '.join(self.layers[:3])}" if self.layers else ""
         return f"[{self.severity}] {self.kind}{where}{layers}: {self.explanation}"
 
+    def __rich__(self) -> Any:
+        """The finding and its first remedies as rich renderables (terminal)."""
+        from gradsentry.report.views import finding_renderable
+
+        return finding_renderable(self)
+
+    def _repr_html_(self) -> str:
+        """The finding and its first remedies as escaped HTML (notebooks)."""
+        from gradsentry.report.views import finding_renderable, to_html
+
+        return to_html(finding_renderable(self))
+
 
 @dataclass
 class RunHeader:
@@ -386,3 +398,26 @@ class Run:
     header: RunHeader
     records: list[StepRecord]
     findings: list[Finding] = field(default_factory=list)
+
+    def __rich__(self) -> Any:
+        """The run's summary and findings as rich renderables (terminal)."""
+        from gradsentry.report.views import run_renderable
+
+        return run_renderable(self)
+
+    def _repr_html_(self) -> str:
+        """The run's summary and findings as escaped HTML (notebooks)."""
+        from gradsentry.report.views import run_renderable, to_html
+
+        return to_html(run_renderable(self))
+
+    def to_dataframe(self) -> Any:
+        """The records as a ``pandas.DataFrame``, one row per (step, layer); see
+        :func:`gradsentry.report.views.records_dataframe`.
+
+        Raises:
+            ModuleNotFoundError: pandas is not installed.
+        """
+        from gradsentry.report.views import records_dataframe
+
+        return records_dataframe(self.records)

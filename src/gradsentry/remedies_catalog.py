@@ -13,33 +13,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gradsentry._taxonomy import NORMALIZATION_LAYERS as NORMALIZATION_LAYERS
+from gradsentry._taxonomy import SATURATING_ACTIVATIONS as SATURATING_ACTIVATIONS
 from gradsentry.records import Remedy
 
 __all__ = ["ADAM_FAMILY", "CATALOG", "RemedyContext", "remedies_for"]
-
-SATURATING_ACTIVATIONS = frozenset(
-    {"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid", "Tanhshrink", "ReLU6"}
-)
-"""Bounded activation module names whose derivative goes to zero at large inputs (saturation)."""
-
-NORMALIZATION_LAYERS = frozenset(
-    {
-        "BatchNorm1d",
-        "BatchNorm2d",
-        "BatchNorm3d",
-        "SyncBatchNorm",
-        "LayerNorm",
-        "GroupNorm",
-        "RMSNorm",
-        "InstanceNorm1d",
-        "InstanceNorm2d",
-        "InstanceNorm3d",
-        "LazyBatchNorm1d",
-        "LazyBatchNorm2d",
-        "LazyBatchNorm3d",
-    }
-)
-"""Normalization module names; when the model already has one, other fixes are ranked first."""
 
 _PASCANU = (
     "Pascanu, Mikolov & Bengio 2013, On the difficulty of training recurrent neural networks, arXiv:1211.5063"

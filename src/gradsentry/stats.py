@@ -15,6 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+# Activation kinds by rule (saturation, dead units); defined with their families in _taxonomy.
+from gradsentry._taxonomy import ACTIVATIONS as ACTIVATIONS
+from gradsentry._taxonomy import BOUNDED_ACTIVATIONS as BOUNDED_ACTIVATIONS
+from gradsentry._taxonomy import RELU_FAMILY as RELU_FAMILY
+
 #: Default sigmoid saturation band: output < 0.01 or > 0.99, i.e. ``|x| > ln(99) ≈ 4.595`` (LeCun et
 #: al. 1998, "Efficient BackProp": the derivative there is < 0.0099, 4% of its maximum 0.25). The
 #: documented, overridable threshold is ``gradsentry.Thresholds.sigmoid_saturation`` (same default).
@@ -42,14 +47,6 @@ def sigmoid_saturation_x(band: float) -> float:
     if not 0.0 < band < 0.5:
         raise ValueError(f"a saturation band must be in (0, 0.5), got {band!r}")
     return math.log((1.0 - band) / band)
-
-
-#: Activations whose saturated fraction is measured, by class name.
-BOUNDED_ACTIVATIONS = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "ReLU6"})
-#: Activations whose dead-unit fraction is measured (zero or negative-slope region for x <= 0).
-RELU_FAMILY = frozenset({"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU"})
-#: Every activation module the Monitor watches.
-ACTIVATIONS = BOUNDED_ACTIVATIONS | RELU_FAMILY | frozenset({"GELU", "SiLU", "Mish", "Softplus", "Hardswish"})
 
 
 def reduce_dtype(device: torch.device) -> torch.dtype:
@@ -313,7 +310,7 @@ def activation_stats(
     """On-device statistics of one activation call.
 
     Args:
-        kind: the activation's class name (see :data:`ACTIVATIONS`).
+        kind: the activation's kind, a torch.nn class name (:func:`gradsentry._taxonomy.activation_kind`).
         x: its input (the pre-activation), shape ``[B, F]``, ``[B, C, *spatial]`` or ``[B, T, F]``.
         y: its output, same shape (used for tanh/softsign saturation), or None.
         module: the module (for Hardtanh's bounds), optional.

@@ -10,15 +10,7 @@ import typer
 from gradsentry.cli import EXIT_FOUND, EXIT_OK, EXIT_USAGE
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
-    from gradsentry.check import CheckReport, FixName, LossName
-
-
-def _num(x: float | None, pct: bool = False) -> str:
-    if x is None or x != x:
-        return "-"
-    return f"{100 * x:.0f}%" if pct else f"{x:.2e}" if x and not 1e-2 <= abs(x) < 1e4 else f"{x:.3g}"
+    from gradsentry.check import FixName, LossName
 
 
 def _parse_shape(text: str) -> list[int]:
@@ -93,6 +85,7 @@ def register(app: typer.Typer) -> None:
             digits_batch,
             load_model,
         )
+        from gradsentry.report.views import check_renderable
 
         err = Console(stderr=True, soft_wrap=True)
 
@@ -151,96 +144,8 @@ def register(app: typer.Typer) -> None:
             out = Console()
             if not out.is_terminal:
                 out = Console(width=150)
-            _print_report(report, out, target)
+            out.print(check_renderable(report, out.width, title=f"gradsentry check {target}"))
             if report.fixed is not None:
                 out.print(Text(f"\nafter --fix {report.fix}:", style="bold"))
-                _print_report(report.fixed, out, target)
+                out.print(check_renderable(report.fixed, out.width, title=f"gradsentry check {target}"))
         raise typer.Exit(EXIT_FOUND if report.final.problems else EXIT_OK)
-
-
-def _print_report(report: CheckReport, console: Console, target: str) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(
-        title=f"gradsentry check {target}  (input {report.input_shape}, loss {report.loss_kind} = "
-        f"{report.loss:.4g})",
-        title_justify="left",
-    )
-    for col in (
-        "#",
-        "layer",
-        "type",
-        "params",
-        "grad norm",
-        "grad RMS",
-        "per-example",
-        "predicted",
-        "|g|/|w|",
-        "activation",
-        "sat.",
-        "dead",
-    ):
-        left = col in ("layer", "type", "activation")
-        table.add_column(col, justify="left" if left else "right", no_wrap=not left, overflow="fold")
-    for r in report.rows:
-        table.add_row(
-            str(r.depth),
-            r.name or "<root>",
-            r.type,
-            str(r.params),
-            _num(r.grad_norm) if r.has_grad else "no grad",
-            _num(r.grad_rms) if r.has_grad else "no grad",
-            _num(r.example_rms),
-            _num(r.predicted_rms),
-            _num(r.rel_grad),
-            r.activation or "",
-            _num(r.saturated_frac, pct=True),
-            _num(r.dead_frac, pct=True),
-        )
-    console.print(table)
-    head = (
-        f" over the hidden layers (output head {report.head!r} left out)" if report.head is not None else ""
-    )
-    console.print(
-        f"first/last layer gradient RMS ratio: {_num(report.first_last_ratio)}; log10 RMS slope{head}: "
-        f"{_num(report.log_slope)} decades per layer (positive: shrinks towards the input)",
-        highlight=False,
-        markup=False,
-    )
-    if report.theory_max_dev is not None:
-        console.print(
-            Text(
-                "mean-field prediction of the per-example gradient (weights and biases, anchored at the last "
-                f"layer): within {report.theory_max_dev:.2f} decades of the measurement on every layer; the "
-                "batch gradient (grad RMS) also carries the correlations between examples",
-                style="dim",
-            )
-        )
-    if report.theory is not None:
-        console.print(Text(f"mean-field prediction: {report.theory}", style="dim"))
-    if report.blocks is not None:
-        b = report.blocks
-        where = f", {b.norm_placement}-LN" if b.norm_placement else ""
-        console.print(
-            f"{b.blocks} repeated blocks in {b.container}{where}: last/first block gradient norm "
-            f"{_num(b.ratio)} (median over roles)",
-            highlight=False,
-            markup=False,
-        )
-    if not report.findings:
-        console.print(Text("healthy: no finding", style="bold green"))
-    elif all(f.severity == "info" for f in report.findings):
-        console.print(Text("healthy: no problem found (information below)", style="bold green"))
-    colours = {"error": "red", "warning": "yellow", "info": "cyan"}
-    for f in report.findings:
-        console.print(
-            Text.assemble(
-                (f"[{f.severity}] {f.kind}", colours.get(f.severity, "")),
-                f" {', '.join(f.layers[:3])}: ",
-                f.explanation,
-            )
-        )
-        for remedy in f.remedies[:3]:
-            api = f"  ({remedy.api})" if remedy.api else ""
-            console.print(Text(f"    fix: {remedy.action}{api}", style="dim"))

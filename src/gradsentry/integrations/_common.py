@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from gradsentry.monitor import ALERT_WINDOW, Monitor, alert_finding, alert_message, nonfinite_step
@@ -51,6 +53,87 @@ def record_metrics(record: StepRecord, log_stats: Sequence[str] = ("grad_norm",)
                 continue
             out[f"{PREFIX}/{stat}/{layer.name or '(root)'}"] = float(value)
     return out
+
+
+DEFAULT_SINK_NAME = "gradsentry.jsonl"
+"""File name of the JSONL record file a callback writes in the trainer's output folder by default."""
+
+
+def default_sink_path(folder: str | Path | None) -> Path | None:
+    """Where a callback's default :class:`~gradsentry.sinks.JsonlSink` goes: ``folder/gradsentry.jsonl``
+    (None when the trainer has no output folder)."""
+    return None if folder is None else Path(folder) / DEFAULT_SINK_NAME
+
+
+def worst_layer(record: StepRecord) -> str | None:
+    """One phrase naming the layer to look at first in ``record``, or None (no layer with a gradient).
+
+    The first layer (in depth order) holding NaN/inf gradient entries; else the layer whose gradient
+    RMS is furthest, in decades, from the median RMS of the layers with a gradient.
+
+    Example:
+        >>> from gradsentry.records import LayerStats
+        >>> layers = [LayerStats(n, i, 100, g, g / 10, g, 0, 1.0) for i, (n, g) in enumerate(
+        ...     [("fc1", 1e-6), ("fc2", 0.1), ("fc3", 0.2)])]
+        >>> worst_layer(StepRecord(step=3, global_norm=0.3, layers=layers))
+        'fc1 (grad RMS 1e-07, 1e-05x the median)'
+    """
+    live = [x for x in record.layers if x.has_grad]
+    for x in live:
+        if x.nonfinite:
+            return f"{x.name or '(root)'} (NaN/inf gradient)"
+    rms = sorted(x.grad_rms for x in live if x.grad_rms > 0 and math.isfinite(x.grad_rms))
+    if not rms:
+        return None
+    median = rms[len(rms) // 2]
+    scored = [x for x in live if x.grad_rms > 0 and math.isfinite(x.grad_rms)]
+    worst = max(scored, key=lambda x: abs(math.log10(x.grad_rms / median)))
+    return (
+        f"{worst.name or '(root)'} (grad RMS {worst.grad_rms:.2g}, {worst.grad_rms / median:.2g}x the median)"
+    )
+
+
+NORM_RTOL = 1e-2
+"""Relative difference between a trainer's logged global norm and gradsentry's beyond which the
+callbacks report a mismatch: float32 norms of the same gradient agree to ~1e-6 (torch's CPU norm drifts
+by up to 1e-3 on 16M-entry layers), while a norm counted over the wrong shards is off by sqrt(k)."""
+
+
+def norm_mismatch(step: int, trainer_norm: float, ours: float, rtol: float = NORM_RTOL) -> str | None:
+    """A WARNING text when the trainer's logged global norm and gradsentry's differ beyond ``rtol``.
+
+    Both non-finite (NaN/inf on both sides) is agreement. The text names both values, their ratio and,
+    when the ratio is close to sqrt(k) for a small integer k >= 2, the likely sqrt(shards) counting bug.
+
+    Example:
+        >>> norm_mismatch(10, 2.0, 2.0 * 1.000001) is None
+        True
+        >>> print(norm_mismatch(10, 2.0 * 2**0.5, 2.0))
+        gradsentry: at step 10 the trainer logged grad_norm 2.828 but the gradient's global norm is 2 (ratio 1.414 = sqrt(2.00), as if the norm were counted over 2 shards or replicas); one of the two does not measure the whole gradient
+    """
+    a, b = float(trainer_norm), float(ours)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return None if math.isfinite(a) == math.isfinite(b) else _mismatch_text(step, a, b, "")
+    if abs(a - b) <= rtol * max(abs(a), abs(b)):
+        return None
+    hint = ""
+    if a > 0 and b > 0:
+        k = (max(a, b) / min(a, b)) ** 2
+        if round(k) >= 2 and abs(k - round(k)) < 0.02 * k:
+            hint = (
+                f" (ratio {a / b:.4g} = sqrt({k:.2f}), as if the norm were counted over "
+                f"{round(k)} shards or replicas)"
+            )
+        else:
+            hint = f" (ratio {a / b:.4g})"
+    return _mismatch_text(step, a, b, hint)
+
+
+def _mismatch_text(step: int, a: float, b: float, hint: str) -> str:
+    return (
+        f"gradsentry: at step {step} the trainer logged grad_norm {a:.4g} but the gradient's global norm "
+        f"is {b:.4g}{hint}; one of the two does not measure the whole gradient"
+    )
 
 
 def summarize(findings: list[Finding], n_records: int) -> str:

@@ -17,6 +17,12 @@ steps). At the end of fit it diagnoses the run, keeps the findings in :attr:`Gra
 and logs a summary through the ``gradsentry`` logger: at WARNING when there is a finding, at INFO when
 the run is healthy.
 
+Files and charts. Unless ``sinks`` is given, the records go to ``<trainer.log_dir>/gradsentry.jsonl``
+(the logger's version folder, e.g. ``lightning_logs/version_0``; appended to on resume), which
+``gradsentry report`` renders; no file when the trainer has no logger (``logger=False``). Each ``TensorBoardLogger``
+of the trainer gets, once per fit, the custom-scalars layout of :class:`~gradsentry.sinks.TensorBoardSink`
+(one chart per statistic with a line per layer, TensorBoard's *Custom Scalars* tab).
+
 Stopping. With ``stop_on=("nonfinite", "exploding")`` each logged step is judged as it is recorded: a
 NaN/inf gradient or loss (``"nonfinite"``), or an ``exploding`` finding of the diagnosis of the recent
 records that includes this step (``"exploding"``). On the first such step the callback logs the finding
@@ -64,6 +70,7 @@ from torch.optim import Optimizer
 from gradsentry.integrations._common import (
     check_log_stats,
     check_stop_on,
+    default_sink_path,
     drop_gradients,
     record_metrics,
     stop_finding,
@@ -74,6 +81,8 @@ from gradsentry.integrations._common import (
 from gradsentry.monitor import Monitor
 from gradsentry.records import Finding
 from gradsentry.sinks.base import Sink
+from gradsentry.sinks.jsonl import JsonlSink
+from gradsentry.sinks.tensorboard import custom_scalars_layout
 
 log = logging.getLogger("gradsentry")
 
@@ -90,6 +99,15 @@ def _clipping_meta(trainer: pl.Trainer) -> dict[str, Any]:
     return {"max_grad_norm": float(val)}
 
 
+def _add_chart_layout(trainer: pl.Trainer) -> None:
+    """Give each TensorBoardLogger the per-layer chart layout (one chart per statistic)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_custom_scalars(custom_scalars_layout())
+
+
 class GradSentryCallback(Callback):
     """Watch gradients in a ``lightning.pytorch.Trainer``: record, log, remedy and diagnose.
 
@@ -98,7 +116,9 @@ class GradSentryCallback(Callback):
         remedy: optional gradsentry remedy ``remedy(params, norms=...)`` applied in place to the
             gradients in ``on_before_optimizer_step``, after the statistics and before Lightning's
             own clipping (set ``gradient_clip_val`` to None when the remedy clips).
-        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`, ``TensorBoardSink``); written on global rank 0 only.
+        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`, ``TensorBoardSink``);
+            written on global rank 0 only. None (default): a ``JsonlSink`` at
+            ``<trainer.log_dir>/gradsentry.jsonl``; ``()`` for none.
         log_stats: per-layer statistics sent to the trainer's loggers (names of
             :class:`~gradsentry.records.LayerStats` fields); empty for the global norm only.
         optimizer_index: which of ``trainer.optimizers`` to watch (one record per step of it).
@@ -125,7 +145,7 @@ class GradSentryCallback(Callback):
         self,
         every: int = 1,
         remedy: Callable[..., Any] | None = None,
-        sinks: Sequence[Sink] = (),
+        sinks: Sequence[Sink] | None = None,
         *,
         log_stats: Sequence[str] = ("grad_norm",),
         optimizer_index: int = 0,
@@ -136,7 +156,7 @@ class GradSentryCallback(Callback):
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = int(every)
         self.remedy = remedy
-        self.sinks = list(sinks)
+        self.sinks = None if sinks is None else list(sinks)
         self.log_stats = check_log_stats(log_stats)
         self.optimizer_index = int(optimizer_index)
         self.stop_on = check_stop_on(stop_on)
@@ -162,11 +182,18 @@ class GradSentryCallback(Callback):
             **(kwargs.pop("meta", None) or {}),
         }
         opt = self._watched(trainer)
+        sinks = self.sinks
+        if sinks is None:  # trainer.log_dir broadcasts: every rank reads it, rank 0 writes
+            folder = trainer.log_dir if trainer.loggers else None
+            path = default_sink_path(folder) if trainer.is_global_zero else None
+            sinks = [] if path is None else [JsonlSink(path)]
+        if trainer.is_global_zero:
+            _add_chart_layout(trainer)
         self.monitor = Monitor(
             pl_module,
             every=self.every,
             optimizer=opt,
-            sinks=self.sinks if trainer.is_global_zero else (),  # one writer per file under DDP
+            sinks=sinks if trainer.is_global_zero else (),  # one writer per file under DDP
             remedy=self.remedy,
             meta=meta,
             **kwargs,

@@ -30,12 +30,40 @@ model's own loss for the step (read from the model output's ``loss`` by a forwar
 the micro-batches; None when the loss is computed outside the model) and the raw global norm, so a
 NaN/inf step shows in the records, the sinks and the findings.
 
-What it logs. On each Trainer log (``on_log``), the train log entry just appended to
-``state.log_history`` (and saved in ``trainer_state.json``) gets ``gradsentry/global_norm`` (latest
-record), ``gradsentry/nonfinite_steps`` (records with a non-finite global norm since the previous
-log) and per layer ``gradsentry/<stat>/<layer>`` for ``stat`` in ``log_stats``. ``report_to``
-integrations that run before this callback do not see these keys; give gradsentry a
-:class:`~gradsentry.sinks.TensorBoardSink` for TensorBoard.
+What it logs, and where. On each Trainer train log line (``on_log`` of a line holding ``loss``):
+
+- the console (the Trainer's progress bar or printer) and the line in ``state.log_history`` (saved in
+  ``trainer_state.json``) get ``gradsentry/global_norm`` (the record of that very step),
+  ``gradsentry/nonfinite_steps`` (records with a non-finite global norm since the previous line) and
+  ``gradsentry/worst_layer`` (text: the layer with NaN/inf gradients, else the one whose gradient RMS
+  is furthest from the median, see :func:`~gradsentry.integrations._common.worst_layer`); per-layer keys
+  ``gradsentry/<stat>/<layer>`` only with ``console_layers=True``;
+- the ``report_to`` integrations (TensorBoard, W&B, MLflow, ...) get, in the same log call, the
+  numeric figures: the global ones and ``gradsentry/<stat>/<layer>`` for ``stat`` in ``log_stats``.
+
+How the figures reach ``report_to``. ``Trainer.log`` calls the callbacks' ``on_log`` in list order
+with one ``logs`` dict, and the ``report_to`` callbacks come before the user's callbacks, so keys added
+by a user callback arrive after they have written the line. At ``on_train_begin`` this callback
+therefore places a small companion callback at the front of the Trainer's callback list (it finds the
+``CallbackHandler`` that is calling it, up its call stack, and swaps in a new list so that the
+iteration in progress is not disturbed); the companion adds the figures to ``logs`` before any other
+callback reads it. This callback, at its own place (after ``report_to``, before the console printer,
+which the Trainer adds last), then removes the per-layer keys from ``logs`` unless ``console_layers``
+and adds the worst layer. Integrations added after this callback do not get the per-layer keys. If
+the handler cannot be found (a Trainer that does not call callbacks through a ``CallbackHandler``),
+a WARNING says so and the figures are added at this callback's own place.
+
+Which steps are recorded. Every ``every``-th optimizer step from the first, and every step the
+Trainer logs (``logging_strategy="steps"``: the multiples of ``logging_steps``, and step 1 with
+``logging_first_step``), whatever ``every`` says: so ``gradsentry/global_norm`` on a line is the norm
+of that line's step and equals its ``grad_norm``. Audit: where they differ by more than ``norm_rtol``
+(relative), a WARNING names both (once per run) and ``callback.norm_mismatches`` lists
+``(step, trainer_norm, gradsentry_norm)``: frameworks have shipped global norms counted over the wrong
+shards (off by sqrt(k)). With ``logging_strategy="epoch"`` the logged steps are not known in advance:
+``gradsentry/global_norm`` is added only to lines whose step was recorded.
+
+Files. Unless ``sinks`` is given, the records go to ``<output_dir>/gradsentry.jsonl`` (appended to
+when the run resumes from a checkpoint, replaced otherwise), which ``gradsentry report`` renders.
 
 Record steps are labelled as the Trainer labels the step in its own log (``state.global_step`` after
 the optimizer step, 1-based), so record ``s`` and the log entry with ``"step": s`` are the same
@@ -68,7 +96,9 @@ Trainer has no exception callback).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
 from typing import Any, Literal
 
 import torch
@@ -83,18 +113,24 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subproce
     ) from exc
 
 from gradsentry.integrations._common import (
+    NORM_RTOL,
+    PREFIX,
     check_log_stats,
     check_stop_on,
+    default_sink_path,
     drop_gradients,
+    norm_mismatch,
     record_metrics,
     stop_finding,
     stop_message,
     summarize,
     summary_level,
+    worst_layer,
 )
 from gradsentry.monitor import Monitor, NonFiniteGradientError
 from gradsentry.records import Finding, StepRecord
 from gradsentry.sinks.base import Sink
+from gradsentry.sinks.jsonl import JsonlSink
 
 log = logging.getLogger("gradsentry")
 
@@ -126,6 +162,52 @@ def _output_loss(output: Any) -> Tensor | None:
     return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
 
 
+def _calling_handler(callback: Any) -> Any:
+    """The ``transformers`` ``CallbackHandler`` up the call stack whose list holds ``callback``, or None."""
+    from transformers.trainer_callback import CallbackHandler
+
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler) and any(c is callback for c in owner.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _logs_at(args: Any, state: Any) -> Callable[[int], bool]:
+    """Predicate on the Monitor's call index: does the Trainer log that optimizer step?
+
+    Call ``c`` of this run is the Trainer's step ``global_step + c + 1`` (``global_step`` at
+    ``on_train_begin``: 0, or the checkpoint's step on resume); ``DefaultFlowCallback.on_step_end``
+    logs step 1 with ``logging_first_step`` and the multiples of ``state.logging_steps``.
+    """
+    start = int(state.global_step)
+    by_steps = str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "steps"
+    every = int(getattr(state, "logging_steps", 0) or 0)
+    first = bool(args.logging_first_step)
+
+    def logs(call: int) -> bool:
+        step = start + call + 1
+        return (first and step == 1) or (by_steps and every > 0 and step % every == 0)
+
+    return logs
+
+
+class _FrontOfLog(TrainerCallback):  # type: ignore[misc]
+    """Placed first in the Trainer's callbacks: adds gradsentry's figures to ``logs`` before ``report_to``."""
+
+    def __init__(self, owner: GradSentryCallback) -> None:
+        self.owner = owner
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        self.owner._add_figures(state, logs)
+
+
 class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
     """Watch gradients in a ``transformers.Trainer``: pre-clip records, log history, remedy, findings.
 
@@ -133,12 +215,19 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         every: record every ``every``-th optimizer step (the first is always recorded).
         remedy: optional gradsentry remedy ``remedy(params, norms=...)`` applied in place right
             after the statistics, before the Trainer's own clipping and optimizer step.
-        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`, ``TensorBoardSink``); written on the main process only.
+        sinks: where records go (e.g. :class:`gradsentry.sinks.JsonlSink`, ``TensorBoardSink``);
+            written on the main process only. None (default): a ``JsonlSink`` at
+            ``<output_dir>/gradsentry.jsonl``; ``()`` for none.
         capture: ``"backward"`` (end of the last micro-batch's backward: pre-clip),
             ``"pre_optimizer_step"`` (after the Trainer's clipping), or ``"auto"`` (backward, except
             under an fp16 GradScaler). See the module docstring.
-        log_stats: per-layer statistics added to the log history (LayerStats field names); empty
-            for the global figures only.
+        log_stats: per-layer statistics sent to the ``report_to`` integrations (LayerStats field
+            names); empty for the global figures only.
+        console_layers: also show the per-layer keys on the console and keep them in
+            ``state.log_history`` (``trainer_state.json``); off by default (~77 keys per line for
+            GPT-2 small).
+        norm_rtol: relative difference between the Trainer's ``grad_norm`` and gradsentry's global
+            norm of the same step beyond which the mismatch is reported.
         stop_on: finding kinds that stop training at the recorded step where they appear:
             ``"nonfinite"`` (NaN/inf gradient or loss) and/or ``"exploding"`` (runs the diagnosis
             of the last 200 records on every recorded step). See the module docstring.
@@ -150,6 +239,8 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         monitor: the :class:`gradsentry.Monitor` of the current run (None before training).
         findings: the findings of the last run (filled at ``on_train_end``).
         stopped_by: the finding that stopped the last run (``stop_on``), else None.
+        norm_mismatches: ``(step, trainer grad_norm, gradsentry global norm)`` of the logged steps
+            where the two differ by more than ``norm_rtol``.
 
     Raises:
         ValueError: ``every`` < 1, an unknown ``capture``, an unknown ``log_stats`` name, or a
@@ -163,11 +254,13 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self,
         every: int = 1,
         remedy: Callable[..., Any] | None = None,
-        sinks: Sequence[Sink] = (),
+        sinks: Sequence[Sink] | None = None,
         *,
         capture: Capture = "auto",
         log_stats: Sequence[str] = ("grad_norm",),
+        console_layers: bool = False,
         stop_on: Sequence[str] = (),
+        norm_rtol: float = NORM_RTOL,
         **monitor_kwargs: Any,
     ) -> None:
         if int(every) < 1:
@@ -176,9 +269,16 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             raise ValueError(f"capture must be 'auto', 'backward' or 'pre_optimizer_step', got {capture!r}")
         self.every = int(every)
         self.remedy = remedy
-        self.sinks = list(sinks)
+        self.sinks = None if sinks is None else list(sinks)
         self.capture: Capture = capture
         self.log_stats = check_log_stats(log_stats)
+        self.console_layers = bool(console_layers)
+        self.norm_rtol = float(norm_rtol)
+        self.norm_mismatches: list[tuple[int, float, float]] = []
+        self._front: _FrontOfLog | None = None
+        self._handler: Any = None
+        self._added: dict[str, float] = {}  # the figures put in the current log line's ``logs``
+        self._worst: str | None = None
         self.stop_on = check_stop_on(stop_on)
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
@@ -242,15 +342,23 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         }
         self._optimizer = optimizer
         self._state = state
+        main = getattr(state, "is_world_process_zero", True)
+        sinks = self.sinks
+        if sinks is None:
+            path = default_sink_path(args.output_dir) if main else None
+            sinks = [] if path is None else [JsonlSink(path, resume=int(state.global_step) > 0)]
         self.monitor = Monitor(
             model,
             every=self.every,
             optimizer=_unwrap_optimizer(optimizer),
-            sinks=self.sinks if getattr(state, "is_world_process_zero", True) else (),  # rank 0 writes
+            sinks=sinks if main else (),  # rank 0 writes
             remedy=self.remedy,
             meta=meta,
+            also_log=_logs_at(args, state),
             **kwargs_m,
         )
+        self.norm_mismatches = []
+        self._go_first()
         self.findings = []
         self.stopped_by = None
         self._stop_pending = False
@@ -341,21 +449,72 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
                     log.warning("%s", stop_message(record, finding))
 
     # ------------------------------------------------------------------ logging and the end
+
+    def _go_first(self) -> None:
+        """Put the companion that fills ``logs`` at the front of the calling Trainer's callbacks."""
+        handler = _calling_handler(self)
+        if handler is None:
+            log.warning(
+                "gradsentry: could not find the Trainer's callback list; report_to integrations listed "
+                "before GradSentryCallback will not get gradsentry's figures"
+            )
+            return
+        self._front = _FrontOfLog(self)
+        self._handler = handler
+        # a new list: the loop over the old one (this on_train_begin event) goes on undisturbed
+        handler.callbacks = [self._front, *handler.callbacks]
+
+    def _add_figures(self, state: Any, logs: dict[str, Any] | None) -> None:
+        """Add the figures of the latest record to a train log line's ``logs`` (see the module docstring)."""
+        self._added = {}
+        if logs is None or "loss" not in logs or (self._last is None and not self._nonfinite_since_log):
+            return
+        figures: dict[str, float] = {}
+        record = self._last
+        if record is not None and record.step == state.global_step:
+            figures.update(record_metrics(record, self.log_stats))
+            trainer_norm = logs.get("grad_norm")
+            if isinstance(trainer_norm, (int, float)):
+                self._audit(record.step, float(trainer_norm), record.global_norm)
+        figures[f"{PREFIX}/nonfinite_steps"] = float(self._nonfinite_since_log)
+        self._nonfinite_since_log = 0
+        self._added = figures
+        self._worst = worst_layer(record) if record is not None and record.step == state.global_step else None
+        self._last = None
+        logs.update(figures)
+
+    def _audit(self, step: int, trainer_norm: float, ours: float) -> None:
+        text = norm_mismatch(step, trainer_norm, ours, self.norm_rtol)
+        if text is None:
+            return
+        if not self.norm_mismatches and getattr(self._state, "is_world_process_zero", True):
+            log.warning("%s", text)
+        self.norm_mismatches.append((step, trainer_norm, ours))
+
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        """Add gradsentry figures to the log entry the Trainer just appended to ``state.log_history``."""
-        if self._last is None:
+        """Keep the console's and ``trainer_state.json``'s keys few: global figures and the worst layer
+        (the per-layer keys, already seen by ``report_to``, are removed unless ``console_layers``)."""
+        if self._front is None:  # no companion in front: add the figures here
+            self._add_figures(state, logs)
+        if logs is None or not self._added:
             return
-        metrics: dict[str, float] = dict(record_metrics(self._last, self.log_stats))
-        metrics["gradsentry/nonfinite_steps"] = float(self._nonfinite_since_log)
-        self._last, self._nonfinite_since_log = None, 0
+        console: dict[str, Any] = {
+            k: v
+            for k, v in self._added.items()
+            if self.console_layers or k in (f"{PREFIX}/global_norm", f"{PREFIX}/nonfinite_steps")
+        }
+        if self._worst is not None:
+            console[f"{PREFIX}/worst_layer"] = self._worst
+        for key in self._added.keys() - console.keys():
+            logs.pop(key, None)
+        logs.update(console)
+        self._added = {}
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
+            state.log_history[-1].update(console)
         else:
-            state.log_history.append({**metrics, "step": state.global_step})
-        if logs is not None:
-            logs.update(metrics)
+            state.log_history.append({**console, "step": state.global_step})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Diagnose the run, log the summary, remove every hook and close the sinks."""
@@ -372,7 +531,11 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self.close()
 
     def close(self) -> None:
-        """Remove the hooks and close the Monitor (idempotent; call it if training raised)."""
+        """Remove the hooks and the companion callback, close the Monitor (idempotent; call it if
+        training raised)."""
+        if self._handler is not None and self._front is not None:
+            self._handler.callbacks = [c for c in self._handler.callbacks if c is not self._front]
+        self._handler, self._front = None, None
         for h in self._handles:
             h.remove()
         self._handles.clear()

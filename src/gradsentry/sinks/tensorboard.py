@@ -71,6 +71,20 @@ def layer_tag(prefix: str, stat: str, name: str) -> str:
     return f"{prefix}/{stat}/{name or ROOT_NAME}"
 
 
+def custom_scalars_layout(prefix: str = "gradsentry") -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard's custom-scalars layout for tags ``prefix/<stat>/<layer>``: one Multiline chart per
+    statistic with a line per layer (see the module docstring), for ``SummaryWriter.add_custom_scalars``.
+
+    Returns:
+        ``{category: {chart title: ["Multiline", [tag regex]]}}``.
+    """
+    p = re.escape(prefix)
+    layers = {stat: ["Multiline", [f"{p}/{stat}/.*"]] for stat in LAYER_STATS}
+    acts = {stat: ["Multiline", [f"{p}/{stat}/.*"]] for stat in ACTIVATION_STATS}
+    glob = {name: ["Multiline", [f"{p}/{name}$"]] for name in ("global_norm", "loss", "lr")}
+    return {f"{prefix} per layer": layers, f"{prefix} activations": acts, f"{prefix} global": glob}
+
+
 def _md_cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -136,15 +150,7 @@ class TensorBoardSink:
             ``{category: {chart title: ["Multiline", [tag regex]]}}`` as taken by
             ``SummaryWriter.add_custom_scalars``.
         """
-        p = re.escape(self.prefix)
-        layers = {stat: ["Multiline", [f"{p}/{stat}/.*"]] for stat in LAYER_STATS}
-        acts = {stat: ["Multiline", [f"{p}/{stat}/.*"]] for stat in ACTIVATION_STATS}
-        glob = {name: ["Multiline", [f"{p}/{name}$"]] for name in ("global_norm", "loss", "lr")}
-        return {
-            f"{self.prefix} per layer": layers,
-            f"{self.prefix} activations": acts,
-            f"{self.prefix} global": glob,
-        }
+        return custom_scalars_layout(self.prefix)
 
     def open(self, header: RunHeader) -> None:
         try:
