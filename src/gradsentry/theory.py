@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradsentry._roots import find_root
+
 PANEL_WIDTH = 0.25
 """Width (in units of the pre-activation ``h``) of the composite Gauss-Legendre panels used by default."""
 
@@ -217,9 +219,7 @@ def fixed_point(
             if g(q) < 0:
                 if g(lo) <= 0:
                     return 0.0
-                from scipy.optimize import brentq
-
-                return float(brentq(g, lo, q, xtol=1e-16, rtol=1e-12))
+                return find_root(g, lo, q, xtol=1e-16, rtol=1e-12)
     return q
 
 
