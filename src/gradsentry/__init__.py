@@ -8,10 +8,11 @@ without importing PyTorch (about 200 MB and 1.5 s less).
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from gradsentry._lazy import lazy_names
 
 if TYPE_CHECKING:
     from gradsentry import theory
@@ -100,18 +101,7 @@ _HOME: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'gradsentry' has no attribute {name!r}")
-    module = importlib.import_module(home)
-    value = module if name == "theory" else getattr(module, name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
+__getattr__, __dir__ = lazy_names(__name__, _HOME)
 
 
 class _Package(types.ModuleType):

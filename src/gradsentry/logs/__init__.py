@@ -11,8 +11,9 @@ and through it this package, without loading every reader.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from gradsentry._lazy import lazy_names
 
 if TYPE_CHECKING:
     from gradsentry.logs.detect import FORMATS, load_series, sniff_format
@@ -28,17 +29,7 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'gradsentry.logs' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
+__getattr__, __dir__ = lazy_names(__name__, _HOME)
 
 
 __all__ = ["FORMATS", "LogFormatError", "Series", "load_series", "sniff_format"]
