@@ -144,9 +144,9 @@ def test_analyze_without_plot_does_not_import_matplotlib(tmp_path: Path) -> None
 
 # ------------------------------------------------------------------------------- missing extras
 MISSING = [
-    (
+    (  # a core-only install: README's example
         ["lab", "--quick", "--out", "lab"],
-        ("sklearn",),
+        OPTIONAL,
         "the lab needs scikit-learn: pip install 'gradsentry[lab]'",
     ),
     (

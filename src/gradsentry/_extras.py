@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "report": ("matplotlib", "jinja2"),
-    "lab": ("matplotlib", "jinja2", "sklearn"),
+    "lab": ("sklearn", "matplotlib", "jinja2"),
     "tensorboard": ("tensorboard",),
 }
 """Each extra of ``pyproject.toml`` that :func:`requires_extra` names, with the modules it provides
