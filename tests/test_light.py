@@ -232,3 +232,16 @@ def test_requires_extra_names_the_distribution_and_keeps_the_cause() -> None:
     with pytest.raises(ValueError, match="unknown extra 'labs'; valid: report, lab, tensorboard"):
         require("labs", "the lab")
     require("report", "the HTML report")  # installed here (dev): no error
+
+
+def test_run_lab_checks_its_extras_before_training(tmp_path: Path) -> None:
+    code = (
+        "import gradsentry as gs\n"
+        "from gradsentry._extras import MissingExtraError\n"
+        "try:\n    gs.run_lab(gs.LabConfig.quick(), out_dir='lab')\nexcept MissingExtraError as e:\n"
+        "    print(e)\n"
+    )
+    proc = run_python(code, tmp_path, ("matplotlib",))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "the lab needs matplotlib: pip install 'gradsentry[lab]'"
+    assert not list(tmp_path.glob("lab/**/*.jsonl"))  # no variant was trained
