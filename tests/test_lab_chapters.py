@@ -75,3 +75,21 @@ def test_chapter_names_and_validation() -> None:
     assert CHAPTER_NAMES == CHAPTERS
     with pytest.raises(ValueError, match="chapters"):
         LabConfig(chapters=("bogus",)).validate()
+
+
+def test_cli_prints_a_table_per_chapter(tmp_path) -> None:
+    import contextlib
+    import io
+
+    from gradsentry.cli import main
+
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        code = main(["lab", "--quick", "--chapters", "cnn", "--out", str(tmp_path / "lab")])
+    assert code == 0
+    printed = capture.getvalue()
+    runs = read_results(tmp_path / "lab" / "results.json").chapters["cnn"]["runs"]
+    assert "chapter cnn" in printed
+    for run in runs.values():  # every variant's row with the accuracy results.json holds
+        line = next(ln for ln in printed.splitlines() if run["title"] in ln and "%" in ln)
+        assert f"{100 * run['test_accuracy']:.1f}%" in line

@@ -156,29 +156,26 @@ def test_predict_forward_second_moments_match_measurement_conv() -> None:
 
 
 def test_predict_not_applicable() -> None:
-    class Residual(nn.Module):
+    class Gated(nn.Module):  # a product of two tensors: outside the rules
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(4, 4)
-            self.act = nn.ReLU()
+            self.gate = nn.Linear(4, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.act(self.fc(x))
+            return self.fc(x) * torch.sigmoid(self.gate(x))
 
-    with pytest.raises(theory.TheoryNotApplicable, match=r"not an nn\.Sequential"):
-        theory.predict(Residual())
-    with pytest.raises(theory.TheoryNotApplicable, match="not a plain chain"):
-        theory.predict(Residual(), example_input=torch.randn(2, 4))
-    res_inside = nn.Sequential(Residual(), nn.Linear(4, 2))
-    with pytest.raises(theory.TheoryNotApplicable, match="does not take the previous module's output"):
-        theory.predict(res_inside, example_input=torch.randn(2, 4))
+    with pytest.raises(theory.TheoryNotApplicable, match="product of two tensors"):
+        theory.predict(Gated())
+    with pytest.raises(theory.TheoryNotApplicable, match=r"MultiheadAttention.*attention mixes positions"):
+        theory.predict(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1)))
+    with pytest.raises(theory.TheoryNotApplicable, match=r"recurrent cell shares its weights"):
+        theory.predict(nn.Sequential(nn.Linear(4, 4), nn.RNNCell(4, 4)))
+    with pytest.raises(theory.TheoryNotApplicable, match=r"no Linear/Conv layer"):
+        theory.predict(nn.Sequential(nn.Flatten()))
     # a plain chain traced with an example input is accepted, whatever its class
     chain = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True)), nn.Linear(4, 2))
     assert len(theory.predict(chain, example_input=torch.randn(2, 4)).layers) == 2
-    with pytest.raises(theory.TheoryNotApplicable, match="outside the mean-field chain"):
-        theory.predict(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)))
-    with pytest.raises(theory.TheoryNotApplicable, match=r"no Linear/Conv layer"):
-        theory.predict(nn.Sequential(nn.Flatten()))
 
 
 VARIANTS = [

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -81,6 +81,10 @@ examples is an average, which 256 examples already pin down to a few per cent.""
 
 PER_EXAMPLE_FLOATS = 2**25
 """Per-example gradients are computed in chunks of examples holding at most this many floats (128 MiB)."""
+
+BATCH_COUPLED_EXAMPLES = 32
+"""Examples whose gradients are computed one backward each when batch norm couples the batch (the
+whole batch is still forwarded, so each example sees the batch statistics it trains with)."""
 
 MIN_BLOCKS = 3
 """Fewest repeated blocks for a per-block gradient profile."""
@@ -383,6 +387,9 @@ def per_example_rms(
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     dummy = torch.zeros(n, device=x.device)
     tgt = dummy if targets is None else targets[:n].to(x.device)
+    if _couples_examples(model):
+        sq = _per_example_sq_loop(model, named, x, loss, tgt, min(n, BATCH_COUPLED_EXAMPLES))
+        return _layer_rms(params, sq, min(n, BATCH_COUPLED_EXAMPLES))
 
     def one(p: dict[str, torch.Tensor], xi: torch.Tensor, ti: torch.Tensor) -> torch.Tensor:
         out = _output_tensor(functional_call(model, (p, buffers), (xi.unsqueeze(0),)))
@@ -396,6 +403,11 @@ def per_example_rms(
         grads = per(params, x[start : start + chunk], tgt[start : start + chunk])
         for k, g in grads.items():
             sq[k] += g.detach().double().pow(2).sum().cpu()
+    return _layer_rms(params, sq, n)
+
+
+def _layer_rms(params: dict[str, torch.Tensor], sq: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+    """Per-layer ``sqrt(sum of squared per-example gradients / (n * numel))`` from per-parameter sums."""
     layer_sq: dict[str, float] = {}
     layer_n: dict[str, int] = {}
     for k, p in params.items():
@@ -403,6 +415,46 @@ def per_example_rms(
         layer_sq[owner] = layer_sq.get(owner, 0.0) + float(sq[k])
         layer_n[owner] = layer_n.get(owner, 0) + p.numel()
     return {name: math.sqrt(layer_sq[name] / (n * layer_n[name])) for name in layer_sq if layer_n[name]}
+
+
+def _couples_examples(model: nn.Module) -> bool:
+    """True when the forward mixes the examples of a batch (batch norm on batch statistics), so that an
+    example's gradient depends on the others and ``vmap`` over single examples would change the model."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+        for m in model.modules()
+    )
+
+
+def _per_example_sq_loop(
+    model: nn.Module,
+    named: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    loss: str,
+    tgt: torch.Tensor,
+    n: int,
+) -> dict[str, torch.Tensor]:
+    """Sum over the first ``n`` examples of each parameter's squared per-example gradient, for a model whose
+    forward couples the examples: one forward of the whole batch (batch statistics as in training), then
+    one backward per example of that example's loss. The buffers (running statistics) are restored."""
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    keys = list(named)
+    sq = {k: torch.zeros((), dtype=torch.float64) for k in keys}
+    try:
+        out = _output_tensor(model(x))
+        for i in range(n):
+            li = _example_loss(out[i : i + 1], loss, tgt[i : i + 1])
+            grads = torch.autograd.grad(
+                li, [named[k] for k in keys], retain_graph=i + 1 < n, allow_unused=True
+            )
+            for k, g in zip(keys, grads, strict=True):
+                if g is not None:
+                    sq[k] += g.detach().double().pow(2).sum().cpu()
+    finally:  # after the backward passes, which read the buffers the forward saved
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(saved[k])
+    return sq
 
 
 def _fit_slope(rows: Sequence[CheckRow]) -> tuple[float | None, float | None, str | None]:

@@ -25,9 +25,11 @@ the identity use their closed forms (``E[relu(sqrt(q) z)^2] = q/2``, ``E[relu'^2
 
 Assumptions (what :func:`predict` relies on): large width (fluctuations of order 1/width per layer are
 ignored, so the spread between seeds grows with depth), weights i.i.d. and independent of the signal,
-a plain chain of Linear/Conv layers each followed by at most one elementwise activation module (no
-residual connections, normalization or pooling), and convolutions treated by fan-in (padding borders
-and strides ignored).
+and convolutions treated by fan-in (padding borders and strides ignored). Beyond chains of Linear/Conv
+layers and elementwise activations, :func:`predict` follows residual sums, normalization layers and
+average pooling through the ``torch.fx`` graph (:mod:`gradsentry.propagation`, which lists its rules
+and what gets no prediction); a forward ``torch.fx`` cannot trace falls back to a plain chain traced
+with forward hooks.
 
 References:
     Poole et al., "Exponential expressivity in deep neural networks through transient chaos", 2016,
@@ -36,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +50,8 @@ import torch
 from torch import nn
 
 from gradsentry._roots import find_root
+
+log = logging.getLogger("gradsentry")
 
 PANEL_WIDTH = 0.25
 """Width (in units of the pre-activation ``h``) of the composite Gauss-Legendre panels used by default."""
@@ -415,8 +420,9 @@ def predict(
     backwards from the last layer.
 
     Args:
-        model: an ``nn.Sequential`` of Linear/Conv layers, elementwise activation modules and Flatten, or any
-            module whose forward is such a chain (then ``example_input`` is required to trace it).
+        model: any module ``torch.fx`` can trace built from Linear/Conv layers, elementwise activations,
+            residual sums, normalization and average pooling (see :mod:`gradsentry.propagation`); a forward
+            it cannot trace must be a plain chain, and then ``example_input`` is required.
         input_second_moment: mean of ``x^2`` over the input entries; default: from ``example_input``, else 1.
         example_input: a batch ``[N, ...]`` (or a tuple of positional inputs) used to trace the forward order.
         hermite_nodes: Gauss-Hermite nodes, or None for composite Gauss-Legendre (see :func:`moments`).
@@ -433,9 +439,25 @@ def predict(
         1.0
 
     Raises:
-        TheoryNotApplicable: the model is not such a chain (residual, normalization, attention, pooling,
-            or an activation applied functionally in ``forward``), or has no Linear/Conv layer.
+        TheoryNotApplicable: the model holds something the propagation does not cover (attention, a
+            recurrence or any layer called twice, an embedding, a product of tensors...: the message says
+            which), or has no Linear/Conv layer.
     """
+    from gradsentry.propagation import predict_graph
+
+    try:
+        return predict_graph(
+            model,
+            example_input=example_input,
+            input_second_moment=input_second_moment,
+            hermite_nodes=hermite_nodes,
+        )
+    except TheoryNotApplicable:
+        raise
+    except Exception as exc:  # torch.fx cannot trace this forward: a plain chain traced with hooks still can
+        log.debug(
+            "gradsentry: torch.fx could not trace %s (%s); tracing a plain chain", type(model).__name__, exc
+        )
     for name, mod in model.named_modules():  # cheap structural check before any forward pass
         if next(mod.children(), None) is None and not isinstance(
             mod, (*LINEAR_TYPES, *ACTIVATION_TYPES, *NEUTRAL_TYPES, nn.Dropout)

@@ -63,6 +63,26 @@ CHAPTER_NAMES: tuple[str, ...] = ("mlp", "rnn", "cnn", "attention")
 """``gradsentry.lab.chapters.CHAPTERS``, spelled out for the same reason (a test keeps the two equal)."""
 
 
+def _chapter_table(name: str, chapter: dict[str, Any]) -> Any:
+    """One row per run of a chapter beyond the MLP: its title, test accuracy and the Monitor's findings."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"chapter {name}: {chapter.get('title', name)}", title_justify="left", header_style="bold"
+    )
+    table.add_column("variant", no_wrap=True)
+    table.add_column("test accuracy", justify="right")
+    table.add_column("findings")
+    for run in chapter["runs"].values():
+        acc = run.get("test_accuracy")
+        table.add_row(
+            str(run.get("title", "")),
+            f"{100 * acc:.1f}%" if isinstance(acc, float) else "-",
+            ", ".join(run.get("finding_kinds", [])) or "none",
+        )
+    return table
+
+
 def _variant_names() -> tuple[str, ...]:
     return VARIANT_NAMES
 
@@ -189,6 +209,8 @@ def register(app: typer.Typer) -> None:
         if result.runs:
             console.print(_table(result))
         for name, chapter in result.chapters.items():
+            if chapter.get("runs"):
+                console.print(_chapter_table(name, chapter))
             claims = chapter.get("claims", {})
             holds = [k for k, v in claims.items() if k.endswith("_holds")]
             ok = sum(1 for k in holds if claims[k])

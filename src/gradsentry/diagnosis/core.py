@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from gradsentry.diagnosis.layer_rules import LayerContext, _step_bad, attribute, layer_findings
+from gradsentry.diagnosis.attribution import attribute
+from gradsentry.diagnosis.layer_rules import LayerContext, _step_bad, layer_findings
 from gradsentry.diagnosis.series_rules import RuleContext, RunSignals, series_findings
 from gradsentry.diagnosis.thresholds import Thresholds, resolve
 from gradsentry.logs.series import Series

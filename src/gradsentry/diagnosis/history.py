@@ -242,8 +242,3 @@ class RunHistory:
             sorted(skipped),
             dict(meta or {}),
         )
-
-    def nbytes(self) -> int:
-        """Bytes held by the compact arrays (the pinned and sampled records not counted)."""
-        arrays = (self._steps, self._loss, self._has_loss, self._norm, self._lr, self._has_lr, self._skipped)
-        return sum(a.itemsize * len(a) for a in arrays)

@@ -58,7 +58,7 @@ from typing import Any
 
 from gradsentry._io import write_text_atomic
 from gradsentry.logs.series import json_safe
-from gradsentry.records import Finding, StepRecord
+from gradsentry.records import StepRecord
 
 RESULTS_SCHEMA_VERSION = 1
 """Version of the ``results.json`` schema."""
@@ -150,10 +150,6 @@ class VariantResult:
     def finding_kinds(self) -> list[str]:
         """The kinds of the findings, in order, without repeats."""
         return list(dict.fromkeys(str(f.get("kind", "")) for f in self.findings))
-
-    def finding_objects(self) -> list[Finding]:
-        """The findings as :class:`~gradsentry.records.Finding` objects."""
-        return [Finding.from_dict(f) for f in self.findings]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariantResult:

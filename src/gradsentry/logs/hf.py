@@ -48,12 +48,11 @@ def parse_json_text(text: str, where: str) -> Any:
         ) from exc
 
 
-def read_hf(path: str | os.PathLike[str], *, data: Any = None) -> Series:
+def read_hf(path: str | os.PathLike[str]) -> Series:
     """Read a Hugging Face ``trainer_state.json``.
 
     Args:
         path: the file (or a checkpoint folder holding ``trainer_state.json``).
-        data: the already parsed JSON, to avoid reading the file twice (used by format detection).
 
     Returns:
         A :class:`~gradsentry.logs.series.Series` with ``source="hf"``; eval entries and the final
@@ -65,12 +64,11 @@ def read_hf(path: str | os.PathLike[str], *, data: Any = None) -> Series:
     p = Path(path)
     if p.is_dir():
         p = p / "trainer_state.json"
-    if data is None:
-        try:
-            text = p.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise LogFormatError(f"{p}: not a text file; expected {EXPECTED_FORMATS}") from exc
-        data = parse_json_text(text, str(p))
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LogFormatError(f"{p}: not a text file; expected {EXPECTED_FORMATS}") from exc
+    data = parse_json_text(text, str(p))
     if not isinstance(data, dict) or not isinstance(data.get("log_history"), list):
         shape = f"an object with keys {sorted(data)[:10]}" if isinstance(data, dict) else type(data).__name__
         raise LogFormatError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -243,11 +243,6 @@ def render_run_report(
 
 def _pct(x: float) -> str:
     return "NaN" if not math.isfinite(x) else f"{100 * x:.1f}%"
-
-
-def _runs(result: Any, names: Iterable[str]) -> list[Any]:
-    have = {r.name: r for r in result.runs}
-    return [have[n] for n in names if n in have]
 
 
 def _get(result: Any, name: str) -> Any:

@@ -1,0 +1,273 @@
+"""Series rules for non-finite values: NaN/inf gradients or losses, a loss hidden by the HF Trainer's
+NaN filter, steps a loss scaler or guard skipped, and an all-zero gradient norm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradsentry.diagnosis import signals as sg
+from gradsentry.diagnosis.run_signals import RuleContext, RunSignals, _r
+from gradsentry.records import Finding, Remedy
+
+
+def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
+    """``nonfinite``, ``hidden_nonfinite`` and ``skipped_steps`` (NaN/inf norms or losses, scaler skips)."""
+    t = c.t
+    steps, loss, grad = sig.steps, sig.loss, sig.grad
+    hidden = sig.hidden
+    loss_nf = sig.has_loss & ~np.isfinite(loss)
+    grad_nf = sig.has_grad & ~np.isfinite(grad)
+    out: list[Finding] = []
+    out += _scaler_skips(sig, c)
+    if not loss_nf.any() and not grad_nf.any():
+        return out
+    finite_loss_nf_grad = grad_nf & sig.has_loss & np.isfinite(loss) & (loss != 0.0)
+    ev: dict[str, Any] = {
+        "nonfinite_loss_points": int(loss_nf.sum()),
+        "nonfinite_grad_norm_points": int(grad_nf.sum()),
+        "logged_points": len(sig),
+    }
+    firsts = []
+    if loss_nf.any():
+        i = int(np.argmax(loss_nf))
+        ev["first_nonfinite_loss_step"], ev["first_nonfinite_loss"] = int(steps[i]), float(loss[i])
+        firsts.append(int(steps[i]))
+    if grad_nf.any():
+        i = int(np.argmax(grad_nf))
+        ev["first_nonfinite_grad_norm_step"], ev["first_nonfinite_grad_norm"] = int(steps[i]), float(grad[i])
+        firsts.append(int(steps[i]))
+    first = min(firsts)
+    ev["first_step"] = first
+    fin_before = np.flatnonzero(sig.has_grad & np.isfinite(grad) & (steps < first))
+    ev["last_finite_grad_norm_before"] = None
+    if fin_before.size:
+        j = int(fin_before[-1])
+        ev["last_finite_grad_norm_before"] = sg.rnd(float(grad[j]))
+        ev["last_finite_grad_norm_step"] = int(steps[j])
+    skipped: list[tuple[int, int]] = [
+        (a, b)
+        for a, b in sg.runs(finite_loss_nf_grad)
+        if b - a >= t.skipped_min_run and abs(sg.thirds_change(loss[a:b])) <= t.flat_loss_rel
+    ]
+    longest = max((b - a for a, b in sg.runs(grad_nf)), default=0)
+    ev["longest_nonfinite_grad_norm_run"] = longest
+    isolated_only = (
+        not loss_nf.any()
+        and not hidden.any()
+        and not skipped
+        and bool(np.all(finite_loss_nf_grad[grad_nf]))
+        and longest < t.skipped_min_run
+        and bool(np.all(np.isinf(grad[grad_nf])))  # overflow (inf), never NaN: a NaN is a real fault
+        and not _loss_rose_after(sig, first, c)
+    )
+    nf_steps = [int(s) for s in steps[loss_nf | grad_nf][: t.max_listed]]
+    skipped_set = set(sig.skipped)
+    guarded = (
+        bool(skipped_set)
+        and all(int(x) in skipped_set for x in steps[loss_nf | grad_nf])
+        and bool(np.isfinite(grad[-1]) if sig.has_grad[-1] else True)
+        and bool(np.isfinite(loss[-1]) if sig.has_loss[-1] else True)
+        and not _loss_rose_after(sig, first, c)
+    )
+    ev["skipped_by_guard"] = guarded
+    if guarded:
+        n_nf = int((loss_nf | grad_nf).sum())
+        expl = (
+            f"{n_nf} logged step(s) held NaN/inf (first at step {first}), and each was skipped (a guard such "
+            "as gradsentry.NonFiniteGuard, or a loss scaler, left the weights untouched): training went on "
+            "with finite values. The cause is still worth finding (a bad batch, an overflow)."
+        )
+        out.append(
+            Finding(
+                "nonfinite",
+                "warning",
+                nf_steps,
+                [],
+                ev,
+                expl,
+                c.advice("nonfinite", sig, first, guarded=True),
+            )
+        )
+        return out
+    if isolated_only:
+        expl = (
+            f"{int(grad_nf.sum())} of {len(sig)} logged gradient norms are non-finite (first at step {first}) "
+            "while the loss stays finite and keeps improving. With fp16 these are overflow steps a GradScaler "
+            "skipped, harmless if rare; in bf16/fp32 a non-finite norm reaches the weights (clipping by a NaN "
+            "norm makes every gradient NaN)."
+        )
+        sev = "warning"
+    else:
+        parts = []
+        if loss_nf.any():
+            parts.append(f"loss {float(loss[loss_nf][0])} at step {ev['first_nonfinite_loss_step']}")
+        if grad_nf.any():
+            parts.append(
+                f"gradient norm {float(grad[grad_nf][0])} at step {ev['first_nonfinite_grad_norm_step']}"
+            )
+        expl = (
+            f"At step {first} the first non-finite value appears ({'; '.join(parts)}); "
+            f"{int((loss_nf | grad_nf).sum())} of {len(sig)} logged points are non-finite. An optimizer step "
+            "with NaN/inf gradients writes NaN into the weights, after which training cannot recover."
+        )
+        sev = "error"
+    out.append(Finding("nonfinite", sev, nf_steps, [], ev, expl, c.advice("nonfinite", sig, first)))
+    if hidden.any():
+        hs = [int(s) for s in steps[hidden]]
+        out.append(
+            Finding(
+                "hidden_nonfinite",
+                "error",
+                hs[: t.max_listed],
+                [],
+                {
+                    "steps_with_zero_loss_and_nonfinite_grad_norm": len(hs),
+                    "first_step": hs[0],
+                    "grad_norm_at_first": float(grad[hidden][0]),
+                    "loss_at_first": 0.0,
+                },
+                f"At {len(hs)} logged step(s), first {hs[0]}, the loss is exactly 0.0 while the gradient norm "
+                "is non-finite: the loss was non-finite and the logger (the HF Trainer's "
+                "logging_nan_inf_filter) hid it. This is not convergence.",
+                [
+                    Remedy(
+                        "set logging_nan_inf_filter=False in TrainingArguments so the log shows the real loss"
+                    ),
+                    _r("guard"),
+                    _r("check_numerics"),
+                ],
+            )
+        )
+    if skipped:
+        a, b = max(skipped, key=lambda r: r[1] - r[0])
+        out.append(
+            Finding(
+                "skipped_steps",
+                "error",
+                [int(s) for s in steps[a:b][: t.max_listed]],
+                [],
+                {
+                    "nonfinite_grad_norm_run_points": b - a,
+                    "run_first_step": int(steps[a]),
+                    "run_last_step": int(steps[b - 1]),
+                    "points_in_all_runs": sum(r[1] - r[0] for r in skipped),
+                    "loss_relative_change": sg.rnd(sg.thirds_change(loss[a:b])),
+                },
+                f"The gradient norm is non-finite on {b - a} consecutive logged steps "
+                f"({int(steps[a])}..{int(steps[b - 1])}) while the loss stays finite and flat: a loss scaler is "
+                "skipping every step, the model is not training.",
+                [
+                    _r("check_numerics"),
+                    Remedy(
+                        "find the layer that overflows in fp16 (gradsentry.Monitor(model, locate_nonfinite=True)); "
+                        "train in bf16 or lower the initial loss scale"
+                    ),
+                    _r("guard"),
+                ],
+            )
+        )
+    return out
+
+
+def _loss_rose_after(sig: RunSignals, step: int, c: RuleContext) -> bool:
+    """The loss after ``step`` ended above ``divergence_factor`` times its level before (not improving)."""
+    ls, lv = sig.loss_points()
+    res = sg.loss_outcome(ls, lv, step, c.t)
+    return res["outcome"] == "diverged"
+
+
+def _scaler_skips(sig: RunSignals, c: RuleContext) -> list[Finding]:
+    """Steps a loss scaler said it skipped (overflow lines): a problem when they persist to the end."""
+    if not sig.skipped or len(sig) == 0:
+        return []
+    t = c.t
+    skipped = np.asarray(sig.skipped, dtype=np.int64)
+    span_last = int(sig.steps[-1])
+    tail_from = int(sig.steps[max(0, len(sig) - t.divergence_tail)])
+    tail = skipped[skipped >= tail_from]
+    tail_steps = max(1, span_last - tail_from + 1)
+    total_steps = max(1, span_last - int(min(sig.steps[0], skipped[0])) + 1)
+    frac_tail = tail.size / tail_steps
+    frac_all = skipped.size / total_steps
+    persistent = frac_tail > 0.5 or frac_all > 0.5
+    ev = {
+        "skipped_steps": int(skipped.size),
+        "first_skipped_step": int(skipped[0]),
+        "last_skipped_step": int(skipped[-1]),
+        "fraction_of_steps": sg.rnd(frac_all),
+        "fraction_of_last_steps": sg.rnd(frac_tail),
+    }
+    if not persistent:
+        return [
+            Finding(
+                "skipped_steps",
+                "info",
+                [int(s) for s in skipped[: t.max_listed]],
+                [],
+                ev,
+                f"{skipped.size} step(s) were skipped (a loss scaler's overflow, or a NaN/inf guard; first at "
+                f"step {int(skipped[0])}); occasional skips (an fp16 scale calibrating, a rare bad batch) are "
+                "harmless.",
+                [],
+            )
+        ]
+    return [
+        Finding(
+            "skipped_steps",
+            "error",
+            [int(s) for s in skipped[: t.max_listed]],
+            [],
+            ev,
+            f"A loss scaler skipped {skipped.size} step(s) on gradient overflow, {frac_tail:.0%} of the last "
+            "logged steps: the gradients overflow on nearly every step, so the model is barely training "
+            "(the scale keeps falling; 'Current loss scale already at minimum' ends such runs).",
+            [
+                _r("check_numerics"),
+                Remedy(
+                    "find the layer that overflows in fp16 (gradsentry.Monitor(model, locate_nonfinite=True)); "
+                    "train in bf16, or lower the learning rate if the overflow started after a spike"
+                ),
+                _r("lower_lr_warmup"),
+            ],
+        )
+    ]
+
+
+def zero_rule(sig: RunSignals, c: RuleContext) -> list[Finding]:
+    """Gradient norms of exactly 0.0: no gradient reached any parameter (not vanishing)."""
+    gs, gv = sig.grad_points()
+    zero = gv == 0.0
+    if not zero.any():
+        return []
+    zs = [int(x) for x in gs[zero]]
+    frac = len(zs) / gv.size
+    what = (
+        f"every logged gradient norm is exactly 0 ({len(zs)} points)"
+        if len(zs) == gv.size
+        else f"{len(zs)} of {gv.size} logged gradient norms are exactly 0 (first at step {zs[0]})"
+    )
+    return [
+        Finding(
+            "zero_grad_norm",
+            "error" if frac >= 0.5 else "warning",
+            zs[: c.t.max_listed],
+            [],
+            {
+                "zero_points": len(zs),
+                "logged_points": int(gv.size),
+                "first_step": zs[0],
+                "fraction": sg.rnd(frac),
+            },
+            what.capitalize()
+            + ": no gradient reached any parameter (every unit dead, everything frozen, a detached graph, or a "
+            "logger writing 0 for skipped steps). This is not vanishing: vanishing gradients are small, not "
+            "exactly zero.",
+            [
+                _r("leaky"),
+                Remedy("check requires_grad on the parameters and that the optimizer holds them"),
+                Remedy("check the loss is computed from the model output without .detach()/.item()"),
+            ],
+        )
+    ]
