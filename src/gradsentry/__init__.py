@@ -1,24 +1,25 @@
 """gradsentry: find, explain and fix vanishing and exploding gradients in PyTorch training.
 
 Public names only; every module has one job (see README's architecture section). Names are imported
-on first use (PEP 562), so that ``gradsentry analyze`` and ``gradsentry report``, which read logs, start
+on first use (PEP 562): ``import gradsentry`` imports neither PyTorch nor NumPy, so that ``gradsentry
+--help`` answers at once and ``gradsentry analyze`` and ``gradsentry report``, which read logs, start
 without importing PyTorch (about 200 MB and 1.5 s less).
 """
 
 from __future__ import annotations
 
-import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
-# Bound now: this function shares its name with its submodule, which would otherwise replace it as the
-# package attribute when first imported (gradsentry.diagnose imports no PyTorch).
-from gradsentry.diagnose import Thresholds, diagnose
+from gradsentry._lazy import lazy_names
 
 if TYPE_CHECKING:
     from gradsentry import theory
     from gradsentry._dist import DistributedError
     from gradsentry.analyze import AnalyzeThresholds, LogAnalysis, analyze_log
     from gradsentry.check import CheckReport, check_model
+    from gradsentry.diagnose import Thresholds, diagnose
     from gradsentry.lab import LabConfig, LabResult, run_lab
     from gradsentry.logs import Series, load_series
     from gradsentry.monitor import Monitor, NonFiniteGradientError
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
     from gradsentry.theory import TheoryNotApplicable, chi, predict
 
 _HOME: dict[str, str] = {
+    "diagnose": "gradsentry.diagnosis.core",
+    "Thresholds": "gradsentry.diagnosis.thresholds",
     "theory": "gradsentry.theory",
     "DistributedError": "gradsentry._dist",
     "AnalyzeThresholds": "gradsentry.analyze",
@@ -98,18 +101,28 @@ _HOME: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'gradsentry' has no attribute {name!r}")
-    module = importlib.import_module(home)
-    value = module if name == "theory" else getattr(module, name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _HOME)
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
+class _Package(types.ModuleType):
+    """This package's module type: ``gradsentry.diagnose`` stays the function.
+
+    The function shares its name with the submodule ``gradsentry.diagnose``, and the import system binds
+    a submodule as an attribute of its package when it is first imported (``setattr(package, name,
+    module)``), which would replace the function. A property on the module's type wins over that binding.
+    """
+
+    @property
+    def diagnose(self) -> Any:
+        return __getattr__("diagnose")
+
+    @diagnose.setter
+    def diagnose(self, value: Any) -> None:
+        if not isinstance(value, types.ModuleType):  # the submodule's binding is ignored
+            raise AttributeError("gradsentry.diagnose is read-only: patch gradsentry.diagnosis.core.diagnose")
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __version__ = "0.1.0"

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradsentry._extras import requires_extra
 from gradsentry.diagnosis.thresholds import Thresholds
 from gradsentry.records import Finding, StepRecord
 from gradsentry.targets import TargetError, load_factory, load_model
@@ -113,8 +114,10 @@ def digits_batch(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
     Raises:
         ValueError: unless ``1 <= n <= 1797``.
+        gradsentry._extras.MissingExtraError: scikit-learn is not installed (``gradsentry[lab]``).
     """
-    from sklearn.datasets import load_digits
+    with requires_extra("lab", "the digits batch"):
+        from sklearn.datasets import load_digits
 
     digits = load_digits()
     if not 1 <= n <= len(digits.target):

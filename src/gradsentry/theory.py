@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradsentry._roots import find_root
+
 log = logging.getLogger("gradsentry")
 
 PANEL_WIDTH = 0.25
@@ -222,9 +224,7 @@ def fixed_point(
             if g(q) < 0:
                 if g(lo) <= 0:
                     return 0.0
-                from scipy.optimize import brentq
-
-                return float(brentq(g, lo, q, xtol=1e-16, rtol=1e-12))
+                return find_root(g, lo, q, xtol=1e-16, rtol=1e-12)
     return q
 
 

@@ -1,8 +1,10 @@
 """The ``gradsentry`` command: a thin shell over the library.
 
 Each subcommand lives in its own module (``cli/lab.py``, ``cli/check.py``, ...) exposing
-``register(app)``. Exit codes: 0 success, 1 a problem was found that the user asked about,
-2 bad usage or unreadable input.
+``register(app)``, and imports what it needs (PyTorch, the library's modules) inside its command
+function, so that ``gradsentry --help`` and ``--version`` import neither PyTorch nor NumPy. Exit codes:
+0 success, 1 a problem was found that the user asked about, 2 bad usage, unreadable input or a missing
+optional dependency (one line naming the pip command, see ``gradsentry._extras``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 import typer
 
 from gradsentry import __version__
+from gradsentry._extras import MissingExtraError
 
 EXIT_OK = 0
 EXIT_FOUND = 1
@@ -72,13 +75,18 @@ def build_app() -> typer.Typer:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
 
-    Usage errors (unknown option, bad value) print click's usage message and return 2.
+    Usage errors (unknown option, bad value) print click's usage message and return 2; so does a
+    missing optional dependency, with one line: ``error: the lab needs scikit-learn: pip install
+    'gradsentry[lab]'``.
     """
     app = build_app()
     try:
         rv = app(
             args=argv if argv is not None else sys.argv[1:], prog_name="gradsentry", standalone_mode=True
         )
+    except MissingExtraError as exc:  # an optional dependency this command needs is not installed
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USAGE
     except (RecursionError, OSError, UnicodeError) as exc:  # bad input that slipped past a command's checks
         sys.stderr.write(f"error: {input_error(exc)}\n")
         return EXIT_USAGE

@@ -142,6 +142,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.text import Text
 
+        from gradsentry._extras import require
         from gradsentry.lab import LabConfig, ProgressEvent, check_writable, run_lab, write_outputs
         from gradsentry.lab.experiments import DEFAULT_VARIANTS
 
@@ -176,6 +177,7 @@ def register(app: typer.Typer) -> None:
         except OSError as exc:
             err.print(Text.assemble(("error: ", "red"), str(exc)), highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
+        require("lab", "the lab")  # now, not after minutes of training when the report is written
 
         columns = (
             TextColumn("{task.description:<18}"),

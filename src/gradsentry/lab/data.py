@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import torch
 
+from gradsentry._extras import requires_extra
+
 SPLIT_SEED = 0
 """Seed of the stratified train/test split (fixed: every run of the lab uses the same split)."""
 TEST_FRACTION = 0.2
@@ -55,13 +57,17 @@ def load_digits() -> Digits:
         The fixed :class:`Digits` split. The tensors are shared between callers: do not modify
         them in place.
 
+    Raises:
+        gradsentry._extras.MissingExtraError: scikit-learn is not installed (``gradsentry[lab]``).
+
     Example:
         >>> d = load_digits()
         >>> tuple(d.x_train.shape), tuple(d.x_test.shape), float(d.x_train.max())
         ((1437, 64), (360, 64), 1.0)
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
-    from sklearn.model_selection import train_test_split
+    with requires_extra("lab", "the lab"):
+        from sklearn.datasets import load_digits as _sk_load_digits
+        from sklearn.model_selection import train_test_split
 
     bunch = _sk_load_digits()
     x = bunch.data.astype("float32") / 16.0

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradsentry._extras import require
 from gradsentry.lab.config import DENSE_START, LabConfig, ProgressCallback, ProgressEvent
 from gradsentry.lab.data import Digits, load_digits
 from gradsentry.lab.results import HistogramResult, LabResult, VariantResult, first_last_rms_ratio
@@ -272,6 +273,8 @@ def run_lab(
 
     Raises:
         ValueError: on an invalid configuration (see :meth:`LabConfig.validate`).
+        gradsentry._extras.MissingExtraError: scikit-learn, matplotlib or jinja2 is not installed
+            (``pip install 'gradsentry[lab]'``), raised before any training.
         OSError: when ``out_dir`` cannot be created or written.
 
     Example:
@@ -280,6 +283,7 @@ def run_lab(
         ('relu_he', 4)
     """
     config = (config or LabConfig()).validate()
+    require("lab", "the lab")
     runs_dir = None
     if out_dir is not None:
         runs_dir = Path(out_dir) / "runs"

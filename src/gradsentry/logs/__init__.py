@@ -4,10 +4,32 @@ The readers are rows of one table, :data:`gradsentry.logs.registry.READERS` (nam
 structured logs (HF ``trainer_state.json``, TensorBoard, CSV, mmengine JSON, gradsentry JSONL) and
 console text (:mod:`gradsentry.logs.text`: HF console dicts, mmengine/mmcv text, Megatron, tqdm,
 Keras, generic step lines), read streaming. :data:`FORMATS` lists their names.
+
+The names are imported on first use (PEP 562): the diagnosis core imports :mod:`gradsentry.logs.series`,
+and through it this package, without loading every reader.
 """
 
-from gradsentry.logs.detect import FORMATS, load_series, sniff_format
-from gradsentry.logs.series import Series
-from gradsentry.sinks.jsonl import LogFormatError
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gradsentry._lazy import lazy_names
+
+if TYPE_CHECKING:
+    from gradsentry.logs.detect import FORMATS, load_series, sniff_format
+    from gradsentry.logs.series import Series
+    from gradsentry.sinks.jsonl import LogFormatError
+
+_HOME = {
+    "FORMATS": "gradsentry.logs.detect",
+    "load_series": "gradsentry.logs.detect",
+    "sniff_format": "gradsentry.logs.detect",
+    "Series": "gradsentry.logs.series",
+    "LogFormatError": "gradsentry.sinks.jsonl",
+}
+
+
+__getattr__, __dir__ = lazy_names(__name__, _HOME)
+
 
 __all__ = ["FORMATS", "LogFormatError", "Series", "load_series", "sniff_format"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gradsentry._extras import requires_extra
 from gradsentry._io import write_atomic, write_text_atomic
 from gradsentry.logs.series import Series
 from gradsentry.records import Finding
@@ -34,12 +35,14 @@ def plot_series(series: Series, findings: list[Finding], path: str | os.PathLike
 
     Raises:
         ValueError: the suffix is not one of :data:`PLOT_SUFFIXES`.
+        gradsentry._extras.MissingExtraError: matplotlib is not installed (``gradsentry[report]``).
     """
     out = Path(path)
     suffix = out.suffix.lower()
     if suffix not in PLOT_SUFFIXES:
         raise ValueError(f"plot file must end in {', '.join(PLOT_SUFFIXES)}, got {out.name!r}")
-    from matplotlib.figure import Figure
+    with requires_extra("report", "plotting"):
+        from matplotlib.figure import Figure
 
     panels = [name for name in ("grad_norm", "loss") if series.has(name)]  # type: ignore[arg-type]
     fig = Figure(figsize=(9, 2.6 * max(1, len(panels))), layout="constrained")

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from gradsentry._extras import requires_extra
 from gradsentry.logs.series import (
     DEFAULT_KEYS,
     FieldName,
@@ -68,9 +69,11 @@ def read_tensorboard(path: str | os.PathLike[str], *, tags: dict[str, str] | Non
     Raises:
         LogFormatError: no event file, no scalars (not an event file, or corrupt), a requested tag is
             missing, or neither a loss nor a gradient-norm tag is present (the message lists the tags).
+        gradsentry._extras.MissingExtraError: tensorboard is not installed (``gradsentry[tensorboard]``).
     """
-    from tensorboard.backend.event_processing import event_accumulator as ea
-    from tensorboard.util import tensor_util
+    with requires_extra("tensorboard", "reading TensorBoard logs"):
+        from tensorboard.backend.event_processing import event_accumulator as ea
+        from tensorboard.util import tensor_util
 
     p = Path(path)
     run = resolve_run(p)

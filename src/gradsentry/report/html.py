@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 import numpy as np
 
+from gradsentry._extras import requires_extra
 from gradsentry.records import Finding, LayerInfo, Run
 from gradsentry.report import plots
+
+with requires_extra("report", "the HTML report"):
+    import jinja2
 
 if TYPE_CHECKING:
     from gradsentry.diagnosis.series_rules import RunSignals

@@ -15,12 +15,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps, rc_context
-from matplotlib import colors as mcolors
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 
+from gradsentry._extras import requires_extra
 from gradsentry.records import Run
+
+with requires_extra("report", "the HTML report"):
+    from matplotlib import colormaps, rc_context
+    from matplotlib import colors as mcolors
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 SIGMOID_BAND = 4.6
 """``|x|`` below which the sigmoid is not saturated (``sigmoid(4.6) ≈ 0.99``)."""

@@ -40,6 +40,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradsentry._extras import requires_extra
 from gradsentry.records import ActivationStats, Finding, RunHeader, StepRecord
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ class TensorBoardSink:
 
     Raises:
         ValueError: ``prefix`` is empty or holds ``/``, or ``histograms_every`` < 1.
-        ModuleNotFoundError: on :meth:`open`, when the ``tensorboard`` package is missing.
+        gradsentry._extras.MissingExtraError: on :meth:`open`, when the ``tensorboard`` package is
+            missing (a ``ModuleNotFoundError`` naming ``pip install 'gradsentry[tensorboard]'``).
 
     Example:
         >>> sink = TensorBoardSink("runs/exp1", histograms_every=10)  # doctest: +SKIP
@@ -153,12 +155,8 @@ class TensorBoardSink:
         return custom_scalars_layout(self.prefix)
 
     def open(self, header: RunHeader) -> None:
-        try:
+        with requires_extra("tensorboard", "TensorBoardSink"):
             from torch.utils.tensorboard import SummaryWriter
-        except ModuleNotFoundError as exc:  # pragma: no cover - tensorboard is a core dependency
-            raise ModuleNotFoundError(
-                "TensorBoardSink needs the tensorboard package: pip install tensorboard"
-            ) from exc
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self.flush_secs)
         self._writer.add_custom_scalars(self.layout())
