@@ -48,7 +48,15 @@ if TYPE_CHECKING:
     )
     from gradsentry.remedies.init import lsuv, reinit
     from gradsentry.report import render_lab_report, render_run_report
-    from gradsentry.sinks import CsvSink, JsonlSink, TensorBoardSink, read_jsonl
+    from gradsentry.sinks import (
+        CallbackSink,
+        CsvSink,
+        JsonlSink,
+        MlflowSink,
+        TensorBoardSink,
+        WandbSink,
+        read_jsonl,
+    )
     from gradsentry.theory import TheoryNotApplicable, chi, predict
 
 _HOME: dict[str, str] = {
@@ -91,7 +99,10 @@ _HOME: dict[str, str] = {
     "reinit": "gradsentry.remedies.init",
     "render_lab_report": "gradsentry.report",
     "render_run_report": "gradsentry.report",
-    **dict.fromkeys(("CsvSink", "JsonlSink", "TensorBoardSink", "read_jsonl"), "gradsentry.sinks"),
+    **dict.fromkeys(
+        ("CallbackSink", "CsvSink", "JsonlSink", "MlflowSink", "TensorBoardSink", "WandbSink", "read_jsonl"),
+        "gradsentry.sinks",
+    ),
     "TheoryNotApplicable": "gradsentry.theory",
     "chi": "gradsentry.theory",
     "predict": "gradsentry.theory",
@@ -119,6 +130,7 @@ __all__ = [
     "ActivationStats",
     "AnalyzeThresholds",
     "AutoClip",
+    "CallbackSink",
     "Chain",
     "CheckReport",
     "ClipGlobalNorm",
@@ -134,6 +146,7 @@ __all__ = [
     "LayerInfo",
     "LayerStats",
     "LogAnalysis",
+    "MlflowSink",
     "Monitor",
     "NonFiniteGradientError",
     "NonFiniteGuard",
@@ -148,6 +161,7 @@ __all__ = [
     "TensorBoardSink",
     "TheoryNotApplicable",
     "Thresholds",
+    "WandbSink",
     "ZClip",
     "__version__",
     "analyze_log",
