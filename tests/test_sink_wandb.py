@@ -17,14 +17,12 @@ from gradsentry.histograms import HistogramSpec
 from gradsentry.monitor import Monitor
 from gradsentry.records import StepRecord
 from gradsentry.sinks.tensorboard import record_scalars
-from sink_records import findings, header
+from sink_records import findings, header, same_value
 from sink_records import records as hand_records
 from zoo import mlp
 
 wandb = pytest.importorskip("wandb")
 from gradsentry.sinks.wandb import FINDING_COLUMNS, WandbSink  # noqa: E402
-
-REL = 1e-6  # W&B keeps float64; the records' values are float32 statistics: equal to 1e-6 relative
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +64,6 @@ def _num(value: object) -> float:
     return float(value)  # type: ignore[arg-type]  # NaN / Infinity arrive as strings
 
 
-def _same(got: float, want: float) -> bool:
-    if math.isnan(want):
-        return math.isnan(got)
-    return got == want if math.isinf(want) else math.isclose(got, want, rel_tol=REL, abs_tol=1e-30)
-
-
 @pytest.fixture(scope="module")
 def monitored(wandb_env):
     """A real Monitor run of a small MLP into a run the sink starts (and so finishes)."""
@@ -107,7 +99,7 @@ def test_every_scalar_reads_back_equal_to_the_records(monitored):
             "gradsentry/grad_norm/0" in expected and "gradsentry/update_ratio/2" in expected
         ) or rec.step == 0
         for key, want in expected.items():
-            assert _same(_num(row[key]), want), (rec.step, key, row[key], want)
+            assert same_value(_num(row[key]), want), (rec.step, key, row[key], want)
 
 
 def test_histograms_read_back_as_wandb_histograms_of_the_counts(monitored):
@@ -170,7 +162,7 @@ def test_existing_run_is_used_not_finished_and_lower_steps_are_dropped_by_wandb(
     assert sorted(hist) == [0, 2, 4, 6, 8, 9]
     for rec in recs:
         for key, want in record_scalars(rec, "gradsentry"):
-            assert _same(_num(hist[rec.step][key]), want), (rec.step, key)
+            assert same_value(_num(hist[rec.step][key]), want), (rec.step, key)
     assert "gradsentry/grad_norm/" + "(root)" not in hist[0]  # has_grad=False: no gradient scalars
     assert math.isnan(_num(hist[6]["gradsentry/global_norm"]))
     assert math.isinf(_num(hist[6]["gradsentry/grad_norm/blocks.1.fc"]))

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+from types import ModuleType
 from typing import Protocol, runtime_checkable
 
 from gradsentry.records import Finding, RunHeader, StepRecord
 from gradsentry.sinks._file import LogInUseError
 
 log = logging.getLogger("gradsentry")
+
+
+def import_optional(module: str, sink: str, extra: str) -> ModuleType:
+    """Import the optional package a sink needs; raises ImportError naming ``pip install 'gradsentry[extra]'``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{sink} needs {module}: pip install 'gradsentry[{extra}]'") from exc
 
 
 @runtime_checkable

@@ -19,27 +19,16 @@ run already passed are dropped by W&B, not by gradsentry.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gradsentry.records import Finding, RunHeader, StepRecord
+from gradsentry.sinks.base import import_optional
 from gradsentry.sinks.tensorboard import record_histograms, record_scalars
-
-if TYPE_CHECKING:
-    from types import ModuleType
 
 log = logging.getLogger("gradsentry")
 
 FINDING_COLUMNS: tuple[str, ...] = ("severity", "kind", "first_step", "steps", "layers", "explanation")
 """Columns of the findings table (``P/findings`` in the run's summary)."""
-
-
-def import_wandb() -> ModuleType:
-    """Import ``wandb``; raises ImportError with the install command when it is missing."""
-    try:
-        import wandb
-    except ImportError as exc:
-        raise ImportError("WandbSink needs wandb: pip install 'gradsentry[wandb]'") from exc
-    return wandb
 
 
 class WandbSink:
@@ -75,7 +64,7 @@ class WandbSink:
     ) -> None:
         if not prefix or "/" in prefix:
             raise ValueError(f"prefix must be a non-empty key component without '/', got {prefix!r}")
-        self._wandb = import_wandb()
+        self._wandb = import_optional("wandb", "WandbSink", "wandb")
         self.run = run
         self.project = project
         self.prefix = prefix
