@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from gradsentry._dist import DistributedError
     from gradsentry.analyze import AnalyzeThresholds, LogAnalysis, analyze_log
     from gradsentry.check import CheckReport, check_model
+    from gradsentry.histograms import HistogramSpec
     from gradsentry.lab import LabConfig, LabResult, run_lab
     from gradsentry.logs import Series, load_series
     from gradsentry.monitor import Monitor, NonFiniteGradientError
@@ -72,6 +73,7 @@ _HOME: dict[str, str] = {
     "run_lab": "gradsentry.lab",
     "Series": "gradsentry.logs",
     "load_series": "gradsentry.logs",
+    "HistogramSpec": "gradsentry.histograms",
     "Monitor": "gradsentry.monitor",
     "NonFiniteGradientError": "gradsentry.monitor",
     **dict.fromkeys(
@@ -139,6 +141,7 @@ __all__ = [
     "CsvSink",
     "DistributedError",
     "Finding",
+    "HistogramSpec",
     "JsonlSink",
     "LabConfig",
     "LabResult",

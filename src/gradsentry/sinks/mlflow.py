@@ -72,8 +72,8 @@ class MlflowSink:
 
     Args:
         run_id: the run to log to. None (default): the active run (``mlflow.active_run()``, e.g.
-            inside ``with mlflow.start_run():``) when there is one, else a new run created at
-            :meth:`open` in ``experiment``. Only a run this sink created is ended by :meth:`close`
+            inside ``with mlflow.start_run():``) when there is one and ``tracking_uri`` is None, else
+            a new run created at :meth:`open` in ``experiment``. Only a run this sink created is ended by :meth:`close`
             (status ``FINISHED``).
         experiment: name of the experiment of a run this sink creates (created if missing).
         tracking_uri: where runs are stored (``"sqlite:///mlflow.db"``, ``"http://host:5000"``, a
