@@ -144,6 +144,10 @@ def _variants(case: Case) -> dict[str, Variant]:
     out["Monitor(every=10) full"] = make(monitor(every=10, with_optimizer=True))
     out["Monitor(every=10) default, no optimizer"] = make(monitor(every=10))
     out["Monitor(every=10) lean"] = make(monitor(every=10, **LEAN))
+    out["Monitor(every=1) + max |g| + weight norms + histograms (|g| and |w|, 64 bins)"] = make(
+        monitor(every=1, activations=False, histograms=True)
+    )
+    out["Monitor(every=10) default + histograms"] = make(monitor(every=10, histograms=True))
     out["Monitor(every=1) lean + locate_nonfinite"] = make(monitor(every=1, **LEAN, locate_nonfinite=True))
     out["ClipGlobalNorm"] = make(with_params(gs.ClipGlobalNorm(1.0)))
     out["ZClip"] = make(with_params(gs.ZClip()))

@@ -88,3 +88,14 @@ def findings() -> list[Finding]:
             remedies=[Remedy("Use ReLU")],
         )
     ]
+
+
+REL = 1e-6
+"""Trackers keep float64; the records' statistics are float32: read back equal to 1e-6 relative."""
+
+
+def same_value(got: float, want: float) -> bool:
+    """A value read back from a tracker equals the record's: NaN as NaN, inf exactly, else to :data:`REL`."""
+    if math.isnan(want):
+        return math.isnan(got)
+    return got == want if math.isinf(want) else math.isclose(got, want, rel_tol=REL, abs_tol=1e-30)

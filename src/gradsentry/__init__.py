@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from gradsentry.analyze import AnalyzeThresholds, LogAnalysis, analyze_log
     from gradsentry.check import CheckReport, check_model
     from gradsentry.diagnose import Thresholds, diagnose
+    from gradsentry.histograms import HistogramSpec
     from gradsentry.lab import LabConfig, LabResult, run_lab
     from gradsentry.logs import Series, load_series
     from gradsentry.monitor import Monitor, NonFiniteGradientError
@@ -49,7 +50,15 @@ if TYPE_CHECKING:
     )
     from gradsentry.remedies.init import lsuv, reinit
     from gradsentry.report import render_lab_report, render_run_report
-    from gradsentry.sinks import CsvSink, JsonlSink, TensorBoardSink, read_jsonl
+    from gradsentry.sinks import (
+        CallbackSink,
+        CsvSink,
+        JsonlSink,
+        MlflowSink,
+        TensorBoardSink,
+        WandbSink,
+        read_jsonl,
+    )
     from gradsentry.theory import TheoryNotApplicable, chi, predict
 
 _HOME: dict[str, str] = {
@@ -67,6 +76,7 @@ _HOME: dict[str, str] = {
     "run_lab": "gradsentry.lab",
     "Series": "gradsentry.logs",
     "load_series": "gradsentry.logs",
+    "HistogramSpec": "gradsentry.histograms",
     "Monitor": "gradsentry.monitor",
     "NonFiniteGradientError": "gradsentry.monitor",
     **dict.fromkeys(
@@ -94,7 +104,10 @@ _HOME: dict[str, str] = {
     "reinit": "gradsentry.remedies.init",
     "render_lab_report": "gradsentry.report",
     "render_run_report": "gradsentry.report",
-    **dict.fromkeys(("CsvSink", "JsonlSink", "TensorBoardSink", "read_jsonl"), "gradsentry.sinks"),
+    **dict.fromkeys(
+        ("CallbackSink", "CsvSink", "JsonlSink", "MlflowSink", "TensorBoardSink", "WandbSink", "read_jsonl"),
+        "gradsentry.sinks",
+    ),
     "TheoryNotApplicable": "gradsentry.theory",
     "chi": "gradsentry.theory",
     "predict": "gradsentry.theory",
@@ -132,6 +145,7 @@ __all__ = [
     "ActivationStats",
     "AnalyzeThresholds",
     "AutoClip",
+    "CallbackSink",
     "Chain",
     "CheckReport",
     "ClipGlobalNorm",
@@ -140,6 +154,7 @@ __all__ = [
     "CsvSink",
     "DistributedError",
     "Finding",
+    "HistogramSpec",
     "JsonlSink",
     "LabConfig",
     "LabResult",
@@ -147,6 +162,7 @@ __all__ = [
     "LayerInfo",
     "LayerStats",
     "LogAnalysis",
+    "MlflowSink",
     "Monitor",
     "NonFiniteGradientError",
     "NonFiniteGuard",
@@ -161,6 +177,7 @@ __all__ = [
     "TensorBoardSink",
     "TheoryNotApplicable",
     "Thresholds",
+    "WandbSink",
     "ZClip",
     "__version__",
     "analyze_log",

@@ -2,7 +2,8 @@
 
 The core needs only PyTorch and NumPy (and rich and typer for the command line). The reports need
 matplotlib and jinja2 (``gradsentry[report]``), the lab also needs scikit-learn (``gradsentry[lab]``),
-reading or writing TensorBoard files needs tensorboard (``gradsentry[tensorboard]``). Every import of
+reading or writing TensorBoard files needs tensorboard (``gradsentry[tensorboard]``), the W&B and MLflow
+sinks need ``gradsentry[wandb]`` and ``gradsentry[mlflow]``. Every import of
 one of them sits inside :func:`requires_extra`::
 
     with requires_extra("report", "the HTML report"):
@@ -16,16 +17,19 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "report": ("matplotlib", "jinja2"),
     "lab": ("sklearn", "matplotlib", "jinja2"),
     "tensorboard": ("tensorboard",),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
 }
 """Each extra of ``pyproject.toml`` that :func:`requires_extra` names, with the modules it provides
 (a test keeps this table equal to ``pyproject.toml``)."""
 
-DISTRIBUTIONS = {"sklearn": "scikit-learn"}
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "mlflow": "mlflow-skinny"}
 """Import names whose pip distribution has another name."""
 
 
@@ -77,3 +81,13 @@ def require(extra: str, feature: str) -> None:
     with requires_extra(extra, feature):
         for module in EXTRAS[extra]:
             importlib.import_module(module)
+
+
+def import_extra(module: str, extra: str, feature: str) -> ModuleType:
+    """Import ``module`` (part of ``extra``) and return it, e.g. ``import_extra("wandb", "wandb", "WandbSink")``.
+
+    Raises:
+        MissingExtraError: it is not installed (see :func:`requires_extra`).
+    """
+    with requires_extra(extra, feature):
+        return importlib.import_module(module)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradsentry import _dist, _taxonomy, stats
+from gradsentry import histograms as layer_hist
 from gradsentry.diagnosis.history import RunHistory
 from gradsentry.diagnosis.thresholds import Thresholds
 from gradsentry.diagnosis.thresholds import resolve as resolve_thresholds
@@ -269,6 +270,10 @@ class Monitor:
             With ``max_abs=False, weight_norms=False`` a logged step reads the gradients once.
         histogram_bins: if > 0, also record a histogram of each activation's input over
             ``[-histogram_range, histogram_range]``.
+        histograms: per-layer histograms of |gradient| and |weight| entries on logged steps, in
+            ``record.histograms``: True for :class:`gradsentry.histograms.HistogramSpec`'s defaults (64
+            bins of log10|x| from 1e-24 to 1e8; zeros, NaN/inf and values outside counted apart), or
+            a ``HistogramSpec``; counted on the device, copied with the step's other statistics.
         locate_nonfinite: on logged steps, name the module where a NaN/inf came from: the first
             module call (in the order calls end) whose output is non-finite although its inputs held
             no NaN, so a NaN made by tensor code inside a module is blamed on that module and not on
@@ -370,6 +375,7 @@ class Monitor:
         weight_norms: bool = True,
         histogram_bins: int = 0,
         histogram_range: float = 8.0,
+        histograms: bool | layer_hist.HistogramSpec = False,
         locate_nonfinite: bool = False,
         overhead_budget: float | None = None,
         max_records: int | None = None,
@@ -423,6 +429,8 @@ class Monitor:
         self.weight_norms = weight_norms
         self.histogram_bins = int(histogram_bins)
         self.histogram_range = float(histogram_range)
+        self.histograms = layer_hist.resolve(histograms)
+        self._layer_hist = layer_hist.LayerCounter(self.histograms) if self.histograms else None
         self.locate_nonfinite = locate_nonfinite
         self.overhead_budget = overhead_budget
         self._records: deque[StepRecord] = deque()
@@ -462,7 +470,7 @@ class Monitor:
         if max_records is None:  # what fits in the budget, by the measured size of this model's records
             size = record_bytes(
                 len(self._layers), len(self._sites) if activations else 0, self.histogram_bins
-            )
+            ) + layer_hist.record_bytes(len(self._layers), self.histograms)
             max_records = min(100_000, max(100, RECORDS_BUDGET_BYTES // size))
         self.max_records: int = max_records
         # What leaves the window: its series and the records the verdict needs (diagnosis/history.py).
@@ -1120,6 +1128,9 @@ class Monitor:
             loss_t = torch.as_tensor(loss).detach().reshape(-1)[:1].to(device, dt)
             parts.append((loss_t, local_op("mean")))
         act_names, hist_names, flag_names = self._pack_local(parts, sync, device, dt)
+        if self._layer_hist is not None:  # per-layer |g|, |w| counts (histograms.py), in the same copy
+            counts = self._layer_hist.part(g, owners, all_params, self._owners_all, L, device, dt)
+            parts.append((counts, shard_op))
         # Replicated gradients (DDP) are identical on every rank after DDP's all-reduce, so their norms
         # need no collective; but a NaN/inf written into one rank's copy afterwards (a rank-local bug,
         # a hook) stays on that rank. When syncing, one indicator per layer rides on the SUM, so that
@@ -1199,6 +1210,7 @@ class Monitor:
         hist_values = {name: take(self.histogram_bins) for name in hist_names}
         hist_values = {name: h for name, h in hist_values.items() if name in act_values}
         flag_scores = take(len(flag_names))
+        layer_counts = take(self._layer_hist.size(L)) if self._layer_hist is not None else None
         elsewhere: list[int] = []  # layers non-finite on another rank only
         replicas_differ = False  # decided from reduced figures: the same on every rank
         if check_replicas:
@@ -1324,6 +1336,8 @@ class Monitor:
             activations=acts,
             nonfinite_origin=origin,
         )
+        if self._layer_hist is not None and layer_counts is not None:
+            record.histograms = self._layer_hist.unpack(layer_counts, layer_stats)
         if skip_action is not None:
             record.actions.append(skip_action)
         if remedy_finalize is not None:

@@ -192,6 +192,103 @@ class ActivationStats:
             raise RecordError(f"activation statistics are missing {exc}") from exc
 
 
+def log10_edges(log10_low: float, log10_high: float, bins: int) -> list[float]:
+    """The ``bins + 1`` equally spaced edges of log10|x| from ``log10_low`` to ``log10_high``."""
+    step = (log10_high - log10_low) / bins
+    return [log10_low + i * step for i in range(bins)] + [log10_high]
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Counts of |x| over the entries of one layer's gradient (or weights), on log10-spaced bins.
+
+    The binned range is ``10**log10_low <= |x| < 10**log10_high``, cut into ``len(counts)`` bins of
+    equal width in log10|x|: bin ``i`` holds ``e[i] <= |x| < e[i+1]`` with ``e`` = :meth:`edges`. Every
+    entry is counted exactly once: in a bin, or in ``below``, ``above``, ``zeros`` or ``nonfinite``.
+    Computed by :mod:`gradsentry.histograms` (``Monitor(histograms=...)``).
+
+    Attributes:
+        log10_low: log10 of the lowest edge (|x| units: the gradient's or the weights').
+        log10_high: log10 of the highest edge.
+        counts: entries in each bin.
+        below: finite entries with ``0 < |x| < 10**log10_low``.
+        above: finite entries with ``|x| >= 10**log10_high``.
+        zeros: entries exactly 0 (+0.0 or -0.0): dead units, masked or unused parameters.
+        nonfinite: NaN and +-inf entries.
+    """
+
+    log10_low: float
+    log10_high: float
+    counts: list[int]
+    below: int = 0
+    above: int = 0
+    zeros: int = 0
+    nonfinite: int = 0
+
+    def log10_edges(self) -> list[float]:
+        """The ``len(counts) + 1`` bin edges in log10|x|."""
+        return log10_edges(self.log10_low, self.log10_high, len(self.counts))
+
+    def edges(self) -> list[float]:
+        """The ``len(counts) + 1`` bin edges in |x| units (``10**e`` of :meth:`log10_edges`)."""
+        return [10.0**e for e in self.log10_edges()]
+
+    @property
+    def total(self) -> int:
+        """Every entry counted: the bins, below, above, zeros and non-finite."""
+        return sum(self.counts) + self.below + self.above + self.zeros + self.nonfinite
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Histogram:
+        d = _from_fields(cls, data)
+        try:
+            counts = d["counts"]
+            if not isinstance(counts, list) or not counts:
+                raise RecordError("histogram 'counts' must be a non-empty list")
+            return cls(
+                log10_low=_num(d["log10_low"]) or 0.0,
+                log10_high=_num(d["log10_high"]) or 0.0,
+                counts=[int(c) for c in counts],
+                **{k: int(d.get(k, 0)) for k in ("below", "above", "zeros", "nonfinite")},
+            )
+        except KeyError as exc:
+            raise RecordError(f"histogram is missing {exc}") from exc
+
+
+@dataclass(slots=True)
+class LayerHistograms:
+    """The histograms of one layer at one step (``Monitor(histograms=...)``).
+
+    Attributes:
+        name: qualified module name of the layer (see :class:`LayerInfo`).
+        grad: histogram of |g| over the layer's gradient entries, None when the layer had no gradient
+            or gradient histograms are off.
+        weight: histogram of |w| over the layer's parameters, None when weight histograms are off.
+    """
+
+    name: str
+    grad: Histogram | None = None
+    weight: Histogram | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerHistograms:
+        d = _from_fields(cls, data)
+        if "name" not in d:
+            raise RecordError("layer histograms are missing 'name'")
+        grad, weight = d.get("grad"), d.get("weight")
+        return cls(
+            name=str(d["name"]),
+            grad=None if grad is None else Histogram.from_dict(grad),
+            weight=None if weight is None else Histogram.from_dict(weight),
+        )
+
+
 def skipped_steps_of(step: int, actions: Any) -> list[int]:
     """The steps a remedy skipped that one record's ``actions`` tell of: ``step`` itself when an action says
     ``"skipped": True``, and the unlogged steps before it an action lists in ``skipped_unlogged_steps``.
@@ -222,6 +319,9 @@ class StepRecord:
         overhead: the Monitor's own time on this step as a fraction of the step's wall time.
         nonfinite_origin: name of the module where a NaN/inf first appeared, when located.
         actions: what remedies did at this step (e.g. ``{"remedy": "ClipGlobalNorm", "clipped": True}``).
+        histograms: per-layer |g| and |w| histograms in depth order (``Monitor(histograms=...)``), or
+            None when not recorded (the key is then left out of :meth:`to_dict`, so files without
+            histograms are unchanged).
     """
 
     step: int
@@ -233,6 +333,7 @@ class StepRecord:
     overhead: float | None = None
     nonfinite_origin: str | None = None
     actions: list[dict[str, Any]] = field(default_factory=list)
+    histograms: list[LayerHistograms] | None = None
 
     @property
     def finite(self) -> bool:
@@ -248,6 +349,8 @@ class StepRecord:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["histograms"] is None:
+            del d["histograms"]
         d["kind"] = "step"
         return d
 
@@ -260,6 +363,9 @@ class StepRecord:
             if not isinstance(layers, list) or not isinstance(acts, list):
                 raise RecordError("'layers' and 'activations' must be lists")
             actions = d.get("actions", [])
+            hists = d.get("histograms")
+            if hists is not None and not isinstance(hists, list):
+                raise RecordError("'histograms' must be a list")
             return cls(
                 step=int(d["step"]),
                 global_norm=_num(d["global_norm"]) or 0.0,
@@ -270,6 +376,7 @@ class StepRecord:
                 overhead=_num(d.get("overhead")),
                 nonfinite_origin=d.get("nonfinite_origin"),
                 actions=list(actions) if isinstance(actions, list) else [],
+                histograms=None if hists is None else [LayerHistograms.from_dict(h) for h in hists],
             )
         except KeyError as exc:
             raise RecordError(f"step record is missing {exc}") from exc

@@ -13,6 +13,10 @@ for the root module):
 - With ``histograms_every=K``, on every K-th logged step: ``P/hist/log10_grad_norm`` (the
   distribution over layers of log10 per-layer gradient norms, finite non-zero norms only) and
   ``P/preact/<activation>`` (pre-activation histograms, where the record carries them).
+- ``P/grad_hist/<layer>`` and ``P/weight_hist/<layer>``: on every record that carries them
+  (``Monitor(histograms=...)``), histograms of log10|g| and log10|w| over the layer's entries, the
+  in-range bins only (zeros, NaN/inf and entries outside the range are counted in the record, not
+  drawn; see :mod:`gradsentry.histograms`).
 - ``P/findings``: a Markdown table of the findings (text plugin).
 
 How the grouping is done, and why. TensorBoard's *Scalars* dashboard draws one chart per tag and
@@ -37,6 +41,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +89,46 @@ def custom_scalars_layout(prefix: str = "gradsentry") -> dict[str, dict[str, lis
     acts = {stat: ["Multiline", [f"{p}/{stat}/.*"]] for stat in ACTIVATION_STATS}
     glob = {name: ["Multiline", [f"{p}/{name}$"]] for name in ("global_norm", "loss", "lr")}
     return {f"{prefix} per layer": layers, f"{prefix} activations": acts, f"{prefix} global": glob}
+
+
+def record_scalars(record: StepRecord, prefix: str) -> Iterator[tuple[str, float]]:
+    """The scalars of one record as ``(tag, value)`` pairs, named as listed in this module's docstring.
+
+    Shared by every sink that writes named scalars (TensorBoard, W&B, MLflow), so that a series has
+    the same name everywhere: ``prefix/global_norm``, ``prefix/loss``, ``prefix/lr`` (when known),
+    ``prefix/<stat>/<layer>`` for :data:`LAYER_STATS` (gradient statistics only where the layer has a
+    gradient, values only where known) and ``prefix/<stat>/<activation>`` for
+    :data:`ACTIVATION_STATS`. NaN and inf are yielded as they are.
+    """
+    yield f"{prefix}/global_norm", float(record.global_norm)
+    if record.loss is not None:
+        yield f"{prefix}/loss", float(record.loss)
+    if record.lr is not None:
+        yield f"{prefix}/lr", float(record.lr)
+    for layer in record.layers:
+        for stat in LAYER_STATS:
+            if stat in _GRAD_STATS and not layer.has_grad:
+                continue
+            value = getattr(layer, stat)
+            if value is not None:
+                yield layer_tag(prefix, stat, layer.name), float(value)
+    for act in record.activations:
+        for stat in ACTIVATION_STATS:
+            value = getattr(act, stat)
+            if value is not None:
+                yield layer_tag(prefix, stat, act.name), float(value)
+
+
+def record_histograms(record: StepRecord, prefix: str) -> Iterator[tuple[str, list[int], list[float]]]:
+    """The per-layer histograms of one record as ``(tag, counts, log10 edges)``: ``prefix/grad_hist/<layer>``
+    and ``prefix/weight_hist/<layer>``, in-range bins only, skipping histograms with no entry in range.
+
+    Shared by the TensorBoard and W&B sinks (one name per series everywhere).
+    """
+    for h in record.histograms or []:
+        for kind, hist in (("grad_hist", h.grad), ("weight_hist", h.weight)):
+            if hist is not None and sum(hist.counts) > 0:
+                yield layer_tag(prefix, kind, h.name), hist.counts, hist.log10_edges()
 
 
 def _md_cell(value: object) -> str:
@@ -170,26 +215,14 @@ class TensorBoardSink:
     def write(self, record: StepRecord) -> None:
         w = self._w()
         step = int(record.step)
-        p = self.prefix
-        w.add_scalar(f"{p}/global_norm", record.global_norm, step)
-        if record.loss is not None:
-            w.add_scalar(f"{p}/loss", record.loss, step)
-        if record.lr is not None:
-            w.add_scalar(f"{p}/lr", record.lr, step)
-        for layer in record.layers:
-            for stat in LAYER_STATS:
-                if stat in _GRAD_STATS and not layer.has_grad:
-                    continue
-                value = getattr(layer, stat)
-                if value is not None:
-                    w.add_scalar(layer_tag(p, stat, layer.name), float(value), step)
-        for act in record.activations:
-            for stat in ACTIVATION_STATS:
-                value = getattr(act, stat)
-                if value is not None:
-                    w.add_scalar(layer_tag(p, stat, act.name), float(value), step)
+        for tag, value in record_scalars(record, self.prefix):
+            w.add_scalar(tag, value, step)
         if self.histograms_every is not None and self._logged % self.histograms_every == 0:
             self._histograms(w, record)
+        for tag, counts, edges in record_histograms(record, self.prefix):
+            raw = raw_histogram(edges, counts)
+            if raw is not None:
+                w.add_histogram_raw(tag, global_step=step, **raw)
         self._logged += 1
 
     def _histograms(self, w: SummaryWriter, record: StepRecord) -> None:
@@ -233,8 +266,7 @@ class TensorBoardSink:
 def _raw_histogram(act: ActivationStats) -> dict[str, Any] | None:
     """Turn ``act.histogram`` (``{"edges": [n+1], "counts": [n]}``) into ``add_histogram_raw`` arguments.
 
-    The sum and sum of squares are estimated from the bin centres (the exact values are not kept in
-    the record). Returns None (and logs at debug level) for a missing, empty or malformed histogram.
+    Returns None (and logs at debug level) for a missing, empty or malformed histogram.
     """
     h = act.histogram
     if not h:
@@ -245,13 +277,24 @@ def _raw_histogram(act: ActivationStats) -> dict[str, Any] | None:
     except (KeyError, TypeError, ValueError):
         log.debug("gradsentry: activation %s has a malformed histogram; skipped", act.name)
         return None
-    if len(edges) != len(counts) + 1 or not counts or sum(counts) <= 0:
+    raw = raw_histogram(edges, counts)
+    if raw is None:
         log.debug(
             "gradsentry: activation %s histogram has %d edges for %d counts; skipped",
             act.name,
             len(edges),
             len(counts),
         )
+    return raw
+
+
+def raw_histogram(edges: list[float], counts: list[float] | list[int]) -> dict[str, Any] | None:
+    """``add_histogram_raw`` arguments for ``counts`` on bins between ``edges`` (``len(counts) + 1``).
+
+    The sum and sum of squares are estimated from the bin centres (the exact values are not kept in
+    the record). Returns None when the lengths disagree or nothing is counted.
+    """
+    if len(edges) != len(counts) + 1 or not counts or sum(counts) <= 0:
         return None
     centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
     nonzero = [i for i, c in enumerate(counts) if c > 0]
