@@ -249,7 +249,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             sinks=self.sinks if getattr(state, "is_world_process_zero", True) else (),  # rank 0 writes
             remedy=self.remedy,
             meta=meta,
-            **kwargs_m,
+            **{"sync": "blocking", **kwargs_m},  # the trainer's loggers and stop_on read the record now
         )
         self.findings = []
         self.stopped_by = None
