@@ -8,6 +8,18 @@ per-round ratios, and, measured more precisely, the time of the work each varian
 round (median over rounds).
 
 Run: ``python benchmarks/overhead.py [--rounds 20] [--models mlp24,transformer,mlp50m]``.
+
+On an accelerator (``--device cuda``, default model ``gpt2``: GPT-2 small from its config, random
+init, through ``transformers``) a step launches work without waiting for it, so timing each step,
+or syncing after each, would hide the Monitor's own sync (or add one the Monitor does not make).
+There each variant runs ``--block`` steps back to back and the device is synchronized at the block's
+ends only; the table holds block time / bare block time (median over rounds) and the amortized
+overhead. Rows there include the Monitor with ``sync="blocking"`` and ``"deferred"`` side by side
+and the peers: ``clip_grad_norm_``, Lightning's ``grad_norm``, a ``.item()`` loop, ZClip and timm's
+AGC (when timm is installed).
+
+CPU: ``python benchmarks/overhead.py --rounds 25``; quick check of the GPU path on CPU:
+``python benchmarks/overhead.py --device cpu --models gpt2tiny --block 4 --rounds 3``.
 """
 
 from __future__ import annotations
@@ -58,6 +70,23 @@ def _ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
+def _gpt2(layers: int, width: int, heads: int) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        config = GPT2Config(
+            n_layer=layers, n_embd=width, n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
+        return GPT2LMHeadModel(config)  # random init: nothing is downloaded
+
+    return make
+
+
+def _lm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=x, labels=x).loss  # type: ignore[no-any-return]
+
+
 CASES = {
     "mlp24": Case(
         "24-layer MLP, width 512 (6.3M params), batch 64",
@@ -77,7 +106,22 @@ CASES = {
         lambda: (torch.randn(32, 4096), torch.randint(0, 10, (32,))),
         _ce,
     ),
+    "gpt2": Case(
+        "GPT-2 small (124M params, transformers, random init), batch 8 x 512 tokens",
+        _gpt2(12, 768, 12),
+        lambda: (torch.randint(0, 50257, (8, 512)), torch.zeros(8, dtype=torch.long)),
+        _lm,
+    ),
+    "gpt2tiny": Case(
+        "GPT-2 shape, 2 layers, width 128 (6.9M params), batch 4 x 64 tokens",
+        _gpt2(2, 128, 4),
+        lambda: (torch.randint(0, 50257, (4, 64)), torch.zeros(4, dtype=torch.long)),
+        _lm,
+    ),
 }
+
+
+CPU_MODELS = "mlp24,transformer,mlp50m"
 
 
 @dataclass
@@ -90,17 +134,18 @@ class Variant:
 LEAN = {"activations": False, "max_abs": False, "weight_norms": False}
 
 
-def _variants(case: Case) -> dict[str, Variant]:
+def _variants(case: Case, device: torch.device) -> dict[str, Variant]:
     """One step function per variant, each with its own model copy and optimizer."""
     torch.manual_seed(0)
     base = case.make_model()
-    x, y = case.make_batch()
+    x, y = (t.to(device) for t in case.make_batch())
     out: dict[str, Variant] = {}
     After = Callable[[torch.Tensor], object]
 
     def make(extra: Callable[[nn.Module, torch.optim.Optimizer], After]) -> Variant:
         model = type(base)() if isinstance(base, _Encoder) else case.make_model()
         model.load_state_dict(base.state_dict())
+        model.to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         after_backward = extra(model, opt)
 
@@ -156,7 +201,71 @@ def _variants(case: Case) -> dict[str, Variant]:
     out["Monitor(every=1) lean + ClipGlobalNorm (shared norms)"] = make(
         monitor(every=1, **LEAN, remedy=gs.ClipGlobalNorm(1.0))
     )
+    out["Monitor(every=1) default, sync=blocking"] = make(
+        monitor(every=1, activations=False, sync="blocking")
+    )
+    out["Monitor(every=1) default, sync=deferred"] = make(
+        monitor(every=1, activations=False, sync="deferred")
+    )
+    out["Monitor(every=10) default, sync=blocking"] = make(monitor(every=10, sync="blocking"))
+    out["Monitor(every=10) default, sync=deferred"] = make(monitor(every=10, sync="deferred"))
+    out["Lightning grad_norm (every step)"] = make(_lightning_grad_norm)
+    agc = _timm_agc()
+    if agc is not None:
+        out["timm adaptive_clip_grad"] = make(with_params(agc))
     return out
+
+
+def _lightning_grad_norm(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], object]:
+    from lightning.pytorch.utilities import grad_norm
+
+    return lambda loss: grad_norm(model, norm_type=2)  # one .item() per parameter, as Lightning logs them
+
+
+def _timm_agc() -> Callable[[list[nn.Parameter]], object] | None:
+    try:
+        from timm.utils.agc import adaptive_clip_grad
+    except ImportError:  # timm is optional here (it needs torchvision)
+        return None
+    return lambda ps: adaptive_clip_grad(ps, clip_factor=0.01, eps=1e-3)
+
+
+def measure_blocks(
+    case: Case, rounds: int, block: int, device: torch.device, only: tuple[str, ...] = ()
+) -> dict[str, tuple[float, float]]:
+    """Per variant on an accelerator: (median over rounds of block time / bare block time, total
+    added time over total bare time). Each block is ``block`` steps with a device sync at its
+    ends only, so the Monitor's own syncs (or their absence) show."""
+    variants = _select(_variants(case, device), only)
+    names = list(variants)
+
+    def run(n: str) -> float:
+        torch.accelerator.synchronize(device) if device.type != "cpu" else None
+        t0 = time.perf_counter()
+        for _ in range(block):
+            variants[n].step()
+        torch.accelerator.synchronize(device) if device.type != "cpu" else None
+        return time.perf_counter() - t0
+
+    for n in names:  # warm-up: allocator, kernels, the Monitor's first logged step
+        run(n)
+    ratio: dict[str, list[float]] = {n: [] for n in names}
+    total = dict.fromkeys(names, 0.0)
+    for _ in range(rounds):
+        order = names[:]
+        random.shuffle(order)
+        t = {n: run(n) for n in order}
+        for n in names:
+            ratio[n].append(t[n] / t["bare"])
+            total[n] += t[n]
+    return {n: (statistics.median(ratio[n]), total[n] / total["bare"] - 1.0) for n in names}
+
+
+def _select(variants: dict[str, Variant], only: tuple[str, ...]) -> dict[str, Variant]:
+    if not only:
+        return variants
+    keep = ("bare", "clip_grad_norm_", *only)  # bare and clip_grad_norm_ are the references
+    return {n: v for n, v in variants.items() if n in keep[:2] or any(k in n for k in keep[2:])}
 
 
 def measure(
@@ -169,10 +278,7 @@ def measure(
     the mean work ratio instead (use a multiple of 10 rounds). Third: the total added work over
     the total bare step time, i.e. the amortized overhead of the after-backward work (precise,
     but blind to costs inside the forward pass or the optimizer step, e.g. activation hooks)."""
-    variants = _variants(case)
-    if only:  # bare and clip_grad_norm_ are the references: always kept
-        keep = ("bare", "clip_grad_norm_", *only)
-        variants = {n: v for n, v in variants.items() if n in keep[:2] or any(k in n for k in keep[2:])}
+    variants = _select(_variants(case, torch.device("cpu")), only)
     names = list(variants)
     for _ in range(warmup):
         for n in names:
@@ -207,18 +313,29 @@ def measure(
 
 def main(
     rounds: int = typer.Option(20, help="interleaved rounds per model"),
-    models: str = typer.Option(",".join(CASES), help="comma-separated subset of " + ", ".join(CASES)),
+    models: str = typer.Option(
+        CPU_MODELS, help="comma-separated subset of " + ", ".join(CASES) + " (cuda: gpt2)"
+    ),
     only: str = typer.Option("", help="comma-separated substrings: run only variants whose name holds one"),
     threads: int = typer.Option(0, help="torch threads (0: leave torch's default)"),
+    device: str = typer.Option("cpu", help="cpu, or an accelerator (cuda): block timing, sync at block ends"),
+    block: int = typer.Option(20, help="steps per timed block on an accelerator (a multiple of 10)"),
+    blocks: bool = typer.Option(False, help="use block timing on CPU too (to check that path)"),
 ) -> None:
     """Print, per model, each variant's median step-time ratio to the bare step."""
     if threads:
         torch.set_num_threads(threads)
     console = Console()
     random.seed(0)
-    for key in models.split(","):
+    dev = torch.device(device)
+    for key in (models if dev.type == "cpu" or models != CPU_MODELS else "gpt2").split(","):
         case = CASES[key]
-        res = measure(case, rounds, only=tuple(x for x in only.split(",") if x))
+        if dev.type != "cpu" or blocks:
+            _print_blocks(
+                console, case, measure_blocks(case, rounds, block, dev, _only(only)), rounds, block, dev
+            )
+            continue
+        res = measure(case, rounds, only=_only(only))
         table = Table(
             title=f"{case.name}  ({rounds} rounds, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads)"
@@ -233,6 +350,30 @@ def main(
             else:
                 table.add_row(name, f"{step_r:.3f}", f"{work_r:.2f}", f"{100 * amort:.2f} %")
         console.print(table)
+
+
+def _only(only: str) -> tuple[str, ...]:
+    return tuple(x for x in only.split(",") if x)
+
+
+def _print_blocks(
+    console: Console,
+    case: Case,
+    res: dict[str, tuple[float, float]],
+    rounds: int,
+    block: int,
+    dev: torch.device,
+) -> None:
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    table = Table(
+        title=f"{case.name}  ({rounds} rounds of {block}-step blocks, {name}, torch {torch.__version__})"
+    )
+    table.add_column("variant")
+    table.add_column("block time / bare block", justify="right")
+    table.add_column("added time / bare", justify="right")
+    for n, (ratio, added) in res.items():
+        table.add_row(n, f"{ratio:.3f}", "" if n == "bare" else f"{100 * added:.2f} %")
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def ddp_every(rank: int, out: Path) -> dict[str, Any]:
 
     model = nn.parallel.DistributedDataParallel(make_model())
     with gs.Monitor(model, sync_local=False, overhead_budget=0.5, activations=False) as mon:
-        mon._proposed_every = 3 + 2 * rank  # as if rank 1 had measured a larger overhead
+        mon._meter.proposed_every = 3 + 2 * rank  # as if rank 1 had measured a larger overhead
         _step(model, rank)
         with count_all_reduce() as calls:
             mon.step()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import gradsentry as gs
-from gradsentry import monitor as monitor_mod
+from gradsentry.monitor import alerts as monitor_mod  # where the Monitor looks nonfinite_step up
 from gradsentry.records import Finding
 from zoo import mlp
 

@@ -234,11 +234,7 @@ class AutoMonitor:
         )
         # The first forward ran before the Monitor existed: give it the call order seen then, through
         # the Monitor's own order hooks, so that the first record's layers are in forward order.
-        for module, at_start in events:
-            if at_start:
-                self.monitor._order_hook(module, ())
-            else:
-                self.monitor._order_end_hook(module, (), None)
+        self.monitor._index.replay(events)
         self._loss = self._outputs.get(id(model))
         self._outputs = {}
         self._handles.append(model.register_forward_hook(self._capture_loss))

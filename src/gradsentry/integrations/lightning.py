@@ -196,7 +196,7 @@ class GradSentryCallback(Callback):
             sinks=sinks if trainer.is_global_zero else (),  # one writer per file under DDP
             remedy=self.remedy,
             meta=meta,
-            **kwargs,
+            **{"sync": "blocking", **kwargs},  # the trainer's loggers and stop_on read the record now
         )
         self.findings = []
         self.stopped_by = None

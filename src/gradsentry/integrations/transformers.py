@@ -355,7 +355,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             remedy=self.remedy,
             meta=meta,
             also_log=_logs_at(args, state),
-            **kwargs_m,
+            **{"sync": "blocking", **kwargs_m},  # the trainer's loggers and stop_on read the record now
         )
         self.norm_mismatches = []
         self._go_first()

@@ -1,0 +1,108 @@
+"""The Monitor's argument checks and the run metadata it derives from the optimizer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import torch
+
+
+def optimizer_meta(optimizer: Any) -> dict[str, Any]:
+    """``{"optimizer": "<class name, lower case>", "lr": <first group's lr>}`` for the run header."""
+    if optimizer is None:
+        return {}
+    meta: dict[str, Any] = {"optimizer": type(optimizer).__name__.lower()}
+    groups = getattr(optimizer, "param_groups", None) or []
+    try:  # a scheduler keeps the base lr as "initial_lr" (under warm-up "lr" may start at 0)
+        lr = groups[0].get("initial_lr", groups[0].get("lr")) if groups else None
+        meta["lr"] = float(lr) if lr is not None else None
+    except (TypeError, ValueError, RuntimeError):  # an lr that is not a number (or a multi-element tensor)
+        meta["lr"] = None
+    return meta
+
+
+MAX_IN_FLIGHT = 4
+"""Deferred records waiting for their copy; beyond this the oldest is waited for."""
+
+Sync: TypeAlias = Literal["auto", "blocking", "deferred"]
+"""How a logged step's statistics reach the host (see :class:`~gradsentry.Monitor`'s ``sync``)."""
+
+
+def defers(sync: Sync, device: torch.device, distributed: bool, alerts: bool) -> bool:
+    """Whether a logged step's copy to the host is deferred: ``sync="auto"`` defers on an accelerator,
+    outside ``torch.distributed`` and without ``on_nonfinite`` (``alerts``)."""
+    if sync != "auto":
+        return sync == "deferred"
+    return device.type != "cpu" and not distributed and not alerts
+
+
+def check_sync(sync: Sync, distributed: bool) -> None:
+    """Raises ValueError for ``sync="deferred"`` under ``torch.distributed``."""
+    if sync == "deferred" and distributed:
+        raise ValueError(
+            "Monitor(sync='deferred') is not supported under torch.distributed: ranks must complete "
+            "their records at the same step; use sync='auto' or 'blocking'"
+        )
+
+
+def optimizer_lr(optimizer: Any) -> float | None:
+    """The current learning rate of the optimizer's first parameter group (None without one)."""
+    if optimizer is None or not optimizer.param_groups:
+        return None
+    lr = optimizer.param_groups[0].get("lr")
+    return float(lr) if lr is not None else None
+
+
+def check_args(
+    every: Any,
+    overhead_budget: Any,
+    histogram_bins: Any,
+    histogram_range: Any,
+    max_records: Any,
+    on_nonfinite: Any,
+    sync: Any,
+) -> None:
+    """The Monitor's argument checks (see its Raises section)."""
+    if sync not in ("auto", "blocking", "deferred"):
+        raise ValueError(f"sync must be 'auto', 'blocking' or 'deferred', got {sync!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be an int >= 1, got {every!r}")
+    if overhead_budget is not None and not 0 < overhead_budget < 1:
+        raise ValueError(f"overhead_budget must be a fraction in (0, 1), got {overhead_budget}")
+    if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 0:
+        raise ValueError(f"histogram_bins must be an int >= 0 (0: no histograms), got {histogram_bins!r}")
+    if not (
+        isinstance(histogram_range, (int, float)) and math.isfinite(histogram_range) and histogram_range > 0
+    ):
+        raise ValueError(f"histogram_range must be a finite number > 0, got {histogram_range!r}")
+    if max_records is not None and (
+        isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0
+    ):
+        raise ValueError(f"max_records must be None or an int >= 0, got {max_records!r}")
+    if isinstance(on_nonfinite, str):
+        if on_nonfinite not in ("warn", "raise"):
+            raise ValueError(
+                f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {on_nonfinite!r}"
+            )
+    elif on_nonfinite is not None and not callable(on_nonfinite):
+        raise TypeError(
+            f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {type(on_nonfinite).__name__}"
+        )
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """The Monitor's options that decide what a logged step measures (see :class:`Monitor`)."""
+
+    max_abs: bool
+    weight_norms: bool
+    activations: bool
+    locate_nonfinite: bool
+    histogram_bins: int
+    histogram_range: float
+    sync_local: bool
+    agree_every: bool  # overhead_budget under torch.distributed: ranks agree on `every`
+    sigmoid_band: float  # saturation bands (gradsentry.Thresholds)
+    tanh_band: float

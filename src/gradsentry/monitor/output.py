@@ -1,0 +1,96 @@
+"""Where a Monitor's records go: the bounded window in memory, the run history that keeps the
+verdict whole when records leave it, and the sinks (opened with the header at the first record)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gradsentry.diagnosis.history import RunHistory
+from gradsentry.diagnosis.thresholds import Thresholds
+from gradsentry.records import Finding, LayerInfo, RunHeader, StepRecord
+from gradsentry.sinks.base import SafeSink, Sink
+
+log = logging.getLogger("gradsentry")
+
+
+class RecordStore:
+    """The records of one Monitor, its run history and its sinks.
+
+    Args:
+        sinks: the sinks to write (each wrapped in a :class:`~gradsentry.sinks.base.SafeSink`).
+        max_records: how many records the window keeps.
+        sample_size: the most older records the history samples for the per-layer rules.
+        header: makes the run header (called when the sinks open and for a diagnosis).
+    """
+
+    def __init__(
+        self, sinks: Sequence[Sink], max_records: int, sample_size: int, header: Callable[[], RunHeader]
+    ) -> None:
+        self.sinks = [SafeSink(s) for s in sinks]
+        self.max_records = max_records
+        self.window: deque[StepRecord] = deque()
+        self.history = RunHistory(sample_size=sample_size)
+        self._header = header
+        self._opened = False
+
+    def recent(self, n: int) -> list[StepRecord]:
+        """The last ``n`` records kept, oldest first (O(n))."""
+        out = list(itertools.islice(reversed(self.window), max(0, int(n))))
+        out.reverse()
+        return out
+
+    def add(self, record: StepRecord) -> None:
+        """Keep the record (the one it pushes out of the window goes to the history) and write it."""
+        self.window.append(record)
+        while len(self.window) > self.max_records:
+            self.history.absorb(self.window.popleft())
+        if not self.sinks:
+            return
+        if not self._opened:
+            header = self._header()
+            for s in self.sinks:
+                s.open(header)
+            self._opened = True
+        for s in self.sinks:
+            s.write(record)
+
+    def flush(self) -> None:
+        """Push what the sinks buffered to disk (sinks with a ``flush`` method), e.g. before raising."""
+        for s in self.sinks:
+            s.flush()
+
+    def diagnose(self, layers: list[LayerInfo], thresholds: Thresholds, **overrides: Any) -> list[Finding]:
+        """The findings over the whole run: the window, and the history of what left it."""
+        from gradsentry.diagnose import diagnose
+
+        live = list(self.window)
+        meta = self._header().meta
+        if not self.history.absorbed:
+            return diagnose(live, layers=layers, thresholds=thresholds, meta=meta, **overrides)
+        return diagnose(
+            self.history.records(live),
+            layers=layers,
+            thresholds=thresholds,
+            meta=meta,
+            signals=self.history.signals(live, meta),
+            **overrides,
+        )
+
+    def close(self, findings: Callable[[], list[Finding]] | None) -> None:
+        """Write ``findings()`` (when given and anything was recorded) and close the sinks."""
+        if not (self.sinks and self._opened):
+            return
+        if findings is not None and (self.window or self.history.absorbed):
+            try:
+                found = findings()
+            except Exception as exc:  # diagnosis must never lose the log
+                log.error("gradsentry: diagnosis failed at close (%s); the records are kept", exc)
+                found = []
+            for s in self.sinks:
+                s.write_findings(found)
+        for s in self.sinks:
+            s.close()
