@@ -428,5 +428,6 @@ __all__ = [
     "loads",
     "log10_edges",
     "skipped_steps_of",
+    "stat",
     "stats_of",
 ]
