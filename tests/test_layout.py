@@ -121,6 +121,20 @@ def test_statistics_are_derived_from_one_list() -> None:
     assert all(s.description and s.unit for s in records.LAYER_STATS + records.ACTIVATION_STATS)
 
 
+def test_tensorboard_and_callbacks_agree_on_frozen_layers() -> None:
+    """A layer without a gradient gets no gradient statistic (``nonfinite`` included) from either."""
+    from gradsentry.integrations._common import LOG_STATS, record_metrics
+    from gradsentry.records import LayerStats, StepRecord
+    from gradsentry.sinks.tensorboard import record_scalars
+
+    frozen = LayerStats("emb", 0, 0, 0.0, 0.0, 0.0, 0, 1.0, None, False)
+    rec = StepRecord(step=0, global_norm=1.0, layers=[frozen])
+    tb = {k: v for k, v in record_scalars(rec, "gradsentry") if k != "gradsentry/global_norm"}
+    keys = record_metrics(rec, LOG_STATS)
+    assert keys.pop("gradsentry/global_norm") == 1.0 and keys == tb
+    assert set(tb) == {"gradsentry/weight_norm/emb"}
+
+
 def test_a_statistic_of_another_type_is_refused() -> None:
     from dataclasses import dataclass, field
 
