@@ -146,7 +146,7 @@ def score(label: Label, v: Verdict, findings: Iterable[Any], steps: list[int]) -
 
 def run_analyze(label: Label) -> Verdict:
     from gradsentry.analyze import analyze_log
-    from gradsentry.sinks.jsonl import LogFormatError
+    from gradsentry.logs.run_jsonl import LogFormatError
 
     v = Verdict(label.run, "analyze", label.format, label.kind, label.expected_exit, exit=2, read_ok=False)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, Remedy, RunHeader, StepRecord
+from gradsentry.records import ActivationStats, Advice, Finding, LayerInfo, LayerStats, RunHeader, StepRecord
 
 LAYERS = [
     LayerInfo("fc0", "Linear", 0, 20),
@@ -85,7 +85,7 @@ def findings() -> list[Finding]:
             layers=["fc0"],
             evidence={"ratio": 1e-6},
             explanation="Gradients | shrink",
-            remedies=[Remedy("Use ReLU")],
+            remedies=[Advice("Use ReLU")],
         )
     ]
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gradsentry.autoattach import AutoMonitor, scalar_loss
-from gradsentry.sinks.jsonl import read_jsonl
+from gradsentry.logs.run_jsonl import read_jsonl
 
 
 class Backwards(nn.Module):

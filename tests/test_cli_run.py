@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gradsentry.cli import main
-from gradsentry.sinks.jsonl import read_jsonl
+from gradsentry.logs.run_jsonl import read_jsonl
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -21,8 +21,8 @@ from torch import nn
 
 import gradsentry as gs
 from gradsentry.cli import main
-from gradsentry.sinks.follow import JsonlFollower
-from gradsentry.sinks.jsonl import read_jsonl
+from gradsentry.logs.follow import JsonlFollower
+from gradsentry.logs.run_jsonl import read_jsonl
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")

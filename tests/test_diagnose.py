@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradsentry.diagnose import Thresholds, diagnose
+from gradsentry.diagnosis.advice import CATALOG, RemedyContext, remedies_for
 from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, StepRecord
-from gradsentry.remedies_catalog import CATALOG, RemedyContext, remedies_for
 
 # ------------------------------------------------------------------------------------------------------------
 # Builders

@@ -154,7 +154,7 @@ def test_ddp_norms_equal_single_process_full_batch_without_collectives(ranks: li
 
 
 def test_ddp_sinks_written_on_rank_zero_only(ranks: list[dict[str, Any]]) -> None:
-    from gradsentry.sinks import read_jsonl
+    from gradsentry.logs.run_jsonl import read_jsonl
 
     _scenario(ranks, "ddp")
     out = Path(ranks[0]["_out"])

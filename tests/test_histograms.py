@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from gradsentry.histograms import HistogramSpec, LayerCounter, count, record_bytes, resolve, unpack
+from gradsentry.logs.run_jsonl import read_jsonl
 from gradsentry.monitor import Monitor
 from gradsentry.records import Histogram, LayerHistograms, StepRecord
-from gradsentry.sinks import JsonlSink, TensorBoardSink, read_jsonl
+from gradsentry.sinks import JsonlSink, TensorBoardSink
 from zoo import mlp
 
 

@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers", reason="the hf extra is not i
 pytest.importorskip("accelerate", reason="the hf extra (accelerate) is not installed")
 
 from gradsentry.integrations.transformers import GradSentryCallback  # noqa: E402
-from gradsentry.sinks import JsonlSink, read_jsonl  # noqa: E402
+from gradsentry.logs.run_jsonl import read_jsonl  # noqa: E402
+from gradsentry.sinks import JsonlSink  # noqa: E402
 
 N = 8  # samples: one optimizer step always covers the whole data set, so its gradient is order-free
 

@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import grad_norm  # noqa: E402
 
 from gradsentry.integrations._common import record_metrics  # noqa: E402
 from gradsentry.integrations.lightning import GradSentryCallback  # noqa: E402
-from gradsentry.sinks import JsonlSink, read_jsonl  # noqa: E402
+from gradsentry.logs.run_jsonl import read_jsonl  # noqa: E402
+from gradsentry.sinks import JsonlSink  # noqa: E402
 
 
 class Regressor(L.LightningModule):

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import gradsentry as gs
-from gradsentry.records import Finding, LayerStats, Remedy, StepRecord
-from gradsentry.sinks import LogFormatError
+from gradsentry.logs.run_jsonl import LogFormatError
+from gradsentry.records import Advice, Finding, LayerStats, StepRecord
 
 
 def _run(path: Path, steps: int = 5) -> gs.Monitor:
@@ -48,7 +48,7 @@ def test_records_round_trip_through_dicts() -> None:
     )
     back = StepRecord.from_dict(json.loads(json.dumps(rec.to_dict())))
     assert back.layers == rec.layers and back.step == 3 and math.isnan(back.global_norm)
-    f = Finding("vanishing", "error", [0], ["a"], {"ratio": 1e-9}, "text", [Remedy("use ReLU", "x", "y")])
+    f = Finding("vanishing", "error", [0], ["a"], {"ratio": 1e-9}, "text", [Advice("use ReLU", "x", "y")])
     assert Finding.from_dict(f.to_dict()) == f
 
 

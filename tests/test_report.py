@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import gradsentry as gs
-from gradsentry.records import Finding, Remedy
+from gradsentry.records import Advice, Finding
 from gradsentry.report import render_run_report
 from gradsentry.report.html import embed_svg, fmt
 
@@ -56,7 +56,7 @@ def test_user_strings_are_escaped(evil_run: gs.Run) -> None:
     finding = Finding(
         kind="vanishing", severity="error", steps=[0], layers=[EVIL, EVIL_ATTR],
         evidence={EVIL: 1e-9, "layers": {EVIL_ATTR: 2.0}}, explanation=f"gradient of {EVIL} is tiny",
-        remedies=[Remedy(action=EVIL, api=EVIL_ATTR, reference="<i>ref</i>")],
+        remedies=[Advice(action=EVIL, api=EVIL_ATTR, reference="<i>ref</i>")],
     )  # fmt: skip
     html = render_run_report(evil_run, title=f"run {EVIL}", findings=[finding])
     low = html.lower()

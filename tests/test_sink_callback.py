@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import gradsentry
+from gradsentry.logs.run_jsonl import read_jsonl
 from gradsentry.monitor import Monitor
-from gradsentry.sinks import CallbackSink, JsonlSink, read_jsonl
+from gradsentry.sinks import CallbackSink, JsonlSink
 from zoo import mlp
 
 

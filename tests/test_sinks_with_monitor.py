@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from gradsentry.logs.run_jsonl import read_jsonl
 from gradsentry.monitor import Monitor
-from gradsentry.sinks import CsvSink, JsonlSink, TensorBoardSink, read_jsonl
+from gradsentry.sinks import CsvSink, JsonlSink, TensorBoardSink
 from zoo import mlp
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

@@ -16,9 +16,9 @@ from torch import nn
 
 import gradsentry as gs
 from gradsentry.analyze import analyze_log, detect
+from gradsentry.diagnosis.advice import CATALOG
 from gradsentry.diagnosis.core import remedy_context
 from gradsentry.logs import Series, load_series
-from gradsentry.remedies_catalog import CATALOG
 
 
 def series(grad, loss=None, steps=None, skipped=(), meta=None) -> Series:

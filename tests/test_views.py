@@ -13,7 +13,7 @@ from torch import nn
 import gradsentry as gs
 from gradsentry.analyze import analyze_log
 from gradsentry.check import check_model
-from gradsentry.records import Finding, Remedy, Run
+from gradsentry.records import Advice, Finding, Run
 from gradsentry.report.views import check_renderable
 
 
@@ -61,7 +61,7 @@ def test_findings_views_escape_html_and_keep_the_text():
         steps=[3],
         layers=["blocks.<0>"],
         explanation="norm 1e6 & <script>alert(1)</script>",
-        remedies=[Remedy(action="clip", api="gs.ClipGlobalNorm(1.0)")],
+        remedies=[Advice(action="clip", api="gs.ClipGlobalNorm(1.0)")],
     )
     html = f._repr_html_()
     assert "<script>" not in html and "&lt;script&gt;" in html and "&amp;" in html

@@ -24,8 +24,9 @@ from gradsentry.diagnosis.core import diagnose, diagnose_series
 from gradsentry.diagnosis.signals import find_growth, find_jumps, find_spikes, loglinear_fit, robust_z
 from gradsentry.diagnosis.thresholds import Thresholds, resolve
 from gradsentry.logs import Series, load_series
-from gradsentry.logs.series import LogFormatError, json_safe, largest_gap
-from gradsentry.records import SEVERITY_ORDER, Finding
+from gradsentry.logs.errors import LogFormatError
+from gradsentry.logs.series import largest_gap
+from gradsentry.records import SEVERITY_ORDER, Finding, json_safe
 
 if TYPE_CHECKING:
     from gradsentry.diagnosis.series_rules import RunSignals
@@ -206,7 +207,7 @@ def analyze_log(
     th = resolve(thresholds, overrides)
     target = _gradsentry_jsonl(path, format, tags)
     if target is not None:  # a gradsentry run: the Monitor's own verdict, from its records, in one pass
-        from gradsentry.sinks.jsonl import scan_jsonl
+        from gradsentry.logs.run_jsonl import scan_jsonl
 
         scanned = scan_jsonl(target)
         whole = scanned.signals()

@@ -1,89 +1,51 @@
-"""Plain records: per-layer statistics, step records, findings and remedies.
+"""Plain records: per-layer statistics, step records, findings and their advice; the one JSON codec.
 
 Every record is a plain dataclass of Python scalars (never tensors) that round-trips through
 ``to_dict`` / ``from_dict``, so that diagnosis, sinks, reports and the CLI work without a model.
-Non-finite values (NaN, +inf, -inf) are kept as floats: they are evidence, never dropped.
+Non-finite values (NaN, +inf, -inf) are kept as floats: they are evidence, never dropped. Every JSON
+writer and reader goes through :func:`dumps` / :func:`loads` (the codec; see :mod:`gradsentry._codec`).
 
 The JSONL schema (version :data:`SCHEMA_VERSION`) is one header object
 ``{"gradsentry": SCHEMA_VERSION, "kind": "header", "layers": [...], "meta": {...}}`` followed by one
 ``{"kind": "step", ...}`` object per logged step (``StepRecord.to_dict``), and optionally
 ``{"kind": "findings", "findings": [...]}`` at the end of a run.
+
+**The per-layer statistics** are the fields of :class:`LayerStats` declared with ``stat(...)``
+metadata; :data:`LAYER_STATS` lists them in field order, and the CSV columns, the TensorBoard / W&B /
+MLflow names and the callbacks' log keys are derived from it. Adding one is its field here plus its
+kernel in :mod:`gradsentry.monitor.measure` (see README, "Adding a per-layer statistic").
+
+Run-level records (:class:`LayerInfo`, :class:`RunHeader`, :class:`Finding`, :class:`Advice`,
+:class:`Run`) live in :mod:`gradsentry._run_records` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
-"""Version of the JSONL schema written by :class:`gradsentry.sinks.JsonlSink`."""
+from gradsentry._codec import (
+    NONFINITE,
+    SCHEMA_VERSION,
+    RecordError,
+    StatDef,
+    dumps,
+    from_fields,
+    json_safe,
+    loads,
+    num,
+    read_stat,
+    stat,
+    stats_of,
+)
+from gradsentry._run_records import Advice, Finding, LayerInfo, Run, RunHeader
 
 FindingKind = Literal["vanishing", "exploding", "nonfinite", "saturation", "dead_units", "stalled_layer"]
 Severity = Literal["info", "warning", "error"]
 SEVERITY_ORDER: dict[str, int] = {"info": 0, "warning": 1, "error": 2}
-
-
-class RecordError(ValueError):
-    """A dict or file line could not be read as a gradsentry record."""
-
-
-def _num(value: Any) -> float | None:
-    """Coerce a JSON value to ``float`` (``None`` stays ``None``); strings like "NaN" are accepted."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise RecordError(f"expected a number, got a boolean {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
-        raise RecordError(f"expected a number, got {value!r}") from exc
-
-
-_FIELD_NAMES: dict[type, frozenset[str]] = {}
-
-
-def _from_fields(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(data, Mapping):
-        raise RecordError(f"expected an object for {cls.__name__}, got {type(data).__name__}")
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
-    return {k: v for k, v in data.items() if k in names}
-
-
-@dataclass
-class LayerInfo:
-    """Static description of one layer: a module that owns parameters directly.
-
-    Attributes:
-        name: qualified module name, e.g. ``"blocks.3.fc"`` (``""`` for the root module).
-        type: module class name, e.g. ``"Linear"``.
-        depth: position in forward order (0 = first layer the input reaches).
-        params: number of trainable parameter elements owned directly by the module.
-    """
-
-    name: str
-    type: str
-    depth: int
-    params: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LayerInfo:
-        d = _from_fields(cls, data)
-        try:
-            return cls(
-                name=str(d["name"]),
-                type=str(d.get("type", "")),
-                depth=int(d.get("depth", 0)),
-                params=int(d.get("params", 0)),
-            )
-        except KeyError as exc:
-            raise RecordError(f"layer entry is missing {exc}") from exc
 
 
 @dataclass(slots=True)
@@ -94,52 +56,88 @@ class LayerStats:
         name: qualified module name (see :class:`LayerInfo`).
         depth: forward-order index of the layer.
         numel: number of gradient elements in the layer (parameters whose ``.grad`` is not None).
-        grad_norm: L2 norm of all the layer's gradients together, same units as the gradient.
-        grad_rms: root mean square of the gradient entries, ``grad_norm / sqrt(numel)``.
-        grad_max_abs: largest absolute gradient entry (``max |g|``), None when not measured
-            (``Monitor(max_abs=False)``).
-        nonfinite: number of NaN/inf gradient entries (0 when the norm is finite).
-        weight_norm: L2 norm of the layer's parameters, same units as the weights, None when not
-            measured (``Monitor(weight_norms=False)``).
-        update_ratio: ``||Δw|| / ||w||`` of the last optimizer step, ``w`` being the weights before
-            that update (dimensionless; not capped: an update 2,500x the weights reads 2500), or None
-            when unknown (no optimizer given, or the first step).
         has_grad: False when every parameter of the layer had ``.grad is None`` (frozen or unused):
             its gradient figures are then 0 and must not be read as a vanishing gradient.
+
+    The other attributes are the statistics (:data:`LAYER_STATS`, listed below), each defined once, by
+    its field: a new one goes last, with a default (``None``: files written before it still read).
     """
 
     name: str
     depth: int
     numel: int
-    grad_norm: float
-    grad_rms: float
-    grad_max_abs: float | None
-    nonfinite: int
-    weight_norm: float | None
-    update_ratio: float | None = None
+    grad_norm: float = field(
+        metadata=stat(
+            "L2 norm of all the layer's gradients together", "gradient units", needs_grad=True, required=True
+        )
+    )
+    grad_rms: float = field(
+        metadata=stat(
+            "root mean square of the gradient entries, grad_norm / sqrt(numel)",
+            "gradient units",
+            needs_grad=True,
+        )
+    )
+    grad_max_abs: float | None = field(
+        metadata=stat(
+            "largest |gradient entry|; None when not measured (Monitor(max_abs=False))",
+            "gradient units",
+            needs_grad=True,
+        )
+    )
+    nonfinite: int = field(
+        metadata=stat("NaN/inf gradient entries (0 when the norm is finite)", "count", needs_grad=True)
+    )
+    weight_norm: float | None = field(
+        metadata=stat(
+            "L2 norm of the layer's parameters; None when not measured (Monitor(weight_norms=False))",
+            "weight units",
+        )
+    )
+    update_ratio: float | None = field(
+        default=None,
+        metadata=stat(
+            "||dw|| / ||w|| of the last optimizer step, w before the update (not capped: 2500 is 2,500x); "
+            "None when unknown (no optimizer given, or the first step)",
+            "dimensionless",
+        ),
+    )
     has_grad: bool = True
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as plain data (one entry per field)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerStats:
-        d = _from_fields(cls, data)
+        """Read a layer's statistics written by :meth:`to_dict` (unknown keys ignored).
+
+        Raises:
+            RecordError: the name or a required statistic is missing, or a value is not a number.
+        """
+        d = from_fields(cls, data)
         try:
+            values = {s.name: read_stat(s, d) for s in LAYER_STATS}
             return cls(
                 name=str(d["name"]),
                 depth=int(d.get("depth", 0)),
                 numel=int(d.get("numel", 0)),
-                grad_norm=_num(d["grad_norm"]) or 0.0,
-                grad_rms=_num(d.get("grad_rms", 0.0)) or 0.0,
-                grad_max_abs=_num(d.get("grad_max_abs")),
-                nonfinite=int(d.get("nonfinite", 0)),
-                weight_norm=_num(d.get("weight_norm")),
-                update_ratio=_num(d.get("update_ratio")),
                 has_grad=bool(d.get("has_grad", True)),
+                **values,
             )
         except KeyError as exc:
             raise RecordError(f"layer statistics are missing {exc}") from exc
+
+
+LAYER_STATS: tuple[StatDef, ...] = stats_of(LayerStats)
+"""The per-layer statistics, in :class:`LayerStats` field order: the one list that the CSV columns
+(:data:`gradsentry.sinks.csv.CSV_COLUMNS`), the TensorBoard / W&B / MLflow names
+(:func:`gradsentry.sinks.tensorboard.record_scalars`) and the callbacks' ``log_stats`` choices
+(:data:`gradsentry.integrations._common.LOG_STATS`) are derived from."""
+
+LayerStats.__doc__ = (LayerStats.__doc__ or "") + "".join(
+    f"\n    - ``{s.name}`` ({s.unit}): {s.description}." for s in LAYER_STATS
+)
 
 
 @dataclass(slots=True)
@@ -165,10 +163,14 @@ class ActivationStats:
     name: str
     type: str
     depth: int
-    pre_mean: float
-    pre_std: float
-    saturated_frac: float | None = None
-    dead_frac: float | None = None
+    pre_mean: float = field(metadata=stat("mean of the pre-activation", "input units"))
+    pre_std: float = field(metadata=stat("standard deviation of the pre-activation", "input units"))
+    saturated_frac: float | None = field(
+        default=None, metadata=stat("fraction of outputs in the saturated band", "fraction in [0, 1]")
+    )
+    dead_frac: float | None = field(
+        default=None, metadata=stat("fraction of units off for the whole batch", "fraction in [0, 1]")
+    )
     histogram: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,16 +178,16 @@ class ActivationStats:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ActivationStats:
-        d = _from_fields(cls, data)
+        d = from_fields(cls, data)
         try:
             return cls(
                 name=str(d["name"]),
                 type=str(d.get("type", "")),
                 depth=int(d.get("depth", 0)),
-                pre_mean=_num(d.get("pre_mean", 0.0)) or 0.0,
-                pre_std=_num(d.get("pre_std", 0.0)) or 0.0,
-                saturated_frac=_num(d.get("saturated_frac")),
-                dead_frac=_num(d.get("dead_frac")),
+                pre_mean=num(d.get("pre_mean", 0.0)) or 0.0,
+                pre_std=num(d.get("pre_std", 0.0)) or 0.0,
+                saturated_frac=num(d.get("saturated_frac")),
+                dead_frac=num(d.get("dead_frac")),
                 histogram=d.get("histogram"),
             )
         except KeyError as exc:
@@ -243,14 +245,14 @@ class Histogram:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Histogram:
-        d = _from_fields(cls, data)
+        d = from_fields(cls, data)
         try:
             counts = d["counts"]
             if not isinstance(counts, list) or not counts:
                 raise RecordError("histogram 'counts' must be a non-empty list")
             return cls(
-                log10_low=_num(d["log10_low"]) or 0.0,
-                log10_high=_num(d["log10_high"]) or 0.0,
+                log10_low=num(d["log10_low"]) or 0.0,
+                log10_high=num(d["log10_high"]) or 0.0,
                 counts=[int(c) for c in counts],
                 **{k: int(d.get(k, 0)) for k in ("below", "above", "zeros", "nonfinite")},
             )
@@ -278,7 +280,7 @@ class LayerHistograms:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerHistograms:
-        d = _from_fields(cls, data)
+        d = from_fields(cls, data)
         if "name" not in d:
             raise RecordError("layer histograms are missing 'name'")
         grad, weight = d.get("grad"), d.get("weight")
@@ -356,7 +358,7 @@ class StepRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepRecord:
-        d = _from_fields(cls, data)
+        d = from_fields(cls, data)
         try:
             layers = d.get("layers", [])
             acts = d.get("activations", [])
@@ -368,12 +370,12 @@ class StepRecord:
                 raise RecordError("'histograms' must be a list")
             return cls(
                 step=int(d["step"]),
-                global_norm=_num(d["global_norm"]) or 0.0,
+                global_norm=num(d["global_norm"]) or 0.0,
                 layers=[LayerStats.from_dict(x) for x in layers],
-                loss=_num(d.get("loss")),
-                lr=_num(d.get("lr")),
+                loss=num(d.get("loss")),
+                lr=num(d.get("lr")),
                 activations=[ActivationStats.from_dict(x) for x in acts],
-                overhead=_num(d.get("overhead")),
+                overhead=num(d.get("overhead")),
                 nonfinite_origin=d.get("nonfinite_origin"),
                 actions=list(actions) if isinstance(actions, list) else [],
                 histograms=None if hists is None else [LayerHistograms.from_dict(h) for h in hists],
@@ -384,147 +386,48 @@ class StepRecord:
             raise RecordError(f"step record is malformed: {exc}") from exc
 
 
-@dataclass
-class Remedy:
-    """A suggested fix, ranked by the finding that carries it.
-
-    Attributes:
-        action: what to do, in plain words.
-        api: the gradsentry call that does it, e.g. ``"gradsentry.ClipGlobalNorm(1.0)"``, if any.
-        reference: the source paper, e.g. ``"Pascanu et al. 2013, arXiv:1211.5063"``.
-    """
-
-    action: str
-    api: str | None = None
-    reference: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Remedy:
-        d = _from_fields(cls, data)
-        return cls(action=str(d.get("action", "")), api=d.get("api"), reference=d.get("reference"))
+ACTIVATION_STATS: tuple[StatDef, ...] = stats_of(ActivationStats)
+"""The per-activation statistics, in :class:`ActivationStats` field order (TensorBoard / W&B / MLflow
+names ``prefix/<stat>/<activation>``)."""
 
 
-@dataclass
-class Finding:
-    """A diagnosed problem with the numbers that prove it and ranked remedies.
-
-    Attributes:
-        kind: one of ``vanishing``, ``exploding``, ``nonfinite``, ``saturation``, ``dead_units``,
-            ``stalled_layer`` (and the series kinds of :mod:`gradsentry.diagnosis.series_rules`);
-            ``gradsentry check`` adds ``gradient_concentration`` (info: the per-block profile of
-            normalized blocks).
-        severity: ``info``, ``warning`` or ``error``.
-        steps: the logged steps concerned (first is where it starts).
-        layers: the layers concerned, most implicated first.
-        evidence: named numbers (and short strings) supporting the claim.
-        explanation: one paragraph in plain words.
-        remedies: fixes, best first.
-    """
-
-    kind: str
-    severity: str
-    steps: list[int] = field(default_factory=list)
-    layers: list[str] = field(default_factory=list)
-    evidence: dict[str, Any] = field(default_factory=dict)
-    explanation: str = ""
-    remedies: list[Remedy] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Finding:
-        d = _from_fields(cls, data)
-        return cls(
-            kind=str(d.get("kind", "")),
-            severity=str(d.get("severity", "warning")),
-            steps=[int(s) for s in d.get("steps", [])],
-            layers=[str(x) for x in d.get("layers", [])],
-            evidence=dict(d.get("evidence", {})),
-            explanation=str(d.get("explanation", "")),
-            remedies=[Remedy.from_dict(r) for r in d.get("remedies", [])],
+def __getattr__(name: str) -> Any:
+    if name == "Remedy":
+        warnings.warn(
+            "gradsentry.records.Remedy is renamed Advice (advice text, not the callable "
+            "gradsentry.remedies.Remedy); the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
         )
-
-    def __str__(self) -> str:
-        where = f" at step {self.steps[0]}" if self.steps else ""
-        layers = f" in {', '.join(self.layers[:3])}" if self.layers else ""
-        return f"[{self.severity}] {self.kind}{where}{layers}: {self.explanation}"
-
-    def __rich__(self) -> Any:
-        """The finding and its first remedies as rich renderables (terminal)."""
-        from gradsentry.report.views import finding_renderable
-
-        return finding_renderable(self)
-
-    def _repr_html_(self) -> str:
-        """The finding and its first remedies as escaped HTML (notebooks)."""
-        from gradsentry.report.views import finding_renderable, to_html
-
-        return to_html(finding_renderable(self))
+        return Advice
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass
-class RunHeader:
-    """First line of a JSONL run: schema version, model summary and free-form metadata."""
-
-    layers: list[LayerInfo] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "gradsentry": self.schema_version,
-            "kind": "header",
-            "layers": [x.to_dict() for x in self.layers],
-            "meta": self.meta,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunHeader:
-        if not isinstance(data, Mapping) or "gradsentry" not in data:
-            raise RecordError("not a gradsentry header (no 'gradsentry' schema key)")
-        version = data["gradsentry"]
-        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
-            raise RecordError(
-                f"unsupported gradsentry schema version {version!r} (this reader: {SCHEMA_VERSION})"
-            )
-        layers = data.get("layers", [])
-        meta = data.get("meta", {})
-        if not isinstance(layers, list) or not isinstance(meta, Mapping):
-            raise RecordError("header 'layers' must be a list and 'meta' an object")
-        return cls(layers=[LayerInfo.from_dict(x) for x in layers], meta=dict(meta), schema_version=version)
-
-
-@dataclass
-class Run:
-    """A whole logged run: header, step records and (optionally) findings stored with it."""
-
-    header: RunHeader
-    records: list[StepRecord]
-    findings: list[Finding] = field(default_factory=list)
-
-    def __rich__(self) -> Any:
-        """The run's summary and findings as rich renderables (terminal)."""
-        from gradsentry.report.views import run_renderable
-
-        return run_renderable(self)
-
-    def _repr_html_(self) -> str:
-        """The run's summary and findings as escaped HTML (notebooks)."""
-        from gradsentry.report.views import run_renderable, to_html
-
-        return to_html(run_renderable(self))
-
-    def to_dataframe(self) -> Any:
-        """The records as a ``pandas.DataFrame``, one row per (step, layer); see
-        :func:`gradsentry.report.views.records_dataframe`.
-
-        Raises:
-            ModuleNotFoundError: pandas is not installed.
-        """
-        from gradsentry.report.views import records_dataframe
-
-        return records_dataframe(self.records)
+__all__ = [
+    "ACTIVATION_STATS",
+    "LAYER_STATS",
+    "NONFINITE",
+    "SCHEMA_VERSION",
+    "SEVERITY_ORDER",
+    "ActivationStats",
+    "Advice",
+    "Finding",
+    "FindingKind",
+    "Histogram",
+    "LayerHistograms",
+    "LayerInfo",
+    "LayerStats",
+    "RecordError",
+    "Run",
+    "RunHeader",
+    "Severity",
+    "StatDef",
+    "StepRecord",
+    "dumps",
+    "json_safe",
+    "loads",
+    "log10_edges",
+    "skipped_steps_of",
+    "stat",
+    "stats_of",
+]

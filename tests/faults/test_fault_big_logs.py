@@ -15,7 +15,7 @@ import gradsentry as gs
 from gradsentry.analyze import analyze_log
 from gradsentry.diagnosis import signals as sg
 from gradsentry.diagnosis.thresholds import Thresholds
-from gradsentry.sinks.jsonl import scan_jsonl
+from gradsentry.logs.run_jsonl import scan_jsonl
 
 pytestmark = pytest.mark.faults
 

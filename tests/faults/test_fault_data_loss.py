@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import gradsentry as gs
-from gradsentry.sinks import JsonlSink, read_jsonl
+from gradsentry.logs.run_jsonl import read_jsonl
+from gradsentry.sinks import JsonlSink
 
 pytestmark = pytest.mark.faults
 

@@ -61,7 +61,7 @@ def _scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 
 def test_nan_in_one_ranks_replicated_gradient_is_recorded_by_rank_zero(ranks: list[dict[str, Any]]) -> None:
-    from gradsentry.sinks import read_jsonl
+    from gradsentry.logs.run_jsonl import read_jsonl
 
     got = _scenario(ranks, "ddp_local_nan")
     for r in range(W.WORLD):

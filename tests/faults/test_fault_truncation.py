@@ -17,7 +17,8 @@ from torch import nn
 
 import gradsentry as gs
 from gradsentry.logs.csv import read_csv
-from gradsentry.sinks import CsvSink, JsonlSink, read_jsonl
+from gradsentry.logs.run_jsonl import read_jsonl
+from gradsentry.sinks import CsvSink, JsonlSink
 
 pytestmark = pytest.mark.faults
 

@@ -41,7 +41,7 @@ def _exploding_at_init(
     ratio: float | None, slope: float | None, rows: Sequence[CheckRow], step: int
 ) -> Finding | None:
     """The two init-time exploding rules (see :data:`EXPLODING_RATIO` and :data:`REL_GRAD_MAX`)."""
-    from gradsentry.remedies_catalog import remedies_for
+    from gradsentry.diagnosis.advice import remedies_for
 
     rel = [r.rel_grad for r in rows if r.rel_grad is not None and math.isfinite(r.rel_grad)]
     median_rel = float(np.median(rel)) if rel else None

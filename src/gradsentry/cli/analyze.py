@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
 from gradsentry.cli import EXIT_FOUND, EXIT_OK, EXIT_USAGE
+from gradsentry.records import dumps
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
                 )
                 raise typer.Exit(EXIT_USAGE) from None
         if as_json:
-            typer.echo(json.dumps(result.to_dict(), allow_nan=False, indent=1))
+            typer.echo(dumps(result.to_dict(), strict=True, indent=1))
         else:
             _print_summary(result, Console(), plot)
         raise typer.Exit(EXIT_OK if result.healthy else EXIT_FOUND)

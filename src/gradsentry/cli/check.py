@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, cast
 
 import typer
@@ -137,9 +136,9 @@ def register(app: typer.Typer) -> None:
         except (TargetError, InputFitError, ValueError) as exc:
             raise fail(str(exc)) from None
         if as_json:
-            from gradsentry.logs.series import json_safe
+            from gradsentry.records import dumps
 
-            typer.echo(json.dumps(json_safe(report.to_dict()), allow_nan=False, indent=1))
+            typer.echo(dumps(report.to_dict(), strict=True, indent=1))
         else:
             out = Console()
             if not out.is_terminal:

@@ -39,9 +39,9 @@ def register(app: typer.Typer) -> None:
         from rich.text import Text
 
         from gradsentry._io import write_text_atomic
+        from gradsentry.logs.run_jsonl import LogFormatError, scan_jsonl
         from gradsentry.records import Run
         from gradsentry.report.html import render_lab_report, render_run_report
-        from gradsentry.sinks.jsonl import LogFormatError, scan_jsonl
 
         err = Console(stderr=True, soft_wrap=True)
 

@@ -42,8 +42,8 @@ def register(app: typer.Typer) -> None:
         from rich.text import Text
 
         from gradsentry.cli.watch_view import frame, waiting_frame
-        from gradsentry.sinks.follow import JsonlFollower
-        from gradsentry.sinks.jsonl import LogFormatError
+        from gradsentry.logs.errors import LogFormatError
+        from gradsentry.logs.follow import JsonlFollower
 
         err = Console(stderr=True, soft_wrap=True)
 

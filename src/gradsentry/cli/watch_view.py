@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.table import Table
 
+    from gradsentry.logs.follow import JsonlFollower
     from gradsentry.records import Finding, LayerStats
-    from gradsentry.sinks.follow import JsonlFollower
 
 SPARK_POINTS = 20_000
 """The sparklines show the last this many logged points (a longer run says so in the row's name)."""

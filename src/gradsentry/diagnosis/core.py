@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from gradsentry.diagnosis.advice import RemedyContext
 from gradsentry.diagnosis.attribution import attribute
 from gradsentry.diagnosis.layer_rules import LayerContext, _step_bad, layer_findings
 from gradsentry.diagnosis.series_rules import RuleContext, RunSignals, series_findings
@@ -29,7 +30,6 @@ from gradsentry.records import (
     StepRecord,
     skipped_steps_of,
 )
-from gradsentry.remedies_catalog import RemedyContext
 
 __all__ = ["diagnose", "diagnose_series", "remedy_context", "signals_from_records", "skipped_steps"]
 

@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from gradsentry.diagnosis.signals import MAD_TO_SIGMA, rolling_median
-from gradsentry.diagnosis.thresholds import Thresholds
-from gradsentry.records import Finding, LayerStats, StepRecord
-from gradsentry.remedies_catalog import (
+from gradsentry.diagnosis.advice import (
     NORMALIZATION_LAYERS,
     SATURATING_ACTIVATIONS,
     RemedyContext,
     remedies_for,
 )
+from gradsentry.diagnosis.signals import MAD_TO_SIGMA, rolling_median
+from gradsentry.diagnosis.thresholds import Thresholds
+from gradsentry.records import Finding, LayerStats, StepRecord
 
 __all__ = ["LayerContext", "layer_findings"]
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from gradsentry.diagnosis import signals as sg
 from gradsentry.diagnosis.run_signals import RuleContext, RunSignals, _r
-from gradsentry.records import Finding, Remedy
+from gradsentry.records import Advice, Finding
 
 
 def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
@@ -132,7 +132,7 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
                 "is non-finite: the loss was non-finite and the logger (the HF Trainer's "
                 "logging_nan_inf_filter) hid it. This is not convergence.",
                 [
-                    Remedy(
+                    Advice(
                         "set logging_nan_inf_filter=False in TrainingArguments so the log shows the real loss"
                     ),
                     _r("guard"),
@@ -160,7 +160,7 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
                 "skipping every step, the model is not training.",
                 [
                     _r("check_numerics"),
-                    Remedy(
+                    Advice(
                         "find the layer that overflows in fp16 (gradsentry.Monitor(model, locate_nonfinite=True)); "
                         "train in bf16 or lower the initial loss scale"
                     ),
@@ -225,7 +225,7 @@ def _scaler_skips(sig: RunSignals, c: RuleContext) -> list[Finding]:
             "(the scale keeps falling; 'Current loss scale already at minimum' ends such runs).",
             [
                 _r("check_numerics"),
-                Remedy(
+                Advice(
                     "find the layer that overflows in fp16 (gradsentry.Monitor(model, locate_nonfinite=True)); "
                     "train in bf16, or lower the learning rate if the overflow started after a spike"
                 ),
@@ -266,8 +266,8 @@ def zero_rule(sig: RunSignals, c: RuleContext) -> list[Finding]:
             "exactly zero.",
             [
                 _r("leaky"),
-                Remedy("check requires_grad on the parameters and that the optimizer holds them"),
-                Remedy("check the loss is computed from the model output without .detach()/.item()"),
+                Advice("check requires_grad on the parameters and that the optimizer holds them"),
+                Advice("check the loss is computed from the model output without .detach()/.item()"),
             ],
         )
     ]

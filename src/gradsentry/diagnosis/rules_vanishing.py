@@ -10,7 +10,7 @@ import numpy as np
 
 from gradsentry.diagnosis import signals as sg
 from gradsentry.diagnosis.run_signals import RuleContext, RunSignals, _r
-from gradsentry.records import Finding, Remedy
+from gradsentry.records import Advice, Finding
 
 
 def vanishing_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
@@ -84,7 +84,7 @@ def vanishing_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
             [
                 *c.run_monitor(),
                 *c.advice("vanishing", sig, int(ls[0])),
-                Remedy("check that the learning rate is not ~0 and that the parameters are in the optimizer"),
+                Advice("check that the learning rate is not ~0 and that the parameters are in the optimizer"),
             ],
         )
     )
@@ -155,7 +155,7 @@ def _collapse(
         [
             *c.run_monitor(),
             *c.advice("vanishing", sig, int(steps[ci])),
-            Remedy("check that the learning-rate schedule did not decay to ~0"),
+            Advice("check that the learning-rate schedule did not decay to ~0"),
         ],
     )
 
@@ -173,7 +173,7 @@ def loss_only_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
             "No gradient norm was logged: only the loss is analysed (non-finite values, spikes, divergence). "
             "Log the pre-clip global norm to diagnose exploding or vanishing gradients.",
             [
-                Remedy(
+                Advice(
                     "HF: grad_norm is logged by default with logging_steps; Lightning: log "
                     "lightning.pytorch.utilities.grad_norm in on_before_optimizer_step; or use "
                     "gradsentry.Monitor with a JsonlSink"
@@ -208,7 +208,7 @@ def loss_only_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
             f"{top['ratio']:.3g} times the rolling median (robust z {top['z']:.3g}). No gradient norm was "
             "logged, so its cause cannot be seen here.",
             [
-                Remedy(
+                Advice(
                     "log the global gradient norm (pre-clip) to see whether spikes start in the gradients"
                 ),
                 _r("zclip"),

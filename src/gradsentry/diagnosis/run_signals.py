@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from gradsentry.diagnosis.advice import CATALOG, RemedyContext, remedies_for
 from gradsentry.diagnosis.thresholds import Thresholds
-from gradsentry.records import Remedy
-from gradsentry.remedies_catalog import CATALOG, RemedyContext, remedies_for
+from gradsentry.records import Advice
 
 __all__ = ["RuleContext", "RunSignals"]
 
@@ -126,17 +126,17 @@ class RuleContext:
     t: Thresholds
     remedy: RemedyContext = field(default_factory=RemedyContext)
 
-    def run_monitor(self) -> list[Remedy]:
+    def run_monitor(self) -> list[Advice]:
         """Advice to record the run with a Monitor, unless it was (its per-layer records exist)."""
         if self.remedy.monitored:
             return []
         return [
-            Remedy(
+            Advice(
                 "run gradsentry's Monitor to see which layers' gradients vanish", "gradsentry.Monitor(model)"
             )
         ]
 
-    def advice(self, kind: str, sig: RunSignals, step: int | None = None, **changes: Any) -> list[Remedy]:
+    def advice(self, kind: str, sig: RunSignals, step: int | None = None, **changes: Any) -> list[Advice]:
         lr = sig.lr_at(step) if step is not None else None
         if step is not None and "early" not in changes and len(sig):
             # a problem in the first logged points: the learning rate is the first suspect
@@ -145,5 +145,5 @@ class RuleContext:
         return remedies_for(kind, ctx)
 
 
-def _r(key: str) -> Remedy:
+def _r(key: str) -> Advice:
     return CATALOG[key].make()

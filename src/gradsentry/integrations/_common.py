@@ -9,20 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from gradsentry.monitor import ALERT_WINDOW, Monitor, alert_finding, alert_message, nonfinite_step
-from gradsentry.records import Finding, StepRecord
+from gradsentry.records import LAYER_STATS, Finding, StepRecord
 
 PREFIX = "gradsentry"
 """First component of every metric key the callbacks log."""
 
-LOG_STATS: tuple[str, ...] = (
-    "grad_norm",
-    "grad_rms",
-    "grad_max_abs",
-    "nonfinite",
-    "weight_norm",
-    "update_ratio",
-)
-"""Per-layer statistics a callback can log (names of :class:`~gradsentry.records.LayerStats` fields)."""
+LOG_STATS: tuple[str, ...] = tuple(s.name for s in LAYER_STATS)
+"""Per-layer statistics a callback can log: the names of :data:`gradsentry.records.LAYER_STATS`."""
+
+_NEEDS_GRAD = frozenset(s.name for s in LAYER_STATS if s.needs_grad)
 
 
 def check_log_stats(log_stats: Sequence[str]) -> tuple[str, ...]:
@@ -36,8 +31,8 @@ def check_log_stats(log_stats: Sequence[str]) -> tuple[str, ...]:
 def record_metrics(record: StepRecord, log_stats: Sequence[str] = ("grad_norm",)) -> dict[str, float]:
     """Flatten a record into metrics: ``gradsentry/global_norm`` and ``gradsentry/<stat>/<layer>``.
 
-    Layers without a gradient (``has_grad=False``) get no gradient figures; unknown values (None) are
-    left out. The root module is named ``(root)``.
+    Layers without a gradient (``has_grad=False``) get no gradient figures (the statistics with
+    ``needs_grad``); unknown values (None) are left out. The root module is named ``(root)``.
 
     Example:
         >>> from gradsentry.records import LayerStats
@@ -49,7 +44,7 @@ def record_metrics(record: StepRecord, log_stats: Sequence[str] = ("grad_norm",)
     for layer in record.layers:
         for stat in log_stats:
             value = getattr(layer, stat)
-            if value is None or (stat.startswith("grad") and not layer.has_grad):
+            if value is None or (stat in _NEEDS_GRAD and not layer.has_grad):
                 continue
             out[f"{PREFIX}/{stat}/{layer.name or '(root)'}"] = float(value)
     return out

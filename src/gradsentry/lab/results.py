@@ -57,8 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from gradsentry._io import write_text_atomic
-from gradsentry.logs.series import json_safe
-from gradsentry.records import StepRecord
+from gradsentry.records import StepRecord, dumps, loads
 
 RESULTS_SCHEMA_VERSION = 1
 """Version of the ``results.json`` schema."""
@@ -208,22 +207,9 @@ class LabResult:
         )
 
 
-_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def _decode(obj: Any) -> Any:
-    if isinstance(obj, str) and obj in _NONFINITE:
-        return _NONFINITE[obj]
-    if isinstance(obj, dict):
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj
-
-
 def results_to_json(result: LabResult) -> str:
     """``results.json`` text: strict JSON, non-finite floats as strings (see the module docstring)."""
-    return json.dumps(json_safe(result.to_dict()), allow_nan=False, indent=1)
+    return dumps(result.to_dict(), strict=True, indent=1)
 
 
 def write_results(result: LabResult, path: str | os.PathLike[str]) -> Path:
@@ -240,9 +226,9 @@ def read_results(path: str | os.PathLike[str]) -> LabResult:
         ValueError: the file is not JSON or not a lab results file of this schema version.
     """
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = loads(Path(path).read_text(encoding="utf-8"), nonfinite_strings=True)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a gradsentry lab results file")
-    return LabResult.from_dict(_decode(data))
+    return LabResult.from_dict(data)

@@ -5,6 +5,10 @@ structured logs (HF ``trainer_state.json``, TensorBoard, CSV, mmengine JSON, gra
 console text (:mod:`gradsentry.logs.text`: HF console dicts, mmengine/mmcv text, Megatron, tqdm,
 Keras, generic step lines), read streaming. :data:`FORMATS` lists their names.
 
+gradsentry's own runs are read whole by :func:`read_jsonl`, in one bounded pass by :func:`scan_jsonl`
+(:mod:`gradsentry.logs.run_jsonl`) and live, while written, by :mod:`gradsentry.logs.follow`. Every reader
+raises :class:`LogFormatError` (:mod:`gradsentry.logs.errors`) on a file it cannot read.
+
 The names are imported on first use (PEP 562): the diagnosis core imports :mod:`gradsentry.logs.series`,
 and through it this package, without loading every reader.
 """
@@ -17,19 +21,22 @@ from gradsentry._lazy import lazy_names
 
 if TYPE_CHECKING:
     from gradsentry.logs.detect import FORMATS, load_series, sniff_format
+    from gradsentry.logs.errors import LogFormatError
+    from gradsentry.logs.run_jsonl import read_jsonl, scan_jsonl
     from gradsentry.logs.series import Series
-    from gradsentry.sinks.jsonl import LogFormatError
 
 _HOME = {
     "FORMATS": "gradsentry.logs.detect",
     "load_series": "gradsentry.logs.detect",
     "sniff_format": "gradsentry.logs.detect",
     "Series": "gradsentry.logs.series",
-    "LogFormatError": "gradsentry.sinks.jsonl",
+    "LogFormatError": "gradsentry.logs.errors",
+    "read_jsonl": "gradsentry.logs.run_jsonl",
+    "scan_jsonl": "gradsentry.logs.run_jsonl",
 }
 
 
 __getattr__, __dir__ = lazy_names(__name__, _HOME)
 
 
-__all__ = ["FORMATS", "LogFormatError", "Series", "load_series", "sniff_format"]
+__all__ = ["FORMATS", "LogFormatError", "Series", "load_series", "read_jsonl", "scan_jsonl", "sniff_format"]

@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from gradsentry.logs.errors import LogFormatError
 from gradsentry.logs.series import (
     DEFAULT_KEYS,
     EXPECTED_FORMATS,
@@ -24,7 +25,6 @@ from gradsentry.logs.series import (
     to_float,
     to_step,
 )
-from gradsentry.sinks.jsonl import LogFormatError
 
 log = logging.getLogger("gradsentry")
 

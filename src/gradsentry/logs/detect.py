@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 
 from gradsentry.logs.csv import STEP_COLUMNS
+from gradsentry.logs.errors import LogFormatError
 from gradsentry.logs.registry import BY_NAME, FORMATS, READERS, TEXT_FORMATS, first_json
 from gradsentry.logs.series import EXPECTED_FORMATS, Series
 from gradsentry.logs.tensorboard import event_dirs, is_event_file
-from gradsentry.sinks.jsonl import LogFormatError
 
 __all__ = ["FORMATS", "load_series", "resolve", "sniff_format"]
 

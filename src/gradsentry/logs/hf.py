@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gradsentry.logs.errors import LogFormatError
 from gradsentry.logs.series import (
     EXPECTED_FORMATS,
     FieldName,
@@ -25,7 +26,6 @@ from gradsentry.logs.series import (
     to_float,
     to_step,
 )
-from gradsentry.sinks.jsonl import LogFormatError
 
 HF_FIELDS: dict[FieldName, str] = {"loss": "loss", "grad_norm": "grad_norm", "lr": "learning_rate"}
 GRADSENTRY_NORM = "gradsentry/global_norm"

@@ -1,13 +1,13 @@
-"""Convert a gradsentry JSONL run (``gradsentry.sinks.read_jsonl``) to a :class:`Series`."""
+"""Convert a gradsentry JSONL run (``gradsentry.logs.read_jsonl``) to a :class:`Series`."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from gradsentry.logs.run_jsonl import read_jsonl
 from gradsentry.logs.series import FieldName, Series, build_series
 from gradsentry.records import skipped_steps_of
-from gradsentry.sinks.jsonl import read_jsonl
 
 
 def read_gradsentry_jsonl(path: str | os.PathLike[str]) -> Series:
@@ -17,7 +17,7 @@ def read_gradsentry_jsonl(path: str | os.PathLike[str]) -> Series:
     are kept where recorded.
 
     Raises:
-        LogFormatError: from :func:`gradsentry.sinks.read_jsonl` when the file is not a gradsentry run,
+        LogFormatError: from :func:`gradsentry.logs.read_jsonl` when the file is not a gradsentry run,
             or when it holds no step records.
     """
     run = read_jsonl(path)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gradsentry.logs.errors import LogFormatError
 from gradsentry.logs.series import (
     DEFAULT_KEYS,
     EXPECTED_FORMATS,
@@ -24,7 +25,6 @@ from gradsentry.logs.series import (
     to_float,
     to_step,
 )
-from gradsentry.sinks.jsonl import LogFormatError
 
 MMENGINE_MARKERS = ("data_time", "time", "memory", "iter")
 """Keys mmengine writes on training lines (used to word the notes, not to accept a file)."""

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradsentry.sinks.jsonl import LogFormatError
+from gradsentry.logs.errors import LogFormatError
+from gradsentry.records import json_safe
 
 log = logging.getLogger("gradsentry")
 
@@ -168,22 +169,6 @@ class Series:
             "skipped": list(self.skipped),
             "meta": json_safe(dict(self.meta)),
         }
-
-
-def json_safe(value: Any) -> Any:
-    """Make ``value`` strict-JSON safe: non-finite floats become ``"NaN"``/``"Infinity"``/``"-Infinity"``.
-
-    Containers (dict, list, tuple) are converted recursively; numpy scalars become Python scalars.
-    """
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
 
 
 def to_float(value: Any, where: str) -> float | None:

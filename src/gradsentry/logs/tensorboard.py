@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from gradsentry._extras import requires_extra
+from gradsentry.logs.errors import LogFormatError
 from gradsentry.logs.series import (
     DEFAULT_KEYS,
     FieldName,
@@ -20,7 +21,6 @@ from gradsentry.logs.series import (
     build_series,
     pick_key,
 )
-from gradsentry.sinks.jsonl import LogFormatError
 
 EVENT_FILE_MARK = "tfevents"
 

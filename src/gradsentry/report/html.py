@@ -146,7 +146,7 @@ def render_run_report(
         findings: findings to show; default: the findings stored with the run, or, if none were stored,
             :func:`gradsentry.diagnose` over its records.
         signals: the whole run's series when ``run.records`` are only the records kept of a long run
-            (:func:`gradsentry.sinks.jsonl.scan_jsonl`): the counts (logged steps, non-finite steps) and
+            (:func:`gradsentry.logs.run_jsonl.scan_jsonl`): the counts (logged steps, non-finite steps) and
             the diagnosis then cover every step, and the page says the plots show the records kept.
 
     Returns:

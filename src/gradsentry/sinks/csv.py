@@ -1,7 +1,8 @@
 """CSV sink: one row per logged step and layer, flushed per step.
 
-Columns (:data:`CSV_COLUMNS`): ``step, layer, depth, grad_norm, grad_rms, grad_max_abs, nonfinite,
-weight_norm, update_ratio, global_norm, loss, lr, has_grad``. The step-level figures (``global_norm``,
+Columns (:data:`CSV_COLUMNS`): ``step, layer, depth``, then one per per-layer statistic
+(:data:`gradsentry.records.LAYER_STATS`: ``grad_norm, grad_rms, grad_max_abs, nonfinite, weight_norm,
+update_ratio``), then ``global_norm, loss, lr, has_grad``. The step-level figures (``global_norm``,
 ``loss``, ``lr``) are repeated on every row of their step so that each row stands alone (a spreadsheet
 pivot or ``pandas.read_csv`` needs no join). Unknown values (``update_ratio`` on the first step,
 ``loss``/``lr`` when not given) are empty cells; NaN and infinities are written as ``nan``, ``inf``
@@ -17,25 +18,21 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from gradsentry.records import Finding, LayerStats, RunHeader, StepRecord
+from gradsentry.records import LAYER_STATS, Finding, LayerStats, RunHeader, StepRecord
 from gradsentry.sinks._file import open_log, probe_lock, read_at
 
 CSV_COLUMNS: tuple[str, ...] = (
     "step",
     "layer",
     "depth",
-    "grad_norm",
-    "grad_rms",
-    "grad_max_abs",
-    "nonfinite",
-    "weight_norm",
-    "update_ratio",
+    *(s.name for s in LAYER_STATS),
     "global_norm",
     "loss",
     "lr",
     "has_grad",
 )
-"""Header row of the files written by :class:`CsvSink`."""
+"""Header row of the files written by :class:`CsvSink` (the statistics' columns come from
+:data:`gradsentry.records.LAYER_STATS`)."""
 
 
 def _cell(value: Any) -> Any:
@@ -101,23 +98,14 @@ class CsvSink:
             raise RuntimeError(f"CsvSink({self.path}) is not open")
         tail = [_cell(record.global_norm), _cell(record.loss), _cell(record.lr)]
         if not record.layers:
-            self._writer.writerow([record.step, "", "", "", "", "", "", "", "", *tail, ""])
+            self._writer.writerow([record.step, "", "", *([""] * len(LAYER_STATS)), *tail, ""])
         for layer in record.layers:
             self._writer.writerow([record.step, *self._layer_cells(layer), *tail, int(layer.has_grad)])
         self._fh.flush()
 
     @staticmethod
     def _layer_cells(x: LayerStats) -> list[Any]:
-        return [
-            x.name,
-            x.depth,
-            _cell(x.grad_norm),
-            _cell(x.grad_rms),
-            _cell(x.grad_max_abs),
-            x.nonfinite,
-            _cell(x.weight_norm),
-            _cell(x.update_ratio),
-        ]
+        return [x.name, x.depth, *(_cell(getattr(x, s.name)) for s in LAYER_STATS)]
 
     def write_findings(self, findings: list[Finding]) -> None:
         """Findings are not part of the CSV table; this flushes the file and writes nothing."""

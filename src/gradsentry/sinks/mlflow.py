@@ -14,15 +14,13 @@ in the JSONL log).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
 from typing import Any
 
 from gradsentry._extras import import_extra
-from gradsentry.records import Finding, RunHeader, StepRecord
-from gradsentry.sinks.jsonl import _dumps
+from gradsentry.records import Finding, RunHeader, StepRecord, dumps
 from gradsentry.sinks.tensorboard import record_scalars
 
 log = logging.getLogger("gradsentry")
@@ -61,7 +59,7 @@ def metric_key(tag: str) -> str:
 
 def param_value(value: Any) -> str:
     """A parameter value as MLflow stores it: a string of at most :data:`MAX_PARAM_VALUE_LENGTH`."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str, allow_nan=True)
+    text = value if isinstance(value, str) else dumps(value, compact=False)
     if len(text) > MAX_PARAM_VALUE_LENGTH:
         text = text[: MAX_PARAM_VALUE_LENGTH - 3] + "..."
     return text
@@ -132,7 +130,7 @@ class MlflowSink:
                 self.run_id = client.create_run(exp_id, tags={"mlflow.source.name": "gradsentry"}).info.run_id
                 self._started = True
         self._log_params(header)
-        client.log_text(self.run_id, _dumps(header.to_dict()), HEADER_ARTIFACT)
+        client.log_text(self.run_id, dumps(header.to_dict()), HEADER_ARTIFACT)
 
     def _log_params(self, header: RunHeader) -> None:
         from mlflow.entities import Param
@@ -179,7 +177,7 @@ class MlflowSink:
             return
         try:
             if self._findings is not None:
-                text = _dumps({"findings": [f.to_dict() for f in self._findings]})
+                text = dumps({"findings": [f.to_dict() for f in self._findings]})
                 self._client.log_text(self.run_id, text, FINDINGS_ARTIFACT)
                 self._findings = None
         finally:

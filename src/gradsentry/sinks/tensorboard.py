@@ -4,10 +4,11 @@ Tags written (``P`` is the ``prefix``, ``<layer>`` a module path such as ``block
 for the root module):
 
 - ``P/global_norm``, ``P/loss``, ``P/lr``: one scalar each per logged step (loss and lr when known).
-- ``P/<stat>/<layer>`` for ``stat`` in :data:`LAYER_STATS` (``grad_norm``, ``grad_rms``,
-  ``grad_max_abs``, ``nonfinite``, ``weight_norm``, ``update_ratio``). A layer with no gradient at
-  a step (``has_grad=False``: frozen or unused) gets no gradient scalars at that step, so it is not
-  drawn as a vanishing line at 0; ``update_ratio`` is written only when known.
+- ``P/<stat>/<layer>`` for ``stat`` in :data:`LAYER_STATS` (the names of
+  :data:`gradsentry.records.LAYER_STATS`: ``grad_norm``, ``grad_rms``, ``grad_max_abs``, ``nonfinite``,
+  ``weight_norm``, ``update_ratio``). A layer with no gradient at a step (``has_grad=False``: frozen or
+  unused) gets no gradient scalars (the statistics with ``needs_grad``) at that step, so it is not drawn
+  as a vanishing line at 0; a statistic is written only when known (``update_ratio``: not on the first step).
 - ``P/<stat>/<activation>`` for ``stat`` in :data:`ACTIVATION_STATS` when the record holds
   activation statistics (``saturated_frac``/``dead_frac`` only where defined).
 - With ``histograms_every=K``, on every K-th logged step: ``P/hist/log10_grad_norm`` (the
@@ -45,6 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradsentry import records
 from gradsentry._extras import requires_extra
 from gradsentry.records import ActivationStats, Finding, RunHeader, StepRecord
 
@@ -53,20 +55,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gradsentry")
 
-LAYER_STATS: tuple[str, ...] = (
-    "grad_norm",
-    "grad_rms",
-    "grad_max_abs",
-    "nonfinite",
-    "weight_norm",
-    "update_ratio",
-)
-"""Per-layer statistics written by :class:`TensorBoardSink`, one chart each."""
+LAYER_STATS: tuple[str, ...] = tuple(s.name for s in records.LAYER_STATS)
+"""Per-layer statistics written by :class:`TensorBoardSink`, one chart each (the names of
+:data:`gradsentry.records.LAYER_STATS`)."""
 
-ACTIVATION_STATS: tuple[str, ...] = ("pre_mean", "pre_std", "saturated_frac", "dead_frac")
-"""Per-activation statistics written by :class:`TensorBoardSink`, one chart each."""
-
-_GRAD_STATS = frozenset({"grad_norm", "grad_rms", "grad_max_abs", "nonfinite"})
+ACTIVATION_STATS: tuple[str, ...] = tuple(s.name for s in records.ACTIVATION_STATS)
+"""Per-activation statistics written by :class:`TensorBoardSink`, one chart each (the names of
+:data:`gradsentry.records.ACTIVATION_STATS`)."""
 
 ROOT_NAME = "(root)"
 """Tag component used for the root module, whose qualified name is the empty string."""
@@ -106,17 +101,17 @@ def record_scalars(record: StepRecord, prefix: str) -> Iterator[tuple[str, float
     if record.lr is not None:
         yield f"{prefix}/lr", float(record.lr)
     for layer in record.layers:
-        for stat in LAYER_STATS:
-            if stat in _GRAD_STATS and not layer.has_grad:
+        for stat in records.LAYER_STATS:
+            if stat.needs_grad and not layer.has_grad:
                 continue
-            value = getattr(layer, stat)
+            value = getattr(layer, stat.name)
             if value is not None:
-                yield layer_tag(prefix, stat, layer.name), float(value)
+                yield layer_tag(prefix, stat.name, layer.name), float(value)
     for act in record.activations:
-        for stat in ACTIVATION_STATS:
-            value = getattr(act, stat)
+        for name in ACTIVATION_STATS:
+            value = getattr(act, name)
             if value is not None:
-                yield layer_tag(prefix, stat, act.name), float(value)
+                yield layer_tag(prefix, name, act.name), float(value)
 
 
 def record_histograms(record: StepRecord, prefix: str) -> Iterator[tuple[str, list[int], list[float]]]:

@@ -31,8 +31,8 @@ from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
+from gradsentry.logs.errors import LogFormatError
 from gradsentry.logs.series import FIELDS, FieldName, Series, largest_gap
-from gradsentry.sinks.jsonl import LogFormatError
 
 Entry = tuple[int, float | None, float | None, float | None]
 """One training point of a text line: ``(step, loss, grad_norm, lr)``."""
