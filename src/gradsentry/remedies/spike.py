@@ -199,12 +199,14 @@ class SpikeSkip:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python state (one host copy): ``{"loss": [...], "norm": [...], "skips": int}``, each
-        window's accepted values oldest first."""
-        out: dict[str, Any] = {"loss": [], "norm": [], "skips": self.skips}
+        """Plain Python state (one host copy): ``{"loss": [...], "norm": [...], "skips": int, "pos":
+        [int, int]}``, each window's accepted values oldest first; ``pos`` (optional on load) keeps the
+        ring's layout, so that a restored remedy sums in the same order and continues bit for bit."""
+        out: dict[str, Any] = {"loss": [], "norm": [], "skips": self.skips, "pos": [0, 0]}
         if self._buf is None or self._count is None or self._pos is None:
             return out
         buf, count, pos = self._buf.tolist(), self._count.tolist(), self._pos.tolist()
+        out["pos"] = pos
         for i, s in enumerate(_SERIES):
             n = count[i]
             row = buf[i]
@@ -220,13 +222,16 @@ class SpikeSkip:
         try:
             rows = [[float(v) for v in state[s]][-self.window :] for s in _SERIES]
             skips = int(state["skips"])
+            pos = [int(v) % self.window for v in state.get("pos", [len(r) % self.window for r in rows])]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a SpikeSkip state dict (need 'loss', 'norm', 'skips'): {exc}") from exc
         self._buf = None
         self._state_on(torch.device("cpu"))
         assert self._buf is not None and self._count is not None and self._pos is not None
         for i, row in enumerate(rows):
-            self._buf[i, : len(row)] = torch.tensor(row, dtype=self._buf.dtype)
-            self._count[i] = len(row)
-            self._pos[i] = len(row) % self.window
+            n = len(row)
+            at = [(pos[i] - n + j) % self.window for j in range(n)]  # the oldest sits n before pos
+            self._buf[i, at] = torch.tensor(row, dtype=self._buf.dtype)
+            self._count[i] = n
+            self._pos[i] = pos[i]
         self._skips = torch.tensor(skips, dtype=torch.int64)
