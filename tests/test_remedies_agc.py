@@ -55,7 +55,7 @@ def test_batched_equals_float64_reference_and_timm():
     before = [p.grad.clone() for p in params]
     want = _reference(params, 0.01, 1e-3)
     timm = _timm_style_agc(params, clip_factor=0.01)
-    agc = AGC(0.01, model=model)
+    agc = AGC(0.01, model=model, batched=True)
     res = agc(params)
     for p, w, t in zip(params, want, timm, strict=True):
         torch.testing.assert_close(p.grad.double(), w, rtol=2e-6, atol=1e-12)  # float32 reductions
@@ -74,7 +74,7 @@ def test_batched_equals_float64_reference_and_timm():
 def test_batched_equals_per_tensor_path_and_flags_match():
     model_a, model_b = _model(), _model()
     pa, pb = list(model_a.parameters()), list(model_b.parameters())
-    agc = AGC(0.01, exclude=model_a[-1])
+    agc = AGC(0.01, exclude=model_a[-1], batched=True)
     got = agc(pa).affected
     want = AGC(0.01, exclude=model_b[-1])._per_tensor(pb, [p.grad for p in pb])
     assert got is not None and torch.equal(got, want) and bool(want.any()) and not bool(want.all())
@@ -87,7 +87,7 @@ def test_batched_equals_per_tensor_path_and_flags_match():
 def test_bf16_gradients_agree_with_per_tensor_path():
     model_a, model_b = _model(torch.bfloat16), _model(torch.bfloat16)
     pa, pb = list(model_a.parameters()), list(model_b.parameters())
-    AGC(0.01)(pa)
+    AGC(0.01, batched=True)(pa)
     AGC(0.01)._per_tensor(pb, [p.grad for p in pb])
     for a, b in zip(pa, pb, strict=True):
         assert a.grad.dtype == torch.bfloat16
@@ -99,7 +99,7 @@ def test_fewer_ops_no_host_copy_and_cached_plan():
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
-    agc = AGC(0.01)
+    agc = AGC(0.01, batched=True)
     agc(params)
     with _Ops() as batched, HostSyncs() as syncs:
         agc(params)
@@ -112,7 +112,7 @@ def test_fewer_ops_no_host_copy_and_cached_plan():
 
 @pytest.mark.parametrize("n_layers", [1, 3])
 def test_plan_follows_a_new_parameter_list(n_layers):
-    agc = AGC(0.5)
+    agc = AGC(0.5, batched=True)
     lins = [nn.Linear(4, 4) for _ in range(n_layers)]
     for lin in lins:
         for p in lin.parameters():
@@ -120,3 +120,12 @@ def test_plan_follows_a_new_parameter_list(n_layers):
     agc([lins[0].weight])
     agc([p for lin in lins for p in lin.parameters()])
     assert len(agc._plans) == 2
+
+
+def test_default_is_per_tensor_on_cpu():
+    lin = nn.Linear(4, 4)
+    for p in lin.parameters():
+        p.grad = torch.ones_like(p)
+    agc = AGC(0.5)
+    agc(lin.parameters())
+    assert agc._plans == {} and "batched=None" in repr(agc)

@@ -102,14 +102,17 @@ class AGC:
     Brock et al. do not clip the final classifier layer: pass it as ``exclude`` (e.g.
     ``AGC(exclude=model.fc)``). No host sync (``torch.where``-style scaling).
 
-    Batched: the parameters are grouped once by (shape, dtype, device) (cached for the same parameter
-    list); each group's weights and gradients are stacked, ``[G, O, ...]``, and their unit norms taken in
-    one reduction each, the gradients scaled in one multiplication and copied back with one
-    ``torch._foreach_copy_``; 1-D tensors get one ``_foreach_norm``. A transformer's dozens of
-    same-shape matrices thus cost a handful of kernels instead of several per tensor, at the price of
-    one stacked copy of a group's weights and gradients at a time (memory). The result equals the
-    per-tensor formula up to float32 rounding of the reductions (tested against a float64 reference
-    and timm's formula). FSDP2-sharded (DTensor) gradients take the per-tensor path.
+    Batched (``batched=True``, the default for gradients on an accelerator): the parameters are grouped
+    once by (shape, dtype, device) (cached for the same parameter list); each group's weights and
+    gradients are stacked, ``[G, O, ...]``, their unit norms taken in one reduction each, the gradients
+    scaled in one multiplication and copied back with one ``torch._foreach_copy_``; 1-D tensors get one
+    ``_foreach_norm``. A transformer's dozens of same-shape matrices then cost a handful of kernel
+    launches instead of several per tensor, at the price of a stacked copy of one group's weights and
+    gradients at a time (memory and bandwidth). On CPU, where a kernel launch costs little and the
+    copies dominate (measured 1.8x slower on a 6.3M-parameter MLP, ``benchmarks/RESULTS.md``), the
+    default is one tensor at a time. Both give the same result up to float32 rounding of the
+    reductions (tested against a float64 reference and timm's formula). FSDP2-sharded (DTensor)
+    gradients always go one tensor at a time.
 
     Args:
         clip_factor: λ, the largest allowed ratio ‖G_i‖ / max(‖W_i‖, ε) (dimensionless, > 0; the paper
@@ -118,6 +121,8 @@ class AGC:
             weights, > 0).
         exclude: a module or an iterable of modules/parameters left untouched.
         model: used only to name the clipped layers in the record (else ``param[i]``).
+        batched: True to batch the unit norms over same-shape tensors, False for one tensor at a time,
+            None (default) to batch when the gradients are not on the CPU.
 
     Raises:
         ValueError: ``clip_factor`` or ``eps`` not positive; at a call, a DTensor not sharded along
@@ -135,7 +140,9 @@ class AGC:
         eps: float = 1e-3,
         exclude: nn.Module | Iterable[Tensor | nn.Module] = (),
         model: nn.Module | None = None,
+        batched: bool | None = None,
     ) -> None:
+        self.batched = batched
         self.clip_factor = check_positive("clip_factor", clip_factor)
         self.eps = check_positive("eps", eps)
         self._exclude = _excluded_ids(exclude)
@@ -143,7 +150,7 @@ class AGC:
         self._plans: dict[tuple[object, ...], _Plan] = {}
 
     def __repr__(self) -> str:
-        return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"
+        return f"AGC(clip_factor={self.clip_factor}, eps={self.eps}, batched={self.batched})"
 
     def _factor(self, w_norm: Tensor, g_norm: Tensor) -> tuple[Tensor, Tensor]:
         """The scale of each unit and whether it is clipped (same shape as the norms)."""
@@ -158,10 +165,12 @@ class AGC:
         ps, grads = grads_of(params)
         if not grads:
             return RemedyResult("AGC", threshold=self.clip_factor)
-        if any(_dist.is_dtensor(g) for g in grads):  # FSDP2: each rank clips its whole rows
-            affected = self._per_tensor(ps, grads)
-        else:
+        sharded = any(_dist.is_dtensor(g) for g in grads)  # FSDP2: each rank clips its whole rows
+        batched = self.batched if self.batched is not None else grads[0].device.type != "cpu"
+        if batched and not sharded:
             affected = self._batched(ps, grads)
+        else:
+            affected = self._per_tensor(ps, grads, sharded)
         return RemedyResult(
             "AGC",
             norm_before=total_norm(norms) if norms is not None else None,
@@ -204,7 +213,7 @@ class AGC:
             parts.append(trigger.reshape(len(grp), -1).any(1).to(device))
         return torch.cat(parts)[plan.order]
 
-    def _per_tensor(self, ps: list[Tensor], grads: list[Tensor]) -> Tensor:
+    def _per_tensor(self, ps: list[Tensor], grads: list[Tensor], sharded: bool = False) -> Tensor:
         """One tensor at a time (DTensor shards: each rank clips the whole rows it holds)."""
         vectors = [
             i
@@ -214,7 +223,11 @@ class AGC:
         vec_norms: dict[int, tuple[Tensor, Tensor]] = {}
         if vectors:  # a bias is one unit: the norm of the whole vector, over every rank's shard
             both = [ps[i].detach() for i in vectors] + [grads[i] for i in vectors]
-            norms_v = _dist.global_per_tensor_norms(both)
+            norms_v = (
+                _dist.global_per_tensor_norms(both)
+                if sharded
+                else stats.foreach_norms([_dist.local(t) for t in both])
+            )
             k = len(vectors)
             vec_norms = {i: (norms_v[j], norms_v[k + j]) for j, i in enumerate(vectors)}
         flags: list[Tensor] = []
@@ -232,7 +245,7 @@ class AGC:
             _dist.local(g).mul_(factor)
             flags.append(trigger.any())
         affected = torch.stack([f.to(flags[0].device) for f in flags])
-        return _dist.any_rank(affected)  # the same record on every rank
+        return _dist.any_rank(affected) if sharded else affected  # the same record on every rank
 
 
 def _by_device_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
