@@ -178,3 +178,26 @@ def test_in_monitor_records():
     assert rec is not None
     (action,) = rec.actions
     assert action["remedy"] == "SpikeSkip" and action["skipped"] is True and action["loss"] == 30.0
+
+
+def test_monitor_counts_a_device_skipped_unlogged_step_once():
+    """A chain's device flag ORs its children's: a skipped unlogged step is counted once, not once per
+    flag in the tree (monitor/remedy_link.py)."""
+    from gradsentry.remedies import NonFiniteGuard
+
+    Monitor = pytest.importorskip("gradsentry.monitor").Monitor
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    fix = Chain(NonFiniteGuard(opt, sync=False), SpikeSkip(opt, window=4, watch="loss"), ClipGlobalNorm(1.0))
+    with Monitor(model, every=10, remedy=fix, activations=False) as mon:
+        for step in range(11):
+            opt.zero_grad()
+            _backward(model, step)
+            if step in (3, 7):
+                model[0].weight.grad[0, 0] = float("nan")
+            mon.step(loss=1.0)
+            opt.step()
+    rec = mon.records[-1]
+    assert rec.step == 10
+    (note,) = [a for a in rec.actions if "skipped_unlogged" in a]
+    assert note["skipped_unlogged"] == 2
