@@ -62,8 +62,9 @@ class RemedyLink:
         """Remember that the remedy skipped this unlogged step, for the next record's actions.
 
         A host flag (``NonFiniteGuard()``, ``Rollback``: already copied by the remedy) keeps the
-        step's label; a device flag (``NonFiniteGuard(sync=False)``) is added to a device counter,
-        read with the next logged step's transfer: no sync here.
+        step's label; device flags (``NonFiniteGuard(opt, sync=False)``, ``SpikeSkip``) are OR-ed over
+        the result's tree and added once to a device counter, read with the next logged step's
+        transfer: no sync here.
         """
         pending: list[Any] = [result]
         flags: list[Tensor] = []  # a chain's flag ORs its children's: count the step once
