@@ -57,10 +57,11 @@ class SpikeSkip:
         ValueError: a bad number or an unknown series in ``watch``.
 
     References:
-        Groeneveld et al. / AI2, OLMo-core ``olmo_core.optim.SkipStepOptimizer`` (2024-25); Stanford CRFM
-        Levanter ``levanter.optim.skip_step.SkipStepConfig`` (2025); Kumar et al., "ZClip: Adaptive
-        Spike Mitigation for LLM Pre-Training", 2025, arXiv:2504.02507 (outliers kept out of the
-        statistics).
+        AI2, OLMo-core ``SkipStepOptimizer`` (allenai/OLMo-core,
+        ``src/olmo_core/optim/skip_step_optimizer.py``, 2024-25); Stanford CRFM, Levanter
+        ``SkipStepConfig`` (stanford-crfm/levanter, 2025); Kumar et al., "ZClip: Adaptive Spike
+        Mitigation for LLM Pre-Training", 2025, arXiv:2504.02507 (outliers kept out of the
+        statistics). MaxText's variant was not checked for this rule.
 
     Example:
         >>> from gradsentry.remedies import Chain, ClipGlobalNorm
