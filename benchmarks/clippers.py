@@ -14,6 +14,13 @@ there is no device to wait for, so the script counts calls of ``Tensor.item/toli
 __int__/numpy`` (the ways Python code forces a device->host copy) during each method. The "ops"
 column counts ATen operator calls per call (a foreach op counts once), a proxy for GPU kernel launches,
 which dominate on a GPU when the gradients are small.
+
+Issue 13 item 5 rows: "AGC (batched: GPU default)" (unit norms batched over same-shape tensors) beside
+"AGC (per tensor: CPU default)" in the same run; "SpikeSkip (no optimizer)"; and, per model, two tables of a remedy *together
+with* the AdamW step it guards (fused: the guard skips through ``found_inf``; foreach: through the
+snapshot-and-restore hooks), ratios against the bare step of the same optimizer kind. There the "syncs"
+column includes the optimizer's own host reads (foreach AdamW reads its CPU step counters with
+``.item()``: 48 for 48 tensors), so compare it with the bare step's row.
 """
 
 from __future__ import annotations
@@ -29,7 +36,16 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradsentry.remedies import AGC, AutoClip, ClipGlobalNorm, NonFiniteGuard, ZClip, per_tensor_norms
+from gradsentry.remedies import (
+    AGC,
+    AutoClip,
+    Chain,
+    ClipGlobalNorm,
+    NonFiniteGuard,
+    SpikeSkip,
+    ZClip,
+    per_tensor_norms,
+)
 
 FLOORS = {"ClipGlobalNorm": 1.1, "ZClip": 1.3, "AutoClip": 1.3}
 _HOST_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
@@ -49,15 +65,20 @@ def methods(params: list[nn.Parameter]) -> dict[str, Callable[[], object]]:
     guard = NonFiniteGuard()
     fused = torch.optim.AdamW(params, fused=True)  # only used for its found_inf attribute; never stepped
     guard_free = NonFiniteGuard(fused, sync=False)
+    spike = SpikeSkip(window=8, warmup=2)
+    agc_batched = AGC(0.01, batched=True)
+    loss = torch.ones((), device=params[0].device)
     return {
         "clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True),
         "ClipGlobalNorm": lambda: cgn(params),
         "ClipGlobalNorm (shared norms)": lambda: cgn(params, norms=shared),
         "ZClip": lambda: zclip(params),
         "AutoClip": lambda: autoclip(params),
-        "AGC": lambda: agc(params),
+        "AGC (per tensor: CPU default)": lambda: agc(params),
+        "AGC (batched: GPU default)": lambda: agc_batched(params),
         "NonFiniteGuard (sync=True)": lambda: guard(params),
         "NonFiniteGuard (sync=False)": lambda: guard_free(params),
+        "SpikeSkip (no optimizer)": lambda: spike(params, loss=loss),
     }
 
 
@@ -119,18 +140,54 @@ def count_syncs(fn: Callable[[], object], device: torch.device) -> int:
     return counter.count
 
 
-def bench(name: str, params: list[nn.Parameter], reps: int, device: torch.device) -> list[str]:
+def step_methods(params: list[nn.Parameter], fused: bool) -> dict[str, Callable[[], object]]:
+    """A remedy *and* the optimizer step it guards, against the bare step (AdamW, fused or foreach)."""
+    opts = {k: torch.optim.AdamW(params, lr=1e-6, fused=fused, foreach=not fused) for k in range(6)}
+    guard_sync, guard_dev = NonFiniteGuard(opts[1]), NonFiniteGuard(opts[2], sync=False)
+    spike = SpikeSkip(opts[3], window=8, warmup=2)
+    chain = Chain(
+        NonFiniteGuard(opts[4], sync=False), SpikeSkip(opts[4], window=8, warmup=2), ClipGlobalNorm(1e3)
+    )
+    loss = torch.ones((), device=params[0].device)
+
+    def run(opt: torch.optim.Optimizer, remedy: Callable[..., object] | None = None) -> Callable[[], object]:
+        def fn() -> object:
+            if remedy is not None:
+                remedy(params, loss=loss)
+            return opt.step()
+
+        return fn
+
+    tag = "fused" if fused else "foreach"
+    return {
+        f"AdamW {tag} step": run(opts[0]),
+        "+ NonFiniteGuard (sync=True)": run(opts[1], guard_sync),
+        f"+ NonFiniteGuard (sync=False: {'found_inf' if fused else 'restore'})": run(opts[2], guard_dev),
+        "+ SpikeSkip(opt)": run(opts[3], spike),
+        "+ Chain(guard, SpikeSkip, clip)": run(opts[4], chain),
+    }
+
+
+def bench(
+    name: str,
+    params: list[nn.Parameter],
+    reps: int,
+    device: torch.device,
+    fns: dict[str, Callable[[], object]] | None = None,
+) -> list[str]:
     g = torch.Generator(device=device).manual_seed(0)
     saved = [torch.randn(p.shape, generator=g, device=device) for p in params]
     for p, s in zip(params, saved, strict=True):
         p.grad = s.clone()
     grads = [p.grad for p in params]
-    fns = methods(params)
+    fns = fns if fns is not None else methods(params)
+    base = next(iter(fns))
     wall: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
-    syncs = {k: count_syncs(fn, device) for k, fn in fns.items()}  # also warms up (and ZClip's warm-up)
-    for fn in fns.values():
-        fn()
+    for _ in range(2):  # warm-up (ZClip's; optimizers: the first step creates the state, host path)
+        for fn in fns.values():
+            fn()
+    syncs = {k: count_syncs(fn, device) for k, fn in fns.items()}
     ops = {k: count_ops(fn) for k, fn in fns.items()}
     order = list(fns)
     for _ in range(reps):
@@ -153,7 +210,7 @@ def bench(name: str, params: list[nn.Parameter], reps: int, device: torch.device
 
     def paired(t: dict[str, list[float]], k: str) -> float:
         # median of per-repetition ratios: each pair ran close in time, so machine load mostly cancels
-        return statistics.median(a / max(b, 1e-9) for a, b in zip(t[k], t["clip_grad_norm_"], strict=True))
+        return statistics.median(a / max(b, 1e-9) for a, b in zip(t[k], t[base], strict=True))
 
     for k in fns:
         ratio, cpu_ratio = paired(wall, k), paired(cpu, k)
@@ -172,6 +229,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20, help="repetitions (50M model: a third)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="only the 24-layer MLP")
+    ap.add_argument("--no-steps", action="store_true", help="skip the remedy + optimizer step tables")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -181,6 +239,10 @@ def main() -> None:
         params = make_mlp(depth, width, device)
         reps = args.reps if width == 512 else max(3, args.reps // 3)
         print("\n".join(bench(name, params, reps, device)))
+        if not args.no_steps:
+            for fused in (True, False):
+                label = f"{name}, remedy + AdamW step ({'fused' if fused else 'foreach'})"
+                print("\n".join(bench(label, params, reps, device, step_methods(params, fused))))
         del params
 
 

@@ -62,21 +62,17 @@ class RemedyLink:
         """Remember that the remedy skipped this unlogged step, for the next record's actions.
 
         A host flag (``NonFiniteGuard()``, ``Rollback``: already copied by the remedy) keeps the
-        step's label; a device flag (``NonFiniteGuard(sync=False)``) is added to a device counter,
-        read with the next logged step's transfer: no sync here.
+        step's label; device flags (``NonFiniteGuard(opt, sync=False)``, ``SpikeSkip``) are OR-ed over
+        the result's tree and added once to a device counter, read with the next logged step's
+        transfer: no sync here.
         """
         pending: list[Any] = [result]
+        flags: list[Tensor] = []  # a chain's flag ORs its children's: count the step once
         while pending:
             r = pending.pop()
             flag = getattr(r, "skipped", None)
             if isinstance(flag, Tensor):
-                if self._skips_dev is None or self._skips_dev.device != flag.device:
-                    self._skips_dev = torch.zeros(
-                        (),
-                        dtype=torch.float64 if flag.device.type == "cpu" else torch.float32,
-                        device=flag.device,
-                    )
-                self._skips_dev.add_(flag.detach().reshape(-1)[:1].sum().to(self._skips_dev.dtype))
+                flags.append(flag.detach().reshape(-1)[:1])
             elif flag is True:
                 self._skipped_steps.append(label)
                 if len(self._skipped_steps) > _MAX_LISTED_SKIPS:
@@ -84,6 +80,14 @@ class RemedyLink:
                 self._skipped_count += 1
                 return
             pending.extend(getattr(r, "children", None) or [])
+        if flags:
+            device = flags[0].device
+            if self._skips_dev is None or self._skips_dev.device != device:
+                self._skips_dev = torch.zeros(
+                    (), dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device
+                )
+            hit = torch.cat([f.to(device, torch.bool) for f in flags]).any() if len(flags) > 1 else flags[0]
+            self._skips_dev.add_(hit.sum().to(self._skips_dev.dtype))
 
     def take_skips(self) -> tuple[int, list[int], Tensor | None]:
         """The skipped unlogged steps since the last call: their count and labels known on the host,

@@ -1,4 +1,5 @@
-"""Fixed-threshold gradient clippers: global norm, value, per-layer norm and unit-wise AGC.
+"""Fixed-threshold gradient clippers: global norm, value and per-layer norm (AGC lives in
+:mod:`gradsentry.remedies.agc` and is re-exported here).
 
 Every clipper acts in place on ``p.grad``, never copies a value to the host, and returns a
 :class:`~gradsentry.remedies.RemedyResult` whose tensors are read lazily.
@@ -13,13 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from gradsentry import _dist, stats
+from gradsentry.remedies.agc import AGC
 from gradsentry.remedies.base import (
     RemedyResult,
     check_positive,
     grads_of,
     group_by_device_dtype,
-    names_for,
     param_names,
     per_tensor_norms,
     scale_grads_,
@@ -264,140 +264,4 @@ class ClipLayerNorm:
             affected=affected,
             names=names,
             norms_after=norms * per_tensor,
-        )
-
-
-def _excluded_ids(exclude: nn.Module | Iterable[Tensor | nn.Module]) -> set[int]:
-    items: Iterable[Tensor | nn.Module] = [exclude] if isinstance(exclude, nn.Module) else exclude
-    ids: set[int] = set()
-    for item in items:
-        if isinstance(item, nn.Module):
-            ids.update(id(p) for p in item.parameters())
-        elif isinstance(item, Tensor):
-            ids.add(id(item))
-        else:
-            raise TypeError(f"exclude takes modules or parameters, got {type(item).__name__}")
-    return ids
-
-
-def unitwise_norm(x: Tensor) -> Tensor:
-    """Unit-wise L2 norm in float32, broadcastable against ``x``.
-
-    A unit is one output row of a weight: for ``x`` of shape [O, ...] (Linear [O, I], Conv [O, I, kH,
-    kW]) the norm is taken over every dimension but the first, giving shape [O, 1, ...]. Scalars and
-    1-D tensors (biases, norm gains) are one unit each: their norm is the norm of the whole tensor (0-d),
-    as in the NFNet reference code (``unitwise_norm``: ``axis=None`` for vectors; Brock et al. 2021,
-    arXiv:2102.06171) and timm (``timm.utils.agc.unitwise_norm``: ``x.norm()`` for ``ndim <= 1``).
-
-    Args:
-        x: a parameter or gradient of any shape, any float dtype (fp16/bf16 are upcast).
-
-    Returns:
-        float32 ``[O, 1, ..., 1]`` for ``x.ndim >= 2``, a 0-d tensor otherwise; same units as ``x``.
-    """
-    kwargs = {"dtype": torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {}
-    if x.ndim <= 1:
-        return torch.linalg.vector_norm(x, **kwargs).float()
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, **kwargs).float()
-
-
-AGC_SHARD_MSG = (
-    "AGC clips whole units (rows along dim 0); a DTensor sharded along another dimension splits them. "
-    "Shard parameters along dim 0 (FSDP2's default) or use ClipGlobalNorm/ClipLayerNorm."
-)
-
-
-class AGC:
-    """Unit-wise adaptive gradient clipping (AGC).
-
-    For every unit i of every parameter W with gradient G (eq. 3 of Brock et al.):
-    ``G_i ← λ · max(‖W_i‖, ε) / ‖G_i‖ · G_i`` if ``‖G_i‖ / max(‖W_i‖, ε) > λ``, else unchanged.
-    A unit is an output row of a weight with two or more dimensions (Linear [O, I], Conv [O, I, k...]) and
-    the *whole* tensor for a bias or norm gain (1-D) or a scalar, as in the NFNet reference code and
-    timm's ``adaptive_clip_grad``; norms are Frobenius norms over the unit (see :func:`unitwise_norm`),
-    computed in float32.
-    Brock et al. do not clip the final classifier layer: pass it as ``exclude`` (e.g.
-    ``AGC(exclude=model.fc)``). No host sync (``torch.where``-style scaling).
-
-    Args:
-        clip_factor: λ, the largest allowed ratio ‖G_i‖ / max(‖W_i‖, ε) (dimensionless, > 0; the paper
-            uses 0.01 for large batches).
-        eps: ε, floor of the weight norm so that zero-initialised units can still move (units of the
-            weights, > 0).
-        exclude: a module or an iterable of modules/parameters left untouched.
-        model: used only to name the clipped layers in the record (else ``param[i]``).
-
-    Raises:
-        ValueError: ``clip_factor`` or ``eps`` not positive.
-        TypeError: ``exclude`` holds something other than modules or tensors.
-
-    References:
-        Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization", 2021,
-        arXiv:2102.06171.
-    """
-
-    def __init__(
-        self,
-        clip_factor: float = 0.01,
-        eps: float = 1e-3,
-        exclude: nn.Module | Iterable[Tensor | nn.Module] = (),
-        model: nn.Module | None = None,
-    ) -> None:
-        self.clip_factor = check_positive("clip_factor", clip_factor)
-        self.eps = check_positive("eps", eps)
-        self._exclude = _excluded_ids(exclude)
-        self._names = param_names(model) if model is not None else None
-
-    def __repr__(self) -> str:
-        return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"
-
-    @torch.no_grad()
-    def __call__(
-        self, params: Iterable[Tensor], *, norms: Tensor | None = None, loss: Tensor | float | None = None
-    ) -> RemedyResult:
-        ps, grads = grads_of(params)
-        if not grads:
-            return RemedyResult("AGC", threshold=self.clip_factor)
-        sharded = any(_dist.is_dtensor(g) for g in grads)  # FSDP2: each rank clips its whole rows
-        vectors = [
-            i
-            for i, (p, g) in enumerate(zip(ps, grads, strict=True))
-            if id(p) not in self._exclude and g.ndim <= 1
-        ]
-        vec_norms: dict[int, tuple[Tensor, Tensor]] = {}
-        if vectors:  # a bias is one unit: the norm of the whole vector, over every rank's shard
-            both = [ps[i].detach() for i in vectors] + [grads[i] for i in vectors]
-            norms_v = (
-                _dist.global_per_tensor_norms(both)
-                if sharded
-                else stats.foreach_norms([_dist.local(t) for t in both])
-            )
-            k = len(vectors)
-            vec_norms = {i: (norms_v[j], norms_v[k + j]) for j, i in enumerate(vectors)}
-        flags: list[Tensor] = []
-        for i, (p, g) in enumerate(zip(ps, grads, strict=True)):
-            if id(p) in self._exclude:
-                flags.append(torch.zeros((), dtype=torch.bool, device=_dist.local(g).device))
-                continue
-            if not (_dist.whole_rows(p) and _dist.whole_rows(g)):
-                raise ValueError(AGC_SHARD_MSG)
-            if i in vec_norms:
-                w_norm, g_norm = (t.to(_dist.local(g).device) for t in vec_norms[i])
-            else:
-                w_norm, g_norm = unitwise_norm(_dist.local(p.detach())), unitwise_norm(_dist.local(g))
-            g = _dist.local(g)
-            max_norm = w_norm.clamp_min(self.eps) * self.clip_factor
-            trigger = g_norm > max_norm
-            g.mul_(torch.where(trigger, max_norm / g_norm.clamp_min(_EPS), 1.0))
-            flags.append(trigger.any())
-        affected = torch.stack([f.to(flags[0].device) for f in flags])
-        if sharded:  # the same record on every rank
-            affected = _dist.any_rank(affected)
-        return RemedyResult(
-            "AGC",
-            norm_before=total_norm(norms) if norms is not None else None,
-            clipped=affected.any(),
-            threshold=self.clip_factor,
-            affected=affected,
-            names=names_for(ps, self._names, layer=True),
         )

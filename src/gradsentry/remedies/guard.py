@@ -4,6 +4,9 @@ Why gradients are set to None rather than zeroed: PyTorch optimizers skip every 
 ``.grad`` is None, so ``optimizer.step()`` then leaves weights *and* optimizer state (Adam moments and
 step count, SGD momentum buffers) bit-identical (checked on torch 2.13 for SGD-momentum, Adam and
 AdamW, foreach and fused). Zeroed gradients would still let momentum and weight decay move the weights.
+That is the ``sync=True`` path (one host copy per step). ``NonFiniteGuard(optimizer, sync=False)`` skips
+on the device instead, through :mod:`gradsentry.remedies.skipstep` (``found_inf`` for fused optimizers,
+snapshot-and-restore for the others; what a skipped step still changes is listed there).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from gradsentry.remedies.base import (
     per_tensor_norms,
     total_norm,
 )
+from gradsentry.remedies.skipstep import device_skip
 
 __all__ = ["NonFiniteGuard", "ResetMoments", "scale_lr_"]
 
@@ -48,10 +52,6 @@ def scale_lr_(optimizer: torch.optim.Optimizer, factor: float, min_lr: float = 0
     return out
 
 
-def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(optimizer.defaults.get("fused")) and all(g.get("fused", True) for g in optimizer.param_groups)
-
-
 class NonFiniteGuard:
     """Skip the optimizer step when any gradient (or the loss) is NaN or infinite.
 
@@ -60,12 +60,16 @@ class NonFiniteGuard:
     * ``sync=True`` (default, any optimizer): one device→host copy per step reads which gradients are
       non-finite; on a bad step every ``p.grad`` is set to None, so a following ``optimizer.step()``
       changes nothing (see the module docstring), and ``result.skip`` is True.
-    * ``sync=False`` (fused optimizers only, e.g. ``AdamW(fused=True)``): no host copy. The guard sets
-      ``optimizer.found_inf`` to a device flag, the same tensor ``GradScaler`` hands to fused kernels,
-      which then leave weights, moments and step counts untouched on a bad step. Call
-      ``optimizer.step()`` as usual; the flag is taken off the optimizer when that step ends (a step
-      hook), so it never outlives the step it was set for. The skip count is kept on the device
-      (``skips`` copies it).
+    * ``sync=False`` (any ``torch.optim`` optimizer, passed as ``optimizer``): no host copy. The guard
+      hands its device flag to the optimizer's :class:`~gradsentry.remedies.skipstep.DeviceSkip`; call
+      ``optimizer.step()`` as usual and step hooks make it a no-op on a bad step. Fused optimizers
+      (``AdamW(fused=True)``, ``SGD(fused=True)``...) get the flag as ``optimizer.found_inf``, the tensor
+      ``GradScaler`` hands to fused kernels, which then leave weights, moments and step counts
+      untouched (no extra memory); other optimizers have their stepping parameters and optimizer state
+      copied before the step and put back with ``torch.where`` after it (memory for one copy; a CPU
+      step counter of a GPU model is not restored). A parameter's first step (no optimizer state yet)
+      takes one host sync instead. The flag is for the coming step only. The skip count is kept on the
+      device (``skips`` copies it); ``result.skipped`` is the device flag.
 
     Under ``torch.distributed`` with more than one rank, the decision is OR-ed over ranks (one
     ``all_reduce(MAX)`` of one flag per call), so every rank skips the step or none does, even when only
@@ -89,7 +93,7 @@ class NonFiniteGuard:
         check_loss: also skip when a given loss is non-finite.
 
     Raises:
-        ValueError: ``sync=False`` without a fused optimizer, ``backoff_after`` without an optimizer or
+        ValueError: ``sync=False`` without an optimizer, ``backoff_after`` without an optimizer or
             with ``sync=False``, or a bad number.
     """
 
@@ -105,10 +109,10 @@ class NonFiniteGuard:
         min_lr: float = 0.0,
         check_loss: bool = True,
     ) -> None:
-        if not sync and (optimizer is None or not _is_fused(optimizer)):
+        if not sync and optimizer is None:
             raise ValueError(
-                "sync=False needs a fused optimizer (e.g. torch.optim.AdamW(params, fused=True)) passed as "
-                "optimizer=; other optimizers cannot skip on a device flag, use sync=True"
+                "sync=False needs the optimizer (optimizer=): its step is skipped on the device "
+                "(found_inf for fused optimizers, e.g. torch.optim.AdamW(params, fused=True), else restored)"
             )
         if backoff_after is not None:
             if optimizer is None or not sync:
@@ -130,10 +134,7 @@ class NonFiniteGuard:
         self.backoffs = 0
         self._skips = 0
         self._skips_dev: Tensor | None = None
-        self._found_inf: Tensor | None = None
-        if not sync:  # the flag is for the coming optimizer step only (see _forget_found_inf)
-            assert optimizer is not None
-            optimizer.register_step_post_hook(self._forget_found_inf)
+        self._skipper = device_skip(optimizer) if not sync and optimizer is not None else None
 
     def __repr__(self) -> str:
         return f"NonFiniteGuard(sync={self.sync}, backoff_after={self.backoff_after})"
@@ -221,39 +222,19 @@ class NonFiniteGuard:
         )
 
     def _device_skip(self, bad: Tensor, bad_any: Tensor, before: Tensor, names: list[str]) -> RemedyResult:
-        assert self.optimizer is not None  # checked in __init__
-        flag = bad_any.to(torch.float32)
-        if self._found_inf is None or self._found_inf.device != flag.device:
-            self._found_inf = torch.zeros((), dtype=torch.float32, device=flag.device)
-            self._skips_dev = torch.zeros((), dtype=torch.int64, device=flag.device)
-        if self._scaler_active():  # GradScaler hands its own found_inf to the fused kernel and counts it
-            return RemedyResult(
-                "NonFiniteGuard",
-                norm_before=before,
-                skipped=bad_any,
-                affected=bad,
-                names=names,
-                extra={"by": "GradScaler"},
-            )
-        self._found_inf.copy_(flag)
-        assert self._skips_dev is not None
-        self._skips_dev.add_(bad_any.to(torch.int64))
-        self.optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
+        assert self._skipper is not None  # sync=False has an optimizer (checked in __init__)
+        if self._skips_dev is None or self._skips_dev.device != bad_any.device:
+            self._skips_dev = torch.zeros((), dtype=torch.int64, device=bad_any.device)
+        if self._scaler_active():  # GradScaler skips the overflowing step itself and counts it
+            self._skipper.disarm(self)
+            by = "GradScaler"
+        else:
+            self._skipper.arm(self, bad_any)
+            self._skips_dev.add_(bad_any.to(torch.int64))
+            by = "found_inf" if self._skipper.mode == "found_inf" else "restore"
         return RemedyResult(
-            "NonFiniteGuard",
-            norm_before=before,
-            skipped=bad_any,
-            affected=bad,
-            names=names,
-            extra={"by": "found_inf"},
+            "NonFiniteGuard", norm_before=before, skipped=bad_any, affected=bad, names=names, extra={"by": by}
         )
-
-    def _forget_found_inf(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """After the optimizer step the flag was set for, take it off the optimizer (as GradScaler
-        does with its own): left there, a bad step's 1 would make every later fused step a no-op
-        whenever the guard is not called again before it."""
-        if self._found_inf is not None and getattr(optimizer, "found_inf", None) is self._found_inf:
-            del optimizer.found_inf
 
     def state_dict(self) -> dict[str, int]:
         """Counters as plain ints: ``skips``, ``scaler_skips``, ``consecutive``, ``backoffs``."""
