@@ -184,3 +184,29 @@ def test_analyze_of_chapter_jsonl_gives_the_chapters_findings(tmp_path: Path) ->
     # the exploding trace is step by step, so its largest norm is the largest of all steps run
     ex = data["runs"]["exploding"]
     assert ex["logged_steps"] == list(range(ex["steps_run"]))
+
+
+def test_recorder_keeps_records_when_the_file_fails(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from gradsentry.lab.recording import LabRecorder
+    from gradsentry.records import ActivationStats, RunHeader, StepRecord
+
+    hist = {"edges": [-1.0, 0.0, 1.0], "counts": [3.0, 1.0]}
+    recs = [
+        StepRecord(s, 1.0, activations=[ActivationStats("a", "Tanh", 0, 0.0, 1.0, histogram=hist)])
+        for s in range(3)
+    ]
+    rec = LabRecorder(tmp_path / "run.jsonl", histogram_steps=(0, 2))
+    rec.open(RunHeader())
+
+    def full_disk(record: StepRecord) -> None:
+        raise OSError(28, "No space left on device")
+
+    assert rec._file is not None
+    rec._file.sink.write = full_disk  # type: ignore[attr-defined]
+    for r in recs:
+        rec.write(r)
+    rec.close()
+    assert [r.step for r in rec.records] == [0, 1, 2]
+    assert [r.activations[0].histogram for r in rec.records] == [hist, None, hist]
+    assert recs[1].activations[0].histogram == hist  # the Monitor's own record is not modified
+    assert "No space left" in caplog.text

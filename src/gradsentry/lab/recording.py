@@ -95,7 +95,9 @@ class LabRecorder:
     """The lab's sink: keeps every record of a run and writes it to the run's JSONL file (if any).
 
     Activation histograms are dropped from the records of steps outside ``histogram_steps`` (in memory
-    and in the file). Implements :class:`gradsentry.sinks.Sink`.
+    and in the file). Implements :class:`gradsentry.sinks.Sink`. A failing file (disk full) is reported
+    once and disabled (:class:`gradsentry.sinks.base.SafeSink`); the records are still kept, so the
+    lab's results do not depend on the file.
 
     Args:
         jsonl_path: the run's JSONL file, or None for none.
@@ -103,12 +105,13 @@ class LabRecorder:
     """
 
     def __init__(self, jsonl_path: str | Path | None, histogram_steps: Sequence[int]) -> None:
+        from gradsentry.sinks.base import SafeSink
         from gradsentry.sinks.jsonl import JsonlSink
 
         self.records: list[StepRecord] = []
         self.header: RunHeader | None = None
         self._keep = set(histogram_steps)
-        self._file = JsonlSink(jsonl_path, resume=False) if jsonl_path is not None else None
+        self._file = SafeSink(JsonlSink(jsonl_path, resume=False)) if jsonl_path is not None else None
 
     def open(self, header: RunHeader) -> None:
         """Keep the header and open the file."""
