@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradsentry.lab.chapters.common import jsonl_path, loss_figure, results_text, run_meta, train
+from gradsentry.lab.chapters.common import loss_figure, results_text, run_file, run_meta, train
 from gradsentry.lab.data import load_digits
 from gradsentry.lab.recording import group_norms
 
@@ -113,7 +113,7 @@ def run(
                 layers=cfg["layers"], d_model=cfg["d_model"], heads=cfg["heads"], norm_first=norm_first
             )
         opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-        path, rel = jsonl_path(runs_dir, "attention", name)
+        path, rel = run_file(runs_dir, "attention", name)
         res, recorder = train(
             model,
             d.x_train,

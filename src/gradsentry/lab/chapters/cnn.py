@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradsentry.lab.chapters.common import jsonl_path, loss_figure, results_text, run_meta, train
+from gradsentry.lab.chapters.common import loss_figure, results_text, run_file, run_meta, train
 from gradsentry.lab.data import load_digits
 from gradsentry.lab.recording import layer_norms
 
@@ -106,7 +106,7 @@ def run(
             torch.manual_seed(seed)
             model = DeepCNN(depth=cfg["depth"], channels=cfg["channels"], arch=name)
         opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-        path, rel = jsonl_path(runs_dir, "cnn", name)
+        path, rel = run_file(runs_dir, "cnn", name)
         res, recorder = train(
             model,
             d.x_train,

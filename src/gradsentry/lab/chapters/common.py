@@ -124,7 +124,7 @@ def train(
     return result, recorder
 
 
-def jsonl_path(runs_dir: Path | None, chapter: str, variant: str) -> tuple[Path | None, str | None]:
+def run_file(runs_dir: Path | None, chapter: str, variant: str) -> tuple[Path | None, str | None]:
     """A chapter run's JSONL file ``runs_dir/<chapter>/<variant>.jsonl`` and its name relative to the
     lab's output folder (``runs/<chapter>/<variant>.jsonl``); ``(None, None)`` without ``runs_dir``."""
     if runs_dir is None:

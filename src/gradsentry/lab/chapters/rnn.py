@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradsentry.lab.chapters.common import jsonl_path, run_meta, train
+from gradsentry.lab.chapters.common import run_file, run_meta, train
 from gradsentry.lab.data import load_digits
 
 CITE = (
@@ -200,7 +200,7 @@ def run(
         )
         lr = cfg["lr"]
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg["momentum"])
-        path, rel = jsonl_path(runs_dir, "rnn", name)
+        path, rel = run_file(runs_dir, "rnn", name)
         res, _ = train(
             model,
             xs_tr,
