@@ -87,6 +87,8 @@ def test_fixes_do_not_vanish_and_train(lab: tuple[LabResult, Path, list[Progress
 
 def test_exploding_is_diagnosed_with_its_step(lab: tuple[LabResult, Path, list[ProgressEvent]]) -> None:
     r = lab[0].run("exploding")
+    # the exploding family's Monitor logs every step, so the global norm is recorded at every step run
+    assert r.logged_steps == list(range(r.steps_run)) and r.schedule["every"] == 1
     # independent: the first step whose loss or global norm (both recorded every step) is not finite
     bad = [
         s for s, (g, lo) in enumerate(zip(r.global_norm, r.loss, strict=True)) if not math.isfinite(g * lo)
@@ -191,13 +193,14 @@ def test_results_json_schema_and_values(lab: tuple[LabResult, Path, list[Progres
         "first_last_rms_ratio_init", "grad_norm_init", "grad_norm_final", "final_step", "logged_steps",
         "grad_norm_by_step", "global_norm", "loss", "total_steps", "steps_run", "stopped_at",
         "first_nonfinite_step", "test_accuracy", "train_accuracy", "findings", "histograms", "time_s", "jsonl",
+        "schedule",
     }  # fmt: skip
     for run_raw, run in zip(raw["runs"], result.runs, strict=True):
         assert set(run_raw) == documented
         assert run_raw["test_accuracy"] == run.test_accuracy
         assert len(run_raw["grad_norm_by_step"]) == len(run.layer_names)
         assert all(len(row) == len(run.logged_steps) for row in run_raw["grad_norm_by_step"])
-        assert len(run_raw["global_norm"]) == len(run_raw["loss"]) == run.steps_run
+        assert len(run_raw["loss"]) == run.steps_run and len(run_raw["global_norm"]) == len(run.logged_steps)
         assert (out / run_raw["jsonl"]).is_file()
     exploding = raw["runs"][TEST_CONFIG.variants.index("exploding")]
     assert "NaN" in exploding["global_norm"] or "Infinity" in exploding["global_norm"]
@@ -211,23 +214,39 @@ def test_results_json_schema_and_values(lab: tuple[LabResult, Path, list[Progres
         assert a.histograms == b.histograms
 
 
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def test_jsonl_records_match_the_results(lab: tuple[LabResult, Path, list[ProgressEvent]]) -> None:
+    """Every trace of results.json is the Monitor's records' values, as written in the run's JSONL."""
     result, out, _ = lab
     for r in result.runs:
         run = read_jsonl(out / f"runs/{r.name}.jsonl")
         assert run.header.meta["variant"] == r.name
+        assert run.header.meta["schedule"] == r.schedule
         assert [rec.step for rec in run.records] == r.logged_steps
         assert [x.name for x in run.header.layers] == r.monitored_layers
-        for rec in run.records:
-            # the lab's own per-step global norm (foreach norms) against the Monitor's (per-layer sums)
-            mine = r.global_norm[rec.step]
-            if math.isfinite(mine):
-                assert rec.global_norm == pytest.approx(mine, rel=1e-4)
-            else:
-                assert not math.isfinite(rec.global_norm)
+        for i, rec in enumerate(run.records):
+            assert _same(rec.global_norm, r.global_norm[i])
             row = [rec.layer(name).grad_norm for name in r.layer_names]
-            col = [r.grad_norm_by_step[i][r.logged_steps.index(rec.step)] for i in range(len(r.layer_names))]
-            assert row == col or all(math.isnan(a) and math.isnan(b) for a, b in zip(row, col, strict=True))
+            col = [r.grad_norm_by_step[j][i] for j in range(len(r.layer_names))]
+            assert all(_same(a, b) for a, b in zip(row, col, strict=True))
+        assert r.grad_norm_init == [run.records[0].layer(n).grad_norm for n in r.layer_names]
+        final = next(rec for rec in run.records if rec.step == r.final_step)
+        assert r.grad_norm_final == [final.layer(n).grad_norm for n in r.layer_names]
+        for (
+            h
+        ) in r.histograms:  # the histograms are the Monitor's activation records at step 0 / the last step
+            first = next(a for a in run.records[0].activations if a.name == h.layer)
+            assert first.histogram is not None and h.init == first.histogram["counts"]
+            assert h.edges == first.histogram["edges"] and h.saturated_frac_init == first.saturated_frac
+            if h.final is not None:
+                last = next(a for a in run.records[-1].activations if a.name == h.layer)
+                assert run.records[-1].step == r.total_steps - 1
+                assert last.histogram is not None and h.final == last.histogram["counts"]
+        # kept only at the steps shown: 80 bins per activation per logged step would bloat the file
+        assert all(a.histogram is None for rec in run.records[1:-1] for a in rec.activations)
         assert [f.kind for f in run.findings] == [f["kind"] for f in r.findings]
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from gradsentry import read_jsonl
 from gradsentry.lab import LabConfig, read_results, run_lab, write_outputs
 from gradsentry.lab.chapters import CHAPTERS, run_chapter
 
@@ -90,6 +91,10 @@ def test_cli_prints_a_table_per_chapter(tmp_path) -> None:
     printed = capture.getvalue()
     runs = read_results(tmp_path / "lab" / "results.json").chapters["cnn"]["runs"]
     assert "chapter cnn" in printed
-    for run in runs.values():  # every variant's row with the accuracy results.json holds
+    for name, run in runs.items():  # every variant's row with the accuracy results.json holds
         line = next(ln for ln in printed.splitlines() if run["title"] in ln and "%" in ln)
         assert f"{100 * run['test_accuracy']:.1f}%" in line
+        # each run's Monitor records, next to results.json, with the schedule in the header
+        assert run["jsonl"] == f"runs/cnn/{name}.jsonl"
+        header = read_jsonl(tmp_path / "lab" / run["jsonl"]).header
+        assert header.meta["schedule"] == run["schedule"] and header.meta["chapter"] == "cnn"

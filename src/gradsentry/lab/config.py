@@ -10,9 +10,6 @@ from typing import Any
 
 from gradsentry.lab.variants import DEFAULT_VARIANTS, VARIANTS
 
-DENSE_START = 16
-"""The lab logs each of the first steps: an oversized init explodes within them."""
-
 
 @dataclass(frozen=True)
 class LabConfig:
@@ -27,8 +24,9 @@ class LabConfig:
         momentum: SGD momentum.
         seed: seed of the initial weights and of the mini-batch order (the same for every variant).
         variants: names of the variants to run, in order (see :data:`VARIANTS`).
-        log_every: the Monitor logs every ``log_every``-th step after the first :data:`DENSE_START`
-            steps, which it logs all.
+        log_every: the Monitor's ``every`` for the vanishing family: it logs every ``log_every``-th
+            step, each of the first 16 steps and the last step (:class:`gradsentry.lab.recording.Schedule`,
+            written in each run's header); the exploding family logs every step.
         oversized_gain: factor on the He standard deviation for the exploding variants (dimensionless).
         clip_norm: ``max_norm`` of global-norm clipping, same units as the gradient; also ZClip's
             ``max_grad_norm``, its cap during warm-up and (``cap_after_warmup=True``) its ceiling after.

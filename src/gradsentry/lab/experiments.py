@@ -5,7 +5,8 @@ The variant table is :mod:`gradsentry.lab.variants`, the shared budget :mod:`gra
 
 Every variant trains the same deep MLP shape (:mod:`gradsentry.lab.models`) on the same digits split
 (:mod:`gradsentry.lab.data`) with the same optimizer (SGD with momentum, cosine learning-rate decay),
-the same mini-batches in the same order and the same seed, watched by a :class:`gradsentry.Monitor`.
+the same mini-batches in the same order and the same seed, watched by a :class:`gradsentry.Monitor`
+whose records give every gradient number of the result (:mod:`gradsentry.lab.recording`).
 Only the variant's activation, initialisation, architecture (residual, batch norm) and fix differ,
 so the differences in the results are caused by those.
 
@@ -27,8 +28,9 @@ import torch
 from torch import nn
 
 from gradsentry._extras import require
-from gradsentry.lab.config import DENSE_START, LabConfig, ProgressCallback, ProgressEvent
+from gradsentry.lab.config import LabConfig, ProgressCallback, ProgressEvent
 from gradsentry.lab.data import Digits, load_digits
+from gradsentry.lab.recording import Schedule, activation, layer_norms, watch
 from gradsentry.lab.results import HistogramResult, LabResult, VariantResult, first_last_rms_ratio
 from gradsentry.lab.variants import (
     DEFAULT_VARIANTS,
@@ -37,26 +39,28 @@ from gradsentry.lab.variants import (
     build_remedy,
     build_variant_model,
 )
-from gradsentry.sinks.jsonl import JsonlSink
+from gradsentry.records import StepRecord
 
 log = logging.getLogger("gradsentry")
 
-SIGMOID_LINEAR_BAND = 4.6
-"""``|x|`` below which the sigmoid is not saturated: ``sigmoid(4.6) ≈ 0.99``, ``sigmoid'(4.6) ≈ 0.0099``."""
-
 
 def hist_layer_indices(depth: int) -> list[int]:
-    """Hidden blocks whose pre-activations are histogrammed: first, middle and last."""
+    """Hidden blocks whose pre-activation histograms are shown: first, middle and last."""
     return sorted({0, depth // 2, depth - 1})
 
 
-class _PreActCapture:
-    """Forward hooks that histogram the input of chosen activation modules when armed."""
+class _BatchSpread:
+    """Forward hooks on chosen activation modules that measure, when armed, the spread of each unit's
+    input across the examples of the batch (standard deviation over the batch, mean over units).
 
-    def __init__(self, modules: dict[str, nn.Module], bins: int, limit: float) -> None:
-        self.bins, self.limit = bins, limit
+    The Monitor records the pre-activation's standard deviation over all entries (``pre_std``), which
+    mixes the spread across examples with the spread across units; the report's point (a deep sigmoid
+    MLP gives every example the same pre-activations) needs the first alone, at two steps only.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.armed: str | None = None
-        self.data: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.data: dict[str, dict[str, float]] = {}
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str) -> Callable[..., None]:
@@ -64,10 +68,8 @@ class _PreActCapture:
             if self.armed is None:
                 return
             x = args[0].detach().float()
-            counts = torch.histc(x.clamp(-self.limit, self.limit), self.bins, -self.limit, self.limit)
-            sat = (x.abs() > SIGMOID_LINEAR_BAND).float().mean()
-            spread = x.std(dim=0).mean() if x.shape[0] > 1 else torch.zeros(())
-            self.data.setdefault(name, {})[self.armed] = (counts, sat, spread)
+            spread = float(x.std(dim=0).mean()) if x.shape[0] > 1 else 0.0
+            self.data.setdefault(name, {})[self.armed] = spread
 
         return hook
 
@@ -76,12 +78,40 @@ class _PreActCapture:
             h.remove()
 
 
+def _histogram(
+    block: int, name: str, first: StepRecord | None, last: StepRecord | None, spread: dict[str, float]
+) -> HistogramResult:
+    """A block's histograms at step 0 and the last step, from the Monitor's activation records."""
+    a0, a1 = activation(first, name), activation(last, name)
+    h0 = a0.histogram if a0 is not None else None
+    h1 = a1.histogram if a1 is not None else None
+    edges = (h0 or h1 or {}).get("edges", [])
+    return HistogramResult(
+        layer=name,
+        block=block,
+        edges=list(edges),
+        init=list(h0["counts"]) if h0 else None,
+        final=list(h1["counts"]) if h1 else None,
+        saturated_frac_init=a0.saturated_frac if a0 is not None else None,
+        saturated_frac_final=a1.saturated_frac if a1 is not None else None,
+        sample_std_init=spread.get("init"),
+        sample_std_final=spread.get("final"),
+    )
+
+
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
         acc = (model(x).argmax(dim=1) == y).float().mean().item()
     model.train()
     return float(acc)
+
+
+def variant_schedule(variant: Variant, config: LabConfig, total: int) -> Schedule:
+    """The steps a variant's Monitor logs: every ``config.log_every``-th step, or every step for the
+    exploding family (whose global-norm trace is shown step by step), plus the first
+    :data:`~gradsentry.lab.recording.DENSE_STEPS` steps and the last one."""
+    return Schedule(every=1 if variant.family == "exploding" else config.log_every, total=total)
 
 
 def run_variant(
@@ -95,6 +125,9 @@ def run_variant(
 ) -> VariantResult:
     """Train one variant under a Monitor and collect every number the report shows.
 
+    Every gradient number comes from the Monitor's records (:mod:`gradsentry.lab.recording`), logged
+    on :func:`variant_schedule`, which the run header holds (``meta["schedule"]``).
+
     Args:
         variant: the variant to run.
         config: the shared budget (see :class:`LabConfig`).
@@ -106,8 +139,6 @@ def run_variant(
     Returns:
         The :class:`~gradsentry.lab.results.VariantResult`.
     """
-    from gradsentry.monitor import Monitor
-
     data = data or load_digits()
     n = int(data.x_train.shape[0])
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -125,33 +156,29 @@ def run_variant(
         weight_decay=config.weight_decay if variant.weight_decay else 0.0,
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    remedy = build_remedy(variant, config, model)
-    sinks = [JsonlSink(jsonl_path, resume=False)] if jsonl_path is not None else []
-    meta = {
-        "source": "gradsentry lab",
-        "variant": variant.name,
-        "title": variant.title,
-        "config": config.to_dict(),
-    }
+    schedule = variant_schedule(variant, config, total)
     hist_blocks = hist_layer_indices(config.depth)
-    capture = _PreActCapture(
-        {f"blocks.{i}.act": model.hidden_blocks()[i].act for i in hist_blocks},
-        config.hist_bins,
-        config.hist_range,
+    spread = _BatchSpread({f"blocks.{i}.act": model.hidden_blocks()[i].act for i in hist_blocks})
+    mon, recorder = watch(
+        model,
+        schedule,
+        optimizer=opt,
+        remedy=build_remedy(variant, config, model),
+        meta={
+            "source": "gradsentry lab",
+            "variant": variant.name,
+            "title": variant.title,
+            "config": config.to_dict(),
+        },
+        jsonl_path=jsonl_path,
+        histogram_bins=config.hist_bins,
+        histogram_range=config.hist_range,
+        # name where NaN/inf starts in the runs left to diverge (an isfinite per module call at every
+        # logged step: about a third of a fixed run's time when it logs every step)
+        locate_nonfinite=variant.family == "exploding" and variant.remedy == "none",
     )
-    global_norms = torch.full((total,), math.nan)
     losses = torch.full((total,), math.nan)
     gen = torch.Generator().manual_seed(config.seed)
-    mon = Monitor(
-        model,
-        every=1,  # every step at first, where explosions happen, so that findings name the exact step
-        optimizer=opt,
-        sinks=sinks,
-        remedy=remedy,
-        meta=meta,
-        locate_nonfinite=variant.family == "exploding",  # name where NaN/inf starts
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
     step = 0
     stopped_at: int | None = None
     try:
@@ -159,14 +186,10 @@ def run_variant(
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, config.batch_size):
                 idx = perm[start : start + config.batch_size]
-                if step == DENSE_START:
-                    mon.every = config.log_every
-                capture.armed = "init" if step == 0 else ("final" if step == total - 1 else None)
+                spread.armed = "init" if step == 0 else ("final" if step == total - 1 else None)
                 loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                grads = [p.grad for p in params if p.grad is not None]
-                global_norms[step] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
                 losses[step] = loss.detach()
                 rec = mon.step(loss=loss)  # statistics first, then the remedy (inside step)
                 opt.step()
@@ -181,46 +204,25 @@ def run_variant(
             if stopped_at is not None:
                 break
     except BaseException:
-        capture.close()
+        spread.close()
         mon.close(write_findings=False)
         raise
-    capture.close()
+    spread.close()
     mon.close()  # diagnoses the run and writes the findings to the JSONL file
     findings = mon.diagnose()  # the same records, so the same findings as in the file
-    records = mon.records
-    layers = mon.layers
+    records = recorder.records
     linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    by_step = {rec.step: {ls.name: ls for ls in rec.layers} for rec in records}
-    logged = [rec.step for rec in records]
-    grad_by_step = [[by_step[s][name].grad_norm for s in logged] for name in linear_names]
-    init_rec = records[0]
-    final_rec = next((r for r in reversed(records) if r.finite), records[0])
-    gn = global_norms[:step].tolist()
+    init_rec, final_rec = records[0], recorder.last_finite()
     ls = losses[:step].tolist()
-    nonfinite_steps = [
-        i
-        for i, (g, lo) in enumerate(zip(gn, ls, strict=True))
-        if not (math.isfinite(g) and math.isfinite(lo))
-    ]
-    histograms = []
-    for i in hist_blocks:
-        name = f"blocks.{i}.act"
-        got = capture.data.get(name, {})
-        init_c = got.get("init")
-        final_c = got.get("final")
-        histograms.append(
-            HistogramResult(
-                layer=name,
-                block=i,
-                edges=torch.linspace(-config.hist_range, config.hist_range, config.hist_bins + 1).tolist(),
-                init=init_c[0].tolist() if init_c else None,
-                final=final_c[0].tolist() if final_c else None,
-                saturated_frac_init=float(init_c[1]) if init_c else None,
-                saturated_frac_final=float(final_c[1]) if final_c else None,
-                sample_std_init=float(init_c[2]) if init_c else None,
-                sample_std_final=float(final_c[2]) if final_c else None,
-            )
+    bad_loss = next((i for i, lo in enumerate(ls) if not math.isfinite(lo)), None)
+    bad_grad = next((r.step for r in records if not r.finite), None)
+    bad = [s for s in (bad_loss, bad_grad) if s is not None]
+    histograms = [
+        _histogram(
+            i, f"blocks.{i}.act", init_rec, recorder.at(total - 1), spread.data.get(f"blocks.{i}.act", {})
         )
+        for i in hist_blocks
+    ]
     test_acc = _accuracy(model, data.x_test, data.y_test)
     train_acc = _accuracy(model, data.x_train, data.y_train)
     return VariantResult(
@@ -230,25 +232,26 @@ def run_variant(
         family=variant.family,
         spec={f.name: getattr(variant, f.name) for f in fields(variant)},
         layer_names=linear_names,
-        monitored_layers=[info.name for info in layers],
+        monitored_layers=[info.name for info in mon.layers],
         first_last_rms_ratio_init=first_last_rms_ratio(init_rec),
-        grad_norm_init=[by_step[init_rec.step][name].grad_norm for name in linear_names],
-        grad_norm_final=[by_step[final_rec.step][name].grad_norm for name in linear_names],
+        grad_norm_init=layer_norms(init_rec, linear_names),
+        grad_norm_final=layer_norms(final_rec, linear_names),
         final_step=final_rec.step,
-        logged_steps=logged,
-        grad_norm_by_step=grad_by_step,
-        global_norm=gn,
+        logged_steps=[r.step for r in records],
+        grad_norm_by_step=[[r.layer(name).grad_norm for r in records] for name in linear_names],
+        global_norm=[r.global_norm for r in records],
         loss=ls,
         total_steps=total,
         steps_run=step,
         stopped_at=stopped_at,
-        first_nonfinite_step=nonfinite_steps[0] if nonfinite_steps else None,
+        first_nonfinite_step=min(bad) if bad else None,
         test_accuracy=test_acc,
         train_accuracy=train_acc,
         findings=[f.to_dict() for f in findings],
         histograms=histograms,
         time_s=time.perf_counter() - t0,
         jsonl=jsonl_name,
+        schedule=schedule.meta(),
     )
 
 
@@ -263,7 +266,8 @@ def run_lab(
     Args:
         config: the settings (default :class:`LabConfig()`: depth 20, width 64, 40 epochs, every variant).
         out_dir: if given, one JSONL record file per run is written to ``out_dir/runs/<variant>.jsonl``
-            (re-render one with ``gradsentry report``). The HTML report and ``results.json`` are written
+            (``out_dir/runs/<chapter>/<variant>.jsonl`` for the chapters beyond MLPs; re-render one with
+            ``gradsentry report``, judge it with ``gradsentry analyze``). The HTML report and ``results.json`` are written
             by :func:`gradsentry.lab.write_outputs`.
         progress: called with a :class:`ProgressEvent` at every logged step and at the end of each run.
             The library never prints.
@@ -330,7 +334,9 @@ def run_lab(
         for i, chapter in enumerate(extra):
             if progress is not None:
                 progress(ProgressEvent(f"chapter {chapter}", i, len(extra), 0, 1, False, None))
-            chapters[chapter] = run_chapter(chapter, quick=config.chapter_budget == "quick", seed=config.seed)
+            chapters[chapter] = run_chapter(
+                chapter, quick=config.chapter_budget == "quick", seed=config.seed, runs_dir=runs_dir
+            )
             log.info("gradsentry lab: chapter %s done in %.1f s", chapter, chapters[chapter]["time_s"])
             if progress is not None:
                 progress(ProgressEvent(f"chapter {chapter}", i, len(extra), 1, 1, True, None))

@@ -1,6 +1,7 @@
 """The lab's results as plain data, and ``results.json``.
 
-``results.json`` holds every number the lab report shows. It is strict JSON: a non-finite float
+``results.json`` holds every number the lab report shows. Every gradient number in it is read from the
+runs' Monitor records (:mod:`gradsentry.lab.recording`); the loss per step is the training loop's. It is strict JSON: a non-finite float
 (NaN, +inf, -inf: evidence of a diverged run) is written as the string ``"NaN"``, ``"Infinity"`` or
 ``"-Infinity"``; :func:`read_results` turns them back into floats. Schema (version
 :data:`RESULTS_SCHEMA_VERSION`)::
@@ -21,27 +22,32 @@
           "grad_norm_init": [float],                      # per Linear layer, L2 norm of its gradients at step 0
           "grad_norm_final": [float],                     # same at "final_step" (last finite logged step)
           "final_step": int,
-          "logged_steps": [int],                          # steps the Monitor logged
+          "logged_steps": [int],                          # steps the Monitor logged ("schedule")
           "grad_norm_by_step": [[float]],                 # [layer][logged step] L2 gradient norm (heat map)
-          "global_norm": [float],                         # every step: L2 norm of all gradients, before any fix
+          "global_norm": [float],                         # per logged step: L2 norm of all gradients, before
+                                                          # any fix (the exploding family logs every step)
           "loss": [float],                                # every step: training cross-entropy (nats)
           "total_steps": int, "steps_run": int,           # budget and steps actually run
           "stopped_at": int | null,                       # logged step where a NaN/inf stopped the run
-          "first_nonfinite_step": int | null,             # first step with a NaN/inf loss or gradient
+          "first_nonfinite_step": int | null,             # first step with a NaN/inf loss (any step) or
+                                                          # gradient (logged steps)
           "test_accuracy": float, "train_accuracy": float,  # fraction in [0, 1] after training
           "findings": [Finding.to_dict()],                # gradsentry.diagnose over the run's records
           "histograms": [{"layer", "block", "edges": [float], "init": [float] | null,
                           "final": [float] | null,        # counts of pre-activations at step 0 / last step
-                          "saturated_frac_init", "saturated_frac_final",   # fraction with |x| > 4.6
+                          "saturated_frac_init", "saturated_frac_final",   # the Monitor's saturated_frac
                           "sample_std_init", "sample_std_final"}],         # per-unit std over the batch
           "time_s": float,                                # this run, seconds
-          "jsonl": str | null                             # its JSONL record file, relative to results.json
+          "jsonl": str | null,                            # its JSONL record file, relative to results.json
+          "schedule": {"every", "dense_first", "last_step", "histogram_steps", "text"}  # as in its header
         }
       ],
       "chapters": {                           # the chapters beyond MLPs that ran (absent when none ran)
         "<rnn|cnn|attention>": {"title", "settings": {...}, "cite": str, "time_s": float,
                                 "claims": {...},  # measured numbers; "*_holds": the claim's direction
-                                "runs": {"<variant>": {"title", "loss": [float], "global_norm": [float],
+                                "runs": {"<variant>": {"title", "loss": [float] (every step),
+                                         "global_norm": [float], "logged_steps": [int] (the Monitor's),
+                                         "schedule": {...}, "jsonl": str | null,
                                          "test_accuracy", "findings": [...], ...chapter-specific}}}
       }
     }
@@ -87,13 +93,19 @@ def first_last_rms_ratio(record: StepRecord) -> float:
 class HistogramResult:
     """Pre-activation histogram of one hidden block's activation, at step 0 and the last step.
 
+    The counts and saturated fractions are the Monitor's (``record.activations[*]``, recorded with
+    ``histogram_bins=LabConfig.hist_bins``); the per-unit spread is measured by the lab (the Monitor
+    records the standard deviation over all entries, not over the batch per unit).
+
     Attributes:
         layer: the activation module, e.g. ``"blocks.10.act"``.
         block: the hidden block's index.
         edges: ``bins + 1`` bin edges, same units as the pre-activation.
         init: counts at step 0 (values outside the range are counted in the end bins), or None.
         final: counts at the last step of the budget, or None (run stopped early).
-        saturated_frac_init: fraction in [0, 1] of pre-activations with ``|x| > 4.6`` at step 0.
+        saturated_frac_init: the Monitor's saturated fraction in [0, 1] at step 0 (its band for the
+            activation's kind, by default sigmoid ``|x| > 4.595``, tanh ``|y| > 0.99``; None for an
+            unbounded activation such as ReLU).
         saturated_frac_final: the same at the last step.
         sample_std_init: spread of one unit's pre-activation across the examples of the batch (standard
             deviation over the batch, averaged over units; same units as the pre-activation) at step 0.
@@ -140,6 +152,7 @@ class VariantResult:
     histograms: list[HistogramResult] = field(default_factory=list)
     time_s: float = 0.0
     jsonl: str | None = None
+    schedule: dict[str, Any] = field(default_factory=dict)
 
     @property
     def diverged(self) -> bool:

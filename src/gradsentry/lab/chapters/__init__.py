@@ -1,6 +1,7 @@
 """The lab's chapters: ``mlp`` (the variant table of :mod:`gradsentry.lab.experiments`) and the
-chapters beyond MLPs, each in its own module with ``run(quick=..., seed=...) -> dict`` (stored in
-``results.json["chapters"][name]``), ``claims(data) -> dict`` (the chapter's claims as measured
+chapters beyond MLPs, each in its own module with ``run(quick=..., seed=..., runs_dir=...) -> dict`` (stored in
+``results.json["chapters"][name]``; with ``runs_dir=`` each run's Monitor records also go to
+``runs_dir/<name>/<variant>.jsonl``), ``claims(data) -> dict`` (the chapter's claims as measured
 numbers and booleans) and ``sections(data) -> list[dict]`` (its part of the HTML report).
 
 * ``rnn`` (:mod:`~gradsentry.lab.chapters.rnn`): through time, vanilla/orthogonal/identity RNNs,
@@ -12,6 +13,7 @@ numbers and booleans) and ``sections(data) -> list[dict]`` (its part of the HTML
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
@@ -27,10 +29,13 @@ def chapter_module(name: str) -> ModuleType:
     return importlib.import_module(f"gradsentry.lab.chapters.{name}")
 
 
-def run_chapter(name: str, *, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+def run_chapter(
+    name: str, *, quick: bool = False, seed: int = 0, runs_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
     """Run one chapter beyond MLPs on one torch thread; its result object with ``claims`` and ``time_s``
-    added."""
+    added. With ``runs_dir``, each run's Monitor records go to ``runs_dir/<chapter>/<variant>.jsonl``."""
     import time
+    from pathlib import Path
 
     import torch
 
@@ -39,7 +44,9 @@ def run_chapter(name: str, *, quick: bool = False, seed: int = 0) -> dict[str, A
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the fastest for these small tensors (as in run_lab)
     try:
-        data: dict[str, Any] = mod.run(quick=quick, seed=seed)
+        data: dict[str, Any] = mod.run(
+            quick=quick, seed=seed, runs_dir=Path(runs_dir) if runs_dir is not None else None
+        )
     finally:
         torch.set_num_threads(old_threads)
     data["claims"] = mod.claims(data)

@@ -15,21 +15,24 @@ variants differ only in ``norm_first``:
   trains without warm-up (Xiong et al. 2020; Shleifer et al. 2021, arXiv:2110.09456).
 
 The per-block gradient norm is the L2 norm of the gradients of every parameter under
-``encoder.layers.{i}``, found by name: ``nn.MultiheadAttention`` calls its ``out_proj`` weights
-through a functional call, not as a module, so module hooks (and depth order taken from forward
-calls) would miss or misplace it.
+``encoder.layers.{i}``: the root of the sum of the squared norms the Monitor records for the layers
+named ``encoder.layers.{i}.*`` (:func:`gradsentry.lab.recording.group_norms`). ``nn.MultiheadAttention``
+uses its ``out_proj`` weights through a functional call, not as a module; the Monitor still records
+``self_attn.out_proj`` as a layer, placed by its owner's call.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradsentry.lab.chapters.common import block_grad_norms, loss_figure, results_text, train
+from gradsentry.lab.chapters.common import loss_figure, results_text, run_file, run_meta, train
 from gradsentry.lab.data import load_digits
+from gradsentry.lab.recording import group_norms
 
 CITE = "Xiong et al. 2020 (arXiv:2002.04745); Shleifer, Weston & Ott 2021 (arXiv:2110.09456)"
 
@@ -81,12 +84,23 @@ def _settings(quick: bool) -> dict[str, Any]:
         "epochs": 3 if quick else 6,
         "batch_size": 64,
         "lr": 0.01 if quick else 0.003,  # the 6-block quick net needs a larger lr to show post-LN's failure
-        "record_every": 4,
+        "record_every": 4,  # the Monitor's every (plus each of the first 16 steps and the last)
     }
 
 
-def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Run the chapter; returns its ``results.json["chapters"]["attention"]`` object."""
+def run(
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    variants: tuple[str, ...] | None = None,
+    runs_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run the chapter; returns its ``results.json["chapters"]["attention"]`` object.
+
+    The per-block gradient norms are read from the Monitor's records at the steps of its ``every`` grid
+    (``record_every``: 0, 4, 8, ...; the first 16 steps, also logged, are not averaged in twice); each
+    run's records go to ``runs_dir/attention/<variant>.jsonl`` when ``runs_dir`` is given.
+    """
     cfg = _settings(quick)
     d = load_digits()
     blocks = [f"encoder.layers.{i}" for i in range(cfg["layers"])]
@@ -98,18 +112,9 @@ def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None 
             model = DigitTransformer(
                 layers=cfg["layers"], d_model=cfg["d_model"], heads=cfg["heads"], norm_first=norm_first
             )
-        rows: list[list[float]] = []
-        steps: list[int] = []
-
-        def after(
-            step: int, m: DigitTransformer = model, out: list[list[float]] = rows, at: list[int] = steps
-        ) -> None:
-            if step % cfg["record_every"] == 0:
-                out.append(block_grad_norms(m, blocks))
-                at.append(step)
-
         opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-        res = train(
+        path, rel = run_file(runs_dir, "attention", name)
+        res, recorder = train(
             model,
             d.x_train,
             d.y_train,
@@ -119,8 +124,12 @@ def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None 
             epochs=cfg["epochs"],
             batch_size=cfg["batch_size"],
             seed=seed,
-            after_backward=after,
+            log_every=cfg["record_every"],
+            meta=run_meta("attention", name, title, cfg),
+            jsonl_path=path,
         )
+        grid = [r for r in recorder.records if r.step % cfg["record_every"] == 0]
+        rows = [group_norms(r, blocks) for r in grid]
         init = rows[0]
         early = rows[: max(1, len(rows) // 4)]
         res.update(
@@ -129,11 +138,12 @@ def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None 
             blocks=blocks,
             block_grad_init=init,
             block_grad_by_step=rows,
-            recorded_steps=steps,
+            recorded_steps=[r.step for r in grid],
             # the spread of per-block gradient norms over depth: last block / first block
             last_first_ratio_init=init[-1] / init[0] if init[0] > 0 else math.nan,
             block_grad_early_mean=[sum(r[i] for r in early) / len(early) for i in range(len(blocks))],
             final_loss=sum(res["loss"][-10:]) / len(res["loss"][-10:]),
+            jsonl=rel,
         )
         runs[name] = res
     return {"title": "Through attention: post-LN vs pre-LN", "settings": cfg, "runs": runs, "cite": CITE}
@@ -198,8 +208,8 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
                     ),
                     "fig-attn-blocks",
                     "Per-block gradient norm of post-LN and pre-LN encoders",
-                    "L2 norm of the gradients of each encoder block's parameters (found by name, out_proj "
-                    "included), log scale.",
+                    "L2 norm of the gradients of each encoder block's parameters (from the Monitor's "
+                    "per-layer records, out_proj included), log scale.",
                 ),
                 loss_figure(
                     runs,

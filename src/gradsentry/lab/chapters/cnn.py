@@ -17,13 +17,15 @@ differs:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradsentry.lab.chapters.common import block_grad_norms, loss_figure, results_text, train
+from gradsentry.lab.chapters.common import loss_figure, results_text, run_file, run_meta, train
 from gradsentry.lab.data import load_digits
+from gradsentry.lab.recording import layer_norms
 
 CITE = "He, Zhang, Ren & Sun 2016 (arXiv:1512.03385); Ioffe & Szegedy 2015 (arXiv:1502.03167)"
 
@@ -78,11 +80,23 @@ def _settings(quick: bool) -> dict[str, Any]:
         "epochs": 3 if quick else 8,
         "batch_size": 64,
         "lr": 0.002,
+        "log_every": 4,  # the Monitor's every (plus each of the first 16 steps and the last)
     }
 
 
-def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Run the chapter; returns its ``results.json["chapters"]["cnn"]`` object."""
+def run(
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    variants: tuple[str, ...] | None = None,
+    runs_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run the chapter; returns its ``results.json["chapters"]["cnn"]`` object.
+
+    The depth profiles are the Monitor's per-layer gradient norms at step 0 and at the last finite
+    logged step (the last step of the budget is logged); each run's records go to
+    ``runs_dir/cnn/<variant>.jsonl`` when ``runs_dir`` is given.
+    """
     cfg = _settings(quick)
     d = load_digits()
     layers = ["stem"] + [f"convs.{i}" for i in range(cfg["depth"])] + ["head"]
@@ -91,17 +105,9 @@ def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = DeepCNN(depth=cfg["depth"], channels=cfg["channels"], arch=name)
-        profile: dict[str, list[float]] = {}
-
-        def after(step: int, m: DeepCNN = model, store: dict[str, list[float]] = profile) -> None:
-            norms = block_grad_norms(m, layers)
-            if step == 0:
-                store["init"] = norms
-            if all(v == v and v != float("inf") for v in norms):
-                store["final"] = norms
-
         opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-        res = train(
+        path, rel = run_file(runs_dir, "cnn", name)
+        res, recorder = train(
             model,
             d.x_train,
             d.y_train,
@@ -111,15 +117,18 @@ def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None 
             epochs=cfg["epochs"],
             batch_size=cfg["batch_size"],
             seed=seed,
-            after_backward=after,
+            log_every=cfg["log_every"],
+            meta=run_meta("cnn", name, VARIANTS[name], cfg),
+            jsonl_path=path,
         )
-        init = profile["init"]
+        init = layer_norms(recorder.records[0], layers)
         res.update(
             title=VARIANTS[name],
             layers=layers,
             grad_norm_init=init,
-            grad_norm_final=profile.get("final", init),
+            grad_norm_final=layer_norms(recorder.last_finite(), layers),
             first_last_ratio_init=init[1] / init[-2] if init[-2] > 0 else float("nan"),
+            jsonl=rel,
         )
         runs[name] = res
     return {"title": "Through convolutions: deep CNNs", "settings": cfg, "runs": runs, "cite": CITE}
@@ -179,7 +188,8 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
                     ),
                     "fig-cnn-depth",
                     "Per-layer gradient norm of the deep CNNs against depth",
-                    "Gradient norm of each layer's parameters at step 0 and at the last step, log scale.",
+                    "Gradient norm of each layer's parameters (the Monitor's records) at step 0 and at the "
+                    "last step, log scale.",
                 ),
                 loss_figure(
                     runs,

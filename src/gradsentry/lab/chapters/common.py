@@ -2,8 +2,9 @@
 
 Each chapter (:mod:`~gradsentry.lab.chapters.rnn`, :mod:`~gradsentry.lab.chapters.cnn`,
 :mod:`~gradsentry.lab.chapters.attention`) builds its models and calls :func:`train` once per
-variant; the result is plain JSON-serialisable data stored under ``results.json["chapters"]``.
-A run whose loss or global gradient norm turns NaN/inf is stopped at that step.
+variant; the result is plain JSON-serialisable data stored under ``results.json["chapters"]``, its
+gradient numbers read from the Monitor's records (:mod:`gradsentry.lab.recording`). A run whose loss
+(any step) or global gradient norm (a logged step) turns NaN/inf is stopped at that step.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from gradsentry.lab.recording import LabRecorder, Schedule, watch
 
 if TYPE_CHECKING:
     from gradsentry.report.html import FigureView
@@ -44,29 +48,39 @@ def train(
     seed: int,
     remedy: Any = None,
     log_every: int = 4,
+    meta: dict[str, Any] | None = None,
+    jsonl_path: Path | None = None,
     after_backward: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], LabRecorder]:
     """Train ``model`` with cross-entropy under a :class:`gradsentry.Monitor`.
 
+    The Monitor logs every ``log_every``-th step, each of the first 16 and the last one
+    (:class:`~gradsentry.lab.recording.Schedule`, written in the header's ``meta["schedule"]``); its
+    records (the returned recorder's) give every gradient number the chapter shows.
+
     Args:
+        log_every: the Monitor's ``every`` (1 for a run whose global norm is shown step by step).
+        meta: metadata for the run header (the schedule is added).
+        jsonl_path: the run's JSONL record file, or None.
         after_backward: called as ``after_backward(step)`` after each ``backward()``, before the
             Monitor's step (and so before any remedy), e.g. to read per-time-step hooks.
 
     Returns:
-        ``{"loss": [float] per step, "global_norm": [float] per step (before any fix), "steps_run",
-        "total_steps", "first_nonfinite_step" (int | None), "test_accuracy", "train_accuracy",
-        "findings": [Finding.to_dict()], "finding_kinds": [str], "time_s"}``.
+        ``(result, recorder)``: ``result`` is ``{"loss": [float] per step, "global_norm": [float] per
+        logged step (before any fix), "logged_steps", "schedule", "steps_run", "total_steps",
+        "first_nonfinite_step" (int | None: the first step with a NaN/inf loss, or gradient at a logged
+        step; the run stops there), "test_accuracy", "train_accuracy", "findings": [Finding.to_dict()],
+        "finding_kinds": [str], "time_s"}``; ``recorder.records`` holds the Monitor's records.
     """
-    from gradsentry.monitor import Monitor
-
     t0 = time.perf_counter()
     n = int(x_train.shape[0])
     total = epochs * math.ceil(n / batch_size)
     gen = torch.Generator().manual_seed(seed)
-    mon = Monitor(model, every=1, optimizer=optimizer, remedy=remedy)
-    params = [p for p in model.parameters() if p.requires_grad]
+    schedule = Schedule(every=log_every, total=total)
+    mon, recorder = watch(
+        model, schedule, optimizer=optimizer, remedy=remedy, meta=meta, jsonl_path=jsonl_path
+    )
     losses: list[float] = []
-    norms: list[float] = []
     step = 0
     bad: int | None = None
     try:
@@ -74,21 +88,16 @@ def train(
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, batch_size):
                 idx = perm[start : start + batch_size]
-                if step == 16:
-                    mon.every = log_every
                 loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grads = [p.grad for p in params if p.grad is not None]
-                gn = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
                 lo = float(loss.detach())
                 losses.append(lo)
-                norms.append(gn)
                 if after_backward is not None:
                     after_backward(step)
-                mon.step(loss=loss)
+                rec = mon.step(loss=loss)
                 step += 1
-                if not (math.isfinite(gn) and math.isfinite(lo)):
+                if not math.isfinite(lo) or (rec is not None and not rec.finite):
                     bad = step - 1
                     break
                 optimizer.step()
@@ -97,9 +106,12 @@ def train(
     finally:
         mon.close()
     findings = mon.diagnose()
-    return {
+    records = recorder.records
+    result = {
         "loss": losses,
-        "global_norm": norms,
+        "global_norm": [r.global_norm for r in records],
+        "logged_steps": [r.step for r in records],
+        "schedule": schedule.meta(),
         "steps_run": step,
         "total_steps": total,
         "first_nonfinite_step": bad,
@@ -109,19 +121,26 @@ def train(
         "finding_kinds": list(dict.fromkeys(f.kind for f in findings)),
         "time_s": time.perf_counter() - t0,
     }
+    return result, recorder
 
 
-def block_grad_norms(model: nn.Module, prefixes: list[str]) -> list[float]:
-    """L2 norm of the gradients of the parameters whose name starts with each prefix (by name, so
-    that submodules not called as modules, e.g. ``nn.MultiheadAttention.out_proj``, are counted)."""
-    out = []
-    for prefix in prefixes:
-        sq = 0.0
-        for name, p in model.named_parameters():
-            if (name == prefix or name.startswith(prefix + ".")) and p.grad is not None:
-                sq += float(p.grad.detach().float().pow(2).sum())
-        out.append(math.sqrt(sq))
-    return out
+def run_file(runs_dir: Path | None, chapter: str, variant: str) -> tuple[Path | None, str | None]:
+    """A chapter run's JSONL file ``runs_dir/<chapter>/<variant>.jsonl`` and its name relative to the
+    lab's output folder (``runs/<chapter>/<variant>.jsonl``); ``(None, None)`` without ``runs_dir``."""
+    if runs_dir is None:
+        return None, None
+    return runs_dir / chapter / f"{variant}.jsonl", f"runs/{chapter}/{variant}.jsonl"
+
+
+def run_meta(chapter: str, variant: str, title: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The run header's metadata of a chapter run."""
+    return {
+        "source": "gradsentry lab",
+        "chapter": chapter,
+        "variant": variant,
+        "title": title,
+        "settings": settings,
+    }
 
 
 def results_text(runs: dict[str, Any]) -> str:

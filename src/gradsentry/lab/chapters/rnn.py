@@ -24,18 +24,22 @@ T calls, and one activation statistic. To see each call:
    weights stay shared;
 2. for the gradient per time step, ``dL/dh_t``, register a tensor hook on each hidden state during
    the forward (``h.register_hook(fn)``, see :class:`SeqRNN`): it runs during ``backward()`` with the
-   gradient of that step's output, which no module hook can separate from the other calls.
+   gradient of that step's output, which no module hook can separate from the other calls. The
+   Monitor records gradients of parameters (per layer, summed over the calls), not gradients of
+   activations, so this chapter keeps its own hooks for ``dL/dh_t``; every other gradient number
+   (the global norm per step, the findings) is the Monitor's.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradsentry.lab.chapters.common import train
+from gradsentry.lab.chapters.common import run_file, run_meta, train
 from gradsentry.lab.data import load_digits
 
 CITE = (
@@ -148,11 +152,24 @@ def _settings(quick: bool) -> dict[str, Any]:
         "momentum": 0.9,
         "radius": 2.0,
         "clip_norm": 1.0,
+        "log_every": 4,  # the Monitor's every for the vanishing family; the exploding family logs every step
     }
 
 
-def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Run the chapter; returns its ``results.json["chapters"]["rnn"]`` object (see the module docstring)."""
+def run(
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    variants: tuple[str, ...] | None = None,
+    runs_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run the chapter; returns its ``results.json["chapters"]["rnn"]`` object (see the module docstring).
+
+    The global gradient norms are the Monitor's; the exploding family's Monitor logs every step, so
+    that its trace is step by step. ``dL/dh_t`` comes from :class:`SeqRNN`'s tensor hooks (see the
+    module docstring: no module statistic separates the time steps). Each run's records go to
+    ``runs_dir/rnn/<variant>.jsonl`` when ``runs_dir`` is given.
+    """
     from gradsentry.remedies import ClipGlobalNorm, ZClip
 
     cfg = _settings(quick)
@@ -183,7 +200,8 @@ def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None 
         )
         lr = cfg["lr"]
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg["momentum"])
-        res = train(
+        path, rel = run_file(runs_dir, "rnn", name)
+        res, _ = train(
             model,
             xs_tr,
             d.y_train,
@@ -194,6 +212,9 @@ def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None 
             batch_size=cfg["batch_size"],
             seed=seed,
             remedy=remedy,
+            log_every=1 if family == "exploding" else cfg["log_every"],
+            meta=run_meta("rnn", name, title, cfg),
+            jsonl_path=path,
             after_backward=after,
         )
         finite = [row for row in per_step if all(math.isfinite(v) for v in row)]
@@ -210,6 +231,7 @@ def run(*, quick: bool = False, seed: int = 0, variants: tuple[str, ...] | None 
             h_grad_final=finite[-1] if finite else init_row,
             early_late_ratio_init=init_row[0] / init_row[-1] if init_row[-1] > 0 else math.nan,
             max_global_norm=max((g for g in res["global_norm"] if math.isfinite(g)), default=math.nan),
+            jsonl=rel,
         )
         runs[name] = res
     return {"title": "Through time: recurrent nets", "settings": cfg, "runs": runs, "cite": CITE}
@@ -349,7 +371,8 @@ def sections(data: dict[str, Any]) -> list[dict[str, Any]]:
                         ),
                         "fig-rnn-exploding",
                         "Global gradient norm per step of the exploding RNN and its fixes",
-                        "L2 norm of all gradients at every step, before clipping, log scale.",
+                        "L2 norm of all gradients at every step (the Monitor's record), before clipping, "
+                        "log scale.",
                     )
                 ],
             }
