@@ -2,7 +2,8 @@
 
 ``pytest --update-golden`` rewrites the files from the current outputs (review the diff, then commit).
 Outputs are normalized first: temporary paths become ``<tmp>`` and wall times (``1.2 s``) ``<time>``,
-the only parts that change from run to run.
+the only parts that change from run to run, and floats printed with their full repr are rounded to 9
+significant digits (their last digits depend on the BLAS and libm builds, not on gradsentry).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ import pytest
 GOLDEN = Path(__file__).with_name("golden")
 
 _TIME = re.compile(r"\b\d+(?:\.\d+)? ?s\b|\b\d+:\d\d:\d\d\b")
+# A float written with its full repr: the last digits follow the BLAS/libm build, not the code.
+_LONG_FLOAT = re.compile(r"-?\d+\.\d{9,}(?:e[+-]?\d+)?")
+
+
+def _round_float(match: re.Match[str]) -> str:
+    return f"{float(match.group()):.9g}"
 
 
 def normalize(text: str, *paths: Path | str, squeeze: bool = False) -> str:
@@ -26,6 +33,7 @@ def normalize(text: str, *paths: Path | str, squeeze: bool = False) -> str:
     for p in sorted((str(p) for p in paths), key=len, reverse=True):
         text = text.replace(p, "<tmp>")
     text = _TIME.sub("<time>", text)
+    text = _LONG_FLOAT.sub(_round_float, text)
     if squeeze:
         text = re.sub(r"([ ━─])\1+", r"\1", text)
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"

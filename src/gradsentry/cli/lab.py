@@ -125,7 +125,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             Path("gradsentry-lab"),
             "--out",
-            help="Output folder: report.html, results.json and runs/<variant>.jsonl.",
+            help="Output folder: report.html, results.json, runs/<variant>.jsonl (MLP chapter) and "
+            "runs/<chapter>/<variant>.jsonl (the other chapters).",
         ),
         quick: bool = typer.Option(False, "--quick", help="A small, fast configuration for smoke tests."),
     ) -> None:
