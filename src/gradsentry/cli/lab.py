@@ -125,14 +125,15 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             Path("gradsentry-lab"),
             "--out",
-            help="Output folder: report.html, results.json, runs/<variant>.jsonl (MLP chapter) and "
-            "runs/<chapter>/<variant>.jsonl (the other chapters).",
+            help="Output folder: report.html, results.json, `runs/<variant>.jsonl` (MLP chapter) and "
+            "`runs/<chapter>/<variant>.jsonl` (the other chapters).",
         ),
         quick: bool = typer.Option(False, "--quick", help="A small, fast configuration for smoke tests."),
     ) -> None:
-        """Train deep MLPs on scikit-learn's digits to show vanishing and exploding gradients and their fixes.
+        """Train deep networks on scikit-learn's digits to show vanishing and exploding gradients and their fixes.
 
-        Each variant (sigmoid/tanh/ReLU with default init, ReLU with He init, sigmoid with residual
+        Chapters: deep MLPs (mlp), recurrent nets through time (rnn), deep plain vs residual vs batch-norm
+        CNNs (cnn) and post-LN vs pre-LN transformers (attention). In the MLP chapter, each variant (sigmoid/tanh/ReLU with default init, ReLU with He init, sigmoid with residual
         connections or batch norm, an oversized-init ReLU net that explodes, and that net with
         global-norm clipping, weight decay, AGC or ZClip) is trained with the same optimizer and budget
         under a gradsentry Monitor. Writes a self-contained HTML report.

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     def report(
         path: Path = typer.Argument(
             ...,
-            help="A gradsentry JSONL run (JsonlSink, the callbacks, gradsentry lab's runs/*.jsonl) "
+            help="A gradsentry JSONL run (JsonlSink, the callbacks, gradsentry lab's `runs/*.jsonl`) "
             "or a lab results.json.",
         ),
         out: Path | None = typer.Option(

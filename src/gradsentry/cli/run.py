@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Run SCRIPT.py as `python SCRIPT.py ARGS...` with a Monitor on the model its first optimizer
-        steps, write DIR/<script>-<time>.jsonl, and print the findings at the end (on stderr).
+        steps, write `DIR/<script>-<time>.jsonl`, and print the findings at the end (on stderr).
 
         Statistics are taken just before each optimizer.step(): after the script's own clipping, if it
         clips. GRADSENTRY_DISABLE=1 runs the script untouched. Options go before SCRIPT.py; everything
