@@ -44,13 +44,16 @@ elementwise callable works in :func:`~gradsentry.theory.chi`)."""
 NEUTRAL_TYPES: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Identity, nn.Unflatten)
 """Modules that do not change the per-unit statistics."""
 
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
+FOLLOWED_NORMS: frozenset[str] = frozenset({_taxonomy.BATCH, _taxonomy.LAYER, _taxonomy.GROUP, _taxonomy.RMS})
+"""Normalization families (:data:`gradsentry._taxonomy.NORMALIZATION_TABLE`) the propagation follows;
+instance norm is not (its statistics are per example and channel over positions only)."""
+
+NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    getattr(nn, name)
+    for name, family in _taxonomy.NORMALIZATION_TABLE.items()
+    if family in FOLLOWED_NORMS and hasattr(nn, name)
 )
-"""Normalization layers followed by type (see :func:`is_norm` for the ones followed by name)."""
+"""The ``torch.nn`` normalization layers followed (see :func:`is_norm` for the ones recognised by name)."""
 
 POOL_TYPES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool1d,
@@ -69,10 +72,10 @@ def is_norm(module: nn.Module) -> bool:
     holds a ``weight`` (scale ``x * weight``; Gemma's ``1 + weight`` norms are left out)."""
     if isinstance(module, NORM_TYPES):
         return True
-    return (
-        _taxonomy.normalization_kind(module) == _taxonomy.RMS
-        and type(module).__name__ not in _taxonomy.SHIFTED_RMS_NORMS
-        and isinstance(getattr(module, "weight", None), nn.Parameter)
+    if _taxonomy.normalization_kind(module) != _taxonomy.RMS:
+        return False
+    return type(module).__name__ not in _taxonomy.SHIFTED_RMS_NORMS and isinstance(
+        getattr(module, "weight", None), nn.Parameter
     )
 
 

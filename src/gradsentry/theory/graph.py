@@ -55,6 +55,7 @@ import torch.fx
 from torch import nn
 from torch.nn import functional as F
 
+from gradsentry import _taxonomy
 from gradsentry.theory.coverage import (
     ACTIVATION_TYPES,
     LINEAR_TYPES,
@@ -272,7 +273,7 @@ class _Walk:
                     rv = float(mod.running_var.double().mean()) if mod.running_var is not None else 1.0
                     var = rv + mod.eps
                     out = _Moments(g2 * s.m2 / var + b2, 0.0, g2 * s.v / var)
-            elif not isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):  # RMS norms: not centred
+            elif _taxonomy.normalization_kind(mod) == _taxonomy.RMS:  # not centred
                 var = s.m2
                 out = _Moments(g2, 0.0, g2 * s.v / max(var, 1e-300))
             else:
