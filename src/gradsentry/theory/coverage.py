@@ -74,8 +74,9 @@ def is_norm(module: nn.Module) -> bool:
         return True
     if _taxonomy.normalization_kind(module) != _taxonomy.RMS:
         return False
+    # _parameters, not getattr: while torch.fx traces, a module's getattr returns proxies
     return type(module).__name__ not in _taxonomy.SHIFTED_RMS_NORMS and isinstance(
-        getattr(module, "weight", None), nn.Parameter
+        module._parameters.get("weight"), nn.Parameter
     )
 
 
@@ -160,6 +161,9 @@ def check_supported(model: nn.Module) -> None:
     recognised by name is a leaf for the propagation even if it has children.
     """
     for name, mod in model.named_modules():
+        if isinstance(mod, _ATTENTION) and not isinstance(mod, nn.MultiheadAttention):
+            if any(isinstance(m, nn.MultiheadAttention) for m in mod.modules()):
+                continue  # name the attention itself (encoder.layers.0.self_attn), not its container
         if isinstance(mod, _NO_THEORY):
             raise not_applicable(name, mod)
         if next(mod.children(), None) is not None or covered_leaf(mod):
