@@ -161,9 +161,12 @@ def check_supported(model: nn.Module) -> None:
     recognised by name is a leaf for the propagation even if it has children.
     """
     for name, mod in model.named_modules():
-        if isinstance(mod, _ATTENTION) and not isinstance(mod, nn.MultiheadAttention):
-            if any(isinstance(m, nn.MultiheadAttention) for m in mod.modules()):
-                continue  # name the attention itself (encoder.layers.0.self_attn), not its container
+        if (
+            isinstance(mod, _ATTENTION)
+            and not isinstance(mod, nn.MultiheadAttention)
+            and any(isinstance(m, nn.MultiheadAttention) for m in mod.modules())
+        ):
+            continue  # name the attention itself (encoder.layers.0.self_attn), not its container
         if isinstance(mod, _NO_THEORY):
             raise not_applicable(name, mod)
         if next(mod.children(), None) is not None or covered_leaf(mod):
