@@ -6,14 +6,15 @@ arXiv:1502.01852), every elementwise deterministic activation of :data:`gradsent
 (module or functional call; Schoenholz et al. 2017's gain ``chi``, arXiv:1611.01232), residual sums
 (Yang & Schoenholz 2017, arXiv:1712.08969), normalization layers (BatchNorm, LayerNorm, GroupNorm,
 RMSNorm and Hugging Face's RMS norms by name: they reset the variance map to ``<gamma^2> + <beta^2>``,
-Ioffe & Szegedy 2015), average pooling, reshapes, dropout in eval mode and scaling by a constant.
+Ioffe & Szegedy 2015), average pooling, reshapes, dropout (``1/(1-p)`` on the second moment and the
+backward signal in training, neutral in eval) and scaling by a constant.
 
 Not covered (:class:`TheoryNotApplicable`, whose ``module`` names the first module or graph node where
 the prediction stops and ``reason`` says why): attention (data-dependent softmax mixing of positions),
 recurrence and any layer called more than once per forward (weights shared across time steps: the
 i.i.d.-weights assumption fails), embeddings (a lookup, not a random linear map), products of two
 tensors (gating), concatenation, indexing, max pooling, transposed convolutions, instance norm,
-learned or random activations (PReLU, RReLU) and any other op :mod:`gradsentry.theory.graph` does not list.
+learned or random activations (PReLU, RReLU), alpha and feature dropout in training, and any other op :mod:`gradsentry.theory.graph` does not list.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def not_applicable(name: str, module: nn.Module) -> TheoryNotApplicable:
 def covered_leaf(module: nn.Module) -> bool:
     """A leaf module the propagation has a rule for."""
     return isinstance(
-        module, (*LINEAR_TYPES, *ACTIVATION_TYPES, *NEUTRAL_TYPES, *POOL_TYPES, nn.Dropout)
+        module, (*LINEAR_TYPES, *ACTIVATION_TYPES, *NEUTRAL_TYPES, *POOL_TYPES, nn.modules.dropout._DropoutNd)
     ) or is_norm(module)
 
 

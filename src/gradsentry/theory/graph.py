@@ -23,6 +23,7 @@ scale ``c x``              ``m2 c^2``                                      ``c^2
 BatchNorm (train)          ``m2 = <g^2> + <b^2>``, ``v = <g^2>``           ``<g^2> / v_in``
 LayerNorm / GroupNorm      ``m2 = <g^2> + <b^2>``                          ``<g^2> / (m2_in - mu_in^2)``
 RMSNorm                    ``m2 = <g^2>``                                  ``<g^2> / m2_in``
+dropout ``p`` (train)      ``m2 / (1 - p)``                                ``1 / (1 - p)``
 reshape, dropout (eval),   unchanged                                       1
 average pooling, ``mean``
 =========================  ==============================================  ==========================
@@ -283,8 +284,17 @@ class _Walk:
                 raise self._fail(node, f"{type(mod).__name__} of a constant input")
             self.edges.append((node, src, g2 / var))
             return out
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.training and 0 < mod.p < 1:
+            if type(mod) is not nn.Dropout:  # alpha/feature dropout: other masks and scalings
+                raise not_applicable(str(node.target), mod)
+            src = self._one_input(node)
+            s = self.stats[src]
+            assert s is not None
+            keep = 1.0 - float(mod.p)  # y = x m / keep, m ~ Bernoulli(keep): E[y^2] = E[x^2] / keep
+            self.edges.append((node, src, 1.0 / keep))
+            return _Moments(s.m2 / keep, s.mu, s.v + s.m2 * (1.0 / keep - 1.0))
         if isinstance(mod, (*NEUTRAL_TYPES, *POOL_TYPES)) or (
-            isinstance(mod, nn.Dropout) and (mod.p == 0 or not mod.training)
+            isinstance(mod, nn.modules.dropout._DropoutNd) and (mod.p == 0 or not mod.training)
         ):
             src = self._one_input(node)
             self.edges.append((node, src, 1.0))
