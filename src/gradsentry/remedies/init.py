@@ -19,8 +19,10 @@
   weights are rescaled until the layer's output variance on a real batch is 1 within ``tol``.
 
 Which activation follows a layer: the next leaf module after it, skipping shape-only and normalization
-modules (Flatten, Identity, Dropout, BatchNorm/LayerNorm/GroupNorm), and stopping at the next Linear/Conv or
-any other module (then the gain is 1, "linear"). "Next" is forward order when ``example_input`` is given
+modules (Flatten, Identity, Dropout and every normalization of :mod:`gradsentry._taxonomy`: batch, layer,
+group, instance and RMS norms, Hugging Face's by name), and stopping at the next Linear/Conv or any other
+module (then the gain is 1, "linear"). The gain of each activation kind is its row of
+:data:`gradsentry._taxonomy.ACTIVATION_TABLE`. "Next" is forward order when ``example_input`` is given
 (traced with forward hooks on one no-grad forward pass), else module registration order, which equals
 forward order for ``nn.Sequential`` and for most modules that define their children in the order they use
 them. Activations applied functionally in ``forward`` (``F.relu``) are invisible to both: the gain is then 1.
