@@ -211,3 +211,24 @@ def test_dropout_in_training_scales_by_one_over_keep() -> None:
     predicted = math.log10(pred[first].backward_rms / pred[last].backward_rms)
     assert abs(measured - predicted) < 0.05, (measured, predicted)  # 2e-4 decades at seed 0
     assert pred["4"].input_rms ** 2 == pytest.approx(pred["1"].act_second_moment / (1 - p), rel=1e-9)
+
+
+def test_untraceable_forward_falls_back_to_a_chain_and_names_the_module() -> None:
+    class Branchy(nn.Module):
+        """Data-dependent control flow: torch.fx cannot trace it; the hook-traced chain is used."""
+
+        def __init__(self, middle: nn.Module) -> None:
+            super().__init__()
+            self.a, self.mid, self.b = nn.Linear(8, 8), middle, nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.mid(self.a(x))
+            if float(h.sum()) > 1e9:  # never true: only torch.fx cares
+                h = h * 0
+            return self.b(h)
+
+    x = torch.randn(4, 8)
+    assert [lp.name for lp in theory.predict(Branchy(nn.Tanh()), example_input=x).layers] == ["a", "b"]
+    with pytest.raises(theory.TheoryNotApplicable, match="outside what the mean-field") as err:
+        theory.predict(Branchy(nn.Softmax(dim=-1)), example_input=x)
+    assert err.value.module == "mid"

@@ -19,6 +19,7 @@ from gradsentry.theory.coverage import (
     LINEAR_TYPES,
     NEUTRAL_TYPES,
     TheoryNotApplicable,
+    not_applicable,
 )
 from gradsentry.theory.gaussian import Phi, moments
 from gradsentry.theory.prediction import LayerPrediction, Prediction, _fans, _mix
@@ -66,10 +67,15 @@ def _chain_leaves(model: nn.Module, example_input: Any | None) -> list[tuple[str
             and inp.data_ptr() == prev.data_ptr()
             and inp.shape == prev.shape
         ):
+            reason = (
+                "it does not take the previous module's output: torch.fx could not trace the forward, "
+                "and traced with hooks the model is not a plain chain (residual connection, functional op "
+                "or normalization in forward)"
+            )
             raise TheoryNotApplicable(
-                f"module {name!r} ({type(mod).__name__}) does not take the previous module's output: "
-                "the model is not a plain chain (residual connection, functional op or normalization "
-                "in forward)"
+                f"no prediction at module {name!r} ({type(mod).__name__}): {reason}",
+                module=name,
+                reason=reason,
             )
         prev = outp
         out.append((name, mod))
@@ -93,10 +99,7 @@ def predict_chain(
         if next(mod.children(), None) is None and not isinstance(
             mod, (*LINEAR_TYPES, *ACTIVATION_TYPES, *NEUTRAL_TYPES, nn.Dropout)
         ):
-            raise TheoryNotApplicable(
-                f"module {name!r} ({type(mod).__name__}) is outside the mean-field chain "
-                "(Linear/Conv + elementwise activation)"
-            )
+            raise not_applicable(name, mod)
     leaves = _chain_leaves(model, example_input)
     if input_second_moment is None:
         if example_input is not None:
@@ -110,17 +113,18 @@ def predict_chain(
             entries.append((name, mod, None))
         elif isinstance(mod, ACTIVATION_TYPES):
             if not entries or entries[-1][2] is not None:
-                raise TheoryNotApplicable(f"activation {name!r} does not directly follow a Linear/Conv layer")
+                raise TheoryNotApplicable(
+                    f"activation {name!r} does not directly follow a Linear/Conv layer",
+                    module=name,
+                    reason="an activation that does not directly follow a Linear/Conv layer",
+                )
             entries[-1] = (entries[-1][0], entries[-1][1], mod)
         elif isinstance(mod, NEUTRAL_TYPES) or (
             isinstance(mod, nn.Dropout) and (mod.p == 0 or not mod.training)
         ):
             continue
         else:
-            raise TheoryNotApplicable(
-                f"module {name!r} ({type(mod).__name__}) is outside the mean-field chain "
-                "(Linear/Conv + elementwise activation)"
-            )
+            raise not_applicable(name, mod)
     if not entries:
         raise TheoryNotApplicable("the model has no Linear/Conv layer")
     pred = Prediction(input_second_moment=input_second_moment)
