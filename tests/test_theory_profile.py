@@ -232,3 +232,17 @@ def test_untraceable_forward_falls_back_to_a_chain_and_names_the_module() -> Non
     with pytest.raises(theory.TheoryNotApplicable, match="outside what the mean-field") as err:
         theory.predict(Branchy(nn.Softmax(dim=-1)), example_input=x)
     assert err.value.module == "mid"
+
+
+def test_transformers_rms_norms_are_followed_like_torch_rmsnorm() -> None:
+    llama = pytest.importorskip(
+        "transformers.models.llama.modeling_llama", reason="the hf extra is not installed"
+    )
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5", reason="the hf extra is not installed")
+    torch.manual_seed(0)
+    for norm in (llama.LlamaRMSNorm(16), t5.T5LayerNorm(16)):
+        a = nn.Sequential(nn.Linear(16, 16), norm, nn.ReLU(), nn.Linear(16, 4))
+        b = nn.Sequential(a[0], nn.RMSNorm(16), nn.ReLU(), a[3])
+        p1, p2 = theory.predict(a, input_second_moment=1.0), theory.predict(b, input_second_moment=1.0)
+        assert p1.layers[0].backward_rms == pytest.approx(p2.layers[0].backward_rms, rel=1e-12)
+        assert p1.layers[0].backward_rms < 0.5  # the norm divides by the RMS it normalised
