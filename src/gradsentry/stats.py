@@ -15,38 +15,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-# Activation kinds by rule (saturation, dead units); defined with their families in _taxonomy.
+# Activation kinds by rule (saturation, dead units) and the saturation bands: defined with their
+# families in _taxonomy (the one home), re-exported here for the kernels below and old imports.
 from gradsentry._taxonomy import ACTIVATIONS as ACTIVATIONS
 from gradsentry._taxonomy import BOUNDED_ACTIVATIONS as BOUNDED_ACTIVATIONS
 from gradsentry._taxonomy import RELU_FAMILY as RELU_FAMILY
-
-#: Default sigmoid saturation band: output < 0.01 or > 0.99, i.e. ``|x| > ln(99) ≈ 4.595`` (LeCun et
-#: al. 1998, "Efficient BackProp": the derivative there is < 0.0099, 4% of its maximum 0.25). The
-#: documented, overridable threshold is ``gradsentry.Thresholds.sigmoid_saturation`` (same default).
-SIGMOID_SATURATION = 0.01
-SIGMOID_SATURATION_X = math.log(99.0)
-#: Default tanh/softsign saturation band: ``|y| > 1 - 0.01``, i.e. ``|x| > atanh(0.99) ≈ 2.647`` for
-#: tanh (derivative < 0.02); ``gradsentry.Thresholds.tanh_saturation``.
-TANH_SATURATION = 0.01
-TANH_SATURATION_Y = 0.99
-
-
-def sigmoid_saturation_x(band: float) -> float:
-    """``|x|`` beyond which ``sigmoid(x)`` is within ``band`` of 0 or 1: ``ln((1 - band) / band)``.
-
-    Args:
-        band: distance of the output from its asymptote, in (0, 0.5).
-
-    Raises:
-        ValueError: ``band`` outside (0, 0.5).
-
-    Example:
-        >>> round(sigmoid_saturation_x(0.01), 4)
-        4.5951
-    """
-    if not 0.0 < band < 0.5:
-        raise ValueError(f"a saturation band must be in (0, 0.5), got {band!r}")
-    return math.log((1.0 - band) / band)
+from gradsentry._taxonomy import SIGMOID_SATURATION as SIGMOID_SATURATION
+from gradsentry._taxonomy import SIGMOID_SATURATION_X as SIGMOID_SATURATION_X
+from gradsentry._taxonomy import TANH_SATURATION as TANH_SATURATION
+from gradsentry._taxonomy import TANH_SATURATION_Y as TANH_SATURATION_Y
+from gradsentry._taxonomy import sigmoid_saturation_x as sigmoid_saturation_x
 
 
 def reduce_dtype(device: torch.device) -> torch.dtype:

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
+from gradsentry import _taxonomy
 from gradsentry.check.report import (
     EXPLODING_RATIO,
     MIN_BLOCKS,
-    NORM_TYPES,
     REL_GRAD_MAX,
     BlockProfile,
     CheckRow,
@@ -108,12 +108,12 @@ def _block_profile(model: nn.Module, rows: Sequence[CheckRow]) -> BlockProfile |
         if v[0] > 0 and math.isfinite(v[0]) and math.isfinite(v[-1])
     }
     first = sorted(blocks[0].values(), key=lambda r: r.depth)
-    norm_rows = [r for r in first if r.type in NORM_TYPES]
-    other_rows = [r for r in first if r.type not in NORM_TYPES]
+    norm_rows = [r for r in first if _taxonomy.is_normalization(r.type)]
+    other_rows = [r for r in first if not _taxonomy.is_normalization(r.type)]
     placement = None
     if norm_rows and other_rows:
         placement = "pre" if norm_rows[0].depth < other_rows[0].depth else "post"
-    norm_roles = [role for role in roles if blocks[0][role].type in NORM_TYPES]
+    norm_roles = [role for role in roles if _taxonomy.is_normalization(blocks[0][role].type)]
     main = [v for role, v in ratios.items() if role not in norm_roles]
     return BlockProfile(
         container=best,

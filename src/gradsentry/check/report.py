@@ -7,6 +7,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from gradsentry import _taxonomy
 from gradsentry.records import Finding, StepRecord
 
 logger = logging.getLogger("gradsentry")
@@ -50,8 +51,9 @@ whole batch is still forwarded, so each example sees the batch statistics it tra
 MIN_BLOCKS = 3
 """Fewest repeated blocks for a per-block gradient profile."""
 
-NORM_TYPES = frozenset({"LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"})
-"""Layer types counted as the normalization of a block (by class name, so that e.g. a custom RMSNorm counts)."""
+NORM_TYPES = _taxonomy.NORMALIZATION_LAYERS
+"""Layer types counted as the normalization of a block, by class name (:func:`gradsentry._taxonomy.is_normalization`
+also counts any ``...RMSNorm``, e.g. a custom one or Hugging Face's)."""
 
 PROBLEM_KINDS = frozenset({"vanishing", "exploding", "nonfinite"})
 """Finding kinds that make ``gradsentry check`` exit with 1 (a NaN/inf gradient at init counts: it is the

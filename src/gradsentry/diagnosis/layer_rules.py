@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from gradsentry import _taxonomy
 from gradsentry.diagnosis.advice import (
-    NORMALIZATION_LAYERS,
     SATURATING_ACTIVATIONS,
     RemedyContext,
     remedies_for,
@@ -81,7 +81,7 @@ class LayerContext:
 
     @property
     def has_normalization(self) -> bool:
-        return bool(set(self.types.values()) & NORMALIZATION_LAYERS)
+        return any(_taxonomy.is_normalization(t) for t in self.types.values())
 
     def advice_context(self, **changes: Any) -> RemedyContext:
         """The run's remedy context with what the layers show (saturating activations, normalization)."""
@@ -396,11 +396,13 @@ def _activation_rule(ctx: LayerContext, kind: str, attr: str, limit: float) -> F
         }
         evidence["band"] = band
         kind_top = types.get(top, "bounded")
+        row = _taxonomy.ACTIVATION_TABLE.get(kind_top)
+        rule = row.saturation if row is not None else None
         where = (
             f"outputs below {band['sigmoid']:g} or above {1 - band['sigmoid']:g}"
-            if kind_top == "Sigmoid"
+            if rule == "sigmoid_band"
             else f"|output| above {1 - band['tanh']:g}"
-            if kind_top in ("Tanh", "Softsign")
+            if rule == "tanh_band"
             else "the flat region of the activation"
         )
         explanation = (

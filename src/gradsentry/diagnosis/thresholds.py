@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from gradsentry import _taxonomy
+
 __all__ = ["Thresholds"]
 
 _COUNTS = (
@@ -196,8 +198,8 @@ class Thresholds:
     dead_frac: float = 0.5
     stalled_ratio: float = 1e-6
     stalled_gap: float = 1e3
-    sigmoid_saturation: float = 0.01
-    tanh_saturation: float = 0.01
+    sigmoid_saturation: float = _taxonomy.SIGMOID_SATURATION
+    tanh_saturation: float = _taxonomy.TANH_SATURATION
     forward_collapse_ratio: float = 1e-3
     stall_loss_gain: float = 0.1
 

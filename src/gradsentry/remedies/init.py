@@ -19,8 +19,10 @@
   weights are rescaled until the layer's output variance on a real batch is 1 within ``tol``.
 
 Which activation follows a layer: the next leaf module after it, skipping shape-only and normalization
-modules (Flatten, Identity, Dropout, BatchNorm/LayerNorm/GroupNorm), and stopping at the next Linear/Conv or
-any other module (then the gain is 1, "linear"). "Next" is forward order when ``example_input`` is given
+modules (Flatten, Identity, Dropout and every normalization of :mod:`gradsentry._taxonomy`: batch, layer,
+group, instance and RMS norms, Hugging Face's by name), and stopping at the next Linear/Conv or any other
+module (then the gain is 1, "linear"). The gain of each activation kind is its row of
+:data:`gradsentry._taxonomy.ACTIVATION_TABLE`. "Next" is forward order when ``example_input`` is given
 (traced with forward hooks on one no-grad forward pass), else module registration order, which equals
 forward order for ``nn.Sequential`` and for most modules that define their children in the order they use
 them. Activations applied functionally in ``forward`` (``F.relu``) are invisible to both: the gain is then 1.
@@ -36,6 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from gradsentry import _taxonomy
 from gradsentry.theory import LINEAR_TYPES, NEUTRAL_TYPES, trace_forward
 
 logger = logging.getLogger("gradsentry")
@@ -43,41 +46,21 @@ logger = logging.getLogger("gradsentry")
 Scheme = Literal["he", "xavier", "xavier_gain"]
 SCHEMES: tuple[str, ...] = ("he", "xavier", "xavier_gain")
 """The schemes :func:`reinit` accepts (see the module docstring)."""
-_SKIPPED_TYPES: tuple[type[nn.Module], ...] = (
-    *NEUTRAL_TYPES,
-    nn.Dropout,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.LayerNorm,
-    nn.GroupNorm,
-)
-_RELU_LIKE: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.ELU,
-    nn.CELU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Softplus,
-)
-_NAMED: dict[type[nn.Module], str] = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SELU: "selu"}
+
+
+def _skipped(module: nn.Module) -> bool:
+    """Shape-only, dropout and normalization modules, looked through when finding the activation."""
+    return (
+        isinstance(module, (*NEUTRAL_TYPES, nn.Dropout)) or _taxonomy.normalization_kind(module) is not None
+    )
 
 
 def _gain_for(act: nn.Module | None) -> tuple[str, float]:
-    """Nonlinearity name for :func:`torch.nn.init.calculate_gain` and its parameter (leaky slope)."""
-    if act is None:
-        return "linear", 0.0
-    if isinstance(act, nn.LeakyReLU):
-        return "leaky_relu", float(act.negative_slope)
-    if isinstance(act, _RELU_LIKE):
-        return "relu", 0.0  # GELU/SiLU/ELU/...: treated as ReLU-like (gain sqrt 2), an approximation
-    for cls, name in _NAMED.items():
-        if isinstance(act, cls):
-            return name, 0.0
-    return "linear", 0.0
+    """Nonlinearity name for :func:`torch.nn.init.calculate_gain` and its parameter (leaky slope), from
+    the activation table (:data:`gradsentry._taxonomy.ACTIVATION_TABLE`: GELU/SiLU/ELU/... take ReLU's
+    gain, an approximation; kinds without a gain, ``"linear"``)."""
+    name, param = _taxonomy.gain_nonlinearity(act)
+    return name, param or 0.0
 
 
 def _leaves(model: nn.Module, example_input: Any | None) -> list[tuple[str, nn.Module]]:
@@ -107,7 +90,7 @@ def layers_with_activations(
             continue
         act: nn.Module | None = None
         for _n, nxt in leaves[i + 1 :]:
-            if isinstance(nxt, _SKIPPED_TYPES):
+            if _skipped(nxt):
                 continue
             if not isinstance(nxt, LINEAR_TYPES) and _gain_for(nxt)[0] != "linear":
                 act = nxt

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradsentry import _taxonomy
 from gradsentry._extras import requires_extra
 from gradsentry.records import Finding, LayerInfo, Run
 from gradsentry.report import plots
@@ -276,8 +277,8 @@ def _sections(result: Any) -> list[dict[str, Any]]:
                     "fig-activations",
                     "Sigmoid, tanh and ReLU with their derivatives",
                     "Each activation (solid) and its derivative (dashed) with the derivative's maximum marked. "
-                    "Green band: the sigmoid's non-saturated region |x| < 4.6, where sigmoid(x) stays between "
-                    "0.01 and 0.99.",
+                    f"Green band: the sigmoid's non-saturated region |x| < {plots.SIGMOID_BAND:.1f}, where "
+                    f"sigmoid(x) stays between {_taxonomy.SIGMOID_SATURATION:g} and {1 - _taxonomy.SIGMOID_SATURATION:g}.",
                 )
             ],
         }
@@ -339,7 +340,7 @@ def _sections(result: Any) -> list[dict[str, Any]]:
         paras = [
             "Histograms of the sigmoid's input (the pre-activation) in the first, a middle and the last hidden "
             "block, at step 0 (filled) and at the end of training (outlined); the green band is the "
-            "non-saturated region |x| < 4.6.",
+            f"non-saturated region |x| < {plots.SIGMOID_BAND:.1f}.",
         ]
         for r in (no_bn, bn):
             if r is None or not r.histograms:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from gradsentry import _taxonomy
 from gradsentry._extras import requires_extra
 from gradsentry.records import Run
 
@@ -25,8 +26,9 @@ with requires_extra("report", "the HTML report"):
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-SIGMOID_BAND = 4.6
-"""``|x|`` below which the sigmoid is not saturated (``sigmoid(4.6) ≈ 0.99``)."""
+SIGMOID_BAND = _taxonomy.SIGMOID_SATURATION_X
+"""``|x|`` below which the sigmoid is not saturated: ``ln 99 ≈ 4.6`` (``sigmoid(4.6) ≈ 0.99``), the
+Monitor's default band (:data:`gradsentry._taxonomy.SIGMOID_SATURATION`)."""
 
 _STYLE: Any = {
     "font.size": 10,
@@ -146,7 +148,7 @@ def activation_figure() -> str:
                 ax.text(
                     0,
                     -0.07,
-                    "not saturated: |x| < 4.6",
+                    f"not saturated: |x| < {SIGMOID_BAND:.1f}",
                     ha="center",
                     va="bottom",
                     fontsize=8,
@@ -372,7 +374,7 @@ def histogram_figure(without: Any, with_bn: Any) -> str:
                     )
                 sat0 = h.saturated_frac_init
                 sat1 = h.saturated_frac_final
-                note = f"|x|>4.6: {sat0:.0%} at step 0" if sat0 is not None else ""
+                note = f"|x|>{SIGMOID_BAND:.1f}: {sat0:.0%} at step 0" if sat0 is not None else ""
                 if sat1 is not None:
                     note += f", {sat1:.0%} at the end"
                 ax.text(
