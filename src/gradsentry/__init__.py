@@ -13,6 +13,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from gradsentry._lazy import lazy_names
+from gradsentry._version import __version__
 
 if TYPE_CHECKING:
     from gradsentry import theory
@@ -137,8 +138,6 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AGC",

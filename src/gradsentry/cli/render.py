@@ -24,10 +24,10 @@ def fmt(x: float | None) -> str:
 
 def series_row(name: str, values: Sequence[float | None], width: int, *, log: bool) -> Text:
     """``name  ▁▂▅█  lo..hi``: a right-aligned name, the sparkline of ``values`` (at most ``width``
-    characters, :func:`gradsentry.logs.sparkline.sparkline`) and the range of the finite values."""
+    characters, :func:`gradsentry.report.sparkline.sparkline`) and the range of the finite values."""
     from rich.text import Text
 
-    from gradsentry.logs.sparkline import sparkline
+    from gradsentry.report.sparkline import sparkline
 
     fin = [float(x) for x in values if x is not None and math.isfinite(x)]
     rng = f"{fmt(min(fin) if fin else None)}..{fmt(max(fin) if fin else None)}"

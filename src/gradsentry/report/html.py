@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradsentry._extras import requires_extra
+from gradsentry._version import __version__
 from gradsentry.records import Finding, LayerInfo, Run
 from gradsentry.report import plots
+from gradsentry.report.text import SEVERITY_LOOK, severity_css, severity_rank
 
 with requires_extra("report", "the HTML report"):
     import jinja2
@@ -60,12 +62,6 @@ def _env() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     return env
-
-
-def _version() -> str:
-    from gradsentry import __version__
-
-    return __version__
 
 
 # ---------------------------------------------------------------------------------------------------- formatting
@@ -111,7 +107,7 @@ def finding_view(f: Finding | dict[str, Any], max_layers: int = 6) -> dict[str, 
         where = f"from step {finding.steps[0]}"
         if len(finding.steps) > 1:
             where += f" ({len(finding.steps)} logged steps)"
-    severity = finding.severity if finding.severity in ("info", "warning", "error") else "warning"
+    severity = finding.severity if finding.severity in SEVERITY_LOOK else "warning"
     return {
         "kind": finding.kind,
         "severity": severity,
@@ -219,7 +215,8 @@ def render_run_report(
                 }
             )
     ctx = {
-        "version": _version(),
+        "version": __version__,
+        "severity_css": severity_css(),
         "title": page_title,
         "subtitle": "Gradient flow of a logged run, recorded by gradsentry.Monitor.",
         "n_records": len(steps),
@@ -500,8 +497,7 @@ def render_lab_report(result: Any) -> str:
         kinds: dict[str, str] = {}
         for f in r.findings:
             k, s = str(f.get("kind", "")), str(f.get("severity", "warning"))
-            order = {"info": 0, "warning": 1, "error": 2}
-            if order.get(s, 1) >= order.get(kinds.get(k, "info"), 0):
+            if severity_rank(s) >= severity_rank(kinds.get(k, "info")):
                 kinds[k] = s
         overview.append(
             {
@@ -533,7 +529,8 @@ def render_lab_report(result: Any) -> str:
     settings = [(k, _fmt_evidence(v)) for k, v in cfg.items()]
     settings += [(f"environment: {k}", str(v)) for k, v in result.environment.items()]
     ctx = {
-        "version": _version(),
+        "version": __version__,
+        "severity_css": severity_css(),
         "title": "gradsentry lab: vanishing and exploding gradients, reproduced and fixed",
         "subtitle": subtitle,
         "overview_intro": (
