@@ -332,7 +332,7 @@ def test_no_false_spike_in_stationary_noise(seed: int) -> None:
 
 
 def test_plot_edge_cases(tmp_path: Path) -> None:
-    from gradsentry.logs.plot import plot_series
+    from gradsentry.report.series_plot import plot_series
 
     _, loss = healthy()
     s = series(None, loss)

@@ -13,15 +13,9 @@ from torch import nn
 
 from check_targets import TokenEncoder, mlp, small_mlp
 from gradsentry import theory
-from gradsentry.check import (
-    InputFitError,
-    TargetError,
-    check_model,
-    digits_batch,
-    load_factory,
-    load_model,
-)
+from gradsentry.check import InputFitError, check_model, digits_batch
 from gradsentry.cli import main
+from gradsentry.cli.targets import TargetError, load_factory, load_model
 
 TARGETS = str(Path(__file__).with_name("check_targets.py"))
 

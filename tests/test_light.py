@@ -236,9 +236,9 @@ def test_requires_extra_names_the_distribution_and_keeps_the_cause() -> None:
 
 def test_run_lab_checks_its_extras_before_training(tmp_path: Path) -> None:
     code = (
-        "import gradsentry as gs\n"
+        "from gradsentry.lab import LabConfig, run_lab\n"
         "from gradsentry._extras import MissingExtraError\n"
-        "try:\n    gs.run_lab(gs.LabConfig.quick(), out_dir='lab')\nexcept MissingExtraError as e:\n"
+        "try:\n    run_lab(LabConfig.quick(), out_dir='lab')\nexcept MissingExtraError as e:\n"
         "    print(e)\n"
     )
     proc = run_python(code, tmp_path, ("matplotlib",))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from gradsentry.logs import LogFormatError, Series, load_series, sniff_format
-from gradsentry.logs.sparkline import sparkline
 from gradsentry.records import RunHeader, StepRecord
+from gradsentry.report.sparkline import sparkline
 from gradsentry.sinks import JsonlSink
 
 

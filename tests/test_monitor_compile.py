@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import gradsentry as gs
+from gradsentry.records import StepRecord
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.utils import counters  # noqa: E402
@@ -20,7 +21,7 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
-def _train(mode: str, caplog: pytest.LogCaptureFixture) -> tuple[dict, list[gs.StepRecord], list[str]]:
+def _train(mode: str, caplog: pytest.LogCaptureFixture) -> tuple[dict, list[StepRecord], list[str]]:
     dynamo.reset()
     counters.clear()
     model = _model()

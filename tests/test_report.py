@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import gradsentry as gs
-from gradsentry.records import Advice, Finding
+from gradsentry.records import Advice, Finding, LayerInfo, LayerStats, Run, RunHeader, StepRecord
 from gradsentry.report import render_run_report
 from gradsentry.report.html import embed_svg, fmt
 
@@ -41,7 +41,7 @@ def _svgs(html: str) -> list[str]:
 
 
 @pytest.fixture
-def evil_run(tmp_path: Path) -> gs.Run:
+def evil_run(tmp_path: Path) -> Run:
     model = _Evil()
     path = tmp_path / "evil.jsonl"
     with gs.Monitor(model, sinks=[gs.JsonlSink(path)], meta={"note": "<b>bold</b> & more"}) as mon:
@@ -51,7 +51,7 @@ def evil_run(tmp_path: Path) -> gs.Run:
     return gs.read_jsonl(path)
 
 
-def test_user_strings_are_escaped(evil_run: gs.Run) -> None:
+def test_user_strings_are_escaped(evil_run: Run) -> None:
     assert [x.name for x in evil_run.header.layers] == [EVIL, EVIL_ATTR]
     finding = Finding(
         kind="vanishing", severity="error", steps=[0], layers=[EVIL, EVIL_ATTR],
@@ -91,16 +91,16 @@ def test_run_report_diagnoses_when_no_findings_are_stored(tmp_path: Path) -> Non
 
 
 def test_run_report_of_an_empty_run_says_so() -> None:
-    run = gs.Run(header=gs.RunHeader(), records=[])
+    run = Run(header=RunHeader(), records=[])
     html = render_run_report(run)
     assert "holds no step records" in html and "<img" not in html
 
 
 def test_run_report_marks_nonfinite_steps() -> None:
-    layer = gs.LayerStats("fc", 0, 4, math.nan, math.nan, math.nan, 4, 1.0)
-    ok = gs.LayerStats("fc", 0, 4, 2.0, 1.0, 1.5, 0, 1.0)
-    records = [gs.StepRecord(0, 2.0, [ok], loss=1.0), gs.StepRecord(1, math.nan, [layer], loss=math.nan)]
-    html = render_run_report(gs.Run(gs.RunHeader(layers=[gs.LayerInfo("fc", "Linear", 0, 4)]), records))
+    layer = LayerStats("fc", 0, 4, math.nan, math.nan, math.nan, 4, 1.0)
+    ok = LayerStats("fc", 0, 4, 2.0, 1.0, 1.5, 0, 1.0)
+    records = [StepRecord(0, 2.0, [ok], loss=1.0), StepRecord(1, math.nan, [layer], loss=math.nan)]
+    html = render_run_report(Run(RunHeader(layers=[LayerInfo("fc", "Linear", 0, 4)]), records))
     assert "first at step 1" in html and "nonfinite" in html
 
 

@@ -19,6 +19,7 @@ from gradsentry.analyze import analyze_log, detect
 from gradsentry.diagnosis.advice import CATALOG
 from gradsentry.diagnosis.core import remedy_context
 from gradsentry.logs import Series, load_series
+from gradsentry.records import StepRecord
 
 
 def series(grad, loss=None, steps=None, skipped=(), meta=None) -> Series:
@@ -370,7 +371,7 @@ def test_advice_to_run_a_monitor_only_where_no_monitor_ran() -> None:
     from_log = next(f for f in detect(series(grad, loss)) if f.kind == "vanishing")
     assert "gradsentry.Monitor(model)" in [r.api for r in from_log.remedies]
     recs = [
-        gs.StepRecord(step=i + 1, global_norm=float(g), loss=float(lo))
+        StepRecord(step=i + 1, global_norm=float(g), loss=float(lo))
         for i, (g, lo) in enumerate(zip(grad, loss, strict=True))
     ]
     from_monitor = next(f for f in gs.diagnose(recs) if f.kind == "vanishing")

@@ -4,6 +4,13 @@ Public names only; every module has one job (see README's architecture section).
 on first use (PEP 562): ``import gradsentry`` imports neither PyTorch nor NumPy, so that ``gradsentry
 --help`` answers at once and ``gradsentry analyze`` and ``gradsentry report``, which read logs, start
 without importing PyTorch (about 200 MB and 1.5 s less).
+
+The top level is small and uniform (``__all__``): the Monitor and its error, the three entry points
+(:func:`diagnose`, :func:`analyze_log`, :func:`check_model`), :class:`Finding` and :class:`Thresholds`, the
+remedies, the sinks, :func:`read_jsonl`, :func:`reinit` and :func:`lsuv`. The rest is reached through its
+subpackage: ``gradsentry.records`` (the data), ``gradsentry.lab``, ``gradsentry.report``,
+``gradsentry.theory``, ``gradsentry.logs``. The names the top level exported before (``gradsentry.Run``,
+``gradsentry.Remedy``, ...) still resolve for one release, with a DeprecationWarning naming their new home.
 """
 
 from __future__ import annotations
@@ -13,27 +20,16 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from gradsentry._lazy import lazy_names
+from gradsentry._version import __version__
 
 if TYPE_CHECKING:
-    from gradsentry import theory
-    from gradsentry._dist import DistributedError
-    from gradsentry.analyze import AnalyzeThresholds, LogAnalysis, analyze_log
-    from gradsentry.check import CheckReport, check_model
-    from gradsentry.diagnose import Thresholds, diagnose
-    from gradsentry.histograms import HistogramSpec
-    from gradsentry.lab import LabConfig, LabResult, run_lab
-    from gradsentry.logs import Series, load_series
+    from gradsentry.analyze import analyze_log
+    from gradsentry.check import check_model
+    from gradsentry.diagnosis.core import diagnose
+    from gradsentry.diagnosis.thresholds import Thresholds
+    from gradsentry.logs.run_jsonl import read_jsonl
     from gradsentry.monitor import Monitor, NonFiniteGradientError
-    from gradsentry.records import (
-        ActivationStats,
-        Finding,
-        LayerInfo,
-        LayerStats,
-        Remedy,
-        Run,
-        RunHeader,
-        StepRecord,
-    )
+    from gradsentry.records import Finding
     from gradsentry.remedies import (
         AGC,
         AutoClip,
@@ -43,78 +39,80 @@ if TYPE_CHECKING:
         ClipValue,
         Ladder,
         NonFiniteGuard,
-        RemedyResult,
         ResetMoments,
         Rollback,
+        SpikeSkip,
         ZClip,
     )
     from gradsentry.remedies.init import lsuv, reinit
-    from gradsentry.report import render_lab_report, render_run_report
-    from gradsentry.sinks import (
-        CallbackSink,
-        CsvSink,
-        JsonlSink,
-        MlflowSink,
-        TensorBoardSink,
-        WandbSink,
-        read_jsonl,
-    )
-    from gradsentry.theory import TheoryNotApplicable, chi, predict
+    from gradsentry.sinks import CallbackSink, CsvSink, JsonlSink, TensorBoardSink
+    from gradsentry.sinks.mlflow import MlflowSink
+    from gradsentry.sinks.wandb import WandbSink
+
+_REMEDIES = (
+    "AGC",
+    "AutoClip",
+    "Chain",
+    "ClipGlobalNorm",
+    "ClipLayerNorm",
+    "ClipValue",
+    "Ladder",
+    "NonFiniteGuard",
+    "ResetMoments",
+    "Rollback",
+    "SpikeSkip",
+    "ZClip",
+)
+_SINKS = ("CallbackSink", "CsvSink", "JsonlSink", "MlflowSink", "TensorBoardSink", "WandbSink")
 
 _HOME: dict[str, str] = {
-    "diagnose": "gradsentry.diagnosis.core",
-    "Thresholds": "gradsentry.diagnosis.thresholds",
-    "theory": "gradsentry.theory",
-    "DistributedError": "gradsentry._dist",
-    "AnalyzeThresholds": "gradsentry.analyze",
-    "LogAnalysis": "gradsentry.analyze",
-    "analyze_log": "gradsentry.analyze",
-    "CheckReport": "gradsentry.check",
-    "check_model": "gradsentry.check",
-    "LabConfig": "gradsentry.lab",
-    "LabResult": "gradsentry.lab",
-    "run_lab": "gradsentry.lab",
-    "Series": "gradsentry.logs",
-    "load_series": "gradsentry.logs",
-    "HistogramSpec": "gradsentry.histograms",
     "Monitor": "gradsentry.monitor",
     "NonFiniteGradientError": "gradsentry.monitor",
-    **dict.fromkeys(
-        ("ActivationStats", "Finding", "LayerInfo", "LayerStats", "Remedy", "Run", "RunHeader", "StepRecord"),
-        "gradsentry.records",
-    ),
-    **dict.fromkeys(
-        (
-            "AGC",
-            "AutoClip",
-            "Chain",
-            "ClipGlobalNorm",
-            "ClipLayerNorm",
-            "ClipValue",
-            "Ladder",
-            "NonFiniteGuard",
-            "RemedyResult",
-            "ResetMoments",
-            "Rollback",
-            "ZClip",
-        ),
-        "gradsentry.remedies",
-    ),
-    "lsuv": "gradsentry.remedies.init",
+    "diagnose": "gradsentry.diagnosis.core",
+    "Thresholds": "gradsentry.diagnosis.thresholds",
+    "analyze_log": "gradsentry.analyze",
+    "check_model": "gradsentry.check",
+    "Finding": "gradsentry.records",
+    **dict.fromkeys(_REMEDIES, "gradsentry.remedies"),
     "reinit": "gradsentry.remedies.init",
-    "render_lab_report": "gradsentry.report",
-    "render_run_report": "gradsentry.report",
-    **dict.fromkeys(
-        ("CallbackSink", "CsvSink", "JsonlSink", "MlflowSink", "TensorBoardSink", "WandbSink", "read_jsonl"),
-        "gradsentry.sinks",
-    ),
-    "TheoryNotApplicable": "gradsentry.theory",
-    "chi": "gradsentry.theory",
-    "predict": "gradsentry.theory",
+    "lsuv": "gradsentry.remedies.init",
+    **dict.fromkeys(_SINKS, "gradsentry.sinks"),
+    "read_jsonl": "gradsentry.logs.run_jsonl",
+    # subpackages reached as attributes (``gradsentry.lab.run_lab``), not star-exported
+    **{name: f"gradsentry.{name}" for name in ("lab", "report", "theory", "records")},
 }
+"""Public name -> the module that defines it (a subpackage's own name: the subpackage)."""
+
+_MOVED: dict[str, str] = {
+    "ActivationStats": "gradsentry.records.ActivationStats",
+    "LayerInfo": "gradsentry.records.LayerInfo",
+    "LayerStats": "gradsentry.records.LayerStats",
+    "Run": "gradsentry.records.Run",
+    "RunHeader": "gradsentry.records.RunHeader",
+    "StepRecord": "gradsentry.records.StepRecord",
+    "Remedy": "gradsentry.records.Advice",
+    "RemedyResult": "gradsentry.remedies.RemedyResult",
+    "AnalyzeThresholds": "gradsentry.analyze.AnalyzeThresholds",
+    "LogAnalysis": "gradsentry.analyze.LogAnalysis",
+    "CheckReport": "gradsentry.check.CheckReport",
+    "DistributedError": "gradsentry.monitor.DistributedError",
+    "HistogramSpec": "gradsentry.histograms.HistogramSpec",
+    "LabConfig": "gradsentry.lab.LabConfig",
+    "LabResult": "gradsentry.lab.LabResult",
+    "run_lab": "gradsentry.lab.run_lab",
+    "Series": "gradsentry.logs.Series",
+    "load_series": "gradsentry.logs.load_series",
+    "TheoryNotApplicable": "gradsentry.theory.TheoryNotApplicable",
+    "chi": "gradsentry.theory.chi",
+    "predict": "gradsentry.theory.predict",
+    "render_lab_report": "gradsentry.report.render_lab_report",
+    "render_run_report": "gradsentry.report.render_run_report",
+}
+"""Names the top level exported before 0.2, each -> its home now: they resolve, with a DeprecationWarning,
+for one release."""
 
 
-__getattr__, __dir__ = lazy_names(__name__, _HOME)
+__getattr__, __dir__ = lazy_names(__name__, _HOME, _MOVED)
 
 
 class _Package(types.ModuleType):
@@ -138,59 +136,34 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-__version__ = "0.1.0"
-
 __all__ = [
     "AGC",
-    "ActivationStats",
-    "AnalyzeThresholds",
     "AutoClip",
     "CallbackSink",
     "Chain",
-    "CheckReport",
     "ClipGlobalNorm",
     "ClipLayerNorm",
     "ClipValue",
     "CsvSink",
-    "DistributedError",
     "Finding",
-    "HistogramSpec",
     "JsonlSink",
-    "LabConfig",
-    "LabResult",
     "Ladder",
-    "LayerInfo",
-    "LayerStats",
-    "LogAnalysis",
     "MlflowSink",
     "Monitor",
     "NonFiniteGradientError",
     "NonFiniteGuard",
-    "Remedy",
-    "RemedyResult",
     "ResetMoments",
     "Rollback",
-    "Run",
-    "RunHeader",
-    "Series",
-    "StepRecord",
+    "SpikeSkip",
     "TensorBoardSink",
-    "TheoryNotApplicable",
     "Thresholds",
     "WandbSink",
     "ZClip",
     "__version__",
     "analyze_log",
     "check_model",
-    "chi",
     "diagnose",
-    "load_series",
     "lsuv",
-    "predict",
     "read_jsonl",
     "reinit",
-    "render_lab_report",
-    "render_run_report",
-    "run_lab",
-    "theory",
 ]

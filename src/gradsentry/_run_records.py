@@ -119,9 +119,10 @@ class Finding:
         )
 
     def __str__(self) -> str:
-        where = f" at step {self.steps[0]}" if self.steps else ""
-        layers = f" in {', '.join(self.layers[:3])}" if self.layers else ""
-        return f"[{self.severity}] {self.kind}{where}{layers}: {self.explanation}"
+        """The finding in one line (:func:`gradsentry.report.text.finding_line`)."""
+        from gradsentry.report.text import finding_line
+
+        return finding_line(self)
 
     def __rich__(self) -> Any:
         """The finding and its first remedies as rich renderables (terminal)."""

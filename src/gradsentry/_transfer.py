@@ -144,7 +144,7 @@ class Packet:
         (op None) so that a second call does nothing.
 
         Raises:
-            gradsentry.DistributedError: a collective failed or timed out.
+            gradsentry.monitor.DistributedError: a collective failed or timed out.
         """
         names = list(self._items)
         reduced = _dist.reduce_parts(ctx, [self._items[n] for n in names])

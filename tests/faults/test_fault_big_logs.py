@@ -15,6 +15,7 @@ import gradsentry as gs
 from gradsentry.analyze import analyze_log
 from gradsentry.diagnosis import signals as sg
 from gradsentry.diagnosis.thresholds import Thresholds
+from gradsentry.logs import load_series
 from gradsentry.logs.run_jsonl import scan_jsonl
 
 pytestmark = pytest.mark.faults
@@ -41,7 +42,7 @@ def test_analyze_of_a_run_longer_than_the_window_gives_the_full_verdict(tmp_path
     assert _verdict(result.findings) == _verdict(full)
     nonfinite = next(f for f in result.findings if f.kind == "nonfinite")
     assert nonfinite.steps[0] == 4000 and nonfinite.layers == ["4", "2", "0"]
-    series = gs.load_series(path)  # the readers' path: the same series point for point
+    series = load_series(path)  # the readers' path: the same series point for point
     assert result.series.steps == series.steps and result.series.lr == series.lr
     assert json.dumps(result.series.grad_norm) == json.dumps(series.grad_norm)
     assert result.series.fields == series.fields and result.series.notes == series.notes

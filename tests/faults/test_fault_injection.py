@@ -24,6 +24,7 @@ from torch import nn
 
 import gradsentry as gs
 from gradsentry.monitor import nonfinite_layers
+from gradsentry.records import StepRecord
 
 pytestmark = pytest.mark.faults
 
@@ -108,7 +109,7 @@ def _build(cls: type[nn.Module], dtype: torch.dtype) -> nn.Module:
     return cls().to(dtype)
 
 
-def _step(model: nn.Module, inject: Callable[[nn.Module], None] | None = None) -> gs.StepRecord:
+def _step(model: nn.Module, inject: Callable[[nn.Module], None] | None = None) -> StepRecord:
     x = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
     with gs.Monitor(model, locate_nonfinite=True, activations=False) as mon:
         if inject is not None:

@@ -15,7 +15,7 @@ correlations between the examples of the batch. The fitted slope is over the hid
 output head (the last layer in forward order) receives the loss gradient directly and is left out.
 Models made of repeated blocks holding a normalization layer (transformers) get their per-block gradient
 profile and its LayerNorm placement reported (:class:`BlockProfile`: Xiong et al. 2020; NormFormer).
-:func:`gradsentry.targets.load_factory` (re-exported here) imports a user's model factory.
+Loading a user's model factory (``gradsentry check TARGET``) is the CLI's job: :mod:`gradsentry.cli.targets`.
 
 The package: :mod:`~gradsentry.check.report` (the records and thresholds), :mod:`~gradsentry.check.examples`
 (per-example gradients), :mod:`~gradsentry.check.profile` (slope, per-block profile, init-time rules) and
@@ -23,6 +23,10 @@ The package: :mod:`~gradsentry.check.report` (the records and thresholds), :mod:
 """
 
 from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
 
 from gradsentry.check.examples import _per_example_sq_loop, per_example_rms
 from gradsentry.check.report import (
@@ -40,7 +44,22 @@ from gradsentry.check.report import (
     LossName,
 )
 from gradsentry.check.run import check_model, digits_batch
-from gradsentry.targets import TargetError, load_factory, load_model
+
+_MOVED = {"TargetError", "load_factory", "load_model"}
+
+
+def __getattr__(name: str) -> Any:
+    """The names moved to :mod:`gradsentry.cli.targets`, with a DeprecationWarning (one release)."""
+    if name in _MOVED:
+        warnings.warn(
+            f"gradsentry.check.{name} moved to gradsentry.cli.targets.{name}; the old path goes in the next "
+            "release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module("gradsentry.cli.targets"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEAD_UNITS_MIN_BATCH",
@@ -55,11 +74,8 @@ __all__ = [
     "FixName",
     "InputFitError",
     "LossName",
-    "TargetError",
     "_per_example_sq_loop",
     "check_model",
     "digits_batch",
-    "load_factory",
-    "load_model",
     "per_example_rms",
 ]

@@ -13,8 +13,8 @@ import sys
 
 import typer
 
-from gradsentry import __version__
 from gradsentry._extras import MissingExtraError
+from gradsentry._version import __version__
 
 EXIT_OK = 0
 EXIT_FOUND = 1

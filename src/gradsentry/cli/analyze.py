@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
 
         from gradsentry.analyze import analyze_log
         from gradsentry.logs import FORMATS, LogFormatError
-        from gradsentry.logs.plot import PLOT_SUFFIXES
+        from gradsentry.report.series_plot import PLOT_SUFFIXES
 
         err = Console(stderr=True, soft_wrap=True)
         if not path_arg.strip():  # Path("") would be the current directory
@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
             err.print(Text.assemble(("error: ", "red"), str(exc)), highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
         if plot is not None:
-            from gradsentry.logs.plot import plot_series
+            from gradsentry.report.series_plot import plot_series
 
             try:
                 plot_series(result.series, result.findings, plot)

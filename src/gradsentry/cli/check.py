@@ -75,15 +75,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.text import Text
 
-        from gradsentry.check import (
-            FIXES,
-            LOSSES,
-            InputFitError,
-            TargetError,
-            check_model,
-            digits_batch,
-            load_model,
-        )
+        from gradsentry.check import FIXES, LOSSES, InputFitError, check_model, digits_batch
+        from gradsentry.cli.targets import TargetError, load_model
         from gradsentry.report.views import check_renderable
 
         err = Console(stderr=True, soft_wrap=True)

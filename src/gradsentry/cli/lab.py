@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 def _table(result: LabResult) -> Any:
     from rich.table import Table
 
+    from gradsentry.report.text import severity_look
+
     table = Table(title="gradsentry lab", title_justify="left", header_style="bold")
     table.add_column("variant", no_wrap=True)
     table.add_column("first/last grad RMS at init", justify="right")
@@ -34,10 +36,7 @@ def _table(result: LabResult) -> Any:
         sev: dict[str, str] = {}
         for f in r.findings:
             sev.setdefault(str(f.get("kind")), str(f.get("severity")))
-        colour = {"error": "red", "warning": "yellow", "info": "cyan"}
-        kinds = (
-            ", ".join(f"[{colour.get(s, 'white')}]{k}[/]" for k, s in sev.items()) or "[green]none[/green]"
-        )
+        kinds = ", ".join(f"[{severity_look(s).rich}]{k}[/]" for k, s in sev.items()) or "[green]none[/green]"
         table.add_row(r.name, ratio_s, acc, kinds, f"{r.time_s:.1f} s")
     return table
 

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 
     from gradsentry.records import Finding
 
-SEVERITY_STYLES = {"error": "red", "warning": "yellow", "info": "dim"}
-
 
 def fmt(x: float | None) -> str:
     """A number in 4 significant digits, ``-`` for None."""
@@ -26,10 +24,10 @@ def fmt(x: float | None) -> str:
 
 def series_row(name: str, values: Sequence[float | None], width: int, *, log: bool) -> Text:
     """``name  ▁▂▅█  lo..hi``: a right-aligned name, the sparkline of ``values`` (at most ``width``
-    characters, :func:`gradsentry.logs.sparkline.sparkline`) and the range of the finite values."""
+    characters, :func:`gradsentry.report.sparkline.sparkline`) and the range of the finite values."""
     from rich.text import Text
 
-    from gradsentry.logs.sparkline import sparkline
+    from gradsentry.report.sparkline import sparkline
 
     fin = [float(x) for x in values if x is not None and math.isfinite(x)]
     rng = f"{fmt(min(fin) if fin else None)}..{fmt(max(fin) if fin else None)}"
@@ -45,19 +43,15 @@ def findings_view(findings: Sequence[Finding]) -> RenderableType:
     from rich.table import Table
     from rich.text import Text
 
+    from gradsentry.report.text import FINDING_ROW_COLUMNS, NO_FINDING_LOOK, finding_rich_row
+
     if not findings:
-        return Text("healthy: no finding", style="bold green")
+        return Text("healthy: no finding", style=NO_FINDING_LOOK.rich)
     table = Table(show_lines=False, expand=False)
-    for col in ("severity", "kind", "step", "what was found"):
+    for col in FINDING_ROW_COLUMNS:
         table.add_column(col, overflow="fold")
     for f in findings:
-        kind = f.kind + (f" ({f.evidence['pattern']})" if "pattern" in f.evidence else "")
-        table.add_row(
-            Text(f.severity, style=SEVERITY_STYLES.get(f.severity, "")),
-            kind,
-            str(f.steps[0]) if f.steps else "-",
-            Text(f.explanation),
-        )
+        table.add_row(*finding_rich_row(f))
     fixes: list[RenderableType] = []
     shown: set[str] = set()
     for f in findings:

@@ -10,6 +10,7 @@ from typing import Any
 
 from gradsentry.monitor import ALERT_WINDOW, Monitor, alert_finding, alert_message, nonfinite_step
 from gradsentry.records import LAYER_STATS, Finding, StepRecord
+from gradsentry.report.text import finding_line
 
 PREFIX = "gradsentry"
 """First component of every metric key the callbacks log."""
@@ -134,7 +135,7 @@ def _mismatch_text(step: int, a: float, b: float, hint: str) -> str:
 def summarize(findings: list[Finding], n_records: int) -> str:
     """The end-of-run summary: a count line, then one line per finding."""
     head = f"gradsentry: {len(findings)} finding(s) over {n_records} logged step(s)"
-    return "\n".join([head, *(f"  {f}" for f in findings)])
+    return "\n".join([head, *(f"  {finding_line(f)}" for f in findings)])
 
 
 STOP_ON: tuple[str, ...] = ("nonfinite", "exploding")

@@ -96,9 +96,7 @@ Trainer has no exception callback).
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from types import FrameType
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -127,6 +125,13 @@ from gradsentry.integrations._common import (
     summary_level,
     worst_layer,
 )
+from gradsentry.integrations._hf import (
+    calling_handler,
+    logs_at,
+    output_loss,
+    sync_gradients,
+    unwrap_optimizer,
+)
 from gradsentry.monitor import Monitor, NonFiniteGradientError
 from gradsentry.records import Finding, StepRecord
 from gradsentry.sinks.base import Sink
@@ -135,65 +140,6 @@ from gradsentry.sinks.jsonl import JsonlSink
 log = logging.getLogger("gradsentry")
 
 Capture = Literal["auto", "backward", "pre_optimizer_step"]
-
-
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (which holds it as ``.optimizer``)."""
-    inner = optimizer
-    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
-        inner = inner.optimizer
-    return inner
-
-
-def _sync_gradients(optimizer: Any) -> bool:
-    """accelerate's flag: True on the last micro-batch of an optimizer step."""
-    state = getattr(optimizer, "gradient_state", None)
-    if state is None:
-        from accelerate.state import GradientState
-
-        state = GradientState()
-    return bool(state.sync_gradients)
-
-
-def _output_loss(output: Any) -> Tensor | None:
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    if loss is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        loss = output[0] if output[0].ndim == 0 else None
-    return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
-
-
-def _calling_handler(callback: Any) -> Any:
-    """The ``transformers`` ``CallbackHandler`` up the call stack whose list holds ``callback``, or None."""
-    from transformers.trainer_callback import CallbackHandler
-
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, CallbackHandler) and any(c is callback for c in owner.callbacks):
-            return owner
-        frame = frame.f_back
-    return None
-
-
-def _logs_at(args: Any, state: Any) -> Callable[[int], bool]:
-    """Predicate on the Monitor's call index: does the Trainer log that optimizer step?
-
-    Call ``c`` of this run is the Trainer's step ``global_step + c + 1`` (``global_step`` at
-    ``on_train_begin``: 0, or the checkpoint's step on resume); ``DefaultFlowCallback.on_step_end``
-    logs step 1 with ``logging_first_step`` and the multiples of ``state.logging_steps``.
-    """
-    start = int(state.global_step)
-    by_steps = str(getattr(args.logging_strategy, "value", args.logging_strategy)) == "steps"
-    every = int(getattr(state, "logging_steps", 0) or 0)
-    first = bool(args.logging_first_step)
-
-    def logs(call: int) -> bool:
-        step = start + call + 1
-        return (first and step == 1) or (by_steps and every > 0 and step % every == 0)
-
-    return logs
 
 
 class _FrontOfLog(TrainerCallback):  # type: ignore[misc]
@@ -350,11 +296,11 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self.monitor = Monitor(
             model,
             every=self.every,
-            optimizer=_unwrap_optimizer(optimizer),
+            optimizer=unwrap_optimizer(optimizer),
             sinks=sinks if main else (),  # rank 0 writes
             remedy=self.remedy,
             meta=meta,
-            also_log=_logs_at(args, state),
+            also_log=logs_at(args, state),
             **{"sync": "blocking", **kwargs_m},  # the trainer's loggers and stop_on read the record now
         )
         self.norm_mismatches = []
@@ -374,7 +320,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
     def _capture_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         if not module.training or not torch.is_grad_enabled():
             return
-        loss = _output_loss(output)
+        loss = output_loss(output)
         if loss is not None:
             d = loss.detach().float().reshape(())
             self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
@@ -391,7 +337,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
 
     def _end_of_backward(self) -> None:
         self._queued = False
-        if _sync_gradients(self._optimizer):
+        if sync_gradients(self._optimizer):
             self._record()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -409,7 +355,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             raise err
         if self._stop_pending:
             self._stop_pending = False
-            drop_gradients(_unwrap_optimizer(self._optimizer))
+            drop_gradients(unwrap_optimizer(self._optimizer))
             control.should_training_stop = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -452,7 +398,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
 
     def _go_first(self) -> None:
         """Put the companion that fills ``logs`` at the front of the calling Trainer's callbacks."""
-        handler = _calling_handler(self)
+        handler = calling_handler(self)
         if handler is None:
             log.warning(
                 "gradsentry: could not find the Trainer's callback list; report_to integrations listed "

@@ -8,6 +8,7 @@ A package of small modules, one job each: :mod:`~gradsentry.monitor.monitor` (th
 
 from __future__ import annotations
 
+from gradsentry._dist import DistributedError
 from gradsentry.monitor.alerts import (
     ALERT_WINDOW,
     NonFiniteGradientError,
@@ -27,6 +28,7 @@ __all__ = [
     "NO_PARAMS_MSG",
     "RECORDS_BUDGET_BYTES",
     "SAMPLE_RECORDS",
+    "DistributedError",
     "Monitor",
     "NonFiniteGradientError",
     "OnNonFinite",

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
 from gradsentry.records import Finding, LayerInfo, StepRecord
+from gradsentry.report.text import finding_line, remedy_line
 
 log = logging.getLogger("gradsentry")
 
@@ -125,10 +126,9 @@ def alert_message(record: StepRecord, finding: Finding) -> str:
             what += f"; first non-finite output: module {record.nonfinite_origin or '<root>'}"
     else:
         what = f"{finding.kind} at step {record.step} (global gradient norm {record.global_norm:.3g})"
-    text = f"gradsentry: {what}. {finding}"
+    text = f"gradsentry: {what}. {finding_line(finding)}"
     if finding.remedies:
-        fix = finding.remedies[0]
-        text += f" Remedy: {fix.action}" + (f" ({fix.api})" if fix.api else "")
+        text += f" Remedy: {remedy_line(finding)}"
     return text
 
 

@@ -136,7 +136,7 @@ class Monitor:
         rank_zero_only_sinks: write the sinks on rank 0 only (the other ranks keep the records in
             memory). False: every rank writes its sinks.
         dist_timeout: seconds to wait for a collective before raising
-            :class:`gradsentry.DistributedError`; None uses the process group's own timeout
+            :class:`gradsentry.monitor.DistributedError`; None uses the process group's own timeout
             (``init_process_group(timeout=...)``).
         sync: how a logged step's statistics reach the host. ``"blocking"``: one copy that waits
             for the device, so :meth:`step` returns the record. ``"deferred"``: a ``non_blocking``
@@ -164,7 +164,7 @@ class Monitor:
             (see :func:`gradsentry._dist.resolve`).
         TypeError: if ``model`` is not an ``nn.Module`` or has complex parameters, or
             ``on_nonfinite`` is neither None, ``"warn"``, ``"raise"`` nor callable.
-        gradsentry.DistributedError: from :meth:`step`, when a rank died or hung during the
+        gradsentry.monitor.DistributedError: from :meth:`step`, when a rank died or hung during the
             reduction of a logged step.
         NonFiniteGradientError: from :meth:`step`, with ``on_nonfinite="raise"``.
 

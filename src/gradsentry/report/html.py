@@ -3,127 +3,27 @@
 Rendering uses jinja2 with autoescaping on, so every string taken from a run (layer names, metadata,
 finding texts) is escaped. Figures are SVG documents embedded as ``data:`` URIs in ``<img>`` elements:
 the page needs no network access, runs no script, and an SVG inside ``<img>`` cannot run one either.
+The shared pieces are in :mod:`gradsentry.report.page`, the lab's sections in
+:mod:`gradsentry.report.lab_sections` (their public names are re-exported here).
 """
 
 from __future__ import annotations
 
-import base64
 import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradsentry import _taxonomy
-from gradsentry._extras import requires_extra
+from gradsentry._version import __version__
 from gradsentry.records import Finding, LayerInfo, Run
 from gradsentry.report import plots
-
-with requires_extra("report", "the HTML report"):
-    import jinja2
+from gradsentry.report.lab_sections import chapter_sections, mlp_sections, nonfinite_note, pct
+from gradsentry.report.page import FigureView, embed_svg, env, finding_view, fmt, fmt_evidence
+from gradsentry.report.text import severity_css, severity_rank
 
 if TYPE_CHECKING:
     from gradsentry.diagnosis.series_rules import RunSignals
-
-_SIZE = re.compile(r'<svg[^>]*?\swidth="([\d.]+)pt"[^>]*?\sheight="([\d.]+)pt"', re.S)
-
-
-@dataclass
-class FigureView:
-    """One embedded figure: element id, ``data:`` URI, alt text, caption and size in CSS pixels."""
-
-    id: str
-    uri: str
-    alt: str
-    caption: str
-    width: int
-    height: int
-
-
-def embed_svg(svg: str, fig_id: str, alt: str, caption: str) -> FigureView:
-    """Wrap an SVG document as a base64 ``data:image/svg+xml`` figure (size read from the SVG, pt -> px)."""
-    m = _SIZE.search(svg)
-    width, height = (float(m.group(1)) * 4 / 3, float(m.group(2)) * 4 / 3) if m else (960.0, 480.0)
-    uri = "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
-    return FigureView(fig_id, uri, alt, caption, round(width), round(height))
-
-
-@lru_cache(maxsize=1)
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("gradsentry", "report/templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    return env
-
-
-def _version() -> str:
-    from gradsentry import __version__
-
-    return __version__
-
-
-# ---------------------------------------------------------------------------------------------------- formatting
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """A number for people: 3 significant digits, scientific below 1e-3 or from 1e5; NaN/inf spelled out."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        if value == 0:
-            return "0"
-        if abs(value) < 1e-3 or abs(value) >= 1e5:
-            return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def _fmt_evidence(value: Any, limit: int = 8) -> str:
-    if isinstance(value, dict):
-        items = list(value.items())
-        text = ", ".join(f"{k}: {fmt(v)}" for k, v in items[:limit])
-        return text + (f", … (+{len(items) - limit})" if len(items) > limit else "")
-    if isinstance(value, (list, tuple)):
-        text = ", ".join(fmt(v) for v in value[:limit])
-        return "[" + text + (f", … (+{len(value) - limit})" if len(value) > limit else "") + "]"
-    return fmt(value)
-
-
-def finding_view(f: Finding | dict[str, Any], max_layers: int = 6) -> dict[str, Any]:
-    """A finding as the template shows it: kind, severity, where, explanation, evidence rows, remedies."""
-    finding = f if isinstance(f, Finding) else Finding.from_dict(f)
-    where = ""
-    if finding.steps:
-        where = f"from step {finding.steps[0]}"
-        if len(finding.steps) > 1:
-            where += f" ({len(finding.steps)} logged steps)"
-    severity = finding.severity if finding.severity in ("info", "warning", "error") else "warning"
-    return {
-        "kind": finding.kind,
-        "severity": severity,
-        "where": where,
-        "explanation": finding.explanation,
-        "layers": [n or "<root>" for n in finding.layers[:max_layers]],
-        "more_layers": max(0, len(finding.layers) - max_layers),
-        "evidence": [(str(k), _fmt_evidence(v)) for k, v in finding.evidence.items()],
-        "remedies": [{"action": r.action, "api": r.api, "reference": r.reference} for r in finding.remedies],
-    }
-
 
 # ---------------------------------------------------------------------------------------------------- any run
 
@@ -197,7 +97,7 @@ def render_run_report(
         bad = [
             r.step for r in run.records if not r.finite or (r.loss is not None and not math.isfinite(r.loss))
         ]
-    meta_rows = [(str(k), _fmt_evidence(v)) for k, v in meta.items() if k not in ("activations", "config")]
+    meta_rows = [(str(k), fmt_evidence(v)) for k, v in meta.items() if k not in ("activations", "config")]
     layer_rows = []
     if run.records:
         first, last = run.records[0], run.records[-1]
@@ -220,7 +120,8 @@ def render_run_report(
                 }
             )
     ctx = {
-        "version": _version(),
+        "version": __version__,
+        "severity_css": severity_css(),
         "title": page_title,
         "subtitle": "Gradient flow of a logged run, recorded by gradsentry.Monitor.",
         "n_records": len(steps),
@@ -236,252 +137,7 @@ def render_run_report(
         "figures": figures,
         "findings": [finding_view(f) for f in findings],
     }
-    return _env().get_template("run.html.j2").render(**ctx)
-
-
-# ---------------------------------------------------------------------------------------------------- the lab
-
-
-def _pct(x: float) -> str:
-    return "NaN" if not math.isfinite(x) else f"{100 * x:.1f}%"
-
-
-def _get(result: Any, name: str) -> Any:
-    return next((r for r in result.runs if r.name == name), None)
-
-
-def _nonfinite_note(r: Any) -> str:
-    return f"NaN/inf from step {r.first_nonfinite_step}" if r.diverged else ""
-
-
-def _sections(result: Any) -> list[dict[str, Any]]:
-    cfg = result.config
-    depth = cfg.get("depth", "?")
-    sections: list[dict[str, Any]] = []
-
-    bound = 0.25 ** int(depth) if isinstance(depth, int) else math.nan
-    sections.append(
-        {
-            "id": "why",
-            "heading": "Why gradients vanish: the activation's derivative",
-            "paragraphs": [
-                "Backpropagation multiplies the gradient, layer after layer, by each activation's derivative and "
-                "by the weights. The sigmoid's derivative is at most 0.25 (at x = 0), so through "
-                f"{depth} sigmoid layers the derivatives alone shrink the gradient by a factor of up to "
-                f"0.25^{depth} = {fmt(bound)}, unless the weights make up for it. tanh's derivative peaks at 1 and "
-                "ReLU's is exactly 1 wherever the unit is active, so with those the weights' scale decides.",
-            ],
-            "figures": [
-                embed_svg(
-                    plots.activation_figure(),
-                    "fig-activations",
-                    "Sigmoid, tanh and ReLU with their derivatives",
-                    "Each activation (solid) and its derivative (dashed) with the derivative's maximum marked. "
-                    f"Green band: the sigmoid's non-saturated region |x| < {plots.SIGMOID_BAND:.1f}, where "
-                    f"sigmoid(x) stays between {_taxonomy.SIGMOID_SATURATION:g} and {1 - _taxonomy.SIGMOID_SATURATION:g}.",
-                )
-            ],
-        }
-    )
-
-    if result.runs:
-        ratios = "; ".join(
-            f"{r.title}: {fmt(r.first_last_rms_ratio_init)}"
-            for r in result.runs
-            if r.family == "vanishing" or r.name == "exploding"
-        )
-        sections.append(
-            {
-                "id": "depth-init",
-                "heading": "Gradient flow over depth at initialisation",
-                "paragraphs": [
-                    "Each line is one variant's per-layer gradient norm at step 0, before any update, from the first "
-                    "layer (next to the input) to the output head. A line that falls towards the left is a vanishing "
-                    "gradient: the first layers receive almost nothing to learn from. First/last-layer gradient RMS "
-                    f"ratios at init: {ratios}.",
-                ],
-                "figures": [
-                    embed_svg(
-                        plots.depth_profile_figure(result.runs, "init"),
-                        "fig-depth-init",
-                        "Per-layer gradient norm against depth at initialisation, every variant",
-                        "Gradient L2 norm per layer at step 0 (log scale). Solid lines: activation, init and "
-                        "architecture variants; dashed: the oversized-init ReLU run and its fixes (same weights "
-                        "at step 0, so their lines coincide).",
-                    )
-                ],
-            }
-        )
-        acc = "; ".join(
-            f"{r.title}: {_pct(r.test_accuracy)}" + (" (diverged)" if r.diverged else "") for r in result.runs
-        )
-        sections.append(
-            {
-                "id": "depth-final",
-                "heading": "Gradient flow over depth after training",
-                "paragraphs": [
-                    "The same measurement at the last logged step with finite gradients. Test accuracy after "
-                    f"training (chance is 10%): {acc}.",
-                ],
-                "figures": [
-                    embed_svg(
-                        plots.depth_profile_figure(result.runs, "final"),
-                        "fig-depth-final",
-                        "Per-layer gradient norm against depth after training, every variant",
-                        "Gradient L2 norm per layer at the end of training (log scale); runs that diverged "
-                        "are shown at their last finite logged step.",
-                    )
-                ],
-            }
-        )
-
-    no_bn, bn = _get(result, "sigmoid_default"), _get(result, "sigmoid_batchnorm")
-    if no_bn is not None or bn is not None:
-        paras = [
-            "Histograms of the sigmoid's input (the pre-activation) in the first, a middle and the last hidden "
-            "block, at step 0 (filled) and at the end of training (outlined); the green band is the "
-            f"non-saturated region |x| < {plots.SIGMOID_BAND:.1f}.",
-        ]
-        for r in (no_bn, bn):
-            if r is None or not r.histograms:
-                continue
-            parts = []
-            for h in r.histograms:
-                s0 = getattr(h, "sample_std_init", None)
-                if s0 is not None:
-                    parts.append(f"block {h.block}: {fmt(s0)}")
-            if parts:
-                paras.append(
-                    f"{r.title}: spread of one unit's pre-activation across the examples of a batch (standard "
-                    f"deviation, mean over units) at step 0 — "
-                    + "; ".join(parts)
-                    + ". "
-                    + (
-                        "When it is tiny, every input gives the same value deep in the network: the signal about "
-                        "the input, and with it the gradient, has vanished even though the units are not saturated."
-                        if r.name == "sigmoid_default"
-                        else "Batch normalization re-standardizes every unit over the batch, so each block sees an "
-                        "input-dependent signal of unit scale and the gradient keeps its size on the way back."
-                    )
-                )
-        sections.append(
-            {
-                "id": "histograms",
-                "heading": "Pre-activations with and without batch normalization",
-                "paragraphs": paras,
-                "figures": [
-                    embed_svg(
-                        plots.histogram_figure(no_bn, bn),
-                        "fig-histograms",
-                        "Pre-activation histograms with and without batch normalization",
-                        "Density of the sigmoid's input (log scale) per hidden block; values beyond the "
-                        f"plotted range fall in the end bins. Shaded: |x| < {plots.SIGMOID_BAND}.",
-                    )
-                ],
-            }
-        )
-
-    exploding = [r for r in result.runs if r.family == "exploding"]
-    if exploding:
-        paras = []
-        base = _get(result, "exploding")
-        if base is not None:
-            g = base.global_norm
-            head = ", ".join(f"{fmt(x)}" for x in g[:4])
-            paras.append(
-                f"ReLU with He init scaled by {fmt(cfg.get('oversized_gain'))}: each layer multiplies the signal by "
-                f"about that factor, so the output and the gradients grow geometrically with depth. Global gradient "
-                f"norm of the first steps: {head}"
-                + (
-                    f"; the loss and gradients are NaN/inf from step {base.first_nonfinite_step} on."
-                    if base.diverged
-                    else "."
-                )
-            )
-        for r in exploding:
-            if r.name == "exploding":
-                continue
-            outcome = (
-                f"diverged (NaN/inf from step {r.first_nonfinite_step})"
-                if r.diverged
-                else f"trains to {_pct(r.test_accuracy)} test accuracy"
-            )
-            paras.append(f"{r.title}: {outcome}.")
-        wd = _get(result, "exploding_wd")
-        if wd is not None:
-            paras.append(
-                "Weight decay is not enough on its own here: it shrinks the weights by a factor (1 − lr·λ) per step, "
-                "far too slowly against an explosion that happens within the first steps."
-                if wd.diverged
-                else "Weight decay kept this run finite here, but it is a slow pull on the weights rather than a bound on "
-                "the gradient: compare its accuracy with the clipping runs."
-            )
-        sections.append(
-            {
-                "id": "exploding",
-                "heading": "Exploding gradients, and what stops them",
-                "paragraphs": paras,
-                "figures": [
-                    embed_svg(
-                        plots.global_norm_figure(exploding, cfg.get("clip_norm")),
-                        "fig-global",
-                        "Global gradient norm per step for the exploding run and each fix",
-                        "Global gradient norm (all parameters, before any fix) at every step, log scale. "
-                        "An X marks the first step whose loss or gradient was NaN/inf; the run stops there.",
-                    )
-                ],
-            }
-        )
-
-    if result.runs:
-        sections.append(
-            {
-                "id": "heatmaps",
-                "heading": "Per-layer gradient norm over time",
-                "paragraphs": [
-                    "log10 of each Linear layer's gradient norm (rows: first layer at the top, head at the bottom) at "
-                    "every logged step, all panels on one colour scale. Dark top rows are layers that never receive a "
-                    "useful gradient."
-                ],
-                "figures": [
-                    embed_svg(
-                        plots.heatmap_grid_figure(result.runs),
-                        "fig-heatmaps",
-                        "Heat maps of log10 gradient norm, layer by step, for every variant",
-                        "Shared colour scale; magenta cells are NaN/inf.",
-                    )
-                ],
-            }
-        )
-        sections.append(
-            {
-                "id": "loss",
-                "heading": "Training loss",
-                "paragraphs": [
-                    "Training cross-entropy per step (moving average over 10 steps); the dotted line is "
-                    "chance level, ln 10 ≈ 2.30 nats."
-                ],
-                "figures": [
-                    embed_svg(
-                        plots.loss_figure(result.runs),
-                        "fig-loss",
-                        "Training loss per step",
-                        "Left: activation, init and architecture variants. Right: the exploding run and "
-                        "its fixes (a diverged run's line ends at its first NaN).",
-                    )
-                ],
-            }
-        )
-    return sections
-
-
-def _chapter_sections(chapters: dict[str, Any]) -> list[dict[str, Any]]:
-    from gradsentry.lab.chapters import chapter_sections
-
-    out: list[dict[str, Any]] = []
-    for name, data in chapters.items():
-        out.extend(chapter_sections(name, data))
-    return out
+    return env().get_template("run.html.j2").render(**ctx)
 
 
 def render_lab_report(result: Any) -> str:
@@ -501,8 +157,7 @@ def render_lab_report(result: Any) -> str:
         kinds: dict[str, str] = {}
         for f in r.findings:
             k, s = str(f.get("kind", "")), str(f.get("severity", "warning"))
-            order = {"info": 0, "warning": 1, "error": 2}
-            if order.get(s, 1) >= order.get(kinds.get(k, "info"), 0):
+            if severity_rank(s) >= severity_rank(kinds.get(k, "info")):
                 kinds[k] = s
         overview.append(
             {
@@ -510,9 +165,9 @@ def render_lab_report(result: Any) -> str:
                 "title": r.title,
                 "shows": r.shows,
                 "ratio": fmt(r.first_last_rms_ratio_init),
-                "acc": _pct(r.test_accuracy),
+                "acc": pct(r.test_accuracy),
                 "acc_class": "good" if r.test_accuracy > 0.85 else ("bad" if r.test_accuracy < 0.3 else ""),
-                "diverged": _nonfinite_note(r),
+                "diverged": nonfinite_note(r),
                 "findings": list(kinds.items()),
                 "time": f"{r.time_s:.1f} s",
             }
@@ -531,10 +186,11 @@ def render_lab_report(result: Any) -> str:
             else ""
         )
     )
-    settings = [(k, _fmt_evidence(v)) for k, v in cfg.items()]
+    settings = [(k, fmt_evidence(v)) for k, v in cfg.items()]
     settings += [(f"environment: {k}", str(v)) for k, v in result.environment.items()]
     ctx = {
-        "version": _version(),
+        "version": __version__,
+        "severity_css": severity_css(),
         "title": "gradsentry lab: vanishing and exploding gradients, reproduced and fixed",
         "subtitle": subtitle,
         "overview_intro": (
@@ -545,7 +201,8 @@ def render_lab_report(result: Any) -> str:
             "gradsentry.diagnose reports them; their evidence and remedies are listed further down."
         ),
         "overview": overview,
-        "sections": (_sections(result) if result.runs or not chapters else []) + _chapter_sections(chapters),
+        "sections": (mlp_sections(result) if result.runs or not chapters else [])
+        + chapter_sections(chapters),
         "findings": [
             {"name": r.name, "title": r.title, "cards": [finding_view(f) for f in r.findings]}
             for r in result.runs
@@ -554,4 +211,7 @@ def render_lab_report(result: Any) -> str:
         "settings": settings,
         "files": [r.jsonl for r in result.runs if r.jsonl],
     }
-    return _env().get_template("lab.html.j2").render(**ctx)
+    return env().get_template("lab.html.j2").render(**ctx)
+
+
+__all__ = ["FigureView", "embed_svg", "finding_view", "fmt", "render_lab_report", "render_run_report"]

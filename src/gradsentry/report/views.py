@@ -3,7 +3,7 @@ escaped HTML (``_repr_html_``, through rich's own HTML export) for :class:`~grad
 :class:`~gradsentry.records.Finding`, :class:`~gradsentry.analyze.LogAnalysis` and
 :class:`~gradsentry.records.Run`; the ``gradsentry check`` table, fitted to the terminal's width.
 
-Severity colours are defined once here (:data:`SEVERITY_STYLE`).
+A finding's text and the severity colours come from :mod:`gradsentry.report.text`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from gradsentry.report.text import NO_FINDING_LOOK, finding_rich_line
 from gradsentry.sinks.tensorboard import LAYER_STATS
 
 if TYPE_CHECKING:
@@ -22,9 +23,6 @@ if TYPE_CHECKING:
     from gradsentry.analyze import LogAnalysis
     from gradsentry.check import CheckReport
     from gradsentry.records import Finding, Run
-
-SEVERITY_STYLE = {"error": "red", "warning": "yellow", "info": "cyan"}
-"""rich style of each finding severity."""
 
 HTML_WIDTH = 120
 """Characters per line of the HTML views (a notebook cell has no terminal width)."""
@@ -168,15 +166,7 @@ def finding_renderable(finding: Finding, remedies: int = 3) -> Group:
     from rich.console import Group
     from rich.text import Text
 
-    where = f" at step {finding.steps[0]}" if finding.steps else ""
-    layers = f" in {', '.join(finding.layers[:3])}" if finding.layers else ""
-    lines: list[RenderableType] = [
-        Text.assemble(
-            (f"[{finding.severity}] {finding.kind}", SEVERITY_STYLE.get(finding.severity, "")),
-            f"{where}{layers}: ",
-            finding.explanation,
-        )
-    ]
+    lines: list[RenderableType] = [finding_rich_line(finding)]
     for remedy in finding.remedies[:remedies]:
         api = f"  ({remedy.api})" if remedy.api else ""
         lines.append(Text(f"    fix: {remedy.action}{api}", style="dim"))
@@ -190,9 +180,9 @@ def findings_renderable(findings: Sequence[Finding]) -> Group:
 
     parts: list[RenderableType] = []
     if not findings:
-        parts.append(Text("healthy: no finding", style="bold green"))
+        parts.append(Text("healthy: no finding", style=NO_FINDING_LOOK.rich))
     elif all(f.severity == "info" for f in findings):
-        parts.append(Text("healthy: no problem found (information below)", style="bold green"))
+        parts.append(Text("healthy: no problem found (information below)", style=NO_FINDING_LOOK.rich))
     parts.extend(finding_renderable(f) for f in findings)
     return Group(*parts)
 

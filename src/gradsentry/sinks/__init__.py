@@ -9,7 +9,6 @@ importing this package imports neither ``wandb`` nor ``mlflow``.
 from __future__ import annotations
 
 import importlib
-import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -32,15 +31,12 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _MOVED:
-        # gradsentry's own lazy table (gradsentry._lazy) still points gradsentry.read_jsonl here: that public
-        # name is not deprecated, so only other callers are warned.
-        if sys._getframe(1).f_globals.get("__name__") != "gradsentry._lazy":
-            warnings.warn(
-                f"gradsentry.sinks.{name} moved to {_MOVED[name]}.{name} (also gradsentry.logs.{name}; sinks "
-                "write, logs read); the old path goes in the next release",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+        warnings.warn(
+            f"gradsentry.sinks.{name} moved to {_MOVED[name]}.{name} (also gradsentry.logs.{name}; sinks "
+            "write, logs read); the old path goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

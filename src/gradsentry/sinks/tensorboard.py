@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from gradsentry import records
 from gradsentry._extras import requires_extra
 from gradsentry.records import ActivationStats, Finding, RunHeader, StepRecord
+from gradsentry.report.text import findings_markdown
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -124,24 +125,6 @@ def record_histograms(record: StepRecord, prefix: str) -> Iterator[tuple[str, li
         for kind, hist in (("grad_hist", h.grad), ("weight_hist", h.weight)):
             if hist is not None and sum(hist.counts) > 0:
                 yield layer_tag(prefix, kind, h.name), hist.counts, hist.log10_edges()
-
-
-def _md_cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def findings_markdown(findings: list[Finding]) -> str:
-    """Render findings as a Markdown table (the text TensorBoard shows under ``P/findings``)."""
-    if not findings:
-        return "No findings."
-    rows = ["| severity | kind | first step | layers | explanation |", "| --- | --- | --- | --- | --- |"]
-    for f in findings:
-        first = f.steps[0] if f.steps else ""
-        rows.append(
-            f"| {_md_cell(f.severity)} | {_md_cell(f.kind)} | {first} | {_md_cell(', '.join(f.layers[:5]))} "
-            f"| {_md_cell(f.explanation)} |"
-        )
-    return "\n".join(rows)
 
 
 class TensorBoardSink:

@@ -23,6 +23,7 @@ from typing import Any
 
 from gradsentry._extras import import_extra
 from gradsentry.records import Finding, RunHeader, StepRecord
+from gradsentry.report.text import finding_cells
 from gradsentry.sinks.tensorboard import record_histograms, record_scalars
 
 log = logging.getLogger("gradsentry")
@@ -96,17 +97,11 @@ class WandbSink:
         self._run().log(values, step=int(record.step))
 
     def write_findings(self, findings: list[Finding]) -> None:
-        rows = [
-            [
-                f.severity,
-                f.kind,
-                f.steps[0] if f.steps else None,
-                ", ".join(str(s) for s in f.steps[:20]),
-                ", ".join(f.layers[:10]),
-                f.explanation,
-            ]
-            for f in findings
-        ]
+        rows = []
+        for f in findings:
+            severity, kind, _, layers, explanation = finding_cells(f, max_layers=10)
+            first = f.steps[0] if f.steps else None
+            rows.append([severity, kind, first, ", ".join(str(s) for s in f.steps[:20]), layers, explanation])
         run = self._run()
         run.summary[f"{self.prefix}/findings"] = self._wandb.Table(columns=list(FINDING_COLUMNS), data=rows)
         run.summary[f"{self.prefix}/findings_count"] = len(findings)
