@@ -10,7 +10,7 @@ PyTorch's default init spans ~10 decades over 20 layers, beyond float32's comfor
 as the mean over seeds: the measured span (log10 first/last layer), the predicted span, and the
 largest per-layer deviation ``|log10(predicted / measured)|`` in decades. A row passes within 0.3
 decades on the wide MLPs and 1.5 on the narrow lab CNNs (16 channels, 8x8 maps: padding borders and a finite width the theory ignores) (the stated tolerances of
-``tests/test_theory_profile.py``). About 30 s on 2 CPU cores.
+``tests/theory/test_theory_profile.py``). About 30 s on 2 CPU cores.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-rank scenarios for tests/test_distributed.py (2 gloo processes on CPU, spawned by the test).
+"""Per-rank scenarios for tests/monitor/test_distributed.py (2 gloo processes on CPU, spawned by the test).
 
 Each rank runs every scenario in order and writes ``rank{r}.json`` into the output folder: for each
 scenario either its measurements or ``{"error": traceback}``. The parent process computes the

@@ -197,7 +197,7 @@ class LayerCounter:
 
 def record_bytes(layers: int, spec: HistogramSpec | None) -> int:
     """Bytes the histograms add to one record in memory (CPython 3.11, measured with ``tracemalloc``
-    in ``tests/test_histograms.py``): about 100 per layer and, per layer and kind, 200 + 8 per bin (+32
+    in ``tests/monitor/test_histograms.py``): about 100 per layer and, per layer and kind, 200 + 8 per bin (+32
     per count above 256: 16 per bin is taken)."""
     if spec is None:
         return 0

@@ -26,7 +26,7 @@ from gradsentry.monitor import Monitor
 from gradsentry.records import Finding, LayerStats, StepRecord
 from zoo import mlp
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ from gradsentry.cli import main
 from gradsentry.logs.follow import JsonlFollower
 from gradsentry.logs.run_jsonl import read_jsonl
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_remedies_clip import _timm_style_agc
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradsentry.remedies import AGC
 from host_syncs import HostSyncs
-from test_remedies_clip import _timm_style_agc
 
 
 class _Ops(TorchDispatchMode):

@@ -14,7 +14,7 @@ from gradsentry.logs import FORMATS, LogFormatError, load_series, sniff_format
 from gradsentry.logs.registry import READERS, TEXT_FORMATS
 from gradsentry.logs.text.engine import OVERFLOW_RE
 
-FIXTURES = Path(__file__).parent / "fixtures" / "loglines"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "loglines"
 NAN = math.nan
 
 # fixture -> (format, steps, loss, grad_norm, lr, skipped); every value as logged

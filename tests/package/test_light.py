@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from gradsentry._extras import DISTRIBUTIONS, EXTRAS, MissingExtraError, require, requires_extra
-from test_analyze_cli import write_state
+from hf_states import write_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
-TARGETS = Path(__file__).with_name("check_targets.py")
+TARGETS = Path(__file__).resolve().parents[1] / "check_targets.py"
 OPTIONAL = ("matplotlib", "jinja2", "sklearn", "scipy", "tensorboard")
 
 BLOCKER = '''

@@ -15,7 +15,7 @@ import pytest
 
 import gradsentry as gs
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 PUBLIC = {
     "Monitor",

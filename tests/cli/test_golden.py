@@ -11,7 +11,7 @@ import pytest
 from golden import assert_golden, normalize
 from gradsentry.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNS = Path("benchmarks/verdicts/runs")  # relative to ROOT, the working directory of these tests, so that
 TARGETS = Path(
     "tests/check_targets.py"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VERDICTS = ROOT / "benchmarks" / "verdicts"
 LABELS = VERDICTS / "labels.tsv"
 FORMATS = {

@@ -14,7 +14,7 @@ import pytest
 from gradsentry.records import SEVERITY_ORDER, Advice, Finding, LayerStats, Run, RunHeader, StepRecord
 from gradsentry.report import text
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "gradsentry"
+SRC = Path(__file__).resolve().parents[2] / "src" / "gradsentry"
 
 FINDING = Finding(
     "exploding",
@@ -126,7 +126,7 @@ def test_views_and_notebook_html_show_the_line() -> None:
 
 def test_the_cli_table_shows_the_row(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     from gradsentry.cli import main
-    from test_analyze_cli import write_state
+    from hf_states import write_state
 
     monkeypatch.setenv("COLUMNS", "3000")  # no column folds
     monkeypatch.setenv("NO_COLOR", "1")

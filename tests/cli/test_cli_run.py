@@ -14,7 +14,7 @@ import pytest
 from gradsentry.cli import main
 from gradsentry.logs.run_jsonl import read_jsonl
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 # A plain training script: it knows nothing of gradsentry. It writes its own global gradient norms,
 # taken with torch's clip_grad_norm_(..., inf) just before optimizer.step(), for the test to compare.

@@ -29,7 +29,7 @@ from gradsentry.records import (
     loads,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAN, INF = math.nan, math.inf
 VALUES: dict[str, Any] = {
     "nan": NAN,

@@ -10,7 +10,7 @@ import pytest
 
 import gradsentry as gs
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_quick_start_runs_and_diagnoses_the_deep_sigmoid_net(

@@ -17,7 +17,7 @@ from gradsentry.check import InputFitError, check_model, digits_batch
 from gradsentry.cli import main
 from gradsentry.cli.targets import TargetError, load_factory, load_model
 
-TARGETS = str(Path(__file__).with_name("check_targets.py"))
+TARGETS = str(Path(__file__).resolve().parents[1] / "check_targets.py")
 
 
 def _run_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:

@@ -17,7 +17,7 @@ from gradsentry.diagnosis import advice, layer_rules
 from gradsentry.diagnosis.thresholds import Thresholds
 from gradsentry.remedies import init
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "gradsentry"
+SRC = Path(__file__).resolve().parents[2] / "src" / "gradsentry"
 KINDS = set(_taxonomy.ACTIVATION_TABLE) | set(_taxonomy.NORMALIZATION_TABLE)
 
 # Collections of two or more family names outside _taxonomy, each with why it stays:
