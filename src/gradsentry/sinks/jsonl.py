@@ -148,11 +148,6 @@ _MOVED = frozenset(
 )
 
 
-def _dumps(obj: dict[str, Any]) -> str:
-    """Deprecated private alias of :func:`gradsentry.records.dumps` (kept for one release)."""
-    return dumps(obj)
-
-
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
         warnings.warn(
