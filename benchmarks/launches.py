@@ -132,7 +132,9 @@ def main() -> None:
                 s, f, u = measure(args.layers, args.width, cfg)
             rows[name] = s
             print(f"{name:40s} {s:8d} {f:10d} {u:8d} {s + f + u:8d}")
-        print(f"{'max |g| (difference of the lean rows)':40s} {rows['lean + max |g|'] - rows['lean (norms only)']:8d}")
+        print(
+            f"{'max |g| (difference of the lean rows)':40s} {rows['lean + max |g|'] - rows['lean (norms only)']:8d}"
+        )
 
 
 if __name__ == "__main__":

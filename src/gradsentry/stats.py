@@ -300,11 +300,15 @@ def foreach_max_abs(tensors: Sequence[Tensor], *, groups: Groups | None = None) 
     all_cpu = groups.all_cpu if groups is not None else all(t.device.type == "cpu" for t in tensors)
     if not all_cpu or fused(tensors[0].device):
         return foreach_norms(tensors, math.inf, groups=groups)
-    out = []
+    los, his = [], []
     for t in _strided(tensors):
-        lo, hi = torch.aminmax(t.reshape(-1)) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
-        out.append(torch.maximum(hi.float(), -lo.float()))
-    return torch.stack(out)
+        lo, hi = torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
+        los.append(lo)
+        his.append(hi)
+    lo_t, hi_t = torch.stack(los), torch.stack(his)  # one op per tensor above, three here
+    if lo_t.dtype != torch.float32:
+        lo_t, hi_t = lo_t.float(), hi_t.float()
+    return torch.maximum(hi_t, -lo_t)
 
 
 def layer_sum(values: Tensor, index: Tensor, num_layers: int) -> Tensor:
@@ -333,6 +337,7 @@ def layer_max(values: Tensor, index: Tensor, num_layers: int) -> Tensor:
     return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
 
 
+@torch.no_grad()
 def activation_stats(
     kind: str,
     x: Tensor,
@@ -342,7 +347,8 @@ def activation_stats(
     sigmoid_band: float = SIGMOID_SATURATION,
     tanh_band: float = TANH_SATURATION,
 ) -> Tensor:
-    """On-device statistics of one activation call.
+    """On-device statistics of one activation call, fused: about five ops per call (one
+    ``std_mean``, the saturation or dead-unit reduction, one ``stack``) whatever the input's size.
 
     Args:
         kind: the activation's kind, a torch.nn class name (:func:`gradsentry._taxonomy.activation_kind`).
@@ -353,50 +359,71 @@ def activation_stats(
         tanh_band: a tanh/softsign output with ``|y| > 1 - tanh_band`` is saturated (in (0, 0.5)).
 
     Returns:
-        float32 ``[4]``: pre-activation mean, pre-activation std, saturated fraction in [0, 1]
-        (NaN when the activation is unbounded), dead-unit fraction in [0, 1] (NaN outside the ReLU
-        family). A unit is one feature (dim 1 of 2-D and conv inputs, the last dim of 3-D sequence
+        float32 ``[4]``: pre-activation mean, pre-activation std (unbiased), saturated fraction in
+        [0, 1] (NaN when the activation is unbounded), dead-unit fraction in [0, 1] (NaN outside the
+        ReLU family). A unit is one feature (dim 1 of 2-D and conv inputs, the last dim of 3-D sequence
         inputs); it is dead when ``x <= 0`` for every sample (and position) of the batch.
     """
-    xf = x.detach().float()
-    nan = torch.full((), math.nan, device=xf.device)
-    mean = xf.mean()
-    std = xf.std() if xf.numel() > 1 else torch.zeros((), device=xf.device)
+    xf = x if x.dtype == torch.float32 else x.float()
+    nan = _nan(xf.device)
+    if xf.numel() > 1:
+        std, mean = torch.std_mean(xf)
+    else:
+        mean, std = xf.mean(), torch.zeros((), device=xf.device)
     sat = nan
     if kind == "Sigmoid":
         limit = (
             SIGMOID_SATURATION_X if sigmoid_band == SIGMOID_SATURATION else sigmoid_saturation_x(sigmoid_band)
         )
-        sat = (xf.abs() > limit).float().mean()
+        sat = _frac(xf.abs() > limit)
     elif kind in ("Tanh", "Softsign"):
-        yf = (
-            y.detach().float()
-            if y is not None
-            else (torch.tanh(xf) if kind == "Tanh" else xf / (1 + xf.abs()))
-        )
-        sat = (yf.abs() > 1.0 - tanh_band).float().mean()
+        if y is not None:
+            yf = y if y.dtype == torch.float32 else y.float()
+        else:
+            yf = torch.tanh(xf) if kind == "Tanh" else xf / (1 + xf.abs())
+        sat = _frac(yf.abs() > 1.0 - tanh_band)
     elif kind == "Hardtanh":
         lo = float(getattr(module, "min_val", -1.0))
         hi = float(getattr(module, "max_val", 1.0))
-        sat = ((xf <= lo) | (xf >= hi)).float().mean()
+        sat = _frac((xf <= lo) | (xf >= hi))
     elif kind == "Hardsigmoid":
-        sat = (xf.abs() >= 3.0).float().mean()
+        sat = _frac(xf.abs() >= 3.0)
     elif kind == "ReLU6":
-        sat = (xf >= 6.0).float().mean()
+        sat = _frac(xf >= 6.0)
     dead = nan
-    if kind in RELU_FAMILY and xf.dim() >= 1:
-        if xf.dim() == 3:  # [B, T, F]: features are the last dim
-            units = xf.reshape(-1, xf.shape[-1])
-        elif xf.dim() >= 2:  # [B, F] or [B, C, *spatial]: dim 1
-            units = xf.transpose(0, 1).reshape(xf.shape[1], -1).T
+    if kind in RELU_FAMILY and xf.dim() >= 1 and xf.numel():
+        # A unit's largest input over the batch (and positions) is <= 0: one amax per call. NaN
+        # entries make the max NaN, and NaN <= 0 is False: not dead, as before.
+        if xf.dim() == 1:
+            dead = _frac(xf <= 0)
         else:
-            units = xf.reshape(1, -1)
+            dims = (0, 1) if xf.dim() == 3 else (0, *range(2, xf.dim()))
+            dead = _frac(xf.amax(dim=dims) <= 0)
+    elif kind in RELU_FAMILY and xf.dim() >= 1:  # no entry: as all() over an empty batch
+        units = xf.reshape(-1, xf.shape[-1]) if xf.dim() >= 2 else xf.reshape(1, -1)
         dead = (units <= 0).all(dim=0).float().mean()
-    return torch.stack([mean, std, sat.to(mean.dtype), dead.to(mean.dtype)])
+    return torch.stack([mean, std, sat, dead])
+
+
+def _frac(mask: Tensor) -> Tensor:
+    """Fraction of True entries of a bool tensor (float32 0-d), in one op."""
+    return torch.mean(mask, dtype=torch.float32)
+
+
+_NAN: dict[torch.device, Tensor] = {}
+
+
+def _nan(device: torch.device) -> Tensor:
+    """A float32 NaN scalar on ``device``, made once (not one ``full`` per call)."""
+    t = _NAN.get(device)
+    if t is None:
+        t = _NAN[device] = torch.full((), math.nan, device=device)
+    return t
 
 
 def histogram(x: Tensor, bins: int, limit: float) -> Tensor:
     """Histogram of ``x`` on ``bins`` equal bins over ``[-limit, limit]``; values outside are
     counted in the end bins. Returns float32 ``[bins]`` counts on ``x``'s device."""
-    xf = x.detach().float().clamp(-limit, limit)
-    return torch.histc(xf, bins=bins, min=-limit, max=limit)
+    with torch.no_grad():
+        xf = (x if x.dtype == torch.float32 else x.float()).clamp(-limit, limit)
+        return torch.histc(xf, bins=bins, min=-limit, max=limit)
