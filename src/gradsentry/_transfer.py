@@ -126,7 +126,11 @@ class Packet:
         """
         if op not in ("sum", "mean", "max", None):
             raise ValueError(f"a packet entry's reduction must be 'sum', 'mean', 'max' or None, got {op!r}")
-        self._items[name] = (value.detach().reshape(-1).to(self.device, self.dtype), op)
+        if value.requires_grad:
+            value = value.detach()
+        if value.dim() != 1:
+            value = value.reshape(-1)
+        self._items[name] = (value.to(self.device, self.dtype), op)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -229,7 +229,8 @@ class StepHooks:
             return
         t0 = time.perf_counter()
         params, _ = self.index.all_params()
-        self._snapshot = self._copy_weights([_dist.local(p).detach() for p in params])
+        with torch.no_grad():  # no per-parameter detach (one op each)
+            self._snapshot = self._copy_weights([_dist.local(p) for p in params] if self.dist else params)
         # A layer without a gradient at this optimizer step (a branch not taken, an unused expert)
         # gets no update-to-weight ratio rather than a 0 that reads as a stalled layer.
         self._update_layers = (
@@ -251,7 +252,9 @@ class StepHooks:
         20 ms for 50M parameters); elsewhere a fresh clone, which the caching allocator serves
         cheaply and which frees the memory between logged steps."""
         if not all(w.device.type == "cpu" for w in weights):
-            return [w.clone() for w in weights]
+            # x * 1 is x exactly (NaN, inf and -0.0 included): one fused launch per (device, dtype)
+            # instead of one clone per tensor.
+            return list(torch._foreach_mul(weights, 1.0))
         buf = self._snapshot_buffer
         if (
             buf is None
@@ -275,11 +278,18 @@ class StepHooks:
         snap = self._snapshot
         if snap is not None:
             params, index = self.index.all_params()
+            groups = self.index.param_groups if self.dist is None else None  # snapshots: same kinds
             # ||w|| before the update: the ratio's denominator. After it, a blow-up caps the ratio near
             # 1 (||dw|| / ||w + dw|| -> 1 as dw grows), so an update 2,500x the weights would read 1.0.
-            before = _dist.sq_norms(self.dist, snap, like=params)
-            torch._foreach_sub_(snap, [_dist.local(p).detach() for p in params])
-            sq = _dist.sq_norms(self.dist, snap, like=params)
+            with torch.no_grad():
+                if groups is not None:
+                    before = stats.sq_norms(snap, all_float32=self.index.all_float32, groups=groups)
+                    torch._foreach_sub_(snap, params)
+                    sq = stats.sq_norms(snap, all_float32=self.index.all_float32, groups=groups)
+                else:
+                    before = _dist.sq_norms(self.dist, snap, like=params)
+                    torch._foreach_sub_(snap, [_dist.local(p) for p in params])
+                    sq = _dist.sq_norms(self.dist, snap, like=params)
             self.pending.update_sq = stats.layer_sum(sq, index.to(sq.device), len(self.index.layers))
             self.pending.before_sq = stats.layer_sum(before, index.to(before.device), len(self.index.layers))
             self.pending.update_layers = self._update_layers

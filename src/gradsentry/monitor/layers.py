@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradsentry import _dist, _taxonomy
+from gradsentry._fused import Groups
 from gradsentry.records import LayerInfo
 
 log = logging.getLogger("gradsentry")
@@ -117,6 +118,8 @@ class LayerIndex:
         self._events = 0
         self._grad_set_cache: dict[tuple[int, ...], tuple[Tensor, list[int]]] = {}
         self._params_cache: tuple[list[Tensor], Tensor] | None = None
+        self._grad_groups: dict[tuple[int, ...], Groups] = {}
+        self.param_groups: Groups | None = None  # (device, dtype) groups of all_params()
         self.owners_all: list[int] = []
         self.single_device = False
         self.all_float32 = False
@@ -220,6 +223,7 @@ class LayerIndex:
         for depth, site in enumerate(self.sites):
             site.depth = depth
         self._grad_set_cache = {}
+        self._grad_groups = {}
         self._params_cache = None
         self.depth_fixed = True
         self._called_at, self._ended_at = {}, {}
@@ -269,6 +273,7 @@ class LayerIndex:
             self.single_device = all(p.device == params[0].device for p in params)
             self.all_float32 = all(p.dtype == torch.float32 for p in params)
             self._param_kinds = _kinds(params)
+            self.param_groups = Groups.of(params)
         return self._params_cache
 
     def revalidate(self) -> bool:
@@ -281,6 +286,7 @@ class LayerIndex:
         if cache is not None and _kinds(cache[0]) != self._param_kinds:
             self._params_cache = None
             self._grad_set_cache = {}
+            self._grad_groups = {}
             return True
         return False
 
@@ -315,4 +321,15 @@ class LayerIndex:
                 numel[owner] += params[pos].numel()
             cached = (torch.tensor(owners, dtype=torch.long, device=params[0].device), numel)
             self._grad_set_cache = {key: cached}
+        return cached
+
+    def grad_groups(self, positions: list[int], grads: list[Tensor]) -> Groups:
+        """The (device, dtype) groups of ``grads``, the gradients of the parameters at ``positions``
+        (see :meth:`grad_set`), built at the first logged step with that gradient set and reused
+        (dropped with the other caches when a parameter changes dtype or device)."""
+        key = tuple(positions)
+        cached = self._grad_groups.get(key)
+        if cached is None:
+            cached = Groups.of(grads)
+            self._grad_groups = {key: cached}
         return cached

@@ -144,10 +144,11 @@ class Measurer:
             numel_t = stats.layer_sum(torch.tensor(sizes, dtype=dt), torch.tensor(owners), L)
             packet.add("numel", numel_t, "sum")  # gradient entries per layer, over the ranks' shards
         elif g:
-            g_sq = stats.sq_norms(g, same_device=idx.single_device, all_float32=idx.all_float32)
+            groups = idx.grad_groups(positions, g)  # cached per gradient set: no per-tensor grouping
+            g_sq = stats.sq_norms(g, all_float32=idx.all_float32, groups=groups)
             packet.add("g_sq", g_sq)
             if opts.max_abs:
-                maxabs = stats.foreach_max_abs(g)
+                maxabs = stats.foreach_max_abs(g, groups=groups)
                 packet.add("g_max", stats.layer_max(maxabs, index.to(maxabs.device), L))
         else:
             packet.add("g_sq", torch.zeros(L, dtype=dt, device=device))
@@ -155,7 +156,10 @@ class Measurer:
                 packet.add("g_max", torch.zeros(L, dtype=dt, device=device))
         shard_op: Reduction = "sum" if sharded else None  # replicated: already global
         if opts.weight_norms:
-            w_sq = _dist.sq_norms(ctx if sharded else None, [p.detach() for p in all_params], like=all_params)
+            if sharded:
+                w_sq = _dist.sq_norms(ctx, [p.detach() for p in all_params], like=all_params)
+            else:  # no_grad inside: the parameters need no detach (one op each)
+                w_sq = stats.sq_norms(all_params, all_float32=idx.all_float32, groups=idx.param_groups)
             packet.add("w_sq", stats.layer_sum(w_sq, all_index.to(w_sq.device), L), shard_op)
         if pending.update_sq is not None and pending.before_sq is not None:
             packet.add("update_sq", pending.update_sq, shard_op)
@@ -241,26 +245,29 @@ class Measurer:
         module of any rank that made a NaN/inf wins.
         """
         opts, sites = self.options, self.index.sites
-        if not sync:
+        if not sync:  # one stacked entry per statistic kind, not one per site
             acts = [s.name for s in sites if s.name in pending.acts]
             hists = [n for n in acts if n in pending.hists]
-            for n in acts:
-                packet.add("act:" + n, pending.acts[n])
-            for n in hists:
-                packet.add("hist:" + n, pending.hists[n])
+            if acts:
+                dev = packet.device  # sites of a model split over devices: gathered on one
+                packet.add("acts", torch.stack([pending.acts[n].to(dev) for n in acts]))
+            if hists:
+                packet.add("hists", torch.stack([pending.hists[n].to(packet.device) for n in hists]))
             if pending.flag_scores is None:
                 return acts, hists, []
             packet.add("flags", pending.flag_scores)
             return acts, hists, [n for n, _ in self.model.named_modules()]
         acts = [s.name for s in sites] if opts.activations else []
         one = torch.ones(1, dtype=packet.dtype, device=packet.device)
-        for n in acts:
-            a = pending.acts.get(n)
-            packet.add("act:" + n, torch.cat([one, a.to(one)]) if a is not None else one.new_zeros(5), "sum")
+        if acts:  # [sites, 5]: ranks where the site ran (1 or 0 here), then its 4 statistics
+            zero = one.new_zeros(4)
+            ran = torch.tensor([float(n in pending.acts) for n in acts], dtype=packet.dtype)
+            rows = torch.stack([pending.acts[n].to(one) if n in pending.acts else zero for n in acts])
+            packet.add("acts", torch.cat([ran.to(packet.device).unsqueeze(1), rows], dim=1), "sum")
         hists = acts if opts.histogram_bins > 0 else []
-        for n in hists:
-            h = pending.hists.get(n)
-            packet.add("hist:" + n, h if h is not None else one.new_zeros(opts.histogram_bins), "sum")
+        if hists:
+            none = one.new_zeros(opts.histogram_bins)
+            packet.add("hists", torch.stack([pending.hists.get(n, none).to(one) for n in hists]), "sum")
         if not opts.locate_nonfinite:
             return acts, hists, []
         names = [n for n, _ in self.model.named_modules()]
@@ -288,13 +295,21 @@ class Measurer:
         loss_value = values["loss"][0] if "loss" in values else flight.loss
         sync = self.sync
         act_values: dict[str, list[float]] = {}
-        for name in flight.act_names:
-            v = values["act:" + name]
+        width = 5 if sync else 4
+        flat_acts = values.get("acts", [])
+        for k, name in enumerate(flight.act_names):
+            v = flat_acts[k * width : (k + 1) * width]
             if not sync:
                 act_values[name] = v
             elif v[0] > 0:  # [ranks where the site ran, then sums of its 4 statistics]
                 act_values[name] = [x / v[0] for x in v[1:]]
-        hist_values = {n: values["hist:" + n] for n in flight.hist_names if n in act_values}
+        bins = self.options.histogram_bins
+        flat_hists = values.get("hists", [])
+        hist_values = {
+            n: flat_hists[k * bins : (k + 1) * bins]
+            for k, n in enumerate(flight.hist_names)
+            if n in act_values
+        }
         flag_scores = values.get("flags", [])
         elsewhere: list[int] = []  # layers non-finite on another rank only
         replicas_differ = False  # decided from reduced figures: the same on every rank

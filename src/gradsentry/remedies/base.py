@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from gradsentry import _dist
+from gradsentry import _dist, stats
 
 __all__ = [
     "Remedy",
@@ -307,14 +307,11 @@ def group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device,
     return groups
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-@torch.no_grad()
 def per_tensor_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """Per-tensor p-norms of ``grads`` as one 1-D tensor, without a host sync.
 
-    Uses ``torch._foreach_norm`` per (device, dtype) group, like ``torch.nn.utils.get_total_norm``.
+    A thin wrapper over :func:`gradsentry.stats.foreach_norms` (the package's one per-tensor norm):
+    one ``torch._foreach_norm`` per (device, dtype) group, like ``torch.nn.utils.get_total_norm``.
     fp16/bf16 gradients are reduced in float32 (so a norm above 65504 does not overflow in fp16);
     float32 and float64 gradients are reduced in their own dtype, which makes the result bit-identical
     to what ``torch.nn.utils.clip_grad_norm_`` computes for them.
@@ -333,18 +330,7 @@ def per_tensor_norms(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         return torch.zeros(0)
     if any(_dist.is_dtensor(g) for g in grads):  # FSDP2 shards: norms of the whole tensors, float32
         return _dist.global_per_tensor_norms(grads, norm_type)
-    groups = group_by_device_dtype(grads)
-    device = grads[0].device
-    if len(groups) == 1:
-        ((_, dtype),) = groups.keys()
-        kwargs = {"dtype": torch.float32} if dtype in _LOW_PRECISION else {}
-        return torch.stack(torch._foreach_norm(list(grads), norm_type, **kwargs))
-    out: list[Tensor | None] = [None] * len(grads)
-    for (_, dtype), idx in groups.items():
-        kwargs = {"dtype": torch.float32} if dtype in _LOW_PRECISION else {}
-        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], norm_type, **kwargs), strict=True):
-            out[i] = n.to(device)
-    return torch.stack([n for n in out if n is not None])
+    return stats.foreach_norms(grads, norm_type, promote=True)
 
 
 def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
