@@ -357,3 +357,17 @@ def test_two_monitors_on_one_optimizer_both_get_update_ratios() -> None:
     for mon in (m1, m2):
         assert all(la.update_ratio is not None and la.update_ratio > 0 for la in mon.records[-1].layers)
     assert not opt._optimizer_step_post_hooks  # close() removed every hook
+
+
+def test_a_single_sink_or_a_wrong_optimizer_is_a_clear_error(tmp_path) -> None:
+    """`sinks=JsonlSink(...)` (no list) failed with "'JsonlSink' object is not iterable" and a string
+    optimizer with an AttributeError from deep inside; neither leaves a hook on the model."""
+    model = nn.Linear(3, 1)
+    with pytest.raises(
+        TypeError, match=r"expects a list of sinks, e.g. sinks=\[JsonlSink\(path\)\], got a JsonlSink"
+    ):
+        gs.Monitor(model, sinks=gs.JsonlSink(tmp_path / "run.jsonl"))
+    with pytest.raises(TypeError, match=r"optimizer=\.\.\.\) expects a torch.optim.Optimizer, got str"):
+        gs.Monitor(model, optimizer="sgd")  # type: ignore[arg-type]
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not (tmp_path / "run.jsonl").exists()

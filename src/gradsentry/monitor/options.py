@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -10,9 +11,17 @@ import torch
 
 
 def optimizer_meta(optimizer: Any) -> dict[str, Any]:
-    """``{"optimizer": "<class name, lower case>", "lr": <first group's lr>}`` for the run header."""
+    """``{"optimizer": "<class name, lower case>", "lr": <first group's lr>}`` for the run header.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimizer (no ``param_groups`` or step hooks).
+    """
     if optimizer is None:
         return {}
+    if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "register_step_post_hook")):
+        raise TypeError(
+            f"gradsentry.Monitor(optimizer=...) expects a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
     meta: dict[str, Any] = {"optimizer": type(optimizer).__name__.lower()}
     groups = getattr(optimizer, "param_groups", None) or []
     try:  # a scheduler keeps the base lr as "initial_lr" (under warm-up "lr" may start at 0)
@@ -63,8 +72,14 @@ def check_args(
     max_records: Any,
     on_nonfinite: Any,
     sync: Any,
+    sinks: Any = (),
 ) -> None:
     """The Monitor's argument checks (see its Raises section)."""
+    if hasattr(sinks, "write") or not isinstance(sinks, Iterable):
+        raise TypeError(
+            "gradsentry.Monitor(sinks=...) expects a list of sinks, e.g. sinks=[JsonlSink(path)], "
+            f"got a {type(sinks).__name__}"
+        )
     if sync not in ("auto", "blocking", "deferred"):
         raise ValueError(f"sync must be 'auto', 'blocking' or 'deferred', got {sync!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
