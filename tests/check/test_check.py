@@ -384,6 +384,11 @@ def test_library_errors() -> None:
         check_model(small_mlp(), x, loss="l1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"needs a batch or an input_shape"):
         check_model(small_mlp())
+    # used to be an AttributeError from deep inside, and "the input of shape  does not fit"
+    with pytest.raises(TypeError, match=r"check_model expects an nn.Module, got str"):
+        check_model("small_mlp", input_shape=(64,))  # type: ignore[arg-type]
+    with pytest.raises(InputFitError, match=r"the input \(int: a batch is a tensor or a tuple of them\)"):
+        check_model(small_mlp(), 16)
     with pytest.raises(ValueError, match=r"digits batch size must be in \[1, 1797\]"):
         digits_batch(0)
 
