@@ -11,17 +11,9 @@ import torch
 
 
 def optimizer_meta(optimizer: Any) -> dict[str, Any]:
-    """``{"optimizer": "<class name, lower case>", "lr": <first group's lr>}`` for the run header.
-
-    Raises:
-        TypeError: ``optimizer`` is not an optimizer (no ``param_groups`` or step hooks).
-    """
+    """``{"optimizer": "<class name, lower case>", "lr": <first group's lr>}`` for the run header."""
     if optimizer is None:
         return {}
-    if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "register_step_post_hook")):
-        raise TypeError(
-            f"gradsentry.Monitor(optimizer=...) expects a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
     meta: dict[str, Any] = {"optimizer": type(optimizer).__name__.lower()}
     groups = getattr(optimizer, "param_groups", None) or []
     try:  # a scheduler keeps the base lr as "initial_lr" (under warm-up "lr" may start at 0)
@@ -71,17 +63,8 @@ def check_args(
     histogram_range: Any,
     max_records: Any,
     on_nonfinite: Any,
-    sync: Any,
-    sinks: Any = (),
 ) -> None:
-    """The Monitor's argument checks (see its Raises section)."""
-    if hasattr(sinks, "write") or not isinstance(sinks, Iterable):
-        raise TypeError(
-            "gradsentry.Monitor(sinks=...) expects a list of sinks, e.g. sinks=[JsonlSink(path)], "
-            f"got a {type(sinks).__name__}"
-        )
-    if sync not in ("auto", "blocking", "deferred"):
-        raise ValueError(f"sync must be 'auto', 'blocking' or 'deferred', got {sync!r}")
+    """The Monitor's argument checks on numbers and choices (see its Raises section)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be an int >= 1, got {every!r}")
     if overhead_budget is not None and not 0 < overhead_budget < 1:
@@ -105,6 +88,33 @@ def check_args(
         raise TypeError(
             f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {type(on_nonfinite).__name__}"
         )
+
+
+def check_objects(sync: Any, sinks: Any, optimizer: Any, remedy: Any) -> None:
+    """The Monitor's checks of ``sync`` and of the objects it is handed (see its Raises section), made
+    before any hook is set."""
+    if sync not in ("auto", "blocking", "deferred"):
+        raise ValueError(f"sync must be 'auto', 'blocking' or 'deferred', got {sync!r}")
+    if hasattr(sinks, "write") or not isinstance(sinks, Iterable):
+        raise TypeError(
+            "gradsentry.Monitor(sinks=...) expects a list of sinks, e.g. sinks=[JsonlSink(path)], "
+            f"got a {type(sinks).__name__}"
+        )
+    if optimizer is not None and not is_optimizer(optimizer):
+        raise TypeError(
+            f"gradsentry.Monitor(optimizer=...) expects a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if remedy is not None and not callable(remedy):
+        raise TypeError(
+            "gradsentry.Monitor(remedy=...) expects a remedy (a callable such as gradsentry.ClipGlobalNorm(1.0)), "
+            f"got {type(remedy).__name__}"
+        )
+
+
+def is_optimizer(obj: Any) -> bool:
+    """Whether ``obj`` looks like a ``torch.optim.Optimizer`` (or a wrapper of one): parameter groups and
+    step hooks."""
+    return hasattr(obj, "param_groups") and hasattr(obj, "register_step_post_hook")
 
 
 @dataclass(frozen=True)
