@@ -201,6 +201,8 @@ class Rollback:
             tmp.unlink(missing_ok=True)
         found: list[tuple[int, Path]] = []
         for path in directory.glob("snapshot-*.pt"):
+            if not path.is_file() or path.is_symlink():  # a folder or link by that name is not ours
+                continue
             try:
                 found.append((int(path.stem.split("-")[-1]), path))
             except ValueError:
