@@ -159,3 +159,20 @@ def test_resume_after_a_kill_that_cut_the_header_line_starts_the_file_again(tmp_
     assert text.startswith('{"gradsentry":' if sink_cls is JsonlSink else "step,layer,")
     if sink_cls is JsonlSink:
         assert [r.step for r in read_jsonl(path).records] == [0, 1]
+
+
+def test_analyze_of_a_tensorboard_sink_run_reads_its_loss_and_lr(tmp_path):
+    """`gradsentry analyze` of a TensorBoardSink directory read only `gradsentry/global_norm`: the loss
+    (`gradsentry/loss`) and lr were ignored, so a run the JSONL calls diverging read as healthy."""
+    from gradsentry.analyze import analyze_log
+
+    torch.manual_seed(0)
+    model = mlp(3, width=16, act=nn.Tanh)
+    with Monitor(model, sinks=[TensorBoardSink(tmp_path / "tb"), JsonlSink(tmp_path / "run.jsonl")]) as mon:
+        _train(mon, model, steps=6)
+    tb, jl = analyze_log(tmp_path / "tb"), analyze_log(tmp_path / "run.jsonl")
+    assert tb.series.fields["loss"] == "gradsentry/loss"
+    assert tb.series.loss == pytest.approx(jl.series.loss, rel=1e-6)  # float32 in TensorBoard
+    from gradsentry.logs.series import LR_KEYS
+
+    assert "gradsentry/lr" in LR_KEYS  # what the sink writes with Monitor(optimizer=...)
