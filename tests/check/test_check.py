@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +350,21 @@ def test_import_errors_are_shown(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["check", f"{uses_sibling}:build", "--input-shape", "4", "--loss", "sum"]) == 0
 
 
+def test_package_in_the_current_directory_imports_as_with_python_m(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's `gradsentry check mypkg.models:make_mlp`, run beside an uninstalled package: the
+    console script's sys.path does not hold the current directory, so it said 'module not found'."""
+    pkg = tmp_path / "mypkg_for_check_cwd"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text("from torch import nn\n\ndef make_mlp():\n    return nn.Linear(4, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["check", "mypkg_for_check_cwd.models:make_mlp", "--input-shape", "4", "--loss", "sum"]) == 0
+    assert str(tmp_path) not in sys.path  # put back as it was
+
+
 def test_library_errors() -> None:
     with pytest.raises(TargetError, match=r"TARGET must look like"):
         load_factory("no-colon")
@@ -368,6 +384,11 @@ def test_library_errors() -> None:
         check_model(small_mlp(), x, loss="l1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"needs a batch or an input_shape"):
         check_model(small_mlp())
+    # used to be an AttributeError from deep inside, and "the input of shape  does not fit"
+    with pytest.raises(TypeError, match=r"check_model expects an nn.Module, got str"):
+        check_model("small_mlp", input_shape=(64,))  # type: ignore[arg-type]
+    with pytest.raises(InputFitError, match=r"the input \(int: a batch is a tensor or a tuple of them\)"):
+        check_model(small_mlp(), 16)
     with pytest.raises(ValueError, match=r"digits batch size must be in \[1, 1797\]"):
         digits_batch(0)
 

@@ -104,3 +104,31 @@ def test_plot_files(tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[s
         text = data.decode()
         assert text.startswith("<!doctype html>") and "<svg" in text
         assert "run&lt;b&gt;.json" in text and "run<b>.json" not in text
+
+
+def test_one_remedy_is_listed_once_even_when_tailored_per_finding() -> None:
+    """Two exploding findings at steps with different learning rates used to list 'Lower the learning
+    rate' twice (the recorded rate differs); the first finding's text is kept."""
+    from rich.console import Console
+
+    from gradsentry.cli.render import findings_view
+    from gradsentry.diagnosis.advice import RemedyContext, remedies_for
+    from gradsentry.records import Finding
+
+    findings = [
+        Finding(
+            "exploding",
+            "error",
+            [i],
+            [],
+            {},
+            "x",
+            remedies_for("exploding", RemedyContext(lr=lr, early=True)),
+        )
+        for i, lr in enumerate((0.01, 0.0095))
+    ]
+    console = Console(width=200, record=True)
+    console.print(findings_view(findings))
+    text = console.export_text()
+    assert text.count("Lower the learning rate") == 1, text
+    assert "was 0.01;" in text

@@ -117,6 +117,13 @@ def test_once_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["watch", str(tmp_path / "other.jsonl"), "--once"]) == 2
     assert "other.jsonl:1: not a gradsentry header" in capsys.readouterr().err
     assert main(["watch", str(healthy), "--interval", "0"]) == 2
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert main(["watch", str(tmp_path / "empty.jsonl"), "--once"]) == 2
+    assert "empty.jsonl: empty file, no gradsentry header" in capsys.readouterr().err
+    (tmp_path / "cut.jsonl").write_bytes(b'{"gradsentry":1,"kind":"hea')  # killed writing its header
+    assert main(["watch", str(tmp_path / "cut.jsonl"), "--once"]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "cut.jsonl: 27 bytes and no complete line" in err and "empty file" not in err
 
 
 def _read_all(fd: int, sink: bytearray, stop: threading.Event) -> None:

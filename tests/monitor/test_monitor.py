@@ -338,3 +338,36 @@ def test_non_scalar_loss_and_fractional_every_are_clear_errors() -> None:
         model(torch.randn(2, 3)).sum().backward()
         with pytest.raises(ValueError, match="scalar loss"):
             mon.step(loss=torch.tensor([1.0, 5.0]))
+
+
+def test_two_monitors_on_one_optimizer_both_get_update_ratios() -> None:
+    """Each Monitor's update hook used to remove itself from inside the optimizer's post-hook loop,
+    which broke that loop ("OrderedDict mutated during iteration") when another post-hook followed."""
+    torch.manual_seed(0)
+    enc, dec = nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 1)
+    opt = torch.optim.SGD([*enc.parameters(), *dec.parameters()], lr=0.1)
+    with gs.Monitor(enc, optimizer=opt) as m1, gs.Monitor(dec, optimizer=opt) as m2:
+        for _ in range(3):
+            loss = dec(enc(torch.randn(4, 8))).pow(2).mean()
+            loss.backward()
+            m1.step(loss=loss)
+            m2.step(loss=loss)
+            opt.step()
+            opt.zero_grad()
+    for mon in (m1, m2):
+        assert all(la.update_ratio is not None and la.update_ratio > 0 for la in mon.records[-1].layers)
+    assert not opt._optimizer_step_post_hooks  # close() removed every hook
+
+
+def test_a_single_sink_or_a_wrong_optimizer_is_a_clear_error(tmp_path) -> None:
+    """`sinks=JsonlSink(...)` (no list) failed with "'JsonlSink' object is not iterable" and a string
+    optimizer with an AttributeError from deep inside; neither leaves a hook on the model."""
+    model = nn.Linear(3, 1)
+    with pytest.raises(
+        TypeError, match=r"expects a list of sinks, e.g. sinks=\[JsonlSink\(path\)\], got a JsonlSink"
+    ):
+        gs.Monitor(model, sinks=gs.JsonlSink(tmp_path / "run.jsonl"))
+    with pytest.raises(TypeError, match=r"optimizer=\.\.\.\) expects a torch.optim.Optimizer, got str"):
+        gs.Monitor(model, optimizer="sgd")  # type: ignore[arg-type]
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not (tmp_path / "run.jsonl").exists()

@@ -191,6 +191,21 @@ def test_lsuv_reports_non_convergence_and_bad_arguments() -> None:
         lsuv(nn.Sequential(nn.ReLU()), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lsuv_on_half_precision_weights(dtype: torch.dtype) -> None:
+    """The orthonormal start failed on fp16/bf16 weights: CPU has no half-precision QR ("geqrf_cpu")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+    x = torch.randn(64, 16).to(dtype)
+    report = lsuv(model, x, tol=0.1)
+    assert report.converged and model[0].weight.dtype == dtype
+    w = model[0].weight.detach().double()
+    gram = w @ w.T  # still orthogonal rows, to half precision
+    assert torch.allclose(
+        gram, gram[0, 0] * torch.eye(16, dtype=torch.float64), atol=0.05 * float(gram[0, 0])
+    )
+
+
 def test_reinit_conv_uses_receptive_field_fan_in() -> None:
     model = nn.Sequential(nn.Conv2d(8, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
     report = reinit(model, "he", example_input=torch.randn(2, 8, 6, 6))

@@ -157,3 +157,16 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_one_before(tmp_path, caplog
         assert rb.restore() == 1  # step 2's file is garbage: step 1's snapshot is restored
     assert "restoring the snapshot before it instead" in caplog.text
     assert "weights_only set to False" not in caplog.text  # torch's unsafe advice is not passed on
+
+
+def test_a_folder_named_like_a_snapshot_is_not_taken_over(tmp_path):
+    """A folder `snapshot-00000009.pt` in the directory was taken for the newest snapshot; deleting it
+    beyond `keep` raised IsADirectoryError from inside the training step."""
+    (tmp_path / "snapshot-00000009.pt").mkdir()
+    model, opt = _setup()
+    rb = Rollback(model, opt, every=1, directory=tmp_path, keep=1)
+    assert rb.snapshot_steps == []
+    for step in range(3):
+        _train_step(model, opt, rb, step)
+    assert rb.restore() == 2
+    assert (tmp_path / "snapshot-00000009.pt").is_dir()  # left alone

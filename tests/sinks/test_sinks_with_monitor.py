@@ -118,3 +118,61 @@ def test_monitor_records_through_tensorboard_and_csv(tmp_path):
         assert float(row["grad_norm"]) == rec.layer(row["layer"]).grad_norm
         assert float(row["global_norm"]) == rec.global_norm
         assert math.isfinite(float(row["loss"]))
+
+
+@pytest.mark.parametrize("sink_cls", [JsonlSink, CsvSink])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"step,loss,grad_norm\n1,2.0,3.0\n2,1.5",  # another tool's CSV, its last row not ended
+        bytes(range(256)) * 8,  # a binary file
+        b'{"gradsentry":1,"kind":"header","layers":[]}\n'.replace(b"gradsentry", b"other"),
+        b"no newline at all, not a header",
+    ],
+)
+def test_resume_never_touches_a_file_the_sink_did_not_write(tmp_path, caplog, sink_cls, content):
+    """A sink resuming on a file that is not its own used to append to it (JSONL into a CSV) and to drop
+    its "cut" last line first (a binary file lost bytes) before CsvSink refused it."""
+    path = tmp_path / "other.log"
+    path.write_bytes(content)
+    model = mlp(2, width=8, act=nn.Tanh)
+    with caplog.at_level(logging.ERROR, logger="gradsentry"):
+        mon = Monitor(model, sinks=[sink_cls(path)])
+        _train(mon, model, steps=2)
+        mon.close()
+    assert path.read_bytes() == content
+    assert len(mon.records) == 2  # training and recording went on
+    assert f"is not a {'gradsentry JSONL run' if sink_cls is JsonlSink else 'CsvSink table'}" in caplog.text
+    assert "resume=False) to replace it" in caplog.text
+
+
+@pytest.mark.parametrize("sink_cls", [JsonlSink, CsvSink])
+def test_resume_after_a_kill_that_cut_the_header_line_starts_the_file_again(tmp_path, sink_cls):
+    path = tmp_path / "run.log"
+    model = mlp(2, width=8, act=nn.Tanh)
+    with Monitor(model, sinks=[sink_cls(path)]) as mon:
+        _train(mon, model, steps=1)
+    path.write_bytes(path.read_bytes()[:10])  # killed while writing its header
+    with Monitor(model, sinks=[sink_cls(path)]) as mon:
+        _train(mon, model, steps=2)
+    text = path.read_text()
+    assert text.startswith('{"gradsentry":' if sink_cls is JsonlSink else "step,layer,")
+    if sink_cls is JsonlSink:
+        assert [r.step for r in read_jsonl(path).records] == [0, 1]
+
+
+def test_analyze_of_a_tensorboard_sink_run_reads_its_loss_and_lr(tmp_path):
+    """`gradsentry analyze` of a TensorBoardSink directory read only `gradsentry/global_norm`: the loss
+    (`gradsentry/loss`) and lr were ignored, so a run the JSONL calls diverging read as healthy."""
+    from gradsentry.analyze import analyze_log
+
+    torch.manual_seed(0)
+    model = mlp(3, width=16, act=nn.Tanh)
+    with Monitor(model, sinks=[TensorBoardSink(tmp_path / "tb"), JsonlSink(tmp_path / "run.jsonl")]) as mon:
+        _train(mon, model, steps=6)
+    tb, jl = analyze_log(tmp_path / "tb"), analyze_log(tmp_path / "run.jsonl")
+    assert tb.series.fields["loss"] == "gradsentry/loss"
+    assert tb.series.loss == pytest.approx(jl.series.loss, rel=1e-6)  # float32 in TensorBoard
+    from gradsentry.logs.series import LR_KEYS
+
+    assert "gradsentry/lr" in LR_KEYS  # what the sink writes with Monitor(optimizer=...)

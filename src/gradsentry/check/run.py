@@ -84,9 +84,14 @@ def _forward(model: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, list[str]]
         mod = dict(model.named_modules()).get(culprit)
         where = "the model's own forward" if culprit == "" else f"layer {culprit!r}"
         kind = f" ({type(mod).__name__})" if mod is not None else ""
-        shapes = ", ".join(str(list(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+        parts = [str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        what = (
+            f"of shape {', '.join(parts)}"
+            if all(isinstance(x, torch.Tensor) for x in inputs)
+            else f"({', '.join(parts)}: a batch is a tensor or a tuple of them)"
+        )
         raise InputFitError(
-            f"the input of shape {shapes} does not fit the model: {where}{kind} rejected it: "
+            f"the input {what} does not fit the model: {where}{kind} rejected it: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     finally:
@@ -312,7 +317,10 @@ def check_model(
         InputFitError: the batch does not fit the model (the message names the layer that rejected it) or
             the loss does not fit its output.
         ValueError: on an unknown loss or fix, or neither ``batch`` nor ``input_shape``.
+        TypeError: ``model`` is not an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"check_model expects an nn.Module, got {type(model).__name__}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
     if fix is not None and fix not in FIXES:

@@ -55,7 +55,18 @@ def findings_view(findings: Sequence[Finding]) -> RenderableType:
     fixes: list[RenderableType] = []
     shown: set[str] = set()
     for f in findings:
-        if f.remedies and f.severity != "info" and f.remedies[0].action not in shown:
-            shown.add(f.remedies[0].action)
+        if f.remedies and f.severity != "info" and _advice_key(f.remedies[0].action) not in shown:
+            shown.add(_advice_key(f.remedies[0].action))
             fixes.append(Text(f"fix ({f.kind}): {f.remedies[0].action}", style="dim"))
     return Group(table, *fixes)
+
+
+def _advice_key(action: str) -> str:
+    """The catalogue entry an advice text was made from (the tailored sentences after it, such as the
+    recorded learning rate at the finding's step, left out), so that one remedy is shown once."""
+    from gradsentry.diagnosis.advice import CATALOG
+
+    for entry in CATALOG.values():
+        if action.startswith(entry.action):
+            return entry.action
+    return action

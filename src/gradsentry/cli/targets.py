@@ -67,6 +67,12 @@ def load_factory(spec: str) -> Callable[..., Any]:
             sys.path.remove(str(path.resolve().parent))
         where = str(path)
     else:
+        # As `python -m` does: a package in the current directory imports without being installed
+        # (the console script's sys.path holds its own bin/ folder, not the current directory).
+        cwd = str(Path.cwd())
+        added = cwd not in sys.path and "" not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 module = importlib.import_module(module_part)
@@ -78,6 +84,9 @@ def load_factory(spec: str) -> Callable[..., Any]:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise TargetError(f"importing {module_part} failed: {_describe(exc)}") from exc
+        finally:
+            if added:
+                sys.path.remove(cwd)
         where = module_part
     factory = getattr(module, attr, None)
     if factory is None:

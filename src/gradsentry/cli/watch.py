@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from gradsentry.cli import EXIT_FOUND, EXIT_OK, EXIT_USAGE
@@ -75,7 +77,11 @@ def register(app: typer.Typer) -> None:
             raise fail(f"{path}: no such file")
         if once:
             if not follower.started:
-                raise fail(f"{path}: empty file, no gradsentry header line yet")
+                size = os.path.getsize(path)
+                state = (
+                    "empty file" if size == 0 else f"{size} bytes and no complete line (a header cut short?)"
+                )
+                raise fail(f"{path}: {state}, no gradsentry header line yet")
             findings = follower.findings()
             console.print(frame(follower, findings, top=top, width=console.width, started=started))
             raise typer.Exit(EXIT_FOUND if any(f.severity == "error" for f in findings) else EXIT_OK)

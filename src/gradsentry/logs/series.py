@@ -59,8 +59,10 @@ LOSS_KEYS: tuple[str, ...] = (
     "loss/train",
     "Loss/train",
     "training_loss",
+    "gradsentry/loss",
 )
-"""Names under which trainers log the training loss (first match wins)."""
+"""Names under which trainers log the training loss (first match wins; ``gradsentry/loss``: gradsentry's
+``TensorBoardSink``, W&B and MLflow sinks)."""
 
 LR_KEYS: tuple[str, ...] = (
     "learning_rate",
@@ -71,6 +73,7 @@ LR_KEYS: tuple[str, ...] = (
     "lr-Adam",
     "lr-SGD",
     "base_lr",
+    "gradsentry/lr",
 )
 """Names under which trainers log the learning rate (HF, mmengine, Lightning's LearningRateMonitor)."""
 

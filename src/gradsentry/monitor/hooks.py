@@ -293,6 +293,8 @@ class StepHooks:
             self.pending.update_sq = stats.layer_sum(sq, index.to(sq.device), len(self.index.layers))
             self.pending.before_sq = stats.layer_sum(before, index.to(before.device), len(self.index.layers))
             self.pending.update_layers = self._update_layers
-            self._snapshot = None
-        self.disarm_update()
+        # The hook stays registered until the next step() disarms it (or close() removes it): removing
+        # a handle from inside the optimizer's post-hook loop breaks that loop ("OrderedDict mutated
+        # during iteration") whenever another post-hook follows, e.g. a second Monitor's.
+        self._snapshot = None
         self.time += time.perf_counter() - t0

@@ -163,7 +163,8 @@ class Monitor:
             ``"deferred"`` under ``torch.distributed``), or a distributed option is inconsistent
             (see :func:`gradsentry._dist.resolve`).
         TypeError: if ``model`` is not an ``nn.Module`` or has complex parameters, or
-            ``on_nonfinite`` is neither None, ``"warn"``, ``"raise"`` nor callable.
+            ``on_nonfinite`` is neither None, ``"warn"``, ``"raise"`` nor callable, ``sinks`` is one sink
+            rather than a list, ``optimizer`` is not an optimizer or ``remedy`` is not callable.
         gradsentry.monitor.DistributedError: from :meth:`step`, when a rank died or hung during the
             reduction of a logged step.
         NonFiniteGradientError: from :meth:`step`, with ``on_nonfinite="raise"``.
@@ -209,9 +210,8 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradsentry.Monitor expects an nn.Module, got {type(model).__name__}")
-        opts.check_args(
-            every, overhead_budget, histogram_bins, histogram_range, max_records, on_nonfinite, sync
-        )
+        opts.check_args(every, overhead_budget, histogram_bins, histogram_range, max_records, on_nonfinite)
+        opts.check_objects(sync, sinks, optimizer, remedy)
         wrapped = type(model).__name__ == "OptimizedModule"  # torch.compile(model): watch the model inside
         self.model = model = model._orig_mod if wrapped else model  # type: ignore[assignment]
         self.thresholds = resolve_thresholds(thresholds, {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -62,11 +63,8 @@ def check_args(
     histogram_range: Any,
     max_records: Any,
     on_nonfinite: Any,
-    sync: Any,
 ) -> None:
-    """The Monitor's argument checks (see its Raises section)."""
-    if sync not in ("auto", "blocking", "deferred"):
-        raise ValueError(f"sync must be 'auto', 'blocking' or 'deferred', got {sync!r}")
+    """The Monitor's argument checks on numbers and choices (see its Raises section)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be an int >= 1, got {every!r}")
     if overhead_budget is not None and not 0 < overhead_budget < 1:
@@ -90,6 +88,33 @@ def check_args(
         raise TypeError(
             f"on_nonfinite must be None, 'warn', 'raise' or a callable, got {type(on_nonfinite).__name__}"
         )
+
+
+def check_objects(sync: Any, sinks: Any, optimizer: Any, remedy: Any) -> None:
+    """The Monitor's checks of ``sync`` and of the objects it is handed (see its Raises section), made
+    before any hook is set."""
+    if sync not in ("auto", "blocking", "deferred"):
+        raise ValueError(f"sync must be 'auto', 'blocking' or 'deferred', got {sync!r}")
+    if hasattr(sinks, "write") or not isinstance(sinks, Iterable):
+        raise TypeError(
+            "gradsentry.Monitor(sinks=...) expects a list of sinks, e.g. sinks=[JsonlSink(path)], "
+            f"got a {type(sinks).__name__}"
+        )
+    if optimizer is not None and not is_optimizer(optimizer):
+        raise TypeError(
+            f"gradsentry.Monitor(optimizer=...) expects a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if remedy is not None and not callable(remedy):
+        raise TypeError(
+            "gradsentry.Monitor(remedy=...) expects a remedy (a callable such as gradsentry.ClipGlobalNorm(1.0)), "
+            f"got {type(remedy).__name__}"
+        )
+
+
+def is_optimizer(obj: Any) -> bool:
+    """Whether ``obj`` looks like a ``torch.optim.Optimizer`` (or a wrapper of one): parameter groups and
+    step hooks."""
+    return hasattr(obj, "param_groups") and hasattr(obj, "register_step_post_hook")
 
 
 @dataclass(frozen=True)

@@ -398,6 +398,15 @@ def names_for(
     return out
 
 
+def check_optimizer(owner: str, optimizer: Any, *, optional: bool = False) -> None:
+    """Raise TypeError, naming ``owner``, unless ``optimizer`` looks like a ``torch.optim.Optimizer`` (or a
+    wrapper of one: parameter groups and step hooks); None passes with ``optional``."""
+    if optional and optimizer is None:
+        return
+    if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "register_step_post_hook")):
+        raise TypeError(f"{owner} expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
     """Return ``float(value)`` or raise ValueError naming the argument."""
     try:

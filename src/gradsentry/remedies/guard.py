@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from gradsentry import _dist
 from gradsentry.remedies.base import (
     RemedyResult,
+    check_optimizer,
     check_positive,
     grads_of,
     names_for,
@@ -109,6 +110,7 @@ class NonFiniteGuard:
         min_lr: float = 0.0,
         check_loss: bool = True,
     ) -> None:
+        check_optimizer("NonFiniteGuard(optimizer=...)", optimizer, optional=True)
         if not sync and optimizer is None:
             raise ValueError(
                 "sync=False needs the optimizer (optimizer=): its step is skipped on the device "
@@ -285,6 +287,7 @@ class ResetMoments:
         max_norm: float | None = None,
         model: nn.Module | None = None,
     ) -> None:
+        check_optimizer("ResetMoments", optimizer)
         self.optimizer = optimizer
         self.max_norm = None if max_norm is None else check_positive("max_norm", max_norm)
         self._names = param_names(model) if model is not None else None

@@ -237,6 +237,17 @@ def _layer_output(model: nn.Module, layer: nn.Module, batch: Any) -> torch.Tenso
     return box[0] if box else None
 
 
+def _orthogonal_(weight: torch.Tensor) -> None:
+    """:func:`torch.nn.init.orthogonal_`, drawn in float32 for fp16/bf16 weights (the QR behind it has no
+    half-precision kernel on CPU) and then rounded into them."""
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        full = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        nn.init.orthogonal_(full)
+        weight.copy_(full)
+    else:
+        nn.init.orthogonal_(weight)
+
+
 def lsuv(
     model: nn.Module,
     batch: Any,
@@ -285,7 +296,7 @@ def lsuv(
     if orthonormal:
         with torch.no_grad():
             for _, mod in layers:
-                nn.init.orthogonal_(mod.weight)  # type: ignore[arg-type]
+                _orthogonal_(mod.weight)  # type: ignore[arg-type]
                 if isinstance(getattr(mod, "bias", None), torch.Tensor):
                     mod.bias.zero_()  # type: ignore[union-attr,operator]
     report = LSUVReport(tol=tol, center=center)

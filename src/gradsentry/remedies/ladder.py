@@ -61,6 +61,8 @@ class Ladder:
 
     Raises:
         ValueError: ``reset_after`` or ``rollback_after`` < 1.
+        TypeError: ``clip`` is not callable, ``reset`` not a :class:`ResetMoments` or ``rollback`` not a
+            :class:`Rollback`.
     """
 
     def __init__(
@@ -79,6 +81,14 @@ class Ladder:
             raise ValueError(
                 f"reset_after and rollback_after must be >= 1, got {reset_after!r}, {rollback_after!r}"
             )
+        for name, part, kind in (
+            ("clip", clip, None),
+            ("reset", reset, ResetMoments),
+            ("rollback", rollback, Rollback),
+        ):
+            if part is not None and not (callable(part) if kind is None else isinstance(part, kind)):
+                want = "a remedy (a callable)" if kind is None else f"a {kind.__name__}"
+                raise TypeError(f"Ladder({name}=...) expects {want}, got {type(part).__name__}")
         self.clip = clip
         self.skip = skip
         self.reset = reset

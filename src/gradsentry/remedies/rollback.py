@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from gradsentry import _dist
 from gradsentry._io import stale_temp_files, write_atomic
-from gradsentry.remedies.base import RemedyResult, check_positive, grads_of, per_tensor_norms, total_norm
+from gradsentry.remedies.base import (
+    RemedyResult,
+    check_optimizer,
+    check_positive,
+    grads_of,
+    per_tensor_norms,
+    total_norm,
+)
 from gradsentry.remedies.guard import scale_lr_
 
 __all__ = ["Rollback", "RollbackError", "SnapshotError", "load_snapshot"]
@@ -153,6 +160,9 @@ class Rollback:
         lr_factor: float = 0.5,
         replay: Callable[[], Any] | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Rollback expects the model (an nn.Module), got {type(model).__name__}")
+        check_optimizer("Rollback", optimizer)
         for name, v in (("every", every), ("keep", keep), ("window", window)):
             if int(v) < 1:
                 raise ValueError(f"{name} must be >= 1, got {v!r}")
@@ -191,6 +201,8 @@ class Rollback:
             tmp.unlink(missing_ok=True)
         found: list[tuple[int, Path]] = []
         for path in directory.glob("snapshot-*.pt"):
+            if not path.is_file() or path.is_symlink():  # a folder or link by that name is not ours
+                continue
             try:
                 found.append((int(path.stem.split("-")[-1]), path))
             except ValueError:

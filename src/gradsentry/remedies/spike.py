@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from gradsentry import _dist
-from gradsentry.remedies.base import RemedyResult, check_positive, grads_of, per_tensor_norms, total_norm
+from gradsentry.remedies.base import (
+    RemedyResult,
+    check_optimizer,
+    check_positive,
+    grads_of,
+    per_tensor_norms,
+    total_norm,
+)
 from gradsentry.remedies.skipstep import device_skip
 
 __all__ = ["SpikeSkip"]
@@ -78,6 +85,7 @@ class SpikeSkip:
         watch: str | Sequence[str] = ("loss", "norm"),
         min_std: float = 1e-6,
     ) -> None:
+        check_optimizer("SpikeSkip(optimizer=...)", optimizer, optional=True)
         self.k = check_positive("k", k)
         if int(window) < 2:
             raise ValueError(f"window must be >= 2, got {window!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("gradsentry")
@@ -82,14 +83,40 @@ def complete_prefix(fd: int, size: int) -> int:
     return 0
 
 
-def open_log(path: Path, *, resume: bool) -> tuple[int, int]:
+def first_line(fd: int, size: int) -> tuple[bytes, bool]:
+    """The file's first line without its newline (at most 64 KiB of it) and whether it is complete."""
+    head = read_at(fd, min(size, _CHUNK), 0)
+    at = head.find(b"\n")
+    return (head, False) if at < 0 else (head[:at], True)
+
+
+def open_log(
+    path: Path,
+    *,
+    resume: bool,
+    ours: Callable[[bytes, bool], bool] | None = None,
+    what: str = "log",
+    replace_hint: str = "resume=False",
+) -> tuple[int, int]:
     """Open ``path`` for appending, locked; returns ``(fd, bytes kept)``.
 
     With ``resume``, an existing file is kept up to its last complete line (a cut tail is dropped, with
-    a warning); without, it is emptied. The file is only changed once the lock is held.
+    a warning); without, it is emptied. The file is only changed once the lock is held, and, with
+    ``ours``, only once its first line is recognised as this sink's own.
+
+    Args:
+        path: the log file.
+        resume: append to an existing file (True) or empty it (False).
+        ours: ``ours(first_line, complete)``: whether an existing file's first line (``complete`` False
+            when the file holds no newline: a header cut by a kill) is one this sink writes. Another
+            file is left exactly as it is and refused: appending to (or dropping the "cut" tail of) a
+            CSV, a binary file or another tool's log would damage it.
+        what: the format's name for the error message (``"gradsentry JSONL run"``).
+        replace_hint: how to replace the file instead, for the error message.
 
     Raises:
         LogInUseError: another sink holds the file's lock.
+        ValueError: with ``resume`` and ``ours``, the existing file is not this sink's (left untouched).
         OSError: the file cannot be created or opened.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +124,14 @@ def open_log(path: Path, *, resume: bool) -> tuple[int, int]:
     try:
         _lock(fd, path)
         size = os.fstat(fd).st_size
+        if resume and size and ours is not None:
+            line, complete = first_line(fd, size)
+            if not ours(line, complete):
+                raise ValueError(
+                    f"{path} exists and is not a {what} (it starts with "
+                    f"{line[:60].decode('utf-8', 'replace')!r}); not appending to it: choose another file, "
+                    f"or {replace_hint} to replace it"
+                )
         keep = complete_prefix(fd, size) if resume and size else 0
         if keep < size:
             if resume:

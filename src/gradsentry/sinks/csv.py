@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gradsentry.records import LAYER_STATS, Finding, LayerStats, RunHeader, StepRecord
-from gradsentry.sinks._file import open_log, probe_lock, read_at
+from gradsentry.sinks._file import open_log, probe_lock
 
 CSV_COLUMNS: tuple[str, ...] = (
     "step",
@@ -33,6 +33,13 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 """Header row of the files written by :class:`CsvSink` (the statistics' columns come from
 :data:`gradsentry.records.LAYER_STATS`)."""
+
+
+def _is_csv_header(line: bytes, complete: bool) -> bool:
+    """Whether a file's first line is this sink's header row (or, cut by a kill, the start of it)."""
+    row = line.rstrip(b"\r").removeprefix(b"\xef\xbb\xbf")
+    header = ",".join(CSV_COLUMNS).encode()
+    return row == header if complete else header.startswith(row)
 
 
 def _cell(value: Any) -> Any:
@@ -77,15 +84,13 @@ class CsvSink:
         self._writer: Any = None
 
     def open(self, header: RunHeader) -> None:
-        fd, kept = open_log(self.path, resume=self.resume)
-        if kept:
-            first = read_at(fd, 4096, 0).split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
-            if first.lstrip("\ufeff") != ",".join(CSV_COLUMNS):
-                os.close(fd)
-                raise ValueError(
-                    f"{self.path} exists and is not a CsvSink table (its first row is {first[:80]!r}); "
-                    "not appending to it: choose another file, or CsvSink(path, resume=False) to replace it"
-                )
+        fd, kept = open_log(
+            self.path,
+            resume=self.resume,
+            ours=_is_csv_header,
+            what="CsvSink table",
+            replace_hint="CsvSink(path, resume=False)",
+        )
         self._fh = os.fdopen(fd, "a", encoding="utf-8", newline="")
         self._writer = csv.writer(self._fh)
         self.resumed = kept > 0

@@ -43,6 +43,8 @@ class JsonlSink:
     Raises:
         OSError: on ``open`` when the file cannot be created.
         LogInUseError: on ``open`` when another sink is writing the file.
+        ValueError: on ``open`` with ``resume=True`` when the existing file is not a gradsentry JSONL run
+            (its first line is not a gradsentry header): it is left as it is.
     """
 
     def __init__(
@@ -64,7 +66,13 @@ class JsonlSink:
         self._last_step: int | None = None  # the resumed log's last step, until the first write
 
     def open(self, header: RunHeader) -> None:
-        fd, kept = open_log(self.path, resume=self.resume)
+        fd, kept = open_log(
+            self.path,
+            resume=self.resume,
+            ours=_is_jsonl_header,
+            what="gradsentry JSONL run",
+            replace_hint="JsonlSink(path, resume=False)",
+        )
         self._fh = os.fdopen(fd, "a", encoding="utf-8")
         self.resumed = kept > 0
         first = header.to_dict()
@@ -114,6 +122,14 @@ class JsonlSink:
             finally:
                 self._fh.close()  # releases the lock
                 self._fh = None
+
+
+_HEADER_START = b'{"gradsentry":'
+
+
+def _is_jsonl_header(line: bytes, complete: bool) -> bool:
+    """Whether a file's first line is a gradsentry header line (or, cut by a kill, the start of one)."""
+    return line.startswith(_HEADER_START) or (not complete and _HEADER_START.startswith(line))
 
 
 def _last_step(path: Path, size: int) -> int | None:
