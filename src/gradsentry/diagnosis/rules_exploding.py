@@ -4,6 +4,7 @@ did next), sustained growth, loss divergence, and the learning-rate jump named a
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -239,6 +240,25 @@ def _norm_growth(sig: RunSignals, lo_step: int, hi_step: int) -> float | None:
     return float(seg.max() / ref)
 
 
+def _beyond_noise(head: np.ndarray, best: float, tail: float, k: int) -> bool:
+    """Is a tail median ``tail`` above the best ``k``-point median ``best`` by more than batch noise allows?
+
+    The noise is the robust spread of ``ln(loss)`` from one logged point to the next over the points before
+    the tail (``1.4826 * MAD / sqrt(2)`` of the differences: a slow trend barely moves them). The median of
+    ``k`` points has standard error ``sqrt(pi / 2) * sigma / sqrt(k)`` (Gaussian noise); the two medians
+    compared differ by ``sqrt(2)`` times that, and the best is the lowest of many windows, so the rise must
+    exceed 3 such errors (one-sided p ~ 0.001) on top of ``divergence_factor``.
+    """
+    if head.size < 3 or not bool(np.all(head > 0)):
+        return True  # no log scale to judge noise on: the factor alone decides
+    d = np.diff(np.log(head))
+    sigma = sg.MAD_TO_SIGMA * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
+    se = math.sqrt(math.pi / 2.0) * sigma / math.sqrt(k)
+    windows = max(1, head.size // k)  # the best is the lowest of this many independent windows
+    z = NormalDist().inv_cdf(1.0 - 0.001 / windows)
+    return math.log(tail / best) > z * math.sqrt(2.0) * se
+
+
 def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> list[Finding]:
     """The loss rising many-fold from its start (early) or from its best level (late), clipped or not."""
     t = c.t
@@ -310,19 +330,26 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
         return out
     if have_exploding:
         return out
-    # late: the loss stays far above its best level
+    # late: the loss stays far above its best level. Like is compared with like: the best level is the
+    # lowest median of k consecutive points before the tail, the tail's level the median of its last k
+    # points. A narrower window's minimum is an extreme of the batch noise (a near-converged loss whose
+    # batches range 0.004-0.17 has 5-point medians down to a third of its level), so a stationary loss
+    # read against it would "diverge"; with equal windows it cannot by noise alone
     s, v = ls[fin], lv[fin]
     k = min(t.divergence_tail, max(2, v.size // 5))
     if v.size < max(6, 2 * k):
         return out
     m = sg.rolling_median(v, t.smooth_window)
-    head = m[: v.size - k]
-    b = int(np.argmin(head))
-    best = float(head[b])
+    head = sg.window_medians(v[: v.size - k], k)
+    j = int(np.argmin(head))
+    best = float(head[j])
+    b = j + int(np.argmin(m[j : j + k]))  # the lowest smoothed point of the best window
     start_level = float(m[0])
     tail_med = float(np.median(v[-k:]))
     lost = tail_med >= best + 0.25 * (start_level - best) if start_level > best else True
     if best <= 0 or tail_med <= t.divergence_factor * best or not lost:
+        return out
+    if not _beyond_noise(v[: v.size - k], best, tail_med, k):
         return out
     above = np.flatnonzero(m[b:] > t.divergence_factor * best)
     onset = int(s[b + int(above[0])]) if above.size else int(s[-k])

@@ -28,6 +28,7 @@ __all__ = [
     "runs",
     "thirds_change",
     "trend_t",
+    "window_medians",
 ]
 
 MAD_TO_SIGMA = 1.4826
@@ -62,7 +63,8 @@ def _window_medians(x: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
     return med, mad
 
 
-def _window_median(x: np.ndarray, w: int) -> np.ndarray:
+def window_medians(x: np.ndarray, w: int) -> np.ndarray:
+    """Median of every ``w`` consecutive points of ``x`` [N] (row k: points k .. k+w-1): [N - w + 1]."""
     win = np.lib.stride_tricks.sliding_window_view(x, w)
     out = np.empty(win.shape[0])
     for a in range(0, win.shape[0], _ROWS):
@@ -77,7 +79,7 @@ def rolling_median(x: np.ndarray, window: int) -> np.ndarray:
     out = np.empty(n, dtype=np.float64)
     w = 2 * h + 1
     if n >= w:
-        out[h : n - h] = _window_median(x, w)
+        out[h : n - h] = window_medians(x, w)
         edges = [*range(min(h, n)), *range(max(h, n - h), n)]
     else:
         edges = list(range(n))
