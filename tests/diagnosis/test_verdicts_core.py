@@ -401,3 +401,29 @@ def test_a_noisy_converged_loss_is_not_a_late_divergence() -> None:
     (f,) = [f for f in detect(series(np.full(200, 0.4), loss)) if f.severity != "info"]
     assert (f.kind, f.evidence["pattern"], f.evidence["early"]) == ("loss_divergence", "divergence", False)
     assert f.steps[0] == pytest.approx(121, abs=3)  # series() numbers steps from 1
+
+
+def test_a_norm_printed_as_zero_at_convergence_is_not_a_dead_network(tmp_path: Path) -> None:
+    # holdout ok_converge_lstsq: least squares fitted exactly, the norm falls 8.7 -> 3e-6 and TorchTitan
+    # prints it with 4 decimals, so the last third reads "grad_norm:  0.0000" (loss "0.00000"). The other
+    # formats of the same run are healthy; a zero beside a loss a thousandth of its start is a minimum
+    n = 200
+    grad = 8.7 * 0.93 ** np.arange(n)
+    loss = 2.5 * 0.86 ** np.arange(n)
+    lines = [
+        f"[titan] 2024-06-10 06:13:21,000 - root - INFO - step: {i + 1:2}  loss: {lo:8.5f}  "
+        f"grad_norm: {g:7.4f}  memory:  0.02GiB(0.00%)  tps: 12,345"
+        for i, (lo, g) in enumerate(zip(loss, grad, strict=True))
+    ]
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    res = analyze_log(log)
+    assert res.series.grad_norm[-1] == 0.0 and res.healthy, [str(f) for f in res.problems]
+    # zeros beside a loss that never moved are still a dead network, printed or not
+    flat = [
+        ln.replace(f"loss: {lo:8.5f}", f"loss: {2.30259:8.5f}") for ln, lo in zip(lines, loss, strict=True)
+    ]
+    log.write_text("\n".join(flat) + "\n", encoding="utf-8")
+    (f,) = analyze_log(log).problems
+    first_zero = int(np.argmax(grad < 5e-5)) + 1  # the first line printing 0.0000 (steps from 1)
+    assert (f.kind, f.severity) == ("zero_grad_norm", "warning") and f.evidence["first_step"] == first_zero
