@@ -228,6 +228,23 @@ def runs() -> list[Run]:
             "mlp",
             amp_scale=2.0**10,
         ),
+        # a family: the same noisy fine-tune (batch 8) on ten seeds, each labelled on its own trace
+        *(
+            R(
+                f"ok_finetune_bs8_s{seed}",
+                "healthy",
+                "fine-tune a pretrained MLP on noisy digits at batch 8, SGD lr 3e-3 (batch losses 0.2-2.6)",
+                "mlp",
+                task="noisy",
+                opt="sgd",
+                lr=3e-3,
+                momentum=0.9,
+                bs=8,
+                pretrain=400,
+                seed=seed,
+            )
+            for seed in range(10)
+        ),
         # layer-only problems: the series is healthy
         R(
             "dead_units_partial",
