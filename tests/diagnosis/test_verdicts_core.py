@@ -427,3 +427,19 @@ def test_a_norm_printed_as_zero_at_convergence_is_not_a_dead_network(tmp_path: P
     (f,) = analyze_log(log).problems
     first_zero = int(np.argmax(grad < 5e-5)) + 1  # the first line printing 0.0000 (steps from 1)
     assert (f.kind, f.severity) == ("zero_grad_norm", "warning") and f.evidence["first_step"] == first_zero
+
+
+def test_one_low_first_batch_of_a_noisy_finetune_is_not_early_divergence() -> None:
+    # holdout ok_finetune_bs8_s4: a pretrained MLP fine-tuned on noisy digits at batch 8. Its batch
+    # losses range 0.2-2.6 around 0.7 (point-to-point noise of ln loss 0.77); the first batch logged 0.23,
+    # the next ones 1.6-2.6: "diverged in the first logged steps, the learning rate is far too high"
+    rng = np.random.default_rng(4)
+    loss = 0.7 * np.exp(rng.normal(0.0, 0.75, 200))
+    loss[:10] = [0.227, 0.35, 1.586, 1.954, 0.803, 0.997, 1.112, 2.042, 2.571, 2.615]
+    grad = 4.0 * np.exp(rng.normal(0.0, 0.3, 200))
+    assert [f for f in detect(series(grad, loss)) if f.severity != "info"] == []
+    # the same noise on a run whose loss leaps 100x in its first steps and stays there is still caught
+    loss[1:] *= 100.0
+    (f,) = [f for f in detect(series(grad, loss)) if f.evidence.get("pattern") == "divergence"]
+    assert f.evidence["early"] and f.severity == "error" and f.steps[0] == 2
+    assert f.evidence["required_factor"] > 3.0  # the noise, not the default factor, set the bar

@@ -104,6 +104,9 @@ class Thresholds:
             NaN/inf) within the first ``spike_min_history`` points is early divergence, judged with as few as
             two points. Reasoning: a healthy run's loss at initialisation is close to its highest; 3x above
             it in the first steps is a learning rate far too high (Goyal et al. 2017 need warm-up for this).
+            One logged loss is one batch, so the rise must also exceed the run's batch noise (3.09 *
+            sqrt(2) * the point-to-point noise of ln loss, :func:`~gradsentry.diagnosis.signals.log_noise`):
+            a fine-tune at batch 8 whose batches range 0.2-2.6 needs ~29x, a run from scratch keeps 3x.
         divergence_tail: points at the end (or after a spike) whose median is compared.
         recovery_factor: after a spike the loss has "recovered" when the median of its last
             ``divergence_tail`` points is at most this factor times its level before the spike.
