@@ -180,3 +180,15 @@ def test_a_bounded_monitor_and_its_log_read_back_give_one_verdict(tmp_path, max_
     # read back said vanishing. The header now states the Monitor's window, and analyze reads with it
     live, read = _sigmoid_adam_run(tmp_path / "run.jsonl", max_records)
     assert _summary(live) == _summary(read)
+
+
+def test_a_bounded_window_weighs_every_part_of_the_run_the_same(tmp_path) -> None:
+    # with max_records=40 the window (the last 40 of 200 records) stood beside a sample of 40 standing
+    # for the other 160: the end of the run, where Adam had trained the net out of vanishing, had half
+    # the vote, and the verdict lost the vanishing that every record shows. The window is now thinned
+    # to the sample's stride
+    full, _ = _sigmoid_adam_run(tmp_path / "full.jsonl", 1000)
+    assert "vanishing" in [k for k, _, _ in _summary(full)]
+    for max_records in (7, 40):
+        live, _ = _sigmoid_adam_run(tmp_path / f"{max_records}.jsonl", max_records)
+        assert [k for k, _, _ in _summary(live)] == [k for k, _, _ in _summary(full)]
