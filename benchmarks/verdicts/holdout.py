@@ -17,8 +17,9 @@ accept:
   precision TorchTitan prints).
 
 Paths compared: ``monitor`` (the live ``Monitor.diagnose()``), ``jsonl`` (``analyze_log`` of the JSONL),
-and ``analyze_log`` of each other format. A path's exit is 0 when no finding is a warning or error, 1
-otherwise, 2 when the log could not be read.
+``monitor_w40`` and ``jsonl_w40`` (the same run trained again, its Monitor keeping only its last 40
+records, ``max_records=40``: live, and its JSONL read back), and ``analyze_log`` of each other format.
+A path's exit is 0 when no finding is a warning or error, 1 otherwise, 2 when the log could not be read.
 
 Labels are decided from the logged traces alone, before and independently of gradsentry, by the rules of
 ``benchmarks/verdicts/README.md`` ("Label rules"), implemented in :func:`label` below:
@@ -65,7 +66,10 @@ sys.path.insert(0, str(HERE.parent))  # benchmarks/verdicts.py: the aliases and 
 from verdicts import KIND_ALIASES, PROBLEM_SEVERITIES  # noqa: E402
 
 LOG_PATHS = ("tb", "csv", "hf_state", "titan")
-PATHS = ("monitor", "jsonl", *LOG_PATHS)
+BOUNDED = 40
+"""``max_records`` of the second, bounded Monitor (paths ``monitor_w40``, ``jsonl_w40``): the same run
+trained again with the same seeds, its Monitor keeping only its last 40 records in full."""
+PATHS = ("monitor", "jsonl", "monitor_w40", "jsonl_w40", *LOG_PATHS)
 CHANCE = {"digits": math.log(10), "tokens": math.log(64), "noisy": math.log(10)}
 
 
@@ -584,9 +588,11 @@ def do_pretrain(run: Run, net: Any) -> None:
         opt.step()
 
 
-def train(run: Run, out: Path) -> tuple[list[tuple[int, float, float, float]], Any, str]:
+def train(
+    run: Run, out: Path, max_records: int | None = None, name: str = "run.jsonl"
+) -> tuple[list[tuple[int, float, float, float]], Any, str]:
     """Train ``run``; returns the logged points (index, loss, pre-clip norm, lr), the live Monitor's
-    findings and the optimizer class name. The Monitor writes ``out/run.jsonl``."""
+    findings and the optimizer class name. The Monitor (``max_records``) writes ``out/name``."""
     import torch
 
     import gradsentry
@@ -601,8 +607,8 @@ def train(run: Run, out: Path) -> tuple[list[tuple[int, float, float, float]], A
     opt = opt_cls(net.parameters(), lr=lr, **({"momentum": run.momentum} if run.opt == "sgd" else {}))
     scaler = torch.amp.GradScaler("cpu", init_scale=run.amp_scale) if run.amp_scale else None
     mon = gradsentry.Monitor(
-        net, every=run.every, optimizer=opt, sinks=[gradsentry.JsonlSink(out / "run.jsonl")],
-        activations=run.activations, max_abs=False,
+        net, every=run.every, optimizer=opt, sinks=[gradsentry.JsonlSink(out / name)],
+        activations=run.activations, max_abs=False, max_records=max_records,
     )  # fmt: skip
     g = torch.Generator().manual_seed(1000 + run.seed)
     perm = torch.randperm(len(x), generator=g)
@@ -828,7 +834,7 @@ def _problems(findings: Any) -> list[tuple[str, str, int | None]]:
 
 
 def judge(
-    run: Run, kind: str, k0: int | None, pts: list[Any], live: Any, files: dict[str, Path]
+    run: Run, kind: str, k0: int | None, pts: list[Any], live: dict[str, Any], files: dict[str, Path]
 ) -> list[PathVerdict]:
     """Every path's verdict on one run, with what it should have said."""
     from gradsentry.analyze import analyze_log
@@ -846,7 +852,7 @@ def judge(
         step = None if k0 is None else idx[k0] + (1 if one_based else 0)
         v = PathVerdict(path, 2, [], want, step, tol)
         try:
-            findings = live if path == "monitor" else analyze_log(files[path]).findings
+            findings = live[path] if path in live else analyze_log(files[path]).findings
         except Exception as exc:  # unreadable: exit 2
             v.error = f"{type(exc).__name__}: {exc}"
             out.append(v)
@@ -862,21 +868,32 @@ def one(run: Run, root: Path) -> dict[str, Any]:
     out = root / run.name
     out.mkdir(parents=True, exist_ok=True)
     pts, live, opt = train(run, out)
-    files = {"jsonl": out / "run.jsonl", **write_formats(run, pts, out, opt)}
+    pts_w, live_w, _ = train(run, out, BOUNDED, "run_w40.jsonl")  # the same seeds: the same run
+    same = np.array_equal(np.array([p[1:3] for p in pts_w]), np.array([p[1:3] for p in pts]), equal_nan=True)
+    assert same, f"{run.name}: the second training is not the same run"
+    files = {
+        "jsonl": out / "run.jsonl",
+        "jsonl_w40": out / "run_w40.jsonl",
+        **write_formats(run, pts, out, opt),
+    }
     kind, k0, ev = label(run, pts, layer_facts(run))  # decided from the trace, before any verdict
-    verdicts = judge(run, kind, k0, pts, live, files)
+    verdicts = judge(run, kind, k0, pts, {"monitor": live, "monitor_w40": live_w}, files)
     return {"run": run, "kind": kind, "k0": k0, "evidence": ev, "verdicts": verdicts,
             "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
 def disagreements(res: dict[str, Any]) -> set[str]:
     """Paths whose exit differs from the JSONL's (the Monitor's record of the same run); for layer-only
-    runs, log paths are compared with each other (they cannot see layers) and must agree."""
+    runs, log paths are compared with each other (they cannot see layers) and must agree. ``jsonl`` and
+    ``jsonl_w40`` disagree when their findings differ from their live Monitor's in any way."""
     by = {v.path: v for v in res["verdicts"]}
     out = set()
-    if by["monitor"].found != by["jsonl"].found:
-        out.add("jsonl")
+    for live, read in (("monitor", "jsonl"), ("monitor_w40", "jsonl_w40")):
+        if by[live].found != by[read].found:
+            out.add(read)
     ref = by["jsonl"].exit
+    if by["monitor_w40"].exit != ref:
+        out.add("monitor_w40")
     if res["kind"] in ("dead_units", "layer_vanishing"):
         ref = max((by[p].exit for p in LOG_PATHS), key=[by[p].exit for p in LOG_PATHS].count)
     for p in LOG_PATHS:
