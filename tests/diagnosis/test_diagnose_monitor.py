@@ -132,3 +132,63 @@ def test_frozen_first_layer_is_not_vanishing() -> None:
     # Its gradient figures are 0 (a vanished gradient if it were counted); has_grad=False keeps it out.
     assert mon.records[0].layers[0].has_grad is False and mon.records[0].layers[0].grad_rms == 0.0
     assert findings == []
+
+
+def _sigmoid_adam_run(path, max_records: int) -> tuple[list, list]:
+    """holdout layer_vanish_adam: a 6-layer sigmoid MLP at default init (first/last gradient RMS 9e-6)
+    that Adam still trains on the digits; (live findings, findings of the JSONL read back)."""
+    from sklearn.datasets import load_digits
+
+    from gradsentry.analyze import analyze_log
+    from gradsentry.sinks import JsonlSink
+
+    d = load_digits()
+    x, y = torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(64, 32), nn.Sigmoid()]
+    for _ in range(5):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    net = nn.Sequential(*layers, nn.Linear(32, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1000)
+    perm = torch.randperm(len(x), generator=gen)
+    sink = JsonlSink(path)
+    with Monitor(
+        net, optimizer=opt, sinks=[sink], max_records=max_records, activations=False, max_abs=False
+    ) as mon:
+        for i in range(200):
+            if (i + 1) * 32 > len(perm):  # epochs of shuffled batches
+                perm = torch.cat([perm, torch.randperm(len(x), generator=gen)])
+            idx = perm[i * 32 : (i + 1) * 32]
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss=loss)
+            opt.step()
+        live = mon.diagnose()
+    return live, analyze_log(path).findings
+
+
+def _summary(findings: list) -> list[tuple[str, str, int | None]]:
+    return [(f.kind, f.severity, f.steps[0] if f.steps else None) for f in findings if f.severity != "info"]
+
+
+@pytest.mark.parametrize("max_records", [0, 7, 40])
+def test_a_bounded_monitor_and_its_log_read_back_give_one_verdict(tmp_path, max_records: int) -> None:
+    # the per-layer rules judge the window and the history's sample: analyze used its own (4096 records,
+    # a sample of 1024) where the Monitor kept max_records, so the live verdict said healthy and the log
+    # read back said vanishing. The header now states the Monitor's window, and analyze reads with it
+    live, read = _sigmoid_adam_run(tmp_path / "run.jsonl", max_records)
+    assert _summary(live) == _summary(read)
+
+
+def test_a_bounded_window_weighs_every_part_of_the_run_the_same(tmp_path) -> None:
+    # with max_records=40 the window (the last 40 of 200 records) stood beside a sample of 40 standing
+    # for the other 160: the end of the run, where Adam had trained the net out of vanishing, had half
+    # the vote, and the verdict lost the vanishing that every record shows. The window is now thinned
+    # to the sample's stride
+    full, _ = _sigmoid_adam_run(tmp_path / "full.jsonl", 1000)
+    assert "vanishing" in [k for k, _, _ in _summary(full)]
+    for max_records in (7, 40):
+        live, _ = _sigmoid_adam_run(tmp_path / f"{max_records}.jsonl", max_records)
+        assert [k for k, _, _ in _summary(live)] == [k for k, _, _ in _summary(full)]

@@ -190,8 +190,20 @@ class RunHistory:
         return out
 
     def records(self, live: Sequence[StepRecord]) -> list[StepRecord]:
-        """The records to diagnose: the kept absorbed ones, then the live window."""
-        return [*self.kept(), *live]
+        """The records to diagnose: the kept absorbed ones, then the live window.
+
+        Once records were absorbed, the window is thinned to the sample's stride (its records whose index
+        in the run is a multiple of it; the latest one always stays, the rules read the last step), so
+        every part of the run weighs the same in the rules that count how often something happens: a
+        window of 40 records beside a sample of 40 standing for 160 would give the last fifth of the
+        run half the vote (a net that Adam trained out of vanishing would no longer read as vanishing).
+        """
+        if not self.absorbed or self._stride == 1:
+            return [*self.kept(), *live]
+        thinned = [r for k, r in enumerate(live) if (self.absorbed + k) % self._stride == 0]
+        if live and (not thinned or thinned[-1] is not live[-1]):
+            thinned.append(live[-1])
+        return [*self.kept(), *thinned]
 
     def signals(self, live: Sequence[StepRecord], meta: Mapping[str, Any] | None = None) -> RunSignals:
         """The whole run's series: every absorbed point, then the live records', ordered by step (the

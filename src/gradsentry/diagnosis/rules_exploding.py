@@ -4,6 +4,7 @@ did next), sustained growth, loss divergence, and the learning-rate jump named a
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -239,6 +240,21 @@ def _norm_growth(sig: RunSignals, lo_step: int, hi_step: int) -> float | None:
     return float(seg.max() / ref)
 
 
+def _beyond_noise(head: np.ndarray, best: float, tail: float, k: int) -> bool:
+    """Is a tail median ``tail`` above the best ``k``-point median ``best`` by more than batch noise allows?
+
+    The noise is :func:`~gradsentry.diagnosis.signals.log_noise` of the points before the tail. The median of
+    ``k`` points has standard error ``sqrt(pi / 2) * sigma / sqrt(k)`` (Gaussian noise); the two medians
+    compared differ by ``sqrt(2)`` times that, and the best is the lowest of many windows, so the rise must
+    exceed 3 such errors (one-sided p ~ 0.001) on top of ``divergence_factor``.
+    """
+    sigma = sg.log_noise(head)  # 0 without a log scale to judge noise on: the factor alone decides
+    se = math.sqrt(math.pi / 2.0) * sigma / math.sqrt(k)
+    windows = max(1, head.size // k)  # the best is the lowest of this many independent windows
+    z = NormalDist().inv_cdf(1.0 - 0.001 / windows)
+    return math.log(tail / best) > z * math.sqrt(2.0) * se
+
+
 def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> list[Finding]:
     """The loss rising many-fold from its start (early) or from its best level (late), clipped or not."""
     t = c.t
@@ -254,8 +270,16 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
     # early: within the first spike_min_history loss points
     n_early = min(ls.size, t.spike_min_history)
     start = float(lv[0])
-    # finite losses only: a NaN/inf loss is the nonfinite rule's (a NaN batch is not a learning rate)
-    early = [i for i in range(1, n_early) if fin[i] and lv[i] >= t.early_divergence_factor * start]
+    # finite losses only: a NaN/inf loss is the nonfinite rule's (a NaN batch is not a learning rate).
+    # One logged loss is one batch: in a small-batch run one batch can be 10x another (a fine-tune at
+    # batch 8 from 0.23 to 2.6), so the rise over the first point must also exceed the run's batch noise:
+    # 3.09 * sqrt(2) * sigma for two single points (one-sided p 0.001 per point; the points tested share
+    # the first point's deviation, and all 7 together exceed it by chance 0.6 % of the time, simulated
+    # for Gaussian noise)
+    z = 3.09
+    noise = sg.log_noise(lv[fin & (lv > 0)])
+    need = max(t.early_divergence_factor, math.exp(min(z * math.sqrt(2.0) * noise, 700.0)))
+    early = [i for i in range(1, n_early) if fin[i] and lv[i] >= need * start]
     if early:
         i = early[0]
         peak_i = max(range(1, n_early), key=lambda j: lv[j] if fin[j] else math.inf)
@@ -275,6 +299,8 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
             "tail_ratio": sg.rnd(tail_med / start),
             "norm_growth": sg.rnd(growth) if growth is not None else None,
             "factor": t.early_divergence_factor,
+            "loss_noise": sg.rnd(noise),
+            "required_factor": sg.rnd(need),
         }
         norm_text = (
             f" The gradient norm rose {growth:.3g}x over the same steps (pre-clip)."
@@ -289,7 +315,7 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
                 [],
                 ev,
                 f"The loss diverged in the first logged steps: from {start:.4g} at step {int(ls[0])} to "
-                f"{float(lv[i]):.4g} at step {int(ls[i])} (at least {t.early_divergence_factor:g}x its start)"
+                f"{float(lv[i]):.4g} at step {int(ls[i])} (at least {need:.3g}x its start)"
                 + (
                     ", and it ends non-finite."
                     if not math.isfinite(tail_med)
@@ -310,19 +336,26 @@ def divergence_rules(sig: RunSignals, c: RuleContext, have_exploding: bool) -> l
         return out
     if have_exploding:
         return out
-    # late: the loss stays far above its best level
+    # late: the loss stays far above its best level. Like is compared with like: the best level is the
+    # lowest median of k consecutive points before the tail, the tail's level the median of its last k
+    # points. A narrower window's minimum is an extreme of the batch noise (a near-converged loss whose
+    # batches range 0.004-0.17 has 5-point medians down to a third of its level), so a stationary loss
+    # read against it would "diverge"; with equal windows it cannot by noise alone
     s, v = ls[fin], lv[fin]
     k = min(t.divergence_tail, max(2, v.size // 5))
     if v.size < max(6, 2 * k):
         return out
     m = sg.rolling_median(v, t.smooth_window)
-    head = m[: v.size - k]
-    b = int(np.argmin(head))
-    best = float(head[b])
+    head = sg.window_medians(v[: v.size - k], k)
+    j = int(np.argmin(head))
+    best = float(head[j])
+    b = j + int(np.argmin(m[j : j + k]))  # the lowest smoothed point of the best window
     start_level = float(m[0])
     tail_med = float(np.median(v[-k:]))
     lost = tail_med >= best + 0.25 * (start_level - best) if start_level > best else True
     if best <= 0 or tail_med <= t.divergence_factor * best or not lost:
+        return out
+    if not _beyond_noise(v[: v.size - k], best, tail_med, k):
         return out
     above = np.flatnonzero(m[b:] > t.divergence_factor * best)
     onset = int(s[b + int(above[0])]) if above.size else int(s[-k])

@@ -3,12 +3,14 @@ NaN filter, steps a loss scaler or guard skipped, and an all-zero gradient norm.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from gradsentry.diagnosis import signals as sg
 from gradsentry.diagnosis.run_signals import RuleContext, RunSignals, _r
+from gradsentry.diagnosis.thresholds import Thresholds
 from gradsentry.records import Advice, Finding
 
 
@@ -235,10 +237,34 @@ def _scaler_skips(sig: RunSignals, c: RuleContext) -> list[Finding]:
     ]
 
 
+def _converged(sig: RunSignals, t: Thresholds) -> np.ndarray:
+    """[N] the loss logged at the step is at most ``converged_loss_frac`` times its start (>= 0).
+
+    A gradient of exactly 0 cannot lower a loss: a network no gradient reaches keeps its loss (the dead
+    ReLU net stays at ln 10). A zero logged beside a loss that fell to a thousandth of its start is a
+    minimum reached (an exact fit), or a norm below the log's printed precision (TorchTitan, llm.c and
+    mmengine print 4 decimals: ``0.0000`` is any norm under 5e-5), the same reason
+    :func:`~gradsentry.diagnosis.rules_vanishing.vanishing_rules` does not call a collapse at convergence
+    vanishing.
+    """
+    _, lv = sig.loss_points()
+    fin = lv[np.isfinite(lv)]
+    start = float(np.median(fin[: min(5, fin.size)])) if fin.size else math.nan
+    if not start > 0:
+        return np.zeros(len(sig), dtype=bool)
+    loss = np.where(sig.has_loss & ~sig.hidden, sig.loss, np.nan)
+    with np.errstate(invalid="ignore"):
+        return (loss >= 0) & (loss <= t.converged_loss_frac * start)
+
+
 def zero_rule(sig: RunSignals, c: RuleContext) -> list[Finding]:
-    """Gradient norms of exactly 0.0: no gradient reached any parameter (not vanishing)."""
-    gs, gv = sig.grad_points()
-    zero = gv == 0.0
+    """Gradient norms of exactly 0.0: no gradient reached any parameter (not vanishing).
+
+    Zeros logged where the loss has converged (see :func:`_converged`) are left out: expected there.
+    """
+    zero_all = sig.has_grad & (sig.grad == 0.0) & ~_converged(sig, c.t)
+    gs, gv = sig.steps[sig.has_grad], sig.grad[sig.has_grad]
+    zero = zero_all[sig.has_grad]
     if not zero.any():
         return []
     zs = [int(x) for x in gs[zero]]

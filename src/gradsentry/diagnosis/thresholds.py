@@ -96,10 +96,17 @@ class Thresholds:
         growth_min_r2: coefficient of determination of the log-linear fit ``ln(norm) = a + rate * step``
             needed to call growth steady.
         divergence_factor: the loss "stays above x times its earlier (best) level" with x = this factor.
+            Late divergence compares like with like: the median of the last ``divergence_tail`` points
+            against the lowest median of as many consecutive points before them, and the rise must also
+            exceed the batch noise of such medians (3 standard errors, Bonferroni over the windows), so a
+            flat but noisy loss (small batches near convergence) does not "diverge" from a lucky dip.
         early_divergence_factor: the loss rising to this many times its first logged value (or going
             NaN/inf) within the first ``spike_min_history`` points is early divergence, judged with as few as
             two points. Reasoning: a healthy run's loss at initialisation is close to its highest; 3x above
             it in the first steps is a learning rate far too high (Goyal et al. 2017 need warm-up for this).
+            One logged loss is one batch, so the rise must also exceed the run's batch noise (3.09 *
+            sqrt(2) * the point-to-point noise of ln loss, :func:`~gradsentry.diagnosis.signals.log_noise`):
+            a fine-tune at batch 8 whose batches range 0.2-2.6 needs ~29x, a run from scratch keeps 3x.
         divergence_tail: points at the end (or after a spike) whose median is compared.
         recovery_factor: after a spike the loss has "recovered" when the median of its last
             ``divergence_tail`` points is at most this factor times its level before the spike.

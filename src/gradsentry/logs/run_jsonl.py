@@ -210,14 +210,32 @@ class ScannedRun:
         )
 
 
+DEFAULT_WINDOW = 4096
+"""Records :class:`RunScanner` keeps in full when the header does not say how many the Monitor kept."""
+DEFAULT_SAMPLE = 1024
+"""The history's sample size when the header does not say."""
+MAX_WINDOW = 1_000_000
+"""The most records a header may ask a scan to keep (a corrupt header must not exhaust memory)."""
+
+
+def _history(sample: int) -> RunHistory:
+    from gradsentry.diagnosis.history import RunHistory
+
+    return RunHistory(sample_size=sample)
+
+
 class RunScanner:
     """The state of a one-pass read of a JSONL run, fed one entry at a time in file order: what
     :func:`scan_jsonl` keeps, and what ``gradsentry watch`` keeps of a file that is still growing.
 
     Args:
         path: the file, for messages.
-        window: the last ``window`` step records are kept in full; older ones go into the history.
+        window: the last ``window`` step records are kept in full; older ones go into the history. None:
+            the Monitor's own ``max_records``, as its header states (``meta["records"]``), so that the
+            per-layer rules judge the records the live ``Monitor.diagnose()`` judged; 4096 for a header
+            without it.
         sample: the most records the history samples (see :class:`~gradsentry.diagnosis.history.RunHistory`).
+            None: the Monitor's, as its header states; 1024 without it.
 
     Attributes:
         header: the latest header, None before the first line.
@@ -226,13 +244,14 @@ class RunScanner:
         findings: the findings line read after the latest header (written when the Monitor closed).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, window: int = 4096, sample: int = 1024) -> None:
-        from gradsentry.diagnosis.history import RunHistory
-
+    def __init__(
+        self, path: str | os.PathLike[str], *, window: int | None = None, sample: int | None = None
+    ) -> None:
         self.path = Path(path)
-        self.window = max(1, int(window))
+        self._asked = (window, sample)
+        self.window = DEFAULT_WINDOW if window is None else max(0, int(window))
         self.header: RunHeader | None = None
-        self.history = RunHistory(sample_size=sample)
+        self.history = _history(DEFAULT_SAMPLE if sample is None else sample)
         self.steps = 0
         self.resumed_at: int | None = None
         self.findings: list[Finding] | None = None
@@ -247,6 +266,8 @@ class RunScanner:
             LogFormatError: a step line leaving the window is not a step record.
         """
         if kind == "header":
+            if self.header is None and self.steps == 0:
+                self._adopt(value)
             self.header = value
         elif kind == "resumed":
             self.header, self.findings, self._resumed = value, None, True
@@ -274,6 +295,19 @@ class RunScanner:
         else:
             self.findings = value
 
+    def _adopt(self, header: RunHeader) -> None:
+        """Take the window and sample the Monitor kept (``meta["records"]``) where none was asked for."""
+        spec = header.meta.get("records") if isinstance(header.meta, dict) else None
+        if not isinstance(spec, dict):
+            return
+        window, sample = self._asked
+        size = spec.get("max_records")
+        if window is None and isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            self.window = min(size, MAX_WINDOW)
+        size = spec.get("sample")
+        if sample is None and isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            self.history = _history(min(size, MAX_WINDOW))
+
     def result(self) -> ScannedRun:
         """What was read so far (records in the window are built once and cached).
 
@@ -293,10 +327,14 @@ class RunScanner:
         )
 
 
-def scan_jsonl(path: str | os.PathLike[str], *, window: int = 4096, sample: int = 1024) -> ScannedRun:
+def scan_jsonl(
+    path: str | os.PathLike[str], *, window: int | None = None, sample: int | None = None
+) -> ScannedRun:
     """Read a gradsentry JSONL run in one pass, keeping the last ``window`` records in full and, of the
     older ones, their series points and a few records (the :class:`~gradsentry.diagnosis.history.RunHistory`
     a Monitor keeps): memory stays bounded however long the run (a 1e6-step log: ~34 MB of series).
+    ``window`` and ``sample`` default to the Monitor's own (its header's ``meta["records"]``), so that
+    the verdict is the one the live Monitor gave; 4096 and 1024 for a header that does not state them.
     Records leaving the window are only turned into :class:`StepRecord` objects when kept. Resumed parts
     join as in :func:`read_jsonl`. With no more than ``window`` step lines, the records are all of them.
 

@@ -37,6 +37,11 @@ class RecordStore:
         self._header = header
         self._opened = False
 
+    @property
+    def spec(self) -> dict[str, int]:
+        """``{"max_records": ..., "sample": ...}``: the window kept and the history's sample size."""
+        return {"max_records": self.max_records, "sample": self.history.sample_size}
+
     def recent(self, n: int) -> list[StepRecord]:
         """The last ``n`` records kept, oldest first (O(n))."""
         out = list(itertools.islice(reversed(self.window), max(0, int(n))))
@@ -52,6 +57,9 @@ class RecordStore:
             return
         if not self._opened:
             header = self._header()
+            # the window and sample the verdict was made with: analyze reads the run back with the same,
+            # so that its per-layer rules see the very records the live diagnose() saw
+            header.meta.setdefault("records", self.spec)
             for s in self.sinks:
                 s.open(header)
             self._opened = True
