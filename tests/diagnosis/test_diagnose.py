@@ -569,7 +569,8 @@ def test_findings_sorted_by_severity_then_first_step() -> None:
     recs = [record(s, geometric_profile(6, 1.0)) for s in range(30)]  # vanishing warning (1e-5) from step 0
     for r in recs:
         r.activations = [ActivationStats("a", "Tanh", 0, 0.0, 1.0, saturated_frac=0.9)]  # saturation from 0
-    recs[25].global_norm = math.inf  # nonfinite error at 25
+    for r in recs[25:]:
+        r.global_norm = math.inf  # nonfinite error from 25 to the end (the weights are poisoned)
     found = diagnose(recs)
     assert kinds(found) == ["nonfinite", "vanishing", "saturation"]  # stable order on equal first steps
     assert [f.severity for f in found] == ["error", "warning", "warning"]

@@ -88,10 +88,41 @@ def test_nan_injected_in_one_layer_is_nonfinite_naming_that_layer_and_step() -> 
 
     mon, findings = run(zoo.mlp(3, act=nn.ReLU), 20, before_step=inject, locate_nonfinite=True)
     (f,) = findings
-    assert (f.kind, f.severity, f.steps, f.layers) == ("nonfinite", "error", [12], ["2"])
+    # run() skips the optimizer step on non-finite gradients, so training goes on finite: a warning.
+    assert (f.kind, f.severity, f.steps, f.layers) == ("nonfinite", "warning", [12], ["2"])
+    assert f.evidence["finite_points_after_last_nonfinite"] == 7
     assert f.evidence["layer_nonfinite_counts"] == {"2": 1}
     # Forward was finite, so the located origin is the deepest layer with a non-finite gradient.
     assert mon.records[12].nonfinite_origin == "2" and f.evidence["origin"] == "2"
+
+
+def test_nan_that_reaches_the_weights_is_an_error_and_one_that_was_skipped_a_warning() -> None:
+    """A NaN gradient the optimizer applies poisons every later step (error); the same NaN with the step
+    skipped (an fp16 GradScaler, a guard) leaves the run finite after it (warning, training went on)."""
+
+    def inject(s: int, model: nn.Module) -> None:
+        if s == 5:
+            model[0].weight.grad[0, 0] = math.nan  # type: ignore[index]
+
+    verdicts = {}
+    for skip in (False, True):
+        model = zoo.mlp(3, act=nn.ReLU)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(64, 16, generator=gen), torch.randn(64, 4, generator=gen)
+        with Monitor(model) as mon:
+            for s in range(20):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                inject(s, model)
+                mon.step(loss=nn.functional.mse_loss(model(x), y).detach())
+                finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+                if finite or not skip:
+                    opt.step()
+            (f,) = [f for f in mon.diagnose() if f.kind == "nonfinite"]
+        verdicts[skip] = (f.severity, f.steps[0], f.evidence["finite_points_after_last_nonfinite"])
+    assert verdicts[False][:2] == ("error", 5) and verdicts[False][2] == 0
+    assert verdicts[True] == ("warning", 5, 14)
 
 
 def test_layer_with_zero_learning_rate_is_stalled() -> None:
@@ -192,3 +223,41 @@ def test_a_bounded_window_weighs_every_part_of_the_run_the_same(tmp_path) -> Non
     for max_records in (7, 40):
         live, _ = _sigmoid_adam_run(tmp_path / f"{max_records}.jsonl", max_records)
         assert [k for k, _, _ in _summary(live)] == [k for k, _, _ in _summary(full)]
+
+
+@pytest.mark.parametrize("init_scale", [2.0**40, 2.0**126], ids=["2^40", "2^126"])
+def test_fp16_gradscaler_calibrating_its_scale_is_a_warning_live_and_post_mortem(
+    tmp_path: pytest.TempPathFactory, init_scale: float
+) -> None:
+    """Real fp16 autocast + GradScaler on CPU with too high an initial scale: the first ~25-100 steps
+    overflow and are skipped while the scale halves, then the model trains. Live and from its JSONL the
+    verdict is a nonfinite *warning* (the steps never reached the weights), never "cannot recover"."""
+    from gradsentry.analyze import analyze_log
+    from gradsentry.sinks import JsonlSink
+
+    torch.manual_seed(0)
+    model = zoo.mlp(3, act=nn.ReLU)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 16, generator=gen), torch.randn(64, 4, generator=gen)
+    path = tmp_path / "amp.jsonl"  # type: ignore[operator]
+    first_loss = last_loss = math.nan
+    with Monitor(model, every=1, sinks=[JsonlSink(path, resume=False)]) as mon:
+        for s in range(130):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            mon.step(loss=loss)
+            scaler.step(opt)
+            scaler.update()
+            first_loss = float(loss.detach()) if s == 0 else first_loss
+            last_loss = float(loss.detach())
+        live = [f for f in mon.diagnose() if f.kind in ("nonfinite", "skipped_steps")]
+    assert last_loss < first_loss  # it did train after calibrating
+    post = [f for f in analyze_log(path).findings if f.kind in ("nonfinite", "skipped_steps")]
+    for found in (live, post):
+        assert [(f.kind, f.severity, f.steps[0]) for f in found] == [("nonfinite", "warning", 0)]
+        assert "cannot recover" not in found[0].explanation

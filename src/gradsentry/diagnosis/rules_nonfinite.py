@@ -74,13 +74,25 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
         and not _loss_rose_after(sig, first, c)
     )
     ev["skipped_by_guard"] = guarded
-    if guarded:
+    after = _finite_after(sig, loss_nf | grad_nf, c) if not guarded else 0
+    ev["finite_points_after_last_nonfinite"] = after
+    if guarded or after:
         n_nf = int((loss_nf | grad_nf).sum())
-        expl = (
-            f"{n_nf} logged step(s) held NaN/inf (first at step {first}), and each was skipped (a guard such "
-            "as gradsentry.NonFiniteGuard, or a loss scaler, left the weights untouched): training went on "
-            "with finite values. The cause is still worth finding (a bad batch, an overflow)."
-        )
+        if guarded:
+            expl = (
+                f"{n_nf} logged step(s) held NaN/inf (first at step {first}), and each was skipped (a guard "
+                "such as gradsentry.NonFiniteGuard, or a loss scaler, left the weights untouched): training "
+                "went on with finite values. The cause is still worth finding (a bad batch, an overflow)."
+            )
+        else:
+            expl = (
+                f"{n_nf} logged step(s) held NaN/inf (first at step {first}), then the {after} logged steps "
+                "after the last of them are finite and the loss did not diverge: those steps never reached "
+                "the weights (a NaN weight makes every later loss NaN), so a loss scaler or a guard skipped "
+                "them. An fp16 GradScaler whose initial scale is too high overflows like this on its first "
+                f"steps while the scale falls (longest run here: {longest} logged steps). The cause is still "
+                "worth finding (an overflow, a bad batch)."
+            )
         out.append(
             Finding(
                 "nonfinite",
@@ -171,6 +183,26 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
             )
         )
     return out
+
+
+def _finite_after(sig: RunSignals, nonfinite: np.ndarray, c: RuleContext) -> int:
+    """How many logged points follow the last non-finite one when the run evidently recovered, else 0.
+
+    A non-finite gradient that reaches the weights is absorbing: every later loss and gradient norm is
+    NaN (without a rollback). So a log whose last ``skipped_min_run`` or more points after the last
+    non-finite one are all finite (loss and norm, where logged), with no loss hidden as 0.0 and a loss
+    that did not diverge after the first non-finite step, shows that those steps were skipped (an fp16
+    GradScaler calibrating its scale, a guard) even where the log does not say so."""
+    if sig.hidden.any():
+        return 0
+    last = int(np.flatnonzero(nonfinite)[-1])
+    n_after = len(sig) - last - 1
+    tail_ok = ~sig.has_loss[last + 1 :] | np.isfinite(sig.loss[last + 1 :])
+    tail_ok &= ~sig.has_grad[last + 1 :] | np.isfinite(sig.grad[last + 1 :])
+    first = int(sig.steps[int(np.argmax(nonfinite))])
+    if n_after < c.t.skipped_min_run or not tail_ok.all() or _loss_rose_after(sig, first, c):
+        return 0
+    return n_after
 
 
 def _loss_rose_after(sig: RunSignals, step: int, c: RuleContext) -> bool:
