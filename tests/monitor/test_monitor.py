@@ -371,3 +371,43 @@ def test_a_single_sink_or_a_wrong_optimizer_is_a_clear_error(tmp_path) -> None:
         gs.Monitor(model, optimizer="sgd")  # type: ignore[arg-type]
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert not (tmp_path / "run.jsonl").exists()
+
+
+def _hook_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, list[int]]:
+    """The ids of every module hook of ``model`` (all submodules) and every step hook of ``opt``."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    state = {k: sorted(h for m in model.modules() for h in getattr(m, k)) for k in kinds}
+    state["opt_pre"] = sorted(opt._optimizer_step_pre_hooks)
+    state["opt_post"] = sorted(opt._optimizer_step_post_hooks)
+    return state
+
+
+@pytest.mark.parametrize("failure", ["dist_timeout", "process_group", "late"])
+def test_a_failed_construction_leaves_exactly_the_hooks_there_were(failure: str, monkeypatch) -> None:
+    """Monitor() used to leave its forward-order, activation, locate_nonfinite and optimizer hooks on
+    the model when it raised after building its layer index (a bad dist_timeout, a process_group
+    without torch.distributed, any later error): construction is all-or-nothing."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model[0].register_forward_hook(lambda *a: None)  # the user's own hooks stay
+    opt.register_step_post_hook(lambda *a: None)
+    before = _hook_state(model, opt)
+    kwargs: dict = {"optimizer": opt, "locate_nonfinite": True, "histogram_bins": 4}
+    if failure == "dist_timeout":
+        kwargs["dist_timeout"] = -1.0
+        expected: tuple[type[Exception], str] = (ValueError, "dist_timeout")
+    elif failure == "process_group":
+        kwargs["process_group"] = object()
+        expected = (ValueError, "process_group")
+    else:  # the very last construction step fails: every hook is set by then
+
+        def boom(model: nn.Module) -> str:
+            raise RuntimeError("late failure")
+
+        monkeypatch.setattr("gradsentry.monitor.monitor._taxonomy.functional_activation_note", boom)
+        expected = (RuntimeError, "late failure")
+    with pytest.raises(expected[0], match=expected[1]):
+        gs.Monitor(model, **kwargs)
+    assert _hook_state(model, opt) == before
+    model(torch.randn(2, 4)).sum().backward()  # and the model still trains
+    opt.step()

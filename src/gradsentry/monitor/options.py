@@ -5,9 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
+from torch import nn
+
+from gradsentry import _dist
+
+if TYPE_CHECKING:
+    from gradsentry.monitor.layers import LayerIndex
 
 
 def optimizer_meta(optimizer: Any) -> dict[str, Any]:
@@ -46,6 +52,22 @@ def check_sync(sync: Sync, distributed: bool) -> None:
             "Monitor(sync='deferred') is not supported under torch.distributed: ranks must complete "
             "their records at the same step; use sync='auto' or 'blocking'"
         )
+
+
+def resolve_dist(
+    model: nn.Module, index: LayerIndex, sync: Sync, process_group: Any, sharded: bool | None, timeout: Any
+) -> _dist.DistContext | None:
+    """The Monitor's distributed context for the parameters of ``index``'s layers
+    (:func:`gradsentry._dist.resolve`), None outside ``torch.distributed``.
+
+    Raises:
+        ValueError: from :func:`gradsentry._dist.resolve` (an inconsistent distributed option or a bad
+            ``dist_timeout``), or ``sync="deferred"`` under ``torch.distributed``.
+    """
+    params = [p for layer in index.layers for p in layer.params]
+    ctx = _dist.resolve(model, params, process_group=process_group, sharded=sharded, timeout=timeout)
+    check_sync(sync, ctx is not None)
+    return ctx
 
 
 def optimizer_lr(optimizer: Any) -> float | None:
