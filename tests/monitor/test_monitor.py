@@ -411,3 +411,29 @@ def test_a_failed_construction_leaves_exactly_the_hooks_there_were(failure: str,
     assert _hook_state(model, opt) == before
     model(torch.randn(2, 4)).sum().backward()  # and the model still trains
     opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss": "x"}, r"step\(loss=\.\.\.\) expects a float, a 0-dim tensor .* or None, got str \('x'\)"),
+        ({"loss": [1.0]}, r"step\(loss=\.\.\.\) expects a float.*got list"),
+        ({"loss": True}, r"step\(loss=\.\.\.\) expects a float.*got bool"),
+        ({"loss": torch.tensor(1 + 2j)}, r"step\(loss=\.\.\.\) .*got a complex64 tensor"),
+        ({"lr": "0.1"}, r"step\(lr=\.\.\.\) expects a float, a one-element tensor or None, got str"),
+        ({"step": "a"}, r"step\(step=\.\.\.\) expects an int .* or None, got str \('a'\)"),
+        ({"step": 1.5}, r"step\(step=\.\.\.\) expects an int .* or None, got float \(1\.5\)"),
+    ],
+)
+def test_bad_step_arguments_are_type_errors_naming_the_argument(kwargs: dict, message: str) -> None:
+    """`mon.step(loss="x")` said "could not convert string to float", `step="a"` "invalid literal for
+    int()", and `lr="x"` or `step=1.5` were recorded as given (a string lr, step 1). The bad call is
+    not counted: the next good call is still the logged step 0."""
+    model = nn.Linear(3, 1)
+    with gs.Monitor(model, every=2) as mon:
+        model(torch.randn(2, 3)).sum().backward()
+        with pytest.raises(TypeError, match=message):
+            mon.step(**kwargs)
+        rec = mon.step(loss=torch.tensor(0.5), lr=torch.tensor(0.25))
+    assert rec is not None and rec.step == 0 and rec.loss == 0.5 and rec.lr == 0.25
+    assert mon.step_count == 1

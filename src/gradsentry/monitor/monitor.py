@@ -344,10 +344,13 @@ class Monitor:
 
         Raises:
             RuntimeError: if called after :meth:`close`.
+            TypeError: if ``loss`` is not a float, a real tensor or None, ``lr`` not a float, a
+                one-element tensor or None, or ``step`` not an int or None (the call is not counted).
             ValueError: on a logged step, if ``loss`` is a tensor with more than one element.
         """
         if self._closed:
             raise RuntimeError("gradsentry.Monitor.step() called after close()")
+        opts.check_step_args(loss, lr, step)
         t_start = time.perf_counter()
         self._drain(wait=False)
         self._carried_cost += time.perf_counter() - t_start
@@ -389,8 +392,7 @@ class Monitor:
         agree = ctx is not None and (ctx.sharded or self.sync_local or self.overhead_budget is not None)
         if self._index.prepare(ctx, agree, label):
             self._hooks.drop_buffers()
-        if lr is None:
-            lr = opts.optimizer_lr(self.optimizer)
+        lr = opts.optimizer_lr(self.optimizer) if lr is None else float(lr)
         remedy = self._remedy
         device = self._index.all_params()[0][0].device
         deferred = opts.defers(self.sync, device, self._dist is not None, self.on_nonfinite is not None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -76,6 +77,43 @@ def optimizer_lr(optimizer: Any) -> float | None:
         return None
     lr = optimizer.param_groups[0].get("lr")
     return float(lr) if lr is not None else None
+
+
+def _describe(value: Any) -> str:
+    """``value`` for an error message: its type, and its repr when that is short."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return type(value).__name__ + (f" ({text})" if len(text) <= 40 else "")
+
+
+def _real_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not (value.is_complex() or value.dtype == torch.bool)
+
+
+def check_step_args(loss: Any, lr: Any, step: Any) -> None:
+    """:meth:`Monitor.step`'s argument checks, made before the call is counted (types only: no read of
+    a tensor's value, so no host sync).
+
+    Raises:
+        TypeError: ``loss`` is not a real number, a real tensor or None; ``lr`` is not a real number,
+            a one-element real tensor or None; ``step`` is not an int or None (bools are refused).
+    """
+    if isinstance(loss, bool) or not (loss is None or isinstance(loss, numbers.Real) or _real_tensor(loss)):
+        raise TypeError(
+            "Monitor.step(loss=...) expects a float, a 0-dim tensor (e.g. the loss you call backward() "
+            f"on) or None, got {_describe(loss)}"
+        )
+    if isinstance(lr, bool) or not (
+        lr is None or isinstance(lr, numbers.Real) or (_real_tensor(lr) and lr.numel() == 1)
+    ):
+        raise TypeError(
+            f"Monitor.step(lr=...) expects a float, a one-element tensor or None, got {_describe(lr)}"
+        )
+    if isinstance(step, bool) or not (step is None or isinstance(step, numbers.Integral)):
+        raise TypeError(
+            f"Monitor.step(step=...) expects an int (e.g. the trainer's global step) or None, got {_describe(step)}"
+        )
 
 
 def check_args(
