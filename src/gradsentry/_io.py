@@ -1,11 +1,41 @@
 """Writing output files so that a failed write (full disk, size limit, interruption) never leaves a
-truncated file in place of a good one: write a temporary file beside the target, then rename it."""
+truncated file in place of a good one: write a temporary file beside the target, then rename it. And the
+type checks of the path and tag arguments of the readers' public functions."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+
+def check_path(value: Any, where: str) -> Path:
+    """``value`` as a :class:`Path`, for the argument ``where`` (e.g. ``"analyze_log(path=...)"``).
+
+    Raises:
+        TypeError: ``value`` is not a ``str`` or an ``os.PathLike`` (None, a number, bytes, a list...).
+    """
+    if isinstance(value, str) or (isinstance(value, os.PathLike) and isinstance(os.fspath(value), str)):
+        return Path(value)
+    raise TypeError(f"{where} expects a file path (a str or pathlib.Path), got {type(value).__name__}")
+
+
+def check_tags(tags: Any, where: str) -> None:
+    """Checks ``tags``: None or a mapping of names (``"loss"``, ``"grad_norm"``, ``"lr"``) to strings.
+
+    Raises:
+        TypeError: ``tags`` is neither None nor a mapping of str to str (or None).
+    """
+    if tags is None:
+        return
+    if not isinstance(tags, Mapping) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in tags.items()
+    ):
+        raise TypeError(
+            f"{where} expects None or a dict such as {{'loss': 'train/loss', 'grad_norm': 'grad_norm'}}, "
+            f"got {type(tags).__name__}"
+        )
 
 
 def write_atomic(path: Path, write: Callable[[Path], object], *, durable: bool = False) -> None:

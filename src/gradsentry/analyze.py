@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradsentry._io import check_path, check_tags
 from gradsentry.diagnosis.core import diagnose, diagnose_series
 from gradsentry.diagnosis.signals import find_growth, find_jumps, find_spikes, loglinear_fit, robust_z
 from gradsentry.diagnosis.thresholds import Thresholds, resolve
@@ -200,10 +201,14 @@ def analyze_log(
         records with :func:`gradsentry.diagnose` (per-layer rules included), as its Monitor judged it.
 
     Raises:
+        TypeError: ``path`` is not a str or path (e.g. None or a number), ``tags`` is not None or a
+            dict of strings, or ``thresholds`` is not a :class:`Thresholds`.
         FileNotFoundError: ``path`` does not exist.
         LogFormatError: the input is unreadable or unrecognised (the message says what was expected).
         ValueError: an unknown threshold name or an invalid value.
     """
+    check_path(path, "analyze_log(path=...)")
+    check_tags(tags, "analyze_log(tags=...)")
     th = resolve(thresholds, overrides)
     target = _gradsentry_jsonl(path, format, tags)
     if target is not None:  # a gradsentry run: the Monitor's own verdict, from its records, in one pass

@@ -402,3 +402,47 @@ def test_dead_units_are_not_judged_on_a_batch_of_one() -> None:
     assert row.dead_frac > 0.3  # about half of a ReLU layer is zero on any one example: chance, not death
     many = check_model(model, input_shape=(32,), batch_size=64)
     assert [f.kind for f in many.findings if f.kind == "dead_units"] == []
+
+
+FACTORIES_WITH_ARGS = """
+from torch import nn
+
+
+def positional(width, depth=2):
+    return nn.Linear(width, width)
+
+
+def keyword_only(*, width):
+    return nn.Linear(width, width)
+
+
+class Net(nn.Module):
+    def __init__(self, n, **kwargs):
+        super().__init__()
+        self.fc = nn.Linear(n, n)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def defaults(width=4, *args, **kwargs):
+    return nn.Linear(width, width)
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "names"), [("positional", "width"), ("keyword_only", "width"), ("Net", "n")]
+)
+def test_a_factory_with_required_arguments_is_bad_usage_naming_them(
+    tmp_path: Path, factory: str, names: str, capsys
+) -> None:
+    """The error used to be the TypeError of the call, placed inside gradsentry ("missing 1 required
+    positional argument: 'width' (at targets.py:120)")."""
+    path = tmp_path / "factories.py"
+    path.write_text(FACTORIES_WITH_ARGS, encoding="utf-8")
+    assert main(["check", f"{path}:{factory}", "--input-shape", "4"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the factory {factory} in {path} takes required arguments ({names}); give a factory" in err
+    assert "with defaults" in err or "all have defaults" in err
+    assert "targets.py" not in err
+    assert main(["check", f"{path}:defaults", "--input-shape", "4", "--loss", "sum"]) == 0

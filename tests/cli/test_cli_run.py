@@ -187,3 +187,42 @@ def test_bad_settings_exit_2(
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "gradsentry-runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "message"),
+    [
+        ({"GRADSENTRY_DIR": "taken"}, ["train.py"], "GRADSENTRY_DIR=taken is a file, not a folder"),
+        ({"GRADSENTRY_DIR": "taken/sub"}, ["train.py"], "cannot create GRADSENTRY_DIR=taken/sub: "),
+        ({}, ["--dir", "taken", "train.py"], "--dir taken is a file, not a folder"),
+        ({}, ["train.py"], "gradsentry-runs (the default run folder; set --dir or GRADSENTRY_DIR"),
+        ({}, ["scripts"], "'scripts' is a directory, not a script"),
+    ],
+    ids=["env-file", "env-under-file", "option-file", "default-file", "script-dir"],
+)
+def test_a_run_folder_or_script_that_cannot_be_used_names_where_it_came_from(
+    tmp_path: Path,
+    script: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    argv: list[str],
+    message: str,
+) -> None:
+    """GRADSENTRY_DIR set to a file said "cannot create --dir" (the user never passed --dir), and a
+    folder given as the script said "no such script file". Nothing is run and the file is kept."""
+    monkeypatch.chdir(tmp_path)
+    for key in ("GRADSENTRY_EVERY", "GRADSENTRY_DIR", "GRADSENTRY_DISABLE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "taken").write_text("keep me", encoding="utf-8")
+    (tmp_path / "gradsentry-runs").write_text("keep me too", encoding="utf-8")
+    (tmp_path / "scripts").mkdir()
+    assert main(["run", *argv]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and err.startswith("error: ")
+    assert "--dir" not in err or "--dir" in argv or "set --dir" in err
+    assert (tmp_path / "taken").read_text(encoding="utf-8") == "keep me"
+    assert (tmp_path / "gradsentry-runs").read_text(encoding="utf-8") == "keep me too"
+    assert not (tmp_path / "out.json").exists()  # the script did not run

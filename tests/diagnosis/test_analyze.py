@@ -341,3 +341,29 @@ def test_plot_edge_cases(tmp_path: Path) -> None:
     assert plot_series(s, detect(s), tmp_path / "all_nan.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match=r"plot file must end in \.png, \.svg, \.html"):
         plot_series(s, [], tmp_path / "x.jpg")
+
+
+@pytest.mark.parametrize("path", [3, None, b"run.jsonl", ["run.jsonl"]])
+def test_a_path_of_the_wrong_type_is_a_type_error_naming_it(path: object) -> None:
+    """`analyze_log(3)` raised "expected str, bytes or os.PathLike object, not int" from pathlib, as did
+    load_series and read_jsonl; each now names its own argument."""
+    import gradsentry as gs
+    from gradsentry.logs import load_series
+
+    name = type(path).__name__
+    with pytest.raises(TypeError, match=rf"^analyze_log\(path=\.\.\.\) expects a file path .*, got {name}$"):
+        analyze_log(path)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=rf"^load_series\(path=\.\.\.\) expects a file path .*, got {name}$"):
+        load_series(path)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=rf"^read_jsonl\(path=\.\.\.\) expects a file path .*, got {name}$"):
+        gs.read_jsonl(path)  # type: ignore[arg-type]
+
+
+def test_tags_of_the_wrong_type_are_a_type_error(tmp_path: Path) -> None:
+    """`analyze_log(path, tags=3)` raised "'int' object has no attribute 'items'"."""
+    log = tmp_path / "metrics.csv"
+    log.write_text("step,loss\n0,1.0\n1,0.9\n", encoding="utf-8")
+    with pytest.raises(TypeError, match=r"analyze_log\(tags=\.\.\.\) expects None or a dict .*got int"):
+        analyze_log(log, tags=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"analyze_log\(tags=\.\.\.\) expects None or a dict .*got dict"):
+        analyze_log(log, tags={"loss": 3})  # type: ignore[dict-item]

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradsentry.diagnose import Thresholds, diagnose
+from gradsentry.diagnose import Thresholds, diagnose, diagnose_series
 from gradsentry.diagnosis.advice import CATALOG, RemedyContext, remedies_for
 from gradsentry.records import ActivationStats, Finding, LayerInfo, LayerStats, StepRecord
 
@@ -106,6 +106,38 @@ def test_bad_input_types_raise_clear_errors() -> None:
         diagnose([], thresholds={"spike_z": 3})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"layers must be LayerInfo objects, got str"):
         diagnose([record(0, [1.0])], layers=["fc"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"records": None},
+            r"diagnose\(records=\.\.\.\) expects a sequence of StepRecord, got NoneType; pass Monitor\.records",
+        ),
+        ({"records": 3}, r"diagnose\(records=\.\.\.\) expects a sequence of StepRecord, got int"),
+        (
+            {"records": "run.jsonl"},
+            r"StepRecord, got str; pass Monitor\.records or gradsentry\.read_jsonl\(path\)\.records$",
+        ),
+        ({"records": {"step": 0}}, r"diagnose\(records=\.\.\.\) expects a sequence of StepRecord, got dict"),
+        ({"records": [], "layers": 3}, r"diagnose\(layers=\.\.\.\) expects None or a sequence of LayerInfo"),
+        ({"records": [], "meta": ["adam"]}, r"diagnose\(meta=\.\.\.\) expects None or a dict .*got list"),
+    ],
+)
+def test_a_wrong_argument_type_is_a_type_error_naming_it(kwargs: dict, message: str) -> None:
+    """`diagnose(None)` raised "'NoneType' object is not iterable" (`layers=3` the same for int,
+    `meta=[...]` an AttributeError) from inside the detector core."""
+    with pytest.raises(TypeError, match=message):
+        diagnose(**kwargs)
+
+
+def test_diagnose_series_of_a_non_series_is_a_type_error() -> None:
+    """`diagnose_series(None)` raised "'NoneType' object has no attribute 'steps'"."""
+    with pytest.raises(
+        TypeError, match=r"diagnose_series\(series=\.\.\.\) expects a gradsentry\.logs\.Series"
+    ):
+        diagnose_series(None)  # type: ignore[arg-type]
 
 
 def test_nan_values_do_not_crash_statistics() -> None:

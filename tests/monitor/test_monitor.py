@@ -371,3 +371,69 @@ def test_a_single_sink_or_a_wrong_optimizer_is_a_clear_error(tmp_path) -> None:
         gs.Monitor(model, optimizer="sgd")  # type: ignore[arg-type]
     assert not model._forward_hooks and not model._forward_pre_hooks
     assert not (tmp_path / "run.jsonl").exists()
+
+
+def _hook_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, list[int]]:
+    """The ids of every module hook of ``model`` (all submodules) and every step hook of ``opt``."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    state = {k: sorted(h for m in model.modules() for h in getattr(m, k)) for k in kinds}
+    state["opt_pre"] = sorted(opt._optimizer_step_pre_hooks)
+    state["opt_post"] = sorted(opt._optimizer_step_post_hooks)
+    return state
+
+
+@pytest.mark.parametrize("failure", ["dist_timeout", "process_group", "late"])
+def test_a_failed_construction_leaves_exactly_the_hooks_there_were(failure: str, monkeypatch) -> None:
+    """Monitor() used to leave its forward-order, activation, locate_nonfinite and optimizer hooks on
+    the model when it raised after building its layer index (a bad dist_timeout, a process_group
+    without torch.distributed, any later error): construction is all-or-nothing."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model[0].register_forward_hook(lambda *a: None)  # the user's own hooks stay
+    opt.register_step_post_hook(lambda *a: None)
+    before = _hook_state(model, opt)
+    kwargs: dict = {"optimizer": opt, "locate_nonfinite": True, "histogram_bins": 4}
+    if failure == "dist_timeout":
+        kwargs["dist_timeout"] = -1.0
+        expected: tuple[type[Exception], str] = (ValueError, "dist_timeout")
+    elif failure == "process_group":
+        kwargs["process_group"] = object()
+        expected = (ValueError, "process_group")
+    else:  # the very last construction step fails: every hook is set by then
+
+        def boom(model: nn.Module) -> str:
+            raise RuntimeError("late failure")
+
+        monkeypatch.setattr("gradsentry.monitor.monitor._taxonomy.functional_activation_note", boom)
+        expected = (RuntimeError, "late failure")
+    with pytest.raises(expected[0], match=expected[1]):
+        gs.Monitor(model, **kwargs)
+    assert _hook_state(model, opt) == before
+    model(torch.randn(2, 4)).sum().backward()  # and the model still trains
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss": "x"}, r"step\(loss=\.\.\.\) expects a float, a 0-dim tensor .* or None, got str \('x'\)"),
+        ({"loss": [1.0]}, r"step\(loss=\.\.\.\) expects a float.*got list"),
+        ({"loss": True}, r"step\(loss=\.\.\.\) expects a float.*got bool"),
+        ({"loss": torch.tensor(1 + 2j)}, r"step\(loss=\.\.\.\) .*got a complex64 tensor"),
+        ({"lr": "0.1"}, r"step\(lr=\.\.\.\) expects a float, a one-element tensor or None, got str"),
+        ({"step": "a"}, r"step\(step=\.\.\.\) expects an int .* or None, got str \('a'\)"),
+        ({"step": 1.5}, r"step\(step=\.\.\.\) expects an int .* or None, got float \(1\.5\)"),
+    ],
+)
+def test_bad_step_arguments_are_type_errors_naming_the_argument(kwargs: dict, message: str) -> None:
+    """`mon.step(loss="x")` said "could not convert string to float", `step="a"` "invalid literal for
+    int()", and `lr="x"` or `step=1.5` were recorded as given (a string lr, step 1). The bad call is
+    not counted: the next good call is still the logged step 0."""
+    model = nn.Linear(3, 1)
+    with gs.Monitor(model, every=2) as mon:
+        model(torch.randn(2, 3)).sum().backward()
+        with pytest.raises(TypeError, match=message):
+            mon.step(**kwargs)
+        rec = mon.step(loss=torch.tensor(0.5), lr=torch.tensor(0.25))
+    assert rec is not None and rec.step == 0 and rec.loss == 0.5 and rec.lr == 0.25
+    assert mon.step_count == 1

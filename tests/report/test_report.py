@@ -170,3 +170,22 @@ def test_run_report_shows_the_update_to_weight_ratio_not_a_method_repr(tmp_path:
 
     ratio = gs.read_jsonl(path).records[-1].layers[0].update_ratio
     assert ratio is not None and f'<td class="num">{fmt(ratio)}</td></tr>' in html
+
+
+def test_report_on_a_run_without_step_records_agrees_with_analyze(tmp_path: Path, capsys) -> None:
+    """A run holding its header (and findings) but no step record: `analyze` exits 2 saying there are no
+    values, while `report` exited 0 and wrote an empty page. Both now say the same, exit 2, and an
+    earlier report at the target is kept."""
+    log = tmp_path / "run.jsonl"
+    header = '{"gradsentry":1,"kind":"header","layers":[{"name":"fc","type":"Linear","depth":0,"params":6}],"meta":{}}'
+    log.write_text(header + '\n{"kind":"findings","findings":[]}\n', encoding="utf-8")
+    from gradsentry.cli import main
+
+    assert main(["analyze", str(log)]) == 2
+    analyze_err = capsys.readouterr().err
+    assert "no training loss or gradient norm values found" in analyze_err
+    out = tmp_path / "run.html"
+    out.write_text("the previous report", encoding="utf-8")
+    assert main(["report", str(log)]) == 2
+    assert capsys.readouterr().err == analyze_err
+    assert out.read_text(encoding="utf-8") == "the previous report"

@@ -31,7 +31,8 @@ def register(app: typer.Typer) -> None:
         The report shows gradient flow over depth and over time, a heat map of layer x step log
         gradient norm, and the findings with their evidence and remedies.
 
-        Exit code 0: written; 2: unreadable or malformed input, or the output cannot be written.
+        Exit code 0: written; 2: unreadable or malformed input, a run without a step record (as
+        `analyze` says), or the output cannot be written.
 
         Example: gradsentry report gradsentry-lab/runs/sigmoid_default.jsonl --out sigmoid.html
         """
@@ -79,6 +80,10 @@ def register(app: typer.Typer) -> None:
             raise fail(f"{path}: not a readable gradsentry run: {exc}") from None
         except OSError as exc:
             raise fail(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if run is not None and not run.records:  # a header only: analyze's verdict on it, the same exit
+            from gradsentry.logs.series import no_values_message
+
+            raise fail(no_values_message(path))
         html = (
             render_lab_report(lab_result)
             if lab_result is not None

@@ -45,6 +45,31 @@ def settings(
     return flag in TRUE_WORDS, every or 1, directory
 
 
+def dir_label(environ: Mapping[str, str], out_dir: Path | None, directory: Path) -> str:
+    """The run folder as an error message names it, with where it came from: ``--dir X``,
+    ``GRADSENTRY_DIR=X`` or the default."""
+    if out_dir is not None:
+        return f"--dir {directory}"
+    if environ.get("GRADSENTRY_DIR", "").strip():
+        return f"GRADSENTRY_DIR={directory}"
+    return f"{directory} (the default run folder; set --dir or GRADSENTRY_DIR to use another)"
+
+
+def make_run_dir(directory: Path, label: str) -> None:
+    """Create ``directory`` (and its parents) if needed.
+
+    Raises:
+        SettingsError: it cannot be created (a file of that name, no permission...); the message names
+            it by ``label`` (see :func:`dir_label`), so with the option or variable it came from.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise SettingsError(f"{label} is a file, not a folder: cannot write the run there")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"cannot create {label}: {exc.strerror or exc}") from None
+
+
 def new_log_path(directory: Path, stem: str) -> Path:
     """``directory/<stem>-<YYYYmmdd-HHMMSS>.jsonl``, with ``-2``, ``-3``... when that file exists."""
     import time
@@ -107,6 +132,10 @@ def register(app: typer.Typer) -> None:
         except SettingsError as exc:
             raise fail(str(exc)) from None
         path = Path(script)
+        if script.strip() and path.is_dir():
+            raise fail(
+                f"{script!r} is a directory, not a script: give the training script, e.g. {script}/train.py"
+            )
         if not script.strip() or not path.is_file():
             raise fail(f"{script!r}: no such script file")
         if disabled:
@@ -117,9 +146,9 @@ def register(app: typer.Typer) -> None:
         from gradsentry.autoattach import AutoMonitor, StopRun
 
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise fail(f"cannot create --dir {directory}: {exc.strerror or exc}") from None
+            make_run_dir(directory, dir_label(os.environ, out_dir, directory))
+        except SettingsError as exc:
+            raise fail(str(exc)) from None
         log_path = new_log_path(directory, path.stem)
         stopped: StopRun | None = None
         outcome: ScriptOutcome | None = None

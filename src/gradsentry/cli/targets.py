@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import sys
 import traceback
 from collections.abc import Callable
@@ -107,14 +108,36 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{at}"
 
 
+def _required_args(factory: Callable[..., Any]) -> list[str]:
+    """The names of the arguments ``factory`` cannot be called without (none when its signature is
+    unknown, e.g. a builtin: calling it then tells)."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return []
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [
+        name
+        for name, p in sig.parameters.items()
+        if p.default is inspect.Parameter.empty and p.kind not in variadic
+    ]
+
+
 def load_model(spec: str) -> nn.Module:
     """Import the factory named by ``spec`` (see :func:`load_factory`), call it, check it gives a Module.
 
     Raises:
-        TargetError: as :func:`load_factory`; also when calling the factory raises or it returns something
-            other than an ``nn.Module``.
+        TargetError: as :func:`load_factory`; also when the factory takes arguments without defaults,
+            calling it raises or it returns something other than an ``nn.Module``.
     """
     factory = load_factory(spec)
+    required = _required_args(factory)
+    if required:
+        where, _, attr = spec.rpartition(":")
+        raise TargetError(
+            f"the factory {attr} in {where} takes required arguments ({', '.join(required)}); "
+            f"give a factory whose arguments all have defaults (e.g. def make(): return {attr}(...))"
+        )
     try:
         with contextlib.redirect_stdout(sys.stderr):  # user prints must not corrupt --json output
             model = factory()

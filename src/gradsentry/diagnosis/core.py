@@ -125,9 +125,14 @@ def diagnose_series(series: Series, thresholds: Thresholds | None = None, **over
         Findings, most severe first, then by first step.
 
     Raises:
-        TypeError: ``thresholds`` is not a :class:`Thresholds`.
+        TypeError: ``series`` is not a :class:`Series`, or ``thresholds`` not a :class:`Thresholds`.
         ValueError: an unknown threshold name or an invalid value.
     """
+    if not isinstance(series, Series):
+        raise TypeError(
+            "diagnose_series(series=...) expects a gradsentry.logs.Series (from gradsentry.logs.load_series), "
+            f"got {type(series).__name__}"
+        )
     t = resolve(thresholds, overrides)
     sig = RunSignals.from_lists(
         list(series.steps),
@@ -143,8 +148,12 @@ def diagnose_series(series: Series, thresholds: Thresholds | None = None, **over
 
 
 def _check_records(records: Iterable[StepRecord]) -> list[StepRecord]:
-    if isinstance(records, StepRecord | str | bytes):
-        raise TypeError(f"diagnose expects a sequence of StepRecord, got a single {type(records).__name__}")
+    if isinstance(records, StepRecord | str | bytes | Mapping) or not isinstance(records, Iterable):
+        single = "a single " if isinstance(records, StepRecord) else ""
+        raise TypeError(
+            f"diagnose(records=...) expects a sequence of StepRecord, got {single}{type(records).__name__}; "
+            "pass Monitor.records or gradsentry.read_jsonl(path).records"
+        )
     out = list(records)
     for i, rec in enumerate(out):
         if not isinstance(rec, StepRecord):
@@ -197,8 +206,10 @@ def diagnose(
         implicated first), evidence numbers, a plain-words explanation and ranked remedies.
 
     Raises:
-        TypeError: ``records`` holds something other than :class:`StepRecord`, ``layers`` something other
-            than :class:`LayerInfo`, or ``thresholds`` is not a :class:`Thresholds`.
+        TypeError: ``records`` is not a sequence (None, a number, a single record, a path: read it with
+            :func:`gradsentry.read_jsonl` first) or holds something other than :class:`StepRecord`,
+            ``layers`` is not None or a sequence of :class:`LayerInfo`, ``meta`` is not None or a dict,
+            or ``thresholds`` is not a :class:`Thresholds`.
         ValueError: an unknown threshold name or an invalid threshold value.
 
     Example:
@@ -208,6 +219,15 @@ def diagnose(
     """
     t = resolve(thresholds, overrides)
     recs = _check_records(records)
+    if layers is not None and not isinstance(layers, Iterable):
+        raise TypeError(
+            "diagnose(layers=...) expects None or a sequence of LayerInfo (Monitor.layers, or "
+            f"gradsentry.read_jsonl(path).header.layers), got {type(layers).__name__}"
+        )
+    if meta is not None and not isinstance(meta, Mapping):
+        raise TypeError(
+            f"diagnose(meta=...) expects None or a dict (the run header's meta), got {type(meta).__name__}"
+        )
     if not recs and (signals is None or len(signals) == 0):
         return []
     infos = list(layers or [])

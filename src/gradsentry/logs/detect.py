@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from gradsentry._io import check_path, check_tags
 from gradsentry.logs.csv import STEP_COLUMNS
 from gradsentry.logs.errors import LogFormatError
 from gradsentry.logs.registry import BY_NAME, FORMATS, READERS, TEXT_FORMATS, first_json
@@ -256,14 +257,16 @@ def load_series(
         ``skipped`` steps where the log says an optimizer step was skipped.
 
     Raises:
+        TypeError: ``path`` is not a str or path, or ``tags`` not None or a dict of strings.
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``format`` is not one of :data:`FORMATS`.
         LogFormatError: the input is unreadable or unrecognised; the message says what was expected
             (for an unrecognised text file, the formats tried).
     """
+    p = check_path(path, "load_series(path=...)")
+    check_tags(tags, "load_series(tags=...)")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
     tags = {k: v for k, v in (tags or {}).items() if v}

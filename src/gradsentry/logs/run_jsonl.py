@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from gradsentry._io import check_path
 from gradsentry.logs.errors import LogFormatError
 from gradsentry.records import Finding, RecordError, Run, RunHeader, StepRecord, loads
 
@@ -140,10 +141,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> Run:
         stored findings.
 
     Raises:
+        TypeError: ``path`` is not a str or path.
         FileNotFoundError: the path does not exist.
         LogFormatError: the file is not a gradsentry log (empty, binary, another JSON shape, or a
             malformed line other than a truncated last line); the message names the file and line.
     """
+    check_path(path, "read_jsonl(path=...)")
     header: RunHeader | None = None
     records: list[StepRecord] = []
     findings: list[Finding] = []

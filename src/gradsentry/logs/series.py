@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -233,6 +234,12 @@ def pick_key(
     return None
 
 
+def no_values_message(path: str | os.PathLike[str]) -> str:
+    """What ``analyze`` (and ``report``) say about a log without a single loss or gradient norm value
+    (e.g. a gradsentry run holding only its header)."""
+    return f"{path}: no training loss or gradient norm values found; expected {EXPECTED_FORMATS}"
+
+
 def build_series(
     points: Mapping[FieldName, Mapping[int, float]],
     *,
@@ -252,9 +259,7 @@ def build_series(
     """
     all_steps = sorted({s for pts in points.values() for s in pts})
     if not all_steps:
-        raise LogFormatError(
-            f"{path}: no training loss or gradient norm values found; expected {EXPECTED_FORMATS}"
-        )
+        raise LogFormatError(no_values_message(path))
     cols = {name: [points.get(name, {}).get(s) for s in all_steps] for name in FIELDS}
     out_notes = list(notes)
     gap = largest_gap(all_steps)

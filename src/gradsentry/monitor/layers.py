@@ -139,6 +139,11 @@ class LayerIndex:
         """Layers in depth order (forward order once the first forward pass has run)."""
         return [layer.info for layer in self.layers]
 
+    def probe(self) -> Tensor | None:
+        """The first trainable parameter (in layer order), or None: the one whose gradient object and
+        version tell a second :meth:`Monitor.step` call for one optimizer step (see ``calls.py``)."""
+        return next((p for layer in self.layers for p in layer.params if p.requires_grad), None)
+
     def remove_hooks(self) -> None:
         """Remove the order hooks (idempotent)."""
         for h in self._order_handles:

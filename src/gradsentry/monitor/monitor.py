@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradsentry import _dist, _taxonomy
+from gradsentry import _taxonomy
 from gradsentry import histograms as layer_hist
 from gradsentry._transfer import EventFactory
 from gradsentry.diagnosis.thresholds import Thresholds
@@ -37,8 +37,9 @@ from gradsentry.monitor.layers import LayerIndex
 from gradsentry.monitor.measure import InFlight, Measurer
 from gradsentry.monitor.options import Sync
 from gradsentry.monitor.output import RecordStore
-from gradsentry.monitor.overhead import SAMPLE_RECORDS, OverheadMeter, max_records_for
+from gradsentry.monitor.overhead import SAMPLE_RECORDS, OverheadMeter, default_max_records
 from gradsentry.monitor.remedy_link import RemedyLink
+from gradsentry.monitor.undo import UndoOnError
 from gradsentry.records import Finding, LayerInfo, RunHeader, StepRecord
 from gradsentry.sinks.base import Sink
 
@@ -54,6 +55,7 @@ class Monitor:
 
     A *layer* is a module that owns parameters directly (Linear, Conv, norms, Embedding); layers are
     ordered by *depth*, the order in which their forward hooks first fire on the first forward pass.
+    Construction is all-or-nothing: when it raises, the model and the optimizer keep only their own hooks.
 
     Args:
         model: any ``nn.Module`` with at least one parameter. Frozen parameters are allowed: their
@@ -153,11 +155,11 @@ class Monitor:
         thresholds: a :class:`gradsentry.Thresholds` used to measure (its saturation bands,
             ``sigmoid_saturation`` and ``tanh_saturation``, recorded in the header's
             ``meta["saturation"]``) and by :meth:`diagnose`; the defaults when None.
-
-    Raises:
         also_log: a predicate on the 0-based index of a :meth:`step` call; the calls it accepts are
             logged steps too, besides ``every``'s (e.g. a trainer's logging steps). It must be the
             same on every rank.
+
+    Raises:
         ValueError: if the model has no parameters, or ``every`` is not an int >= 1, a histogram or
             ``max_records`` argument is out of range, ``sync`` is not one of its choices (or
             ``"deferred"`` under ``torch.distributed``), or a distributed option is inconsistent
@@ -232,50 +234,44 @@ class Monitor:
         self.step_count = 0
         self._next_log = 0
         self._closed = False
-        self._index = LayerIndex(model, compiled=wrapped)
-        params = [p for layer in self._index.layers for p in layer.params]
-        self._dist = _dist.resolve(
-            model, params, process_group=process_group, sharded=sharded, timeout=dist_timeout
-        )
-        opts.check_sync(sync, self._dist is not None)
-        self.sync = sync
-        self._event: EventFactory | None = None  # makes the deferred copy's event (tests inject one)
-        self._inflight: deque[InFlight] = deque()
-        self._carried_cost = 0.0  # completion time of deferred records, charged to the next logged step
-        self.rank = self._dist.rank if self._dist is not None else 0
-        self._meter = OverheadMeter(int(every), overhead_budget, self._dist is not None)
-        if max_records is None:  # what fits in the budget, by the measured size of this model's records
-            sites = len(self._index.sites) if activations else 0
-            layers = len(self._index.layers)
-            extra = layer_hist.record_bytes(layers, self.histograms)
-            max_records = max_records_for(layers, sites, self.histogram_bins, extra)
-        self.max_records: int = max_records
-        # What leaves the window: its series and the records the verdict needs (diagnosis/history.py).
-        self._store = RecordStore(
-            sinks if self.rank == 0 or not rank_zero_only_sinks else (),
-            max_records,
-            min(max_records, SAMPLE_RECORDS),
-            lambda: self.header,
-        )
-        self._alert = (
-            None if on_nonfinite is None else NonFiniteAlert(on_nonfinite, self.rank, self._store.flush)
-        )
-        agree_every = self._dist is not None and overhead_budget is not None
-        bands = (self.thresholds.sigmoid_saturation, self.thresholds.tanh_saturation)
-        options = opts.MeasureOptions(
-            max_abs, weight_norms, activations, locate_nonfinite, self.histogram_bins,
-            self.histogram_range, sync_local, agree_every, *bands,
-        )  # fmt: skip
-        self._hooks = StepHooks(model, self._index, self._dist, optimizer, options)
-        self._measure = Measurer(model, self._index, self._dist, options, self.histograms)
-        self._remedy = RemedyLink(model, remedy) if remedy is not None else None
-        # Detecting step() called twice for one optimizer step: a trainable parameter whose gradient
-        # object and version are compared between calls, and (with an optimizer) a count of its steps.
-        probe = next((p for layer in self._index.layers for p in layer.params if p.requires_grad), None)
-        self._calls = DoubleCallCheck(probe, optimizer)
-        self._hooks.arm_forward(True)
-        if activations and (note := _taxonomy.functional_activation_note(model)):
-            log.info("%s", note)
+        with UndoOnError() as undo:  # a failure below removes the hooks set so far
+            self._index = LayerIndex(model, compiled=wrapped)
+            undo.add(self._index.remove_hooks)
+            self._dist = opts.resolve_dist(model, self._index, sync, process_group, sharded, dist_timeout)
+            self.sync = sync
+            self._event: EventFactory | None = None  # makes the deferred copy's event (tests inject one)
+            self._inflight: deque[InFlight] = deque()
+            self._carried_cost = 0.0  # completion time of deferred records, charged to the next logged step
+            self.rank = self._dist.rank if self._dist is not None else 0
+            self._meter = OverheadMeter(int(every), overhead_budget, self._dist is not None)
+            if max_records is None:  # what fits in the budget, by the measured size of this model's records
+                max_records = default_max_records(self._index, activations, histogram_bins, self.histograms)
+            self.max_records: int = max_records
+            # What leaves the window: its series and the records the verdict needs (diagnosis/history.py).
+            self._store = RecordStore(
+                sinks if self.rank == 0 or not rank_zero_only_sinks else (),
+                max_records,
+                min(max_records, SAMPLE_RECORDS),
+                lambda: self.header,
+            )
+            self._alert = (
+                None if on_nonfinite is None else NonFiniteAlert(on_nonfinite, self.rank, self._store.flush)
+            )
+            agree_every = self._dist is not None and overhead_budget is not None
+            bands = (self.thresholds.sigmoid_saturation, self.thresholds.tanh_saturation)
+            options = opts.MeasureOptions(
+                max_abs, weight_norms, activations, locate_nonfinite, self.histogram_bins,
+                self.histogram_range, sync_local, agree_every, *bands,
+            )  # fmt: skip
+            self._hooks = StepHooks(model, self._index, self._dist, optimizer, options)
+            undo.add(self._hooks.remove)
+            self._measure = Measurer(model, self._index, self._dist, options, self.histograms)
+            self._remedy = RemedyLink(model, remedy) if remedy is not None else None
+            self._calls = DoubleCallCheck(self._index.probe(), optimizer)  # step() called twice per step
+            undo.add(self._calls.remove)
+            self._hooks.arm_forward(True)
+            if activations and (note := _taxonomy.functional_activation_note(model)):
+                log.info("%s", note)
 
     # ------------------------------------------------------------------ what it exposes
     @property
@@ -348,10 +344,13 @@ class Monitor:
 
         Raises:
             RuntimeError: if called after :meth:`close`.
+            TypeError: if ``loss`` is not a float, a real tensor or None, ``lr`` not a float, a
+                one-element tensor or None, or ``step`` not an int or None (the call is not counted).
             ValueError: on a logged step, if ``loss`` is a tensor with more than one element.
         """
         if self._closed:
             raise RuntimeError("gradsentry.Monitor.step() called after close()")
+        opts.check_step_args(loss, lr, step)
         t_start = time.perf_counter()
         self._drain(wait=False)
         self._carried_cost += time.perf_counter() - t_start
@@ -393,8 +392,7 @@ class Monitor:
         agree = ctx is not None and (ctx.sharded or self.sync_local or self.overhead_budget is not None)
         if self._index.prepare(ctx, agree, label):
             self._hooks.drop_buffers()
-        if lr is None:
-            lr = opts.optimizer_lr(self.optimizer)
+        lr = opts.optimizer_lr(self.optimizer) if lr is None else float(lr)
         remedy = self._remedy
         device = self._index.all_params()[0][0].device
         deferred = opts.defers(self.sync, device, self._dist is not None, self.on_nonfinite is not None)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
+from torch import nn
+
+from gradsentry import _dist
+
+if TYPE_CHECKING:
+    from gradsentry.monitor.layers import LayerIndex
 
 
 def optimizer_meta(optimizer: Any) -> dict[str, Any]:
@@ -48,12 +55,65 @@ def check_sync(sync: Sync, distributed: bool) -> None:
         )
 
 
+def resolve_dist(
+    model: nn.Module, index: LayerIndex, sync: Sync, process_group: Any, sharded: bool | None, timeout: Any
+) -> _dist.DistContext | None:
+    """The Monitor's distributed context for the parameters of ``index``'s layers
+    (:func:`gradsentry._dist.resolve`), None outside ``torch.distributed``.
+
+    Raises:
+        ValueError: from :func:`gradsentry._dist.resolve` (an inconsistent distributed option or a bad
+            ``dist_timeout``), or ``sync="deferred"`` under ``torch.distributed``.
+    """
+    params = [p for layer in index.layers for p in layer.params]
+    ctx = _dist.resolve(model, params, process_group=process_group, sharded=sharded, timeout=timeout)
+    check_sync(sync, ctx is not None)
+    return ctx
+
+
 def optimizer_lr(optimizer: Any) -> float | None:
     """The current learning rate of the optimizer's first parameter group (None without one)."""
     if optimizer is None or not optimizer.param_groups:
         return None
     lr = optimizer.param_groups[0].get("lr")
     return float(lr) if lr is not None else None
+
+
+def _describe(value: Any) -> str:
+    """``value`` for an error message: its type, and its repr when that is short."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return type(value).__name__ + (f" ({text})" if len(text) <= 40 else "")
+
+
+def _real_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not (value.is_complex() or value.dtype == torch.bool)
+
+
+def check_step_args(loss: Any, lr: Any, step: Any) -> None:
+    """:meth:`Monitor.step`'s argument checks, made before the call is counted (types only: no read of
+    a tensor's value, so no host sync).
+
+    Raises:
+        TypeError: ``loss`` is not a real number, a real tensor or None; ``lr`` is not a real number,
+            a one-element real tensor or None; ``step`` is not an int or None (bools are refused).
+    """
+    if isinstance(loss, bool) or not (loss is None or isinstance(loss, numbers.Real) or _real_tensor(loss)):
+        raise TypeError(
+            "Monitor.step(loss=...) expects a float, a 0-dim tensor (e.g. the loss you call backward() "
+            f"on) or None, got {_describe(loss)}"
+        )
+    if isinstance(lr, bool) or not (
+        lr is None or isinstance(lr, numbers.Real) or (_real_tensor(lr) and lr.numel() == 1)
+    ):
+        raise TypeError(
+            f"Monitor.step(lr=...) expects a float, a one-element tensor or None, got {_describe(lr)}"
+        )
+    if isinstance(step, bool) or not (step is None or isinstance(step, numbers.Integral)):
+        raise TypeError(
+            f"Monitor.step(step=...) expects an int (e.g. the trainer's global step) or None, got {_describe(step)}"
+        )
 
 
 def check_args(

@@ -7,6 +7,12 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from gradsentry import histograms as layer_hist
+
+if TYPE_CHECKING:
+    from gradsentry.monitor.layers import LayerIndex
 
 log = logging.getLogger("gradsentry")
 
@@ -32,6 +38,16 @@ def max_records_for(
     ``extra_bytes``: what else each record holds (per-layer histograms)."""
     size = record_bytes(layers, activation_sites, histogram_bins) + extra_bytes
     return min(100_000, max(100, RECORDS_BUDGET_BYTES // size))
+
+
+def default_max_records(
+    index: LayerIndex, activations: bool, histogram_bins: int, histograms: layer_hist.HistogramSpec | None
+) -> int:
+    """A Monitor's ``max_records=None``: the records of this model (its layers, its activation sites
+    when ``activations``, their histograms) that fit in :data:`RECORDS_BUDGET_BYTES`."""
+    layers = len(index.layers)
+    sites = len(index.sites) if activations else 0
+    return max_records_for(layers, sites, histogram_bins, layer_hist.record_bytes(layers, histograms))
 
 
 def _raise_every(old: int, new: int, budget: float) -> None:
