@@ -13,7 +13,6 @@ import datetime
 import importlib.util
 import json
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -436,13 +435,18 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
 }
 
 
-def main(rank: int, port: int, out_dir: str, names: list[str]) -> None:
-    """Entry point of one spawned rank."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def main(rank: int, rendezvous: str, out_dir: str, names: list[str]) -> None:
+    """Entry point of one spawned rank. The ranks meet through a file store at ``rendezvous`` (a fresh
+    path), not a TCP port: a port picked free can be taken by a concurrent test before rank 0 binds it."""
     torch.set_num_threads(1)
     out = Path(out_dir)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=10))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=10),
+    )
     results: dict[str, Any] = {}
     for name in names:
         t0 = time.perf_counter()
@@ -453,4 +457,5 @@ def main(rank: int, port: int, out_dir: str, names: list[str]) -> None:
         results[name]["_seconds"] = time.perf_counter() - t0
         (out / f"rank{rank}.json").write_text(json.dumps(results))
     if "dead_peer" not in names:
+        dist.barrier()  # neither rank tears gloo down while the other still has traffic in flight
         dist.destroy_process_group()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -64,13 +63,18 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
 }
 
 
-def main(rank: int, port: int, out_dir: str, names: list[str]) -> None:
-    """Entry point of one spawned rank."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def main(rank: int, rendezvous: str, out_dir: str, names: list[str]) -> None:
+    """Entry point of one spawned rank. The ranks meet through a file store at ``rendezvous`` (a fresh
+    path), not a TCP port: a port picked free can be taken by a concurrent test before rank 0 binds it."""
     torch.set_num_threads(1)
     out = Path(out_dir)
-    dist.init_process_group("gloo", rank=rank, world_size=W.WORLD, timeout=datetime.timedelta(seconds=20))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=W.WORLD,
+        timeout=datetime.timedelta(seconds=20),
+    )
     results: dict[str, Any] = {}
     for name in names:
         t0 = time.perf_counter()
@@ -80,4 +84,5 @@ def main(rank: int, port: int, out_dir: str, names: list[str]) -> None:
             results[name] = {"error": traceback.format_exc()}
         results[name]["_seconds"] = time.perf_counter() - t0
         (out / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # neither rank tears gloo down while the other still has traffic in flight
     dist.destroy_process_group()

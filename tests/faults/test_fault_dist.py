@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,6 @@ import dist_worker as W
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not torch.distributed.is_available():
@@ -32,7 +25,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("faultdist")
     ctx = mp.start_processes(
         F.main,
-        args=(_free_port(), str(out), list(F.SCENARIOS)),
+        args=(str(out / "rendezvous"), str(out), list(F.SCENARIOS)),
         nprocs=W.WORLD,
         join=False,
         start_method="spawn",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,6 @@ pytestmark = pytest.mark.slow
 RTOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Results of every scenario on rank 0 and rank 1."""
@@ -39,7 +32,11 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("dist")
     names = list(W.SCENARIOS)
     ctx = mp.start_processes(
-        W.main, args=(_free_port(), str(out), names), nprocs=W.WORLD, join=False, start_method="spawn"
+        W.main,
+        args=(str(out / "rendezvous"), str(out), names),
+        nprocs=W.WORLD,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + 240  # generous for a loaded 2-core machine; typical: 10-30 s
     try:
