@@ -183,7 +183,8 @@ def test_report_on_a_run_without_step_records_agrees_with_analyze(tmp_path: Path
 
     assert main(["analyze", str(log)]) == 2
     analyze_err = capsys.readouterr().err
-    assert "no training loss or gradient norm values found" in analyze_err
+    assert "no training loss or gradient norm values found in this gradsentry run" in analyze_err
+    assert "TensorBoard" not in analyze_err  # the format was recognised: no list of every other one
     out = tmp_path / "run.html"
     out.write_text("the previous report", encoding="utf-8")
     assert main(["report", str(log)]) == 2

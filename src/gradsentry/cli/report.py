@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         if run is not None and not run.records:  # a header only: analyze's verdict on it, the same exit
             from gradsentry.logs.series import no_values_message
 
-            raise fail(no_values_message(path))
+            raise fail(no_values_message(path, "jsonl"))
         html = (
             render_lab_report(lab_result)
             if lab_result is not None

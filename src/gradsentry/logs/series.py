@@ -234,9 +234,27 @@ def pick_key(
     return None
 
 
-def no_values_message(path: str | os.PathLike[str]) -> str:
+# The formats whose reader recognised the file, by ``Series.source``: for them, a file without values
+# is a run that has logged nothing yet, not a file of the wrong kind.
+_SOURCE_NAMES = {
+    "jsonl": "gradsentry run",
+    "hf": "Hugging Face trainer_state.json",
+    "csv": "CSV log",
+    "tensorboard": "TensorBoard log",
+    "mmengine": "mmengine scalars log",
+}
+
+
+def no_values_message(path: str | os.PathLike[str], source: str | None = None) -> str:
     """What ``analyze`` (and ``report``) say about a log without a single loss or gradient norm value
-    (e.g. a gradsentry run holding only its header)."""
+    (e.g. a gradsentry run holding only its header). ``source``: the reader that recognised the file
+    (a :attr:`Series.source`); the message then names that format instead of listing every one."""
+    name = _SOURCE_NAMES.get(source or "")
+    if name is not None:
+        return (
+            f"{path}: no training loss or gradient norm values found in this {name} "
+            "(has the run logged a step yet?)"
+        )
     return f"{path}: no training loss or gradient norm values found; expected {EXPECTED_FORMATS}"
 
 
@@ -259,7 +277,7 @@ def build_series(
     """
     all_steps = sorted({s for pts in points.values() for s in pts})
     if not all_steps:
-        raise LogFormatError(no_values_message(path))
+        raise LogFormatError(no_values_message(path, source))
     cols = {name: [points.get(name, {}).get(s) for s in all_steps] for name in FIELDS}
     out_notes = list(notes)
     gap = largest_gap(all_steps)
