@@ -63,7 +63,8 @@ shards (off by sqrt(k)). With ``logging_strategy="epoch"`` the logged steps are 
 ``gradsentry/global_norm`` is added only to lines whose step was recorded.
 
 Files. Unless ``sinks`` is given, the records go to ``<output_dir>/gradsentry.jsonl`` (appended to
-when the run resumes from a checkpoint, replaced otherwise), which ``gradsentry report`` renders.
+when the run resumes from a checkpoint, replaced otherwise). On resume the Monitor first reads the
+earlier records of that file (or of a ``JsonlSink`` given), so the findings judge the whole run.
 
 Record steps are labelled as the Trainer labels the step in its own log (``state.global_step`` after
 the optimizer step, 1-based), so record ``s`` and the log entry with ``"step": s`` are the same
@@ -97,6 +98,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -113,12 +115,14 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subproce
 from gradsentry.integrations._common import (
     NORM_RTOL,
     PREFIX,
+    carry_over,
     check_log_stats,
     check_stop_on,
     default_sink_path,
     drop_gradients,
     norm_mismatch,
     record_metrics,
+    resumed_log,
     stop_finding,
     stop_message,
     summarize,
@@ -242,6 +246,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self._last: StepRecord | None = None  # latest record not yet in a log entry
         self._nonfinite_since_log = 0
         self._failed = False
+        self._carry: Path | None = None  # a resumed log whose earlier part the Monitor has yet to take in
 
     # ------------------------------------------------------------------ set-up
     def on_train_begin(
@@ -303,6 +308,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             also_log=logs_at(args, state),
             **{"sync": "blocking", **kwargs_m},  # the trainer's loggers and stop_on read the record now
         )
+        self._carry = resumed_log(sinks) if main and int(state.global_step) > 0 else None
         self.norm_mismatches = []
         self._go_first()
         self.findings = []
@@ -373,6 +379,9 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self._loss_sum, self._loss_count = None, 0
         # the step the Trainer is about to take, as it will log it (global_step counts it after the update)
         step = int(self._state.global_step) + 1 if self._state is not None else None
+        if self._carry is not None and step is not None:
+            carry_over(mon, self._carry, step)
+        self._carry = None
         try:
             record = mon.step(loss=loss, step=step)
         except NonFiniteGradientError as exc:  # on_nonfinite="raise": raised before the optimizer step
@@ -395,7 +404,6 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
                     log.warning("%s", stop_message(record, finding))
 
     # ------------------------------------------------------------------ logging and the end
-
     def _go_first(self) -> None:
         """Put the companion that fills ``logs`` at the front of the calling Trainer's callbacks."""
         handler = calling_handler(self)
