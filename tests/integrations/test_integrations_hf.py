@@ -447,3 +447,32 @@ def test_resumed_run_is_judged_whole_live_as_analyze_judges_the_joined_log(tmp_p
     assert all(
         e["grad_norm"] == pytest.approx(e["gradsentry/global_norm"], rel=1e-5) for e in _train_logs(trainer)
     )
+
+
+def test_record_loss_is_the_trainer_loss_of_a_causal_lm_under_accumulation(tmp_path):
+    """A causal LM gets ``num_items_in_batch``: each micro-batch's loss is its share of the step's token
+    mean, and the step's loss is their sum, as the Trainer logs it (the mean of the shares was 1/4 of it)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (N, 12), generator=g)
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(N)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    cb = GradSentryCallback(sinks=())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    logged = {e["step"]: e["loss"] for e in _train_logs(trainer)}
+    assert {r.step: r.loss for r in cb.monitor.records} == pytest.approx(logged, rel=1e-5)
+    assert logged[1] == pytest.approx(math.log(32), rel=0.1)  # chance level at init: the mean, not a share

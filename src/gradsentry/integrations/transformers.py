@@ -26,8 +26,9 @@ records in ``on_pre_optimizer_step`` on unscaled gradients; they are pre-clip on
 
 NaN/inf. The Trainer's ``logging_nan_inf_filter`` (default True) replaces a non-finite loss in the
 *logged* running loss by the recent average. gradsentry keeps the raw figures: each record holds the
-model's own loss for the step (read from the model output's ``loss`` by a forward hook, mean over
-the micro-batches; None when the loss is computed outside the model) and the raw global norm, so a
+model's own loss for the step (the model output's ``loss``, read by a forward hook, over the micro-
+batches as the Trainer logs it, see :class:`~gradsentry.integrations._hf.StepLoss`; None when the loss
+is computed outside the model) and the raw global norm, so a
 NaN/inf step shows in the records, the sinks and the findings.
 
 What it logs, and where. On each Trainer train log line (``on_log`` of a line holding ``loss``):
@@ -130,9 +131,9 @@ from gradsentry.integrations._common import (
     worst_layer,
 )
 from gradsentry.integrations._hf import (
+    StepLoss,
     calling_handler,
     logs_at,
-    output_loss,
     sync_gradients,
     unwrap_optimizer,
 )
@@ -241,8 +242,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self._optimizer: Any = None
         self._state: Any = None
         self._queued = False
-        self._loss_sum: Tensor | None = None
-        self._loss_count = 0
+        self._loss = StepLoss()
         self._last: StepRecord | None = None  # latest record not yet in a log entry
         self._nonfinite_since_log = 0
         self._failed = False
@@ -316,22 +316,14 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self._stop_pending = False
         self._error = None
         self._failed = False
-        self._handles.append(model.register_forward_hook(self._capture_loss))
+        self._loss = StepLoss()
+        self._handles.append(model.register_forward_hook(self._loss.hook, with_kwargs=True))
         if mode == "backward":
             for p in model.parameters():
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
     # ------------------------------------------------------------------ hooks
-    def _capture_loss(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not module.training or not torch.is_grad_enabled():
-            return
-        loss = output_loss(output)
-        if loss is not None:
-            d = loss.detach().float().reshape(())
-            self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
-            self._loss_count += 1
-
     def _on_grad(self, param: Tensor) -> None:
         if not self._queued:
             self._queued = True
@@ -373,10 +365,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         mon = self.monitor
         if mon is None or self._failed:
             return
-        loss = None
-        if self._loss_sum is not None and self._loss_count:
-            loss = self._loss_sum / self._loss_count
-        self._loss_sum, self._loss_count = None, 0
+        loss = self._loss.take()
         # the step the Trainer is about to take, as it will log it (global_step counts it after the update)
         step = int(self._state.global_step) + 1 if self._state is not None else None
         if self._carry is not None and step is not None:
