@@ -58,18 +58,23 @@ def _train(
     steps: int = 3,
     ga: int = 1,
     extra: list[Any] | None = None,
+    resume: str | None = None,
     **kw: Any,
 ) -> Any:
-    settings: dict[str, Any] = {"logging_steps": 1, "report_to": [], **kw}
+    settings: dict[str, Any] = {
+        "logging_steps": 1,
+        "report_to": [],
+        "learning_rate": 0.05,
+        "save_strategy": "no",
+        **kw,
+    }
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
         max_steps=steps,
         per_device_train_batch_size=N // ga,
         gradient_accumulation_steps=ga,
-        learning_rate=0.05,
         optim="sgd",
         lr_scheduler_type="constant",
-        save_strategy="no",
         use_cpu=True,
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -79,7 +84,7 @@ def _train(
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=_data(), callbacks=[cb, *(extra or [])]
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -394,3 +399,80 @@ def test_a_trainer_norm_off_by_sqrt2_is_reported(tmp_path, caplog):
         assert theirs / ours == pytest.approx(math.sqrt(2), rel=1e-5)
     (warning,) = _warnings(caplog)[:1]
     assert "at step 1 the trainer logged grad_norm" in warning and "over 2 shards or replicas" in warning
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+class Crash(transformers.TrainerCallback):
+    """Raises at the end of optimizer step ``at`` (the Trainer's numbering): a run killed mid-way."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+def _kinds(findings: list[Any]) -> list[tuple[str, str, tuple[int, ...]]]:
+    return sorted((f.kind, f.severity, tuple(f.steps)) for f in findings)
+
+
+def test_resumed_run_is_judged_whole_live_as_analyze_judges_the_joined_log(tmp_path):
+    """A run that diverged early, killed at step 8 and resumed from checkpoint-6: the live verdict after
+    the resume is analyze's on the JSONL and on trainer_state.json (it used to judge steps 7.. only)."""
+    from gradsentry.analyze import analyze_log
+
+    kw: dict[str, Any] = {"steps": 12, "save_strategy": "steps", "save_steps": 6, "learning_rate": 5.0}
+    first = GradSentryCallback()
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, Regressor(mlp(3, width=16, act=nn.Tanh)), first, extra=[Crash(8)], **kw)
+    first.close()
+    cb = GradSentryCallback()
+    trainer = _train(
+        tmp_path,
+        Regressor(mlp(3, width=16, act=nn.Tanh)),
+        cb,
+        resume=str(tmp_path / "out" / "checkpoint-6"),
+        **kw,
+    )
+    assert [r.step for r in cb.monitor.records] == list(range(1, 13))  # steps 1..6 from the log, 7..12 live
+    log = tmp_path / "out" / "gradsentry.jsonl"
+    assert [r.step for r in read_jsonl(log).records] == list(range(1, 13))
+    assert any(f.kind == "exploding" and f.steps[0] <= 6 for f in cb.findings)  # the early divergence
+    assert _kinds(cb.findings) == _kinds(analyze_log(log).findings)
+    series = {f.kind for f in analyze_log(tmp_path / "out" / "checkpoint-12" / "trainer_state.json").findings}
+    assert series <= {f.kind for f in cb.findings}
+    assert all(
+        e["grad_norm"] == pytest.approx(e["gradsentry/global_norm"], rel=1e-5) for e in _train_logs(trainer)
+    )
+
+
+def test_record_loss_is_the_trainer_loss_of_a_causal_lm_under_accumulation(tmp_path):
+    """A causal LM gets ``num_items_in_batch``: each micro-batch's loss is its share of the step's token
+    mean, and the step's loss is their sum, as the Trainer logs it (the mean of the shares was 1/4 of it)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (N, 12), generator=g)
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(N)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    cb = GradSentryCallback(sinks=())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    logged = {e["step"]: e["loss"] for e in _train_logs(trainer)}
+    assert {r.step: r.loss for r in cb.monitor.records} == pytest.approx(logged, rel=1e-5)
+    assert logged[1] == pytest.approx(math.log(32), rel=0.1)  # chance level at init: the mean, not a share

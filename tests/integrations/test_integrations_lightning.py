@@ -457,3 +457,44 @@ def test_without_a_logger_no_default_file_is_written(tmp_path, monkeypatch):
     cb = GradSentryCallback()
     _fit(Regressor(mlp(2, width=8, act=nn.Tanh)), [cb], steps=1, default_root_dir=str(tmp_path))
     assert cb.monitor.records and not list(tmp_path.rglob("gradsentry.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_resumed_fit_is_judged_whole_live_as_analyze_judges_the_joined_log(tmp_path):
+    """A fit that diverged early, checkpointed at step 6, stopped at 8 and resumed (same logger version):
+    the live verdict after the resume is analyze's on the JSONL it appended to (it judged steps 6.. only)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradsentry.analyze import analyze_log
+
+    def fit(cb: GradSentryCallback, steps: int, **kw: Any) -> L.Trainer:
+        torch.manual_seed(0)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            logger=CSVLogger(tmp_path, name="logs", version=0),
+            callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=6, save_top_k=-1)],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(
+            Regressor(mlp(3, width=16, act=nn.Tanh), lr=2.0), DataLoader(_data(96), batch_size=8), **kw
+        )
+        return trainer
+
+    fit(GradSentryCallback(), 8)
+    cb = GradSentryCallback()
+    trainer = fit(cb, 12, ckpt_path=str(tmp_path / "ck" / "epoch=0-step=6.ckpt"))
+    log = tmp_path / "logs" / "version_0" / "gradsentry.jsonl"
+    assert trainer.log_dir == str(log.parent)
+    assert [r.step for r in cb.monitor.records] == list(range(12))  # 0..5 from the log, 6..11 live
+    assert [r.step for r in read_jsonl(log).records] == list(range(12))
+    assert any(f.kind == "exploding" and f.steps[0] < 6 for f in cb.findings)  # the early divergence
+    want = analyze_log(log).findings
+    assert sorted((f.kind, f.severity, tuple(f.steps)) for f in cb.findings) == sorted(
+        (f.kind, f.severity, tuple(f.steps)) for f in want
+    )

@@ -12,6 +12,8 @@ from gradsentry.monitor import ALERT_WINDOW, Monitor, alert_finding, alert_messa
 from gradsentry.records import LAYER_STATS, Finding, StepRecord
 from gradsentry.report.text import finding_line
 
+log = logging.getLogger("gradsentry")
+
 PREFIX = "gradsentry"
 """First component of every metric key the callbacks log."""
 
@@ -59,6 +61,35 @@ def default_sink_path(folder: str | Path | None) -> Path | None:
     """Where a callback's default :class:`~gradsentry.sinks.JsonlSink` goes: ``folder/gradsentry.jsonl``
     (None when the trainer has no output folder)."""
     return None if folder is None else Path(folder) / DEFAULT_SINK_NAME
+
+
+def resumed_log(sinks: Sequence[Any]) -> Path | None:
+    """The file of the first :class:`~gradsentry.sinks.JsonlSink` in ``sinks`` that will append to an
+    earlier run (``resume=True`` and a non-empty file), or None."""
+    from gradsentry.sinks.jsonl import JsonlSink
+
+    for sink in sinks:
+        if isinstance(sink, JsonlSink) and sink.resume and sink.path.is_file() and sink.path.stat().st_size:
+            return sink.path
+    return None
+
+
+def carry_over(mon: Monitor, path: Path, first_step: int) -> None:
+    """Give ``mon`` the earlier part of a resumed run: the records of ``path`` before ``first_step``
+    (the first step this part records; the steps from it on are redone), read as ``gradsentry analyze``
+    reads the joined log. Called before the Monitor's first record (its sinks have not appended yet), so
+    its findings, its summary and ``stop_on`` judge the whole run, as ``analyze`` of either log does.
+    A log that cannot be read is left to the sink (which reports it) and the Monitor starts empty."""
+    from gradsentry.logs.run_jsonl import scan_jsonl
+
+    store = mon._store  # the record store, seeded before the first record
+    try:
+        run = scan_jsonl(path, window=store.max_records, sample=store.history.sample_size)
+    except (OSError, ValueError) as exc:
+        log.warning("gradsentry: could not read the earlier part of the run in %s (%s)", path, exc)
+        return
+    run.history.truncate_from(first_step)
+    store.carry_over(run.history, [r for r in run.window if r.step < first_step])
 
 
 def worst_layer(record: StepRecord) -> str | None:

@@ -39,6 +39,40 @@ def output_loss(output: Any) -> Tensor | None:
     return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
 
 
+class StepLoss:
+    """The model's own loss of one optimizer step, from its training forward calls (a forward hook).
+
+    Each micro-batch's loss is the model output's ``loss``. The step's loss is their mean, or their
+    sum when the Trainer passed ``num_items_in_batch``: the model then divides its summed token loss by
+    the token count of the whole optimizer step, so each micro-batch's loss is its share of the step's
+    mean (1/k of it under ``gradient_accumulation_steps=k``), and the Trainer logs their sum.
+    """
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.count = 0
+        self.shares = False  # the losses are shares of the step's mean (num_items_in_batch was passed)
+
+    def hook(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        """``register_forward_hook(..., with_kwargs=True)`` hook: add a training call's loss."""
+        if not module.training or not torch.is_grad_enabled():
+            return
+        loss = output_loss(output)
+        if loss is not None:
+            d = loss.detach().float().reshape(())
+            self.total = d if self.total is None else self.total + d
+            self.count += 1
+            self.shares = self.shares or kwargs.get("num_items_in_batch") is not None
+
+    def take(self) -> Tensor | None:
+        """The loss of the step since the last ``take`` (None without one), and start the next step."""
+        total, count, shares = self.total, self.count, self.shares
+        self.total, self.count, self.shares = None, 0, False
+        if total is None or not count:
+            return None
+        return total if shares else total / count
+
+
 def calling_handler(callback: Any) -> Any:
     """The ``transformers`` ``CallbackHandler`` up the call stack whose list holds ``callback``, or None."""
     from transformers.trainer_callback import CallbackHandler
@@ -73,4 +107,4 @@ def logs_at(args: Any, state: Any) -> Callable[[int], bool]:
     return logs
 
 
-__all__ = ["calling_handler", "logs_at", "output_loss", "sync_gradients", "unwrap_optimizer"]
+__all__ = ["StepLoss", "calling_handler", "logs_at", "output_loss", "sync_gradients", "unwrap_optimizer"]

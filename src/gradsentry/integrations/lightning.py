@@ -18,7 +18,8 @@ and logs a summary through the ``gradsentry`` logger: at WARNING when there is a
 the run is healthy.
 
 Files and charts. Unless ``sinks`` is given, the records go to ``<trainer.log_dir>/gradsentry.jsonl``
-(the logger's version folder, e.g. ``lightning_logs/version_0``; appended to on resume), which
+(the logger's version folder, e.g. ``lightning_logs/version_0``; appended to on resume, and then the
+Monitor first reads its earlier records, so that the findings judge the whole run), which
 ``gradsentry report`` renders; no file when the trainer has no logger (``logger=False``). Each ``TensorBoardLogger``
 of the trainer gets, once per fit, the custom-scalars layout of :class:`~gradsentry.sinks.TensorBoardSink`
 (one chart per statistic with a line per layer, TensorBoard's *Custom Scalars* tab).
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 try:
@@ -68,11 +70,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradsentry.integrations._common import (
+    carry_over,
     check_log_stats,
     check_stop_on,
     default_sink_path,
     drop_gradients,
     record_metrics,
+    resumed_log,
     stop_finding,
     stop_message,
     summarize,
@@ -167,6 +171,7 @@ class GradSentryCallback(Callback):
         self._loss: Tensor | None = None
         self._steps_seen = 0
         self._finished = False
+        self._carry: Path | None = None  # a resumed log whose earlier part the Monitor has yet to take in
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the Monitor on the module (now on its device, optimizers configured)."""
@@ -198,6 +203,8 @@ class GradSentryCallback(Callback):
             meta=meta,
             **{"sync": "blocking", **kwargs},  # the trainer's loggers and stop_on read the record now
         )
+        # a log appended to on resume: the Monitor starts from its earlier part (at its first record)
+        self._carry = resumed_log(sinks) if trainer.is_global_zero else None
         self.findings = []
         self.stopped_by = None
         self._loss = None
@@ -221,6 +228,9 @@ class GradSentryCallback(Callback):
             return
         loss, self._loss = self._loss, None
         self._steps_seen += 1
+        if self._carry is not None:
+            carry_over(mon, self._carry, trainer.global_step)
+            self._carry = None
         record = mon.step(loss=loss, step=trainer.global_step)
         if record is None:
             return

@@ -26,8 +26,9 @@ records in ``on_pre_optimizer_step`` on unscaled gradients; they are pre-clip on
 
 NaN/inf. The Trainer's ``logging_nan_inf_filter`` (default True) replaces a non-finite loss in the
 *logged* running loss by the recent average. gradsentry keeps the raw figures: each record holds the
-model's own loss for the step (read from the model output's ``loss`` by a forward hook, mean over
-the micro-batches; None when the loss is computed outside the model) and the raw global norm, so a
+model's own loss for the step (the model output's ``loss``, read by a forward hook, over the micro-
+batches as the Trainer logs it, see :class:`~gradsentry.integrations._hf.StepLoss`; None when the loss
+is computed outside the model) and the raw global norm, so a
 NaN/inf step shows in the records, the sinks and the findings.
 
 What it logs, and where. On each Trainer train log line (``on_log`` of a line holding ``loss``):
@@ -63,7 +64,8 @@ shards (off by sqrt(k)). With ``logging_strategy="epoch"`` the logged steps are 
 ``gradsentry/global_norm`` is added only to lines whose step was recorded.
 
 Files. Unless ``sinks`` is given, the records go to ``<output_dir>/gradsentry.jsonl`` (appended to
-when the run resumes from a checkpoint, replaced otherwise), which ``gradsentry report`` renders.
+when the run resumes from a checkpoint, replaced otherwise). On resume the Monitor first reads the
+earlier records of that file (or of a ``JsonlSink`` given), so the findings judge the whole run.
 
 Record steps are labelled as the Trainer labels the step in its own log (``state.global_step`` after
 the optimizer step, 1-based), so record ``s`` and the log entry with ``"step": s`` are the same
@@ -97,6 +99,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -113,12 +116,14 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a subproce
 from gradsentry.integrations._common import (
     NORM_RTOL,
     PREFIX,
+    carry_over,
     check_log_stats,
     check_stop_on,
     default_sink_path,
     drop_gradients,
     norm_mismatch,
     record_metrics,
+    resumed_log,
     stop_finding,
     stop_message,
     summarize,
@@ -126,9 +131,9 @@ from gradsentry.integrations._common import (
     worst_layer,
 )
 from gradsentry.integrations._hf import (
+    StepLoss,
     calling_handler,
     logs_at,
-    output_loss,
     sync_gradients,
     unwrap_optimizer,
 )
@@ -237,11 +242,11 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self._optimizer: Any = None
         self._state: Any = None
         self._queued = False
-        self._loss_sum: Tensor | None = None
-        self._loss_count = 0
+        self._loss = StepLoss()
         self._last: StepRecord | None = None  # latest record not yet in a log entry
         self._nonfinite_since_log = 0
         self._failed = False
+        self._carry: Path | None = None  # a resumed log whose earlier part the Monitor has yet to take in
 
     # ------------------------------------------------------------------ set-up
     def on_train_begin(
@@ -303,6 +308,7 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
             also_log=logs_at(args, state),
             **{"sync": "blocking", **kwargs_m},  # the trainer's loggers and stop_on read the record now
         )
+        self._carry = resumed_log(sinks) if main and int(state.global_step) > 0 else None
         self.norm_mismatches = []
         self._go_first()
         self.findings = []
@@ -310,22 +316,14 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         self._stop_pending = False
         self._error = None
         self._failed = False
-        self._handles.append(model.register_forward_hook(self._capture_loss))
+        self._loss = StepLoss()
+        self._handles.append(model.register_forward_hook(self._loss.hook, with_kwargs=True))
         if mode == "backward":
             for p in model.parameters():
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
     # ------------------------------------------------------------------ hooks
-    def _capture_loss(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not module.training or not torch.is_grad_enabled():
-            return
-        loss = output_loss(output)
-        if loss is not None:
-            d = loss.detach().float().reshape(())
-            self._loss_sum = d if self._loss_sum is None else self._loss_sum + d
-            self._loss_count += 1
-
     def _on_grad(self, param: Tensor) -> None:
         if not self._queued:
             self._queued = True
@@ -367,12 +365,12 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
         mon = self.monitor
         if mon is None or self._failed:
             return
-        loss = None
-        if self._loss_sum is not None and self._loss_count:
-            loss = self._loss_sum / self._loss_count
-        self._loss_sum, self._loss_count = None, 0
+        loss = self._loss.take()
         # the step the Trainer is about to take, as it will log it (global_step counts it after the update)
         step = int(self._state.global_step) + 1 if self._state is not None else None
+        if self._carry is not None and step is not None:
+            carry_over(mon, self._carry, step)
+        self._carry = None
         try:
             record = mon.step(loss=loss, step=step)
         except NonFiniteGradientError as exc:  # on_nonfinite="raise": raised before the optimizer step
@@ -395,7 +393,6 @@ class GradSentryCallback(TrainerCallback):  # type: ignore[misc]
                     log.warning("%s", stop_message(record, finding))
 
     # ------------------------------------------------------------------ logging and the end
-
     def _go_first(self) -> None:
         """Put the companion that fills ``logs`` at the front of the calling Trainer's callbacks."""
         handler = calling_handler(self)

@@ -66,6 +66,16 @@ class RecordStore:
         for s in self.sinks:
             s.write(record)
 
+    def carry_over(self, history: RunHistory, window: Sequence[StepRecord]) -> None:
+        """Start from the earlier part of a resumed run, read back from its log: ``history`` (what left
+        the window there) and ``window`` (its last records), before any record of this part. Nothing
+        is written; the records that follow push the old ones out as the reader of the joined log does,
+        so this Monitor's verdict is ``gradsentry analyze``'s on that log."""
+        self.history = history
+        self.window = deque(window)
+        while len(self.window) > self.max_records:
+            self.history.absorb(self.window.popleft())
+
     def flush(self) -> None:
         """Push what the sinks buffered to disk (sinks with a ``flush`` method), e.g. before raising."""
         for s in self.sinks:
