@@ -436,9 +436,23 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
 }
 
 
-def main(rank: int, rendezvous: str, out_dir: str, names: list[str]) -> None:
-    """Entry point of one spawned rank. The ranks meet through a file store at ``rendezvous`` (a fresh
-    path), not a TCP port: a port picked free can be taken by a concurrent test before rank 0 binds it."""
+def serve(
+    rank: int,
+    rendezvous: str,
+    out_dir: str,
+    names: list[str],
+    scenarios: dict[str, Callable[[int, Path], dict[str, Any]]],
+    timeout_s: float,
+    teardown: bool = True,
+) -> None:
+    """Run ``scenarios[name]`` for each name on this rank and write ``rank{r}.json`` after each one.
+
+    The ranks meet through a file store at ``rendezvous`` (a fresh path), not a TCP port: a port picked
+    free can be taken by a concurrent test before rank 0 binds it. With ``teardown``, the ranks pass a
+    barrier (both results on disk) and leave with ``os._exit``: a bare DDP forward/backward on gloo,
+    without gradsentry, aborts in torch's teardown ("terminate called without an active exception") in
+    ~2 of 16 runs on a 2-core machine.
+    """
     torch.set_num_threads(1)
     out = Path(out_dir)
     dist.init_process_group(
@@ -446,19 +460,57 @@ def main(rank: int, rendezvous: str, out_dir: str, names: list[str]) -> None:
         init_method=f"file://{rendezvous}",
         rank=rank,
         world_size=WORLD,
-        timeout=datetime.timedelta(seconds=10),
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
     results: dict[str, Any] = {}
     for name in names:
         t0 = time.perf_counter()
         try:
-            results[name] = SCENARIOS[name](rank, out)
+            results[name] = scenarios[name](rank, out)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
         results[name]["_seconds"] = time.perf_counter() - t0
         (out / f"rank{rank}.json").write_text(json.dumps(results))
-    if "dead_peer" not in names:
-        dist.barrier()  # both ranks' results are on disk
-        # Leave without torch's teardown: a bare DDP forward/backward on gloo, without gradsentry, aborts
-        # there ("terminate called without an active exception") in ~2 of 16 runs on this 2-core machine.
+    if teardown:
+        dist.barrier()
         os._exit(0)
+
+
+def main(rank: int, rendezvous: str, out_dir: str, names: list[str]) -> None:
+    """Entry point of one spawned rank (``dead_peer``, last, leaves the process group broken)."""
+    serve(rank, rendezvous, out_dir, names, SCENARIOS, 10, teardown="dead_peer" not in names)
+
+
+def spawn_ranks(
+    entry: Callable[..., None], out: Path, names: list[str], deadline_s: float
+) -> list[dict[str, Any]]:
+    """Spawn :data:`WORLD` ranks running ``entry(rank, rendezvous, out, names)`` and return each rank's
+    JSON results (``_out``: the folder, on rank 0's); fails the test on a crash or past ``deadline_s``."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(
+        entry, args=(str(out / "rendezvous"), str(out), names), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks did not finish within {deadline_s:g} s (a hang in a collective?)")
+    except mp.ProcessException as exc:  # the scenario errors are in the JSON; this is setup
+        pytest.fail(f"a rank crashed: {exc}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    res[0]["_out"] = str(out)
+    return res
+
+
+def scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """Each rank's result of scenario ``name``; fails with the rank's traceback if it raised."""
+    got = [r[name] for r in ranks]
+    for r, g in enumerate(got):
+        assert "error" not in g, f"rank {r} failed in {name}:\n{g['error']}"
+    return got

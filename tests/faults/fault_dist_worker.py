@@ -6,18 +6,12 @@ measurements of every scenario (or ``{"error": traceback}``).
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import os
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import dist_worker as W
@@ -65,27 +59,5 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
 
 
 def main(rank: int, rendezvous: str, out_dir: str, names: list[str]) -> None:
-    """Entry point of one spawned rank. The ranks meet through a file store at ``rendezvous`` (a fresh
-    path), not a TCP port: a port picked free can be taken by a concurrent test before rank 0 binds it."""
-    torch.set_num_threads(1)
-    out = Path(out_dir)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{rendezvous}",
-        rank=rank,
-        world_size=W.WORLD,
-        timeout=datetime.timedelta(seconds=20),
-    )
-    results: dict[str, Any] = {}
-    for name in names:
-        t0 = time.perf_counter()
-        try:
-            results[name] = SCENARIOS[name](rank, out)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-        results[name]["_seconds"] = time.perf_counter() - t0
-        (out / f"rank{rank}.json").write_text(json.dumps(results))
-    dist.barrier()  # both ranks' results are on disk
-    # Leave without torch's teardown: a bare DDP forward/backward on gloo, without gradsentry, aborts
-    # there ("terminate called without an active exception") in ~2 of 16 runs on this 2-core machine.
-    os._exit(0)
+    """Entry point of one spawned rank."""
+    W.serve(rank, rendezvous, out_dir, names, SCENARIOS, 20)

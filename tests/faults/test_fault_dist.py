@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import fault_dist_worker as F
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import dist_worker as W
 
@@ -23,40 +20,13 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("faultdist")
-    ctx = mp.start_processes(
-        F.main,
-        args=(str(out / "rendezvous"), str(out), list(F.SCENARIOS)),
-        nprocs=W.WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail("the ranks did not finish within 180 s")
-    except Exception as exc:  # a rank died during setup; the scenario errors are in the JSON
-        pytest.fail(f"a rank crashed: {exc}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(W.WORLD)]
-    res[0]["_out"] = str(out)
-    return res
-
-
-def _scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    got = [r[name] for r in ranks]
-    for r, g in enumerate(got):
-        assert "error" not in g, f"rank {r} failed in {name}:\n{g['error']}"
-    return got
+    return W.spawn_ranks(F.main, out, list(F.SCENARIOS), 180)
 
 
 def test_nan_in_one_ranks_replicated_gradient_is_recorded_by_rank_zero(ranks: list[dict[str, Any]]) -> None:
     from gradsentry.logs.run_jsonl import read_jsonl
 
-    got = _scenario(ranks, "ddp_local_nan")
+    got = W.scenario(ranks, "ddp_local_nan")
     for r in range(W.WORLD):
         recs = got[r]["records"]
         assert math.isfinite(recs[0]["global_norm"]) and math.isfinite(recs[2]["global_norm"])
@@ -74,7 +44,7 @@ def test_nan_in_one_ranks_replicated_gradient_is_recorded_by_rank_zero(ranks: li
 
 
 def test_inf_in_one_ranks_input_names_the_module_on_every_rank(ranks: list[dict[str, Any]]) -> None:
-    got = _scenario(ranks, "ddp_forward_nan")
+    got = W.scenario(ranks, "ddp_forward_nan")
     for r in range(W.WORLD):
         rec = got[r]["record"]
         assert not math.isfinite(rec["global_norm"])

@@ -6,15 +6,12 @@ references are single-process runs on the full batch, recomputed here in float64
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import dist_worker as W
@@ -30,35 +27,9 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("dist")
-    names = list(W.SCENARIOS)
-    ctx = mp.start_processes(
-        W.main,
-        args=(str(out / "rendezvous"), str(out), names),
-        nprocs=W.WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 240  # generous for a loaded 2-core machine; typical: 10-30 s
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail("the ranks did not finish within 240 s (a hang in a collective?)")
-    except mp.ProcessException as exc:  # the scenario errors are in the JSON; this is setup
-        pytest.fail(f"a rank crashed: {exc}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(W.WORLD)]
-    res[0]["_out"] = str(out)
-    return res
-
-
-def _scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    got = [r[name] for r in ranks]
-    for r, g in enumerate(got):
-        assert "error" not in g, f"rank {r} failed in {name}:\n{g['error']}"
-    return got
+    return W.spawn_ranks(
+        W.main, out, list(W.SCENARIOS), 240
+    )  # generous for a loaded 2-core machine; typical: 10-30 s
 
 
 def _reference(steps: int = 1) -> list[dict[str, Any]]:
@@ -134,7 +105,7 @@ def _check_layers(rec: dict[str, Any], ref: dict[str, Any], prefix: str = "") ->
 
 def test_ddp_norms_equal_single_process_full_batch_without_collectives(ranks: list[dict[str, Any]]) -> None:
     ref = _reference()[0]
-    got = _scenario(ranks, "ddp")
+    got = W.scenario(ranks, "ddp")
     for r in range(W.WORLD):
         no_sync = got[r]["no_sync"]
         _check_layers(no_sync["record"], ref, prefix="module.")
@@ -153,7 +124,7 @@ def test_ddp_norms_equal_single_process_full_batch_without_collectives(ranks: li
 def test_ddp_sinks_written_on_rank_zero_only(ranks: list[dict[str, Any]]) -> None:
     from gradsentry.logs.run_jsonl import read_jsonl
 
-    _scenario(ranks, "ddp")
+    W.scenario(ranks, "ddp")
     out = Path(ranks[0]["_out"])
     run = read_jsonl(out / "ddp_sink0.jsonl")
     assert [rec.step for rec in run.records] == [0]
@@ -162,7 +133,7 @@ def test_ddp_sinks_written_on_rank_zero_only(ranks: list[dict[str, Any]]) -> Non
 
 def test_fsdp2_norms_equal_unsharded_computation(ranks: list[dict[str, Any]]) -> None:
     refs = _reference(steps=3)
-    got = _scenario(ranks, "fsdp")
+    got = W.scenario(ranks, "fsdp")
     assert got[0]["local_numel"] != got[1]["local_numel"]  # uneven shards really happened
     for r in range(W.WORLD):
         g = got[r]
@@ -215,7 +186,7 @@ def test_fsdp2_norms_equal_unsharded_computation(ranks: list[dict[str, Any]]) ->
 
 def test_hsdp_replicated_mesh_dimension_is_counted_once(ranks: list[dict[str, Any]]) -> None:
     ref = _reference()[0]
-    got = _scenario(ranks, "hsdp")
+    got = W.scenario(ranks, "hsdp")
     for r in range(W.WORLD):
         assert got[r]["placements"] == ["R", "S(0)"]  # (Replicate(), Shard(0))
         _check_layers(got[r]["record"], ref)  # a double count would give sqrt(2) times the norms
@@ -225,7 +196,7 @@ def test_hsdp_replicated_mesh_dimension_is_counted_once(ranks: list[dict[str, An
 
 def test_plain_tensors_declared_sharded_are_summed_over_ranks(ranks: list[dict[str, Any]]) -> None:
     ref = _reference()[0]
-    got = _scenario(ranks, "plain_sharded")
+    got = W.scenario(ranks, "plain_sharded")
     for r in range(W.WORLD):
         _check_layers(got[r]["record"], ref)  # norms, max |g|, weight norms and numel of the whole model
         assert got[r]["record"]["layers"][0]["grad_rms"] == pytest.approx(
@@ -236,14 +207,14 @@ def test_plain_tensors_declared_sharded_are_summed_over_ranks(ranks: list[dict[s
 def test_fsdp1_is_refused_clearly_unless_declared_sharded(ranks: list[dict[str, Any]]) -> None:
     ref = _reference()[0]
     want = math.sqrt(sum(layer["grad_norm"] ** 2 for layer in ref["layers"].values()))
-    for g in _scenario(ranks, "fsdp1"):
+    for g in W.scenario(ranks, "fsdp1"):
         assert g["refused"].startswith("gradsentry: FSDP1 (FullyShardedDataParallel) is not supported")
         assert g["global_norm"] == pytest.approx(want, rel=RTOL)
         assert g["loss"] == pytest.approx(ref["loss"], rel=RTOL)
 
 
 def test_ranks_on_different_forward_paths_reduce_matching_entries(ranks: list[dict[str, Any]]) -> None:
-    got = _scenario(ranks, "ddp_branches")
+    got = W.scenario(ranks, "ddp_branches")
     model = W.Branchy()
     want = {}
     for r, site in ((0, "module.a"), (1, "module.b")):  # each site ran on one rank only
@@ -260,13 +231,13 @@ def test_ranks_on_different_forward_paths_reduce_matching_entries(ranks: list[di
 
 
 def test_overhead_budget_every_is_agreed_over_ranks(ranks: list[dict[str, Any]]) -> None:
-    got = _scenario(ranks, "ddp_every")
+    got = W.scenario(ranks, "ddp_every")
     assert got[0]["calls"] == got[1]["calls"] == ["sum", "max"]  # DDP, sync_local=False: order, every
     assert got[0]["every"] == got[1]["every"] >= 5
 
 
 def test_nan_on_one_rank_shard_is_seen_by_every_rank(ranks: list[dict[str, Any]]) -> None:
-    got = _scenario(ranks, "fsdp_nan")
+    got = W.scenario(ranks, "fsdp_nan")
     for r in range(W.WORLD):
         rec = got[r]["record"]
         assert got[r]["any_rank"] is True
@@ -320,7 +291,7 @@ def test_fsdp2_clipping_leaves_the_parameters_of_single_process_clipping(
 ) -> None:
     pytest.importorskip("gradsentry.remedies")
     want = _reference_remedy(W.remedy_cases()[name])
-    got = _scenario(ranks, "fsdp_remedies")
+    got = W.scenario(ranks, "fsdp_remedies")
     for r in range(W.WORLD):
         assert "error" not in got[r][name], f"rank {r}, {name}:\n{got[r][name].get('error')}"
         _assert_close_tree(got[r][name]["params"], want["params"])
@@ -332,7 +303,7 @@ def test_fsdp2_clipping_leaves_the_parameters_of_single_process_clipping(
 
 def test_nan_on_one_rank_makes_every_rank_skip_under_nonfinite_guard(ranks: list[dict[str, Any]]) -> None:
     pytest.importorskip("gradsentry.remedies")
-    got = _scenario(ranks, "nan_guard")
+    got = W.scenario(ranks, "nan_guard")
     for r in range(W.WORLD):
         fsdp = got[r]["fsdp"]
         assert [a["skipped"] for a in fsdp["actions"]] == [True]
@@ -342,7 +313,7 @@ def test_nan_on_one_rank_makes_every_rank_skip_under_nonfinite_guard(ranks: list
 
 def test_rollback_and_ladder_decide_the_same_on_every_rank(ranks: list[dict[str, Any]]) -> None:
     pytest.importorskip("gradsentry.remedies")
-    got = _scenario(ranks, "ddp_rollback_ladder")
+    got = W.scenario(ranks, "ddp_rollback_ladder")
     for r in range(W.WORLD):
         rb = got[r]["rollback"]
         assert rb["skips"] == [False, False, True]  # rank 1's inf loss rolls back rank 0 too
