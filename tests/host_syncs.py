@@ -51,3 +51,16 @@ class HostSyncs(TorchDispatchMode):
         for name, orig in self._saved.items():
             setattr(torch.Tensor, name, orig)
         super().__exit__(*exc)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts ATen operator calls (``count``): a device-independent proxy for kernel launches on a GPU
+    (a ``_foreach_*`` call counts once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -9,29 +9,19 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradsentry as gs
 from gradsentry import _fused, stats
 from gradsentry.remedies import per_tensor_norms
+from host_syncs import OpCounter
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: float32 accumulation of a few thousand entries; the reference sees the same (rounded) values.
 RTOL = 1e-5
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops(fn) -> int:  # type: ignore[no-untyped-def]
-    with _Ops() as ops:
+    with OpCounter() as ops:
         fn()
     return ops.count
 

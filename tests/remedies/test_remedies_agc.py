@@ -7,20 +7,9 @@ import pytest
 import torch
 from test_remedies_clip import _timm_style_agc
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradsentry.remedies import AGC
-from host_syncs import HostSyncs
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+from host_syncs import HostSyncs, OpCounter
 
 
 def _model(dtype=torch.float32):
@@ -101,9 +90,9 @@ def test_fewer_ops_no_host_copy_and_cached_plan():
         p.grad = torch.randn_like(p)
     agc = AGC(0.01, batched=True)
     agc(params)
-    with _Ops() as batched, HostSyncs() as syncs:
+    with OpCounter() as batched, HostSyncs() as syncs:
         agc(params)
-    with _Ops() as single:
+    with OpCounter() as single:
         agc._per_tensor(params, [p.grad for p in params])
     assert syncs.count == 0
     assert batched.count * 4 < single.count, (batched.count, single.count)
