@@ -55,6 +55,8 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
     ]
     longest = max((b - a for a, b in sg.runs(grad_nf)), default=0)
     ev["longest_nonfinite_grad_norm_run"] = longest
+    nonfinite = loss_nf | grad_nf
+    rose = _loss_rose_after(sig, first, c)
     isolated_only = (
         not loss_nf.any()
         and not hidden.any()
@@ -62,22 +64,22 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
         and bool(np.all(finite_loss_nf_grad[grad_nf]))
         and longest < t.skipped_min_run
         and bool(np.all(np.isinf(grad[grad_nf])))  # overflow (inf), never NaN: a NaN is a real fault
-        and not _loss_rose_after(sig, first, c)
+        and not rose
     )
-    nf_steps = [int(s) for s in steps[loss_nf | grad_nf][: t.max_listed]]
+    nf_steps = [int(s) for s in steps[nonfinite][: t.max_listed]]
     skipped_set = set(sig.skipped)
     guarded = (
         bool(skipped_set)
-        and all(int(x) in skipped_set for x in steps[loss_nf | grad_nf])
+        and all(int(x) in skipped_set for x in steps[nonfinite])
         and bool(np.isfinite(grad[-1]) if sig.has_grad[-1] else True)
         and bool(np.isfinite(loss[-1]) if sig.has_loss[-1] else True)
-        and not _loss_rose_after(sig, first, c)
+        and not rose
     )
     ev["skipped_by_guard"] = guarded
-    after = _finite_after(sig, loss_nf | grad_nf, c) if not guarded else 0
+    after = 0 if guarded or rose else _finite_after(sig, nonfinite, t.skipped_min_run)
     ev["finite_points_after_last_nonfinite"] = after
     if guarded or after:
-        n_nf = int((loss_nf | grad_nf).sum())
+        n_nf = int(nonfinite.sum())
         if guarded:
             expl = (
                 f"{n_nf} logged step(s) held NaN/inf (first at step {first}), and each was skipped (a guard "
@@ -123,7 +125,7 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
             )
         expl = (
             f"At step {first} the first non-finite value appears ({'; '.join(parts)}); "
-            f"{int((loss_nf | grad_nf).sum())} of {len(sig)} logged points are non-finite. An optimizer step "
+            f"{int(nonfinite.sum())} of {len(sig)} logged points are non-finite. An optimizer step "
             "with NaN/inf gradients writes NaN into the weights, after which training cannot recover."
         )
         sev = "error"
@@ -185,24 +187,21 @@ def nonfinite_rules(sig: RunSignals, c: RuleContext) -> list[Finding]:
     return out
 
 
-def _finite_after(sig: RunSignals, nonfinite: np.ndarray, c: RuleContext) -> int:
-    """How many logged points follow the last non-finite one when the run evidently recovered, else 0.
+def _finite_after(sig: RunSignals, nonfinite: np.ndarray, min_points: int) -> int:
+    """How many logged points follow the last non-finite one when all of them are finite (loss and norm,
+    where logged) and there are at least ``min_points``, else 0; 0 too when a loss was hidden as 0.0.
 
     A non-finite gradient that reaches the weights is absorbing: every later loss and gradient norm is
-    NaN (without a rollback). So a log whose last ``skipped_min_run`` or more points after the last
-    non-finite one are all finite (loss and norm, where logged), with no loss hidden as 0.0 and a loss
-    that did not diverge after the first non-finite step, shows that those steps were skipped (an fp16
-    GradScaler calibrating its scale, a guard) even where the log does not say so."""
+    NaN (without a rollback). So such a finite tail, with a loss that did not diverge (checked by the
+    caller), shows that the non-finite steps were skipped (an fp16 GradScaler calibrating its scale, a
+    guard) even where the log does not say so."""
     if sig.hidden.any():
         return 0
     last = int(np.flatnonzero(nonfinite)[-1])
-    n_after = len(sig) - last - 1
     tail_ok = ~sig.has_loss[last + 1 :] | np.isfinite(sig.loss[last + 1 :])
     tail_ok &= ~sig.has_grad[last + 1 :] | np.isfinite(sig.grad[last + 1 :])
-    first = int(sig.steps[int(np.argmax(nonfinite))])
-    if n_after < c.t.skipped_min_run or not tail_ok.all() or _loss_rose_after(sig, first, c):
-        return 0
-    return n_after
+    n_after = len(sig) - last - 1
+    return n_after if n_after >= min_points and tail_ok.all() else 0
 
 
 def _loss_rose_after(sig: RunSignals, step: int, c: RuleContext) -> bool:
