@@ -44,6 +44,15 @@ if ending == "raise":
 """
 
 
+def _in_folder_with_env(monkeypatch: pytest.MonkeyPatch, folder: Path, env: dict[str, str]) -> None:
+    """Work in ``folder`` with exactly ``env`` of the GRADSENTRY_* settings (none from the outside)."""
+    monkeypatch.chdir(folder)
+    for key in ("GRADSENTRY_EVERY", "GRADSENTRY_DIR", "GRADSENTRY_DISABLE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
 def _run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
     for key in ("GRADSENTRY_EVERY", "GRADSENTRY_DIR", "GRADSENTRY_DISABLE"):
@@ -178,11 +187,7 @@ def test_bad_settings_exit_2(
     argv: list[str],
     message: str,
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    for key in ("GRADSENTRY_EVERY", "GRADSENTRY_DIR", "GRADSENTRY_DISABLE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    _in_folder_with_env(monkeypatch, tmp_path, env)
     assert main(["run", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
@@ -211,11 +216,7 @@ def test_a_run_folder_or_script_that_cannot_be_used_names_where_it_came_from(
 ) -> None:
     """GRADSENTRY_DIR set to a file said "cannot create --dir" (the user never passed --dir), and a
     folder given as the script said "no such script file". Nothing is run and the file is kept."""
-    monkeypatch.chdir(tmp_path)
-    for key in ("GRADSENTRY_EVERY", "GRADSENTRY_DIR", "GRADSENTRY_DISABLE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    _in_folder_with_env(monkeypatch, tmp_path, env)
     (tmp_path / "taken").write_text("keep me", encoding="utf-8")
     (tmp_path / "gradsentry-runs").write_text("keep me too", encoding="utf-8")
     (tmp_path / "scripts").mkdir()
